@@ -1,0 +1,105 @@
+"""gpumagic: see how much device memory your PyTorch training uses, per cell and per step.
+
+In Jupyter: ``%load_ext gpumagic``, then ``%%gpumem`` on a training cell, ``%find_batch`` to pick
+a batch size, and out-of-memory errors explained with numbers. The same engine as a plain API::
+
+    import gpumagic
+    with gpumagic.track(device="cpu", budget="2GiB") as t:
+        train()
+    print(t.report)
+
+Importing gpumagic is cheap: it never imports IPython, ipywidgets or matplotlib and never
+initialises CUDA; the heavy parts load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpumagic._units import format_bytes, parse_size
+from gpumagic.report import (
+    BatchSearchResult,
+    DeviceStatus,
+    Fit,
+    MemoryBreakdown,
+    MemoryReport,
+    StepRecord,
+    Trial,
+)
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from gpumagic.batch import find_batch
+    from gpumagic.devices import device_status, free_memory
+    from gpumagic.oom import Advice, OOMInfo, advise, parse_oom
+    from gpumagic.tracking import Tracker, track
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Advice",
+    "BatchSearchResult",
+    "DeviceStatus",
+    "Fit",
+    "MemoryBreakdown",
+    "MemoryReport",
+    "OOMInfo",
+    "StepRecord",
+    "Tracker",
+    "Trial",
+    "__version__",
+    "advise",
+    "device_status",
+    "find_batch",
+    "format_bytes",
+    "free_memory",
+    "load_ipython_extension",
+    "parse_oom",
+    "parse_size",
+    "track",
+    "unload_ipython_extension",
+]
+
+# name -> module that defines it; imported on first attribute access (PEP 562)
+_LAZY = {
+    "track": "gpumagic.tracking",
+    "Tracker": "gpumagic.tracking",
+    "find_batch": "gpumagic.batch",
+    "device_status": "gpumagic.devices",
+    "free_memory": "gpumagic.devices",
+    "OOMInfo": "gpumagic.oom",
+    "Advice": "gpumagic.oom",
+    "advise": "gpumagic.oom",
+    "parse_oom": "gpumagic.oom",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpumagic' has no attribute {name!r}")
+    import importlib
+
+    attr = "parse" if name == "parse_oom" else name
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def load_ipython_extension(ipython: InteractiveShell) -> None:
+    """Called by ``%load_ext gpumagic``: registers the magics (idempotent)."""
+    from gpumagic import magics
+
+    magics.load(ipython)
+
+
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
+    """Called by ``%unload_ext gpumagic``: removes the magics and every global hook."""
+    from gpumagic import magics
+
+    magics.unload(ipython)

@@ -1,0 +1,91 @@
+"""Batch-size arithmetic shared by the search and the out-of-memory advice.
+
+The learning-rate rules are the two that practitioners use when the effective batch changes:
+linear scaling for SGD-like optimizers (Goyal et al., 2017) and square-root scaling for
+Adam-like ones (Malladi et al., 2022). When the effective batch is unchanged, the rate is too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+__all__ = [
+    "LRRule",
+    "accumulation_plan",
+    "is_power_of_two",
+    "lr_note",
+    "lr_rule_for",
+    "round_like",
+]
+
+LRRule = Literal["linear", "sqrt"]
+
+_ADAM_LIKE = ("adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb")
+
+
+def lr_rule_for(optimizer: object | str | None) -> LRRule:
+    """``"sqrt"`` for Adam-like (adaptive) optimizers, ``"linear"`` for SGD-like ones.
+
+    >>> lr_rule_for("AdamW")
+    'sqrt'
+    """
+    if optimizer is None:
+        return "linear"
+    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+    name = name.lower().replace("_", "")
+    return "sqrt" if any(name.startswith(a) for a in _ADAM_LIKE) else "linear"
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def round_like(size: float, reference: int | None) -> int:
+    """Round a batch size down the way the user's current size is written.
+
+    A power of two stays a power of two, a multiple of 8 (or 10) stays one, else plain floor.
+
+    >>> round_like(700, 512), round_like(700, 96), round_like(700, 30), round_like(700, 7)
+    (512, 696, 700, 700)
+    """
+    b = max(1, math.floor(size))
+    if reference is None or reference <= 0:
+        return b
+    if is_power_of_two(reference) and reference >= 2:
+        return 1 << (b.bit_length() - 1)
+    for step in (8, 10):
+        if reference % step == 0 and b >= step:
+            return b - b % step
+    return b
+
+
+def accumulation_plan(effective: int, micro_max: int) -> tuple[int, int]:
+    """Micro-batch ``b`` and steps ``k`` with ``b * k >= effective``, ``b <= micro_max``,
+    ``k`` as small as possible and ``b`` as small as that ``k`` allows (least padding).
+
+    >>> accumulation_plan(1024, 300)
+    (256, 4)
+    """
+    if effective < 1 or micro_max < 1:
+        raise ValueError(f"effective batch and micro-batch must be >= 1, got {effective} and {micro_max}")
+    k = math.ceil(effective / micro_max)
+    return math.ceil(effective / k), k
+
+
+def lr_note(old_effective: int | None, new_effective: int, optimizer: object | str | None = None) -> str:
+    """What the learning rate should do when the effective batch goes from old to new."""
+    rule = lr_rule_for(optimizer)
+    if old_effective is None:
+        return (
+            f"scale the learning rate with the effective batch {new_effective}: "
+            + ("linearly (SGD-like optimizer)" if rule == "linear" else "by the square root (Adam-like optimizer)")
+        )
+    if old_effective == new_effective:
+        return f"keep the learning rate: the effective batch stays {new_effective}"
+    ratio = new_effective / old_effective
+    factor = ratio if rule == "linear" else math.sqrt(ratio)
+    how = "linear scaling, SGD-like optimizer" if rule == "linear" else "square-root scaling, Adam-like optimizer"
+    return (
+        f"effective batch {old_effective} → {new_effective}: multiply the learning rate by {factor:.3g} ({how})"
+    )

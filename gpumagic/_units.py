@@ -1,0 +1,67 @@
+"""Byte counts: formatting for people, parsing what people type.
+
+All of gpumagic keeps memory as ``int`` bytes; only the edges format. ``parse_size`` accepts
+IEC units as binary (``"1.5GiB"``) and SI units as decimal (``"800MB"``), as storage vendors
+and PyTorch's ``format_size`` do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+__all__ = ["format_bytes", "parse_size"]
+
+_IEC = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+_SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
+_UNITS = {**_IEC, **_SI, "": 1, "byte": 1, "bytes": 1}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int, *, name: str = "size") -> int:
+    """Turn ``"1.5GiB"``, ``"800MB"``, ``"1024"`` or an int into bytes.
+
+    >>> parse_size("1.5GiB")
+    1610612736
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a size such as '2GiB', '800MB' or a byte count, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0 bytes, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{name} must be a size such as '2GiB', '800MB' or a byte count, got {type(value).__name__} {value!r}"
+        )
+    m = _SIZE_RE.match(value)
+    unit = m.group(3).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        allowed = "B, KiB, MiB, GiB, TiB (binary) or kB, MB, GB, TB (decimal)"
+        raise ValueError(f"{name} must be a number with a unit ({allowed}), got {value!r}")
+    number = float(m.group(1)) * (10 ** int(m.group(2)) if m.group(2) else 1)
+    result = math.floor(number * _UNITS[unit] + 0.5)
+    if result <= 0:
+        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    return result
+
+
+def format_bytes(n: int | None, *, signed: bool = False) -> str:
+    """Format a byte count the way PyTorch's memory messages do (IEC units, two decimals).
+
+    >>> format_bytes(3 * 2**20 // 2)
+    '1.50 MiB'
+    """
+    if n is None:
+        return "unknown"
+    sign = ""
+    if n < 0:
+        sign, n = "-", -n
+    elif signed:
+        sign = "+"
+    if n < 1024:
+        return f"{sign}{n} B"
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40)):
+        if n < scale * 1024 or unit == "TiB":
+            return f"{sign}{n / scale:.2f} {unit}"
+    raise AssertionError("unreachable")

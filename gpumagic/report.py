@@ -1,0 +1,375 @@
+"""Frozen result objects: what a tracked cell and a batch-size search produce.
+
+Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
+Objects render themselves: ``repr`` is a one-line summary, ``_repr_html_`` a compact table, and
+``_repr_mimebundle_`` adds the widget and a PNG by importing :mod:`gpumagic.widgets` lazily (the
+only edge from the core to the rendering layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gpumagic._html import html_table
+from gpumagic._units import format_bytes
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = [
+    "BatchSearchResult",
+    "DeviceStatus",
+    "Fit",
+    "MemoryBreakdown",
+    "MemoryReport",
+    "ProcessMemory",
+    "StepRecord",
+    "Trial",
+]
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{s / 60:.1f} min"
+
+
+def _plain(obj: Any) -> Any:
+    """dataclasses.asdict that also turns tuples into lists, for JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+    """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
+    bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
+    from gpumagic import widgets  # lazy: the one edge from the core to ipywidgets/matplotlib
+
+    bundle.update(widgets.rich_bundle(obj, kind))
+    if include:
+        bundle = {k: v for k, v in bundle.items() if k in include}
+    if exclude:
+        bundle = {k: v for k, v in bundle.items() if k not in exclude}
+    return bundle
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One training step: an optimizer step, or one backward when no optimizer steps.
+
+    ``peak_bytes`` is the peak allocated on the device during the step (absolute, like
+    ``torch.cuda.max_memory_allocated``). After downsampling (very long loops) a record stands
+    for ``count`` consecutive steps: peak is their max, seconds their sum, loss their mean.
+    """
+
+    index: int
+    loss: float | None
+    peak_bytes: int | None
+    seconds: float
+    batch_size: int | None
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Where the memory went at the peak step: parameters, gradients, optimizer state, rest."""
+
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_state_bytes: int
+    other_bytes: int
+    """Activations, temporaries and anything else alive at the peak (peak minus the three above)."""
+    step_index: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What ``%%gpumem`` / :func:`gpumagic.track` measured for one cell or block.
+
+    >>> with gpumagic.track(device="cpu") as t:   # doctest: +SKIP
+    ...     train()
+    >>> t.report.peak_delta_bytes                   # doctest: +SKIP
+    """
+
+    backend: str
+    device: str
+    baseline_bytes: int
+    peak_bytes: int
+    peak_delta_bytes: int
+    end_bytes: int
+    reserved_peak_bytes: int | None
+    capacity_bytes: int | None
+    wall_seconds: float
+    steps: tuple[StepRecord, ...] = ()
+    budget_bytes: int | None = None
+    breakdown: MemoryBreakdown | None = None
+    total_steps: int = 0
+    """Steps seen, before any downsampling of ``steps``."""
+    error: str | None = None
+    """``"OutOfMemoryError: ..."`` when the block raised; the report is then partial."""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def losses(self) -> tuple[float, ...]:
+        """The per-step training losses, in order (steps whose loss is unknown are left out)."""
+        return tuple(s.loss for s in self.steps if s.loss is not None)
+
+    @property
+    def step_peaks(self) -> tuple[int, ...]:
+        return tuple(s.peak_bytes for s in self.steps if s.peak_bytes is not None)
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """Capacity (or budget) minus the peak; ``None`` when the capacity is unknown."""
+        cap = self.budget_bytes or self.capacity_bytes
+        return None if cap is None else cap - self.peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): ints, floats, strings, lists, dicts and None."""
+        d: dict[str, Any] = _plain(self)
+        d["losses"] = list(self.losses)
+        return d
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """The steps as a pandas DataFrame (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("MemoryReport.to_dataframe() needs pandas: pip install pandas") from e
+        cols = ["index", "loss", "peak_bytes", "seconds", "batch_size", "count"]
+        return pd.DataFrame([[getattr(s, c) for c in cols] for s in self.steps], columns=cols)
+
+    def summary(self) -> str:
+        cap = self.budget_bytes or self.capacity_bytes
+        parts = [
+            f"peak {format_bytes(self.peak_bytes)}",
+            f"(+{format_bytes(self.peak_delta_bytes)} over baseline {format_bytes(self.baseline_bytes)})",
+        ]
+        if cap:
+            parts.append(f"of {format_bytes(cap)}{' budget' if self.budget_bytes else ''}")
+        parts.append(f"on {self.device}")
+        n = self.total_steps
+        parts.append(f"· {n} step{'s' if n != 1 else ''}")
+        if self.losses:
+            parts.append(f"· loss {self.losses[0]:.4g} → {self.losses[-1]:.4g}")
+        parts.append(f"· {_seconds(self.wall_seconds)}")
+        if self.error:
+            parts.append(f"· stopped by {self.error.split(':')[0]}")
+        return " ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<MemoryReport {self.summary()}>"
+
+    def _rows(self) -> list[tuple[str, str]]:
+        cap = self.budget_bytes or self.capacity_bytes
+        rows = [
+            ("device", f"{self.device} ({self.backend})"),
+            ("baseline", format_bytes(self.baseline_bytes)),
+            ("peak", f"{format_bytes(self.peak_bytes)} ({format_bytes(self.peak_delta_bytes, signed=True)})"),
+            ("end", f"{format_bytes(self.end_bytes)} ({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
+        ]
+        if self.reserved_peak_bytes is not None:
+            rows.append(("peak reserved", format_bytes(self.reserved_peak_bytes)))
+        if cap is not None:
+            label = "budget (simulated capacity)" if self.budget_bytes else "capacity"
+            rows.append((label, f"{format_bytes(cap)} ({100 * self.peak_bytes / cap:.1f}% used at peak)"))
+        if self.breakdown is not None:
+            b = self.breakdown
+            rows.append((
+                "at the peak",
+                f"parameters {format_bytes(b.parameters_bytes)}, gradients {format_bytes(b.gradients_bytes)}, "
+                f"optimizer state {format_bytes(b.optimizer_state_bytes)}, "
+                f"activations and other {format_bytes(b.other_bytes)}",
+            ))
+        if self.steps:
+            secs = sorted(s.seconds / s.count for s in self.steps)
+            rows.append(("steps", f"{self.total_steps}, median {_seconds(secs[len(secs) // 2])} per step"))
+            peaks = self.step_peaks
+            if peaks:
+                rows.append(("step peak", f"{format_bytes(min(peaks))} … {format_bytes(max(peaks))}"))
+            losses = self.losses
+            if losses:
+                rows.append(("loss", f"first {losses[0]:.4g}, last {losses[-1]:.4g}, min {min(losses):.4g}"))
+            sizes = {s.batch_size for s in self.steps if s.batch_size is not None}
+            if sizes:
+                rows.append(("batch size", ", ".join(str(v) for v in sorted(sizes)[:6])))
+        else:
+            rows.append(("steps", "none seen (no backward() in the block)"))
+        rows.append(("wall time", _seconds(self.wall_seconds)))
+        if self.error:
+            rows.append(("stopped by", self.error))
+        rows.extend(("note", n) for n in self.notes)
+        return rows
+
+    def _repr_html_(self) -> str:
+        return html_table("gpumagic memory report", self._rows())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return _bundle(self, "memory", include, exclude)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the user's code at one batch size during a search."""
+
+    batch_size: int
+    peak_bytes: int | None
+    oom: bool
+    samples_per_second: float | None
+    seconds: float
+    steps: int = 0
+    """Optimizer steps (or backward calls without an optimizer) the trial completed."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """peak(b) ≈ intercept_bytes + bytes_per_sample · b, fitted on the trials that ran."""
+
+    intercept_bytes: float
+    bytes_per_sample: float
+    r2: float
+    points: int = 0
+
+    def predict(self, batch_size: float) -> int:
+        return int(round(self.intercept_bytes + self.bytes_per_sample * batch_size))
+
+    def largest_under(self, limit_bytes: float) -> int | None:
+        """The largest batch size whose predicted peak is <= limit_bytes (None if unbounded)."""
+        if self.bytes_per_sample <= 0:
+            return None
+        return math.floor((limit_bytes - self.intercept_bytes) / self.bytes_per_sample)
+
+
+@dataclass(frozen=True)
+class BatchSearchResult:
+    """What :func:`gpumagic.find_batch` / ``%find_batch`` found."""
+
+    trials: tuple[Trial, ...]
+    max_batch_size: int | None
+    """The largest batch size that ran without running out of memory (never an unrun size)."""
+    recommended_batch_size: int | None
+    """The pick (``pick`` rule, with the safety margin); with ``effective`` set, the micro-batch."""
+    accumulation_steps: int
+    reason: str
+    fit: Fit | None
+    capacity_bytes: int | None
+    predicted_peak_bytes: int | None
+    """The fit's prediction at the recommended batch size."""
+    pick: str = "max"
+    margin: float = 0.05
+    effective_batch_size: int | None = None
+    lr_note: str | None = None
+    dataset_size: int | None = None
+    device: str = "cpu"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def oom_count(self) -> int:
+        return sum(t.oom for t in self.trials)
+
+    def predicted_peak(self, batch_size: int) -> int | None:
+        return None if self.fit is None else self.fit.predict(batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = _plain(self)
+        return d
+
+    def __repr__(self) -> str:
+        rec = self.recommended_batch_size
+        acc = f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1 else ""
+        return (
+            f"<BatchSearchResult recommended {rec}{acc} (max that ran {self.max_batch_size}); "
+            f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
+        )
+
+    def _rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("recommended", str(self.recommended_batch_size)
+             + (f" × {self.accumulation_steps} accumulation steps = {self.effective_batch_size}"
+                if self.effective_batch_size else "")),
+            ("largest that ran", str(self.max_batch_size)),
+            ("why", self.reason),
+        ]
+        if self.lr_note:
+            rows.append(("learning rate", self.lr_note))
+        if self.capacity_bytes is not None:
+            rows.append(("capacity", f"{format_bytes(self.capacity_bytes)} (margin {self.margin:.0%})"))
+        if self.predicted_peak_bytes is not None:
+            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
+        if self.fit is not None:
+            rows.append((
+                "fit",
+                f"{format_bytes(round(self.fit.intercept_bytes))} + {format_bytes(round(self.fit.bytes_per_sample))}"
+                f" per sample (R² {self.fit.r2:.4f})",
+            ))
+        for t in self.trials:
+            sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
+            rows.append((
+                f"trial b={t.batch_size}",
+                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{sps}",
+            ))
+        rows.extend(("note", n) for n in self.notes)
+        return rows
+
+    def _repr_html_(self) -> str:
+        return html_table("gpumagic batch-size search", self._rows())
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return _bundle(self, "search", include, exclude)
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    used_bytes: int | None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """The device now (``%gpumem`` without a cell)."""
+
+    backend: str
+    device: str
+    allocated_bytes: int
+    reserved_bytes: int | None
+    total_bytes: int | None
+    free_bytes: int | None
+    name: str | None = None
+    processes: tuple[ProcessMemory, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"<DeviceStatus {self.device}: allocated {format_bytes(self.allocated_bytes)}, "
+            f"reserved {format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}, "
+            f"free {format_bytes(self.free_bytes)}>"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = [
+            ("device", f"{self.device}" + (f" ({self.name})" if self.name else "")),
+            ("allocated by tensors", format_bytes(self.allocated_bytes)),
+            ("reserved by PyTorch", format_bytes(self.reserved_bytes)),
+            ("total", format_bytes(self.total_bytes)),
+            ("free", format_bytes(self.free_bytes)),
+        ]
+        rows.extend((f"process {p.pid}" + (f" ({p.name})" if p.name else ""), format_bytes(p.used_bytes))
+                    for p in self.processes)
+        rows.extend(("note", n) for n in self.notes)
+        return html_table("gpumagic device status", rows)
