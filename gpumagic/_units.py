@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["format_bytes", "format_size_torch", "parse_size"]
 
 _IEC = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 _SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
@@ -65,3 +65,15 @@ def format_bytes(n: int | None, *, signed: bool = False) -> str:
         if n < scale * 1024 or unit == "TiB":
             return f"{sign}{n / scale:.2f} {unit}"
     raise AssertionError("unreachable")
+
+
+def format_size_torch(n: int) -> str:
+    """Format exactly as PyTorch's allocator messages do (c10 ``format_size``), so the
+    simulated OOM reads like a real one and parses back to the same bytes."""
+    if n <= 1024:
+        return f"{n} bytes"
+    if n <= 2**20:
+        return f"{n / 2**10:.2f} KiB"
+    if n <= 2**30:
+        return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**30:.2f} GiB"

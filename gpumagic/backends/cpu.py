@@ -1,0 +1,284 @@
+"""An exact tracker of live CPU tensor memory, and a simulated device capacity (a *budget*).
+
+How it counts (see ``../shared/FACTS.md``): a ``TorchDispatchMode`` sees every op; each output
+storage that is new is counted once, keyed by its data pointer, and uncounted when the storage
+is freed (a weakref callback on the storage). Outputs of ops whose schema says they alias an
+input (views, in-place and ``out=`` ops) are skipped without looking at them, which keeps the
+per-op cost close to an empty mode's. Storages that existed before the block are found by one
+scan of live tensors (the baseline) and watched the same way, so freeing them lowers the count.
+
+With a budget, an allocation that would take the live bytes past it raises a genuine
+``torch.OutOfMemoryError`` worded like PyTorch's CUDA allocator, so code written for GPUs (and
+Lightning's and Accelerate's finders, which match the wording) reacts as on a real device.
+
+What it cannot see: memory allocated below the dispatcher (inside a kernel, inside a
+``torch.compile``-generated graph), tensors made from NumPy buffers, and tensors created in
+other threads (e.g. DataLoader pin-memory threads) or other processes (worker processes).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpumagic._units import format_size_torch
+
+__all__ = ["CPUSession", "live_storages", "live_tracker_bytes", "simulated_oom_message"]
+
+_Tensor = torch.Tensor
+_SEQ = (tuple, list)
+_ACTIVE: list[CPUSession] = []
+
+
+def live_tracker_bytes() -> int | None:
+    """Live bytes counted by the active CPU tracker, or None when none is active."""
+    return _ACTIVE[-1].current() if _ACTIVE else None
+
+
+class _Ref(weakref.ref):  # type: ignore[type-arg]
+    """A weakref on a storage that remembers what to uncount when the storage dies."""
+
+    __slots__ = ("key", "nbytes")
+    key: int
+    nbytes: int
+
+
+def _storage_of(t: torch.Tensor) -> Any:
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, mkldnn, wrapper subclasses
+        return None
+    return st
+
+
+def live_storages(device_type: str = "cpu", exclude: Iterable[int] = ()) -> dict[int, Any]:
+    """Every live tensor storage on ``device_type`` reachable as a Python tensor: data_ptr -> storage.
+
+    One pass over ``gc.get_objects()``. Filtering 10^5 objects in a Python loop costs tens of
+    milliseconds, so the types are mapped and searched with C-level ``list.index`` instead.
+    """
+    excluded = set(exclude)
+    found: dict[int, Any] = {}
+    with warnings.catch_warnings():
+        # isinstance() on some torch module objects warns (FutureWarning from torch.distributed)
+        warnings.simplefilter("ignore")
+        objs = gc.get_objects()
+        types = list(map(type, objs))
+        tensor_types = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, _Tensor)]
+        for tp in tensor_types:
+            i = -1
+            while True:
+                try:
+                    i = types.index(tp, i + 1)
+                except ValueError:
+                    break
+                t = objs[i]
+                try:
+                    if t.device.type != device_type or t.layout != torch.strided:
+                        continue
+                except Exception:  # exotic subclasses may refuse
+                    continue
+                st = _storage_of(t)
+                if st is None:
+                    continue
+                key = st.data_ptr()
+                if key and key not in excluded and key not in found and st.nbytes():
+                    found[key] = st
+    del objs, types
+    return found
+
+
+def simulated_oom_message(requested: int, allocated: int, budget: int) -> str:
+    """The CUDA caching allocator's wording (PyTorch >= 2.1), with a note that it is simulated."""
+    free = max(budget - allocated, 0)
+    return (
+        f"CUDA out of memory. Tried to allocate {format_size_torch(requested)}. "
+        f"GPU 0 has a total capacity of {format_size_torch(budget)} of which {format_size_torch(free)} is free. "
+        f"Including non-PyTorch memory, this process has {format_size_torch(allocated)} memory in use. "
+        f"Of the allocated memory {format_size_torch(allocated)} is allocated by PyTorch, and "
+        f"0 bytes is reserved by PyTorch but unallocated. "
+        f"(simulated by gpumagic: cpu with a {format_size_torch(budget)} budget)"
+    )
+
+
+# Ops whose outputs never need a look: they alias an input (views, in-place, out=).
+# Decided once per op from its schema; lift_fresh wraps a tensor made outside the dispatcher
+# (torch.tensor(...)), so it is new memory even though the schema says alias.
+_ALIAS: dict[Any, bool] = {}
+
+
+def _aliases(func: Any) -> bool:
+    try:
+        result = any(r.alias_info is not None for r in func._schema.returns)
+    except AttributeError:
+        result = False
+    if "lift_fresh" in str(getattr(func, "__name__", "")):
+        result = False
+    _ALIAS[func] = result
+    return result
+
+
+class _Mode(TorchDispatchMode):
+    """The hot path. Kept tiny: one dict lookup for aliasing ops, a few attribute reads otherwise.
+
+    torch wraps every ``__torch_dispatch__`` in a dynamo-disable shim, a Python-level cost on
+    every op. This class opts out of the shim; :class:`_CompileSafeMode` keeps it, and is used
+    once torch.compile has made a graph in the process (so dynamo can never trace the handler).
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __init__(self, session: CPUSession) -> None:
+        super().__init__()
+        self.s = session
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        alias = _ALIAS.get(func)
+        if alias is None:
+            alias = _aliases(func)
+        if alias:
+            return out
+        s = self.s
+        if type(out) is _Tensor:
+            if out.is_cpu and s._add(out):
+                del out
+                s._raise_oom()
+        elif type(out) in _SEQ:
+            for o in out:
+                if type(o) is _Tensor and o.is_cpu and s._add(o):
+                    del o, out
+                    s._raise_oom()
+        return out
+
+
+class _CompileSafeMode(_Mode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return True
+
+    __torch_dispatch__ = _Mode.__torch_dispatch__  # re-declared so torch wraps it
+
+
+def _compile_used() -> bool:
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    counters = getattr(getattr(dynamo, "utils", None), "counters", None)
+    return bool(counters and counters.get("stats", {}).get("unique_graphs", 0))
+
+
+class CPUSession:
+    """Exact live-bytes accounting for CPU tensors, with an optional budget (simulated capacity).
+
+    >>> s = CPUSession(budget=64 * 2**20); s.start()      # doctest: +SKIP
+    """
+
+    backend = "cpu"
+
+    def __init__(self, budget: int | None = None, exclude: Iterable[int] = ()) -> None:
+        self.device = "cpu"
+        self.budget_bytes = budget
+        self.notes: list[str] = []
+        self._limit = budget if budget is not None else math.inf
+        self._exclude = set(exclude)
+        self._refs: dict[int, _Ref] = {}
+        self._cur = 0
+        self._wpeak = 0
+        self._peak = 0
+        self._pending = 0
+        self._mode: _Mode | None = None
+
+    # -- accounting -------------------------------------------------------------------------
+    def _free(self, ref: _Ref) -> None:
+        if self._refs.pop(ref.key, None) is not None:
+            self._cur -= ref.nbytes
+
+    def _watch(self, st: Any, key: int, n: int) -> None:
+        r = _Ref(st, self._free)
+        r.key = key
+        r.nbytes = n
+        self._refs[key] = r
+        self._cur += n
+
+    def _add(self, t: torch.Tensor) -> bool:
+        """Count t's storage if new. Returns True when it would exceed the budget."""
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self._refs or not key:
+            return False
+        n = st.nbytes()
+        cur = self._cur + n
+        if cur > self._limit:
+            self._pending = n
+            return True
+        r = _Ref(st, self._free)
+        r.key = key
+        r.nbytes = n
+        self._refs[key] = r
+        self._cur = cur
+        if cur > self._wpeak:
+            self._wpeak = cur
+        return False
+
+    def _raise_oom(self) -> None:
+        assert self.budget_bytes is not None
+        msg = simulated_oom_message(self._pending, self._cur, self.budget_bytes)
+        raise torch.OutOfMemoryError(msg)
+
+    # -- MemorySession ----------------------------------------------------------------------
+    def start(self) -> int:
+        if self._mode is not None:
+            raise RuntimeError("this CPU session is already started")
+        for key, st in live_storages("cpu", self._exclude).items():
+            self._watch(st, key, st.nbytes())
+        self._wpeak = self._peak = self._cur
+        if self.budget_bytes is not None and self._cur > self.budget_bytes:
+            self.notes.append(
+                f"memory alive before the block ({self._cur} bytes) already exceeds the budget "
+                f"({self.budget_bytes} bytes): the first allocation will fail"
+            )
+        self._mode = _CompileSafeMode(self) if _compile_used() else _Mode(self)
+        self._mode.__enter__()
+        _ACTIVE.append(self)
+        return self._cur
+
+    def current(self) -> int:
+        return self._cur
+
+    def take_window_peak(self) -> int:
+        p = self._wpeak
+        if p > self._peak:
+            self._peak = p
+        self._wpeak = self._cur
+        return p
+
+    def peak(self) -> int:
+        return max(self._peak, self._wpeak)
+
+    def reserved_peak(self) -> int | None:
+        return None
+
+    def capacity(self) -> int | None:
+        return self.budget_bytes
+
+    def stop(self) -> None:
+        mode, self._mode = self._mode, None
+        try:
+            if mode is not None:
+                mode.__exit__(None, None, None)
+        finally:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+            # Dropping the weakrefs also drops their callbacks: nothing of ours outlives the block.
+            self._refs = {}
+

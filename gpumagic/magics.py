@@ -1,0 +1,538 @@
+"""IPython magics: ``%%gpumem``, ``%find_batch``, ``%gpumon``, ``%gpumagic``. The only IPython importer.
+
+Thin over the core: arguments are parsed here, the work is done by :mod:`gpumagic.tracking`,
+:mod:`gpumagic.batch` and :mod:`gpumagic.oom`, and results display themselves.
+
+Cells run like ``%%time`` runs them: IPython's own transformer and compiler, in the user's
+namespace, so line magics and ``!`` work inside, and an exception reaches IPython exactly once
+(with ``%tb``, ``%debug`` and the kernel's error status working as usual).
+"""
+
+from __future__ import annotations
+
+import ast
+import gc
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+
+__all__ = ["GPUMagics", "load", "unload"]
+
+_MAGIC_NAMES = {"line": ("gpumem", "find_batch", "gpumon", "gpumagic"), "cell": ("gpumem", "find_batch")}
+
+
+# ---------------------------------------------------------------------------------------------
+# running a cell
+
+
+def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
+    """Execute a cell body in the user namespace; return the value of a final expression."""
+    src = shell.transform_cell(cell)
+    tree = shell.compile.ast_parse(src)
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
+    code = shell.compile(tree, filename, "exec")
+    exec(code, shell.user_global_ns, shell.user_ns)
+    if last is not None:
+        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)
+    return None
+
+
+def _hints(ns: Mapping[str, Any]) -> list[Any]:
+    """Models and tensors in the namespace, for choosing the default device."""
+    import torch
+
+    out = []
+    for name, v in list(ns.items()):
+        if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
+            out.append(v)
+    return out
+
+
+def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
+    import torch
+
+    for name, v in list(ns.items()):
+        if not name.startswith("_") and isinstance(v, torch.optim.Optimizer):
+            return type(v).__name__
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# out-of-memory presentation
+
+
+def _user_frame(tb: Any) -> str | None:
+    """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
+    frames = traceback.extract_tb(tb)
+    for fr in reversed(frames):
+        f = fr.filename.replace("\\", "/")
+        if "/torch/" in f or "/gpumagic/" in f or "/IPython/" in f:
+            continue
+        where = f"{fr.name}()" if fr.name != "<module>" else "the cell"
+        return f"line {fr.lineno} in {where}: {(fr.line or '').strip()}"
+    return None
+
+
+def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    where = _user_frame(exc.__traceback__)
+
+    def render() -> list[str]:
+        # one-shot: %tb afterwards shows the full traceback
+        exc.__dict__.pop("_render_traceback_", None)
+        lines = [f"{type(exc).__name__}: {first}"]
+        if where:
+            lines.append(f"  at {where}")
+        lines.append("  (full traceback: %tb)")
+        return lines
+
+    return render
+
+
+def release_memory(exc: BaseException | None) -> None:
+    """Free what a failed cell's frames hold, keeping the traceback (and %tb) usable."""
+    if exc is not None and exc.__traceback__ is not None:
+        traceback.clear_frames(exc.__traceback__)
+        ctx = exc.__context__
+        while ctx is not None and ctx.__traceback__ is not None:
+            traceback.clear_frames(ctx.__traceback__)
+            ctx = ctx.__context__
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            mps.empty_cache()
+
+
+class OOMPresenter:
+    """Turns an out-of-memory exception into advice, a short traceback and freed memory."""
+
+    def __init__(self, shell: InteractiveShell) -> None:
+        self.shell = shell
+        self.last_report: Any = None  # the last MemoryReport that completed
+        self.last_search: Any = None  # the last BatchSearchResult
+
+    def present(self, exc: BaseException, *, report: Any = None, batch_size: int | None = None) -> bool:
+        """Show advice for ``exc`` if it is an OOM; returns whether it was one."""
+        if getattr(exc, "_gpumagic_handled", False):
+            return True
+        from gpumagic import oom
+
+        info = oom.parse(exc)
+        if info is None:
+            return False
+        try:
+            advice = oom.advise(info, self._context(info, report, batch_size))
+            display(advice)
+        finally:
+            exc._gpumagic_handled = True  # type: ignore[attr-defined]
+            exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
+            release_memory(exc)
+        return True
+
+    def _context(self, info: Any, report: Any, batch_size: int | None) -> Any:
+        import torch
+
+        from gpumagic import oom
+        from gpumagic.devices import holders, resolve_device
+
+        ns = self.shell.user_ns
+        if batch_size is None and report is not None:
+            sizes = [s.batch_size for s in report.steps if s.batch_size]
+            batch_size = sizes[-1] if sizes else None
+        if batch_size is None:
+            for name in ("batch_size", "bs", "BATCH_SIZE"):
+                v = ns.get(name)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    batch_size = v
+                    break
+        device_type = getattr(info, "device_type", None) or "cpu"
+        try:
+            if getattr(info, "simulated", False) or device_type not in ("cuda", "mps"):
+                dev = torch.device("cpu")
+            else:
+                dev = resolve_device(device_type)
+            held = tuple(holders(ns, dev))
+        except ValueError:
+            held = ()
+        fit = getattr(self.last_search, "fit", None)
+        prev = self.last_report
+        processes: tuple[tuple[int, int, str | None], ...] = ()
+        if device_type == "cuda" and not getattr(info, "simulated", False):
+            from gpumagic.backends import nvml
+
+            gi = nvml.gpu_info(info.device_index or 0)
+            if gi is not None:
+                me = os.getpid()
+                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in gi.processes if p.pid != me)
+        return oom.AdviceContext(
+            batch_size=batch_size,
+            optimizer=_optimizer_name(ns),
+            peak_bytes=getattr(prev, "peak_bytes", None),
+            baseline_bytes=getattr(report, "baseline_bytes", None),
+            capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
+            bytes_per_sample=getattr(fit, "bytes_per_sample", None),
+            intercept_bytes=getattr(fit, "intercept_bytes", None),
+            holders=held,
+            processes=processes,
+        )
+
+
+class OOMHandler:
+    """IPython holds one custom exception handler: ours chains to (and restores) the previous one."""
+
+    def __init__(self, shell: InteractiveShell, presenter: OOMPresenter) -> None:
+        self.shell = shell
+        self.presenter = presenter
+        self._saved: tuple[Any, Any] | None = None
+        self._ours: Any = None
+
+    @property
+    def installed(self) -> bool:
+        return self._saved is not None and getattr(self.shell, "CustomTB", None) is self._ours
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        shell = self.shell
+        prev_types = tuple(shell.custom_exceptions)
+        prev_handler = shell.CustomTB if prev_types else None
+        self._saved = (shell.CustomTB, shell.custom_exceptions)
+        presenter = self.presenter
+
+        def handler(sh: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
+            if isinstance(value, Exception) and presenter.present(value):
+                sh.showtraceback((etype, value, tb), tb_offset=tb_offset)
+                return []
+            if prev_handler is not None and isinstance(value, prev_types):
+                result = prev_handler(etype, value, tb, tb_offset=tb_offset)
+                return list(result) if result else []
+            sh.showtraceback((etype, value, tb), tb_offset=tb_offset)
+            return []
+
+        types = tuple(dict.fromkeys((RuntimeError, MemoryError, *prev_types)))
+        shell.set_custom_exc(types, handler)
+        self._ours = shell.CustomTB
+
+    def uninstall(self) -> None:
+        if self._saved is None:
+            return
+        if getattr(self.shell, "CustomTB", None) is self._ours:
+            self.shell.CustomTB, self.shell.custom_exceptions = self._saved
+        # else: someone installed a handler after ours; leave theirs in place
+        self._saved = self._ours = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the magics
+
+
+def _parse(fn: Any, line: str) -> Any:
+    try:
+        return magic_arguments.parse_argstring(fn, line)
+    except UsageError:
+        raise
+    except SystemExit as e:  # argparse on --help or odd input
+        raise UsageError(f"could not parse options {line!r}") from e
+
+
+@magics_class
+class GPUMagics(Magics):
+    def __init__(self, shell: InteractiveShell) -> None:
+        super().__init__(shell)
+        self.presenter = OOMPresenter(shell)
+        self.oom_handler = OOMHandler(shell, self.presenter)
+
+    # -- %gpumem / %%gpumem --------------------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument(
+        "-d", "--device", default=None,
+        help="Device to measure: cpu, cuda, cuda:N or mps. Default: the device of the models and "
+        "tensors in the namespace, else cuda if available, else mps, else cpu.",
+    )
+    @magic_arguments.argument(
+        "--budget", default=None,
+        help="Simulated device capacity, e.g. 2GiB or 800MB (IEC units binary, SI decimal) or bytes. "
+        "On cpu, an allocation past it raises torch.OutOfMemoryError worded like CUDA's; on cuda it sets "
+        "the per-process memory fraction for the cell and restores it after.",
+    )
+    @magic_arguments.argument("-o", "--output", action="store_true", help="Return the MemoryReport (like %%timeit -o).")
+    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the report (OOM advice is still shown).")
+    @magic_arguments.argument(
+        "--free", action="store_true",
+        help="Line magic only: gc.collect() + empty_cache(), then show the device and the names still holding memory.",
+    )
+    @no_var_expand
+    @line_cell_magic
+    def gpumem(self, line: str = "", cell: str | None = None) -> Any:
+        """Measure device memory of a training cell: peak for the cell and per step, loss and time per step.
+
+        Cell magic: run the cell unchanged and record, for the cell, the baseline (memory allocated
+        before it), the peak (absolute and over the baseline), the memory at the end, the peak
+        reserved (cuda), the capacity (or budget) and the wall time; and for every training step
+        (each optimizer.step(), or each backward() when no optimizer steps) its loss, peak
+        memory, duration and batch size (when a DataLoader is iterated). A compact report is shown.
+
+        Line magic: show the device now: allocated / reserved / total / free and, through NVML,
+        the processes using the GPU. With --free, collect garbage and empty the cache first.
+
+        Examples::
+
+            %%gpumem
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+
+            %%gpumem -d cpu --budget 64MiB -o
+            train()
+
+            %gpumem            # the device now
+            %gpumem --free     # free cached memory and list what still holds some
+        """
+        args = _parse(self.gpumem, line)
+        from gpumagic.devices import device_status, free_memory, resolve_budget, resolve_device
+
+        ns = self.shell.user_ns
+        try:
+            device = resolve_device(args.device, _hints(ns) if args.device is None else ())
+            budget = resolve_budget(args.budget)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if cell is None:
+            if args.budget is not None:
+                raise UsageError("--budget applies to the cell magic %%gpumem, not to %gpumem")
+            status = free_memory(ns, device) if args.free else device_status(device)
+            if args.output:
+                return status
+            display(status)
+            return None
+        if args.free:
+            raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
+        if not cell.strip():
+            raise UsageError("%%gpumem needs a cell body to run")
+        from gpumagic.tracking import Tracker
+
+        tracker = Tracker(device, budget)
+        try:
+            with tracker:
+                value = run_cell_source(self.shell, cell)
+        except BaseException as exc:
+            report = getattr(tracker, "_report", None)
+            if not (isinstance(exc, Exception) and self.presenter.present(
+                exc, report=report, batch_size=getattr(tracker, "_last_batch", None)
+            )) and report is not None and not args.quiet:
+                display(report)
+            raise
+        report = tracker.report
+        self.presenter.last_report = report
+        if not args.quiet:
+            display(report)
+        if args.output:
+            return report
+        return value
+
+    # -- %find_batch / %%find_batch ----------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("--var", default=None, help="Name of the batch-size variable the code reads.")
+    @magic_arguments.argument(
+        "--loader", default=None,
+        help="Name of a DataLoader built earlier: each trial rebinds it to a copy with the trial batch size "
+        "(same dataset, sampler kind, collate_fn, workers, pin_memory, drop_last) and restores it after.",
+    )
+    @magic_arguments.argument("-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as %%gpumem).")
+    @magic_arguments.argument("--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%gpumem).")
+    @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
+    @magic_arguments.argument("--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1).")
+    @magic_arguments.argument("--max", dest="max_size", type=int, default=None, help="Largest batch size allowed.")
+    @magic_arguments.argument(
+        "--steps", type=int, default=3,
+        help="Optimizer steps per trial (default 3: optimizer state exists from the first step; "
+        "throughput is measured from the second).",
+    )
+    @magic_arguments.argument(
+        "--margin", type=float, default=0.05,
+        help="Safety margin as a fraction of memory (default 0.05): the pick's predicted peak stays under "
+        "capacity × (1 − margin).",
+    )
+    @magic_arguments.argument(
+        "--pick", default="max", choices=("max", "throughput", "pow2"),
+        help="max: largest that fits with the margin; throughput: smallest within 5%% of the best samples/s; "
+        "pow2: largest power of two that fits.",
+    )
+    @magic_arguments.argument(
+        "--effective", type=int, default=None,
+        help="Target effective batch: returns the micro-batch and gradient-accumulation steps that reach it, "
+        "with the learning-rate rule.",
+    )
+    @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
+    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "statement", nargs="*",
+        help="Line magic: the statement to run per trial, after `--`, e.g. "
+        "%%find_batch --var bs -- train(model, make_loader(bs)). Without one, the last %%gpumem cell is re-run.",
+    )
+    @no_var_expand
+    @line_cell_magic
+    def find_batch(self, line: str = "", cell: str | None = None) -> Any:
+        """Find the largest (or fastest) batch size that fits the device, in a few trials.
+
+        Runs the training code a few times at different batch sizes, stopping each trial after
+        --steps optimizer steps, fits peak memory against batch size, and verifies the pick.
+        Models, optimizers, schedulers, GradScalers, RNG states, the batch variable / loader and
+        the plain values the code changed in the namespace are restored afterwards (files the
+        code writes are not). Shows memory versus batch size with the fitted line and the pick.
+
+        Examples::
+
+            %%find_batch --var batch_size --budget 24GiB
+            loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+
+            %find_batch --loader train_loader -- train(model, train_loader)
+            %find_batch --var bs --effective 1024 -- train(model, make_loader(bs))
+        """
+        args = _parse(self.find_batch, line)
+        from gpumagic import batch
+
+        statement = " ".join(args.statement).strip() if args.statement else ""
+        if cell is not None and statement:
+            raise UsageError("give the code either as the cell body or after `--` on the line, not both")
+        code = cell if cell is not None else statement
+        if not code.strip():
+            code = batch.last_gpumem_cell(self.shell)
+            if code is None:
+                raise UsageError(
+                    "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
+                    "(%find_batch then re-runs it)"
+                )
+        try:
+            result = batch.find_batch_in_shell(
+                self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
+                start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
+                margin=args.margin, pick=args.pick, effective=args.effective, presenter=self.presenter,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.presenter.last_search = result
+        if not args.quiet:
+            display(result)
+        return result if args.output else None
+
+    # -- %gpumon -----------------------------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("--interval", type=float, default=1.0, help="Seconds between samples (0.1 to 60, default 1).")
+    @magic_arguments.argument("--sidebar", action="store_true", help="Open in JupyterLab's right sidebar (needs sidecar).")
+    @magic_arguments.argument("--stop", action="store_true", help="Stop every running monitor.")
+    @line_magic
+    def gpumon(self, line: str = "") -> Any:
+        """A live panel of device memory and utilisation, updated in the background.
+
+        Examples::
+
+            %gpumon                  # inline, every second
+            %gpumon --sidebar        # in JupyterLab's right sidebar
+            %gpumon --stop
+        """
+        args = _parse(self.gpumon, line)
+        from gpumagic import monitor
+
+        if args.stop:
+            n = monitor.stop_all()
+            print(f"stopped {n} monitor{'s' if n != 1 else ''}")
+            return None
+        from gpumagic import widgets
+
+        try:
+            mon = monitor.Monitor(interval=args.interval)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        mon.start()
+        return widgets.show_monitor(mon, sidebar=args.sidebar)
+
+    # -- %gpumagic -----------------------------------------------------------------------------
+    @line_magic
+    def gpumagic(self, line: str = "") -> None:
+        """Settings: ``%gpumagic oom on|off`` translates out-of-memory errors in every cell (default on);
+        ``%gpumagic status`` shows what is installed.
+        """
+        words = line.split()
+        if words[:1] == ["oom"] and len(words) == 2 and words[1] in ("on", "off"):
+            if words[1] == "on":
+                self.oom_handler.install()
+            else:
+                self.oom_handler.uninstall()
+            print(f"gpumagic: out-of-memory translation in every cell is {words[1]}")
+            return
+        if words == ["status"] or not words:
+            from gpumagic import __version__
+
+            state = "on" if self.oom_handler.installed else "off"
+            print(f"gpumagic {__version__}: OOM translation in every cell {state}; "
+                  f"magics %gpumem %%gpumem %find_batch %%find_batch %gpumon %gpumagic")
+            return
+        raise UsageError(f"usage: %gpumagic oom on|off, or %gpumagic status; got {line!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _registered(shell: InteractiveShell) -> GPUMagics | None:
+    reg = shell.magics_manager.registry.get("GPUMagics")
+    return reg if isinstance(reg, GPUMagics) else None
+
+
+def load(shell: InteractiveShell) -> None:
+    """Register the magics; loading again replaces the previous registration cleanly."""
+    if _registered(shell) is not None:
+        unload(shell)
+    magics = GPUMagics(shell)
+    shell.register_magics(magics)
+    if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
+        magics.oom_handler.install()
+
+
+def unload(shell: InteractiveShell) -> None:
+    """Remove the magics, the OOM handler, running monitors and any active tracking."""
+    magics = _registered(shell)
+    try:
+        if magics is not None:
+            magics.oom_handler.uninstall()
+    finally:
+        table: dict[str, dict[str, Any]] = shell.magics_manager.magics
+        for kind, names in _MAGIC_NAMES.items():
+            for name in names:
+                fn = table[kind].get(name)
+                if getattr(fn, "__self__", None) is magics or isinstance(getattr(fn, "__self__", None), GPUMagics):
+                    del table[kind][name]
+        shell.magics_manager.registry.pop("GPUMagics", None)
+        monitor = sys.modules.get("gpumagic.monitor")
+        if monitor is not None:
+            monitor.stop_all()
+        tracking = sys.modules.get("gpumagic.tracking")
+        if tracking is not None:
+            while (t := tracking.active_tracker()) is not None:
+                t._teardown()
+
+
+def loaded_magic_names(shell: InteractiveShell) -> Iterable[str]:
+    table = shell.magics_manager.magics
+    return [n for kind, names in _MAGIC_NAMES.items() for n in names if n in table[kind]]

@@ -1,0 +1,567 @@
+"""The step recorder: memory, loss and time per training step, from an unmodified loop.
+
+What counts as a step and what its loss is, without the user changing a line:
+
+* every ``optimizer.step()`` of any torch optimizer ends a step (a global step hook);
+* backward calls are seen by wrapping ``torch.autograd.backward`` (``Tensor.backward`` calls it);
+  the loss of a step is the value backward was called on, undone from ``GradScaler.scale``
+  (AMP) and, when ``(loss / k).backward()`` ran k times, the mean of the k undivided losses;
+* with a closure (``optimizer.step(closure)``, LBFGS calls backward many times), the step's loss
+  is the first value backward saw inside the step, which is what ``step`` returns;
+* when no optimizer steps at all (manual updates), each backward is a step;
+* ``GradScaler.step`` that skips the optimizer (inf/NaN gradients) still ends the step.
+
+Every hook and patch is removed in ``finally``, also on errors and KeyboardInterrupt. Loss values
+stay on the device and are converted in chunks, so recording adds no host-device sync per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from gpumagic.backends import MemorySession
+from gpumagic.devices import DeviceLike, open_session, resolve_budget, resolve_device
+from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
+
+__all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
+
+MAX_RECORDS = 100_000
+_LOSS_CHUNK = 256
+_ACTIVE: list[Tracker] = []
+
+
+def active_tracker() -> Tracker | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+class StopTrial(BaseException):
+    """Raised from inside the loop to end a search trial after its steps.
+
+    A ``BaseException`` so that a user's ``except Exception`` does not swallow it.
+    """
+
+
+@dataclass
+class _Root:
+    """One backward call: the value it was called on (a float on cpu, else a detached tensor)."""
+
+    value: Any
+    divisor: float | None
+    batch: int | None
+
+
+@dataclass
+class _Rec:
+    index: int
+    terms: list[tuple[Any, float]] | None  # loss = sum(w * value); values may be device tensors
+    peak: int
+    seconds: float
+    batch: int | None
+    count: int = 1
+
+    @property
+    def loss(self) -> float | None:
+        if self.terms is None or any(isinstance(v, torch.Tensor) for v, _ in self.terms):
+            return None
+        return sum(w * v for v, w in self.terms)
+
+
+def _divisor(root: torch.Tensor) -> float | None:
+    """k when ``root`` was computed as ``x / k`` or ``x * (1/k)`` with a scalar k, else None."""
+    fn = root.grad_fn
+    if fn is None:
+        return None
+    name = type(fn).__name__
+    if not (name.startswith("DivBackward") or name.startswith("MulBackward")):
+        return None
+    other = getattr(fn, "_saved_other", None)
+    if isinstance(other, torch.Tensor):
+        if other.numel() != 1 or other.device.type != "cpu":
+            return None  # reading it would sync the device
+        # A wrapped-number tensor cannot be read through a dispatch mode: step outside it.
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            k = float(other.detach())
+    elif isinstance(other, (int, float)):
+        k = float(other)
+    else:
+        return None
+    if name.startswith("MulBackward"):
+        k = 1.0 / k if k else 0.0
+    return k if k and math.isfinite(k) else None
+
+
+def _first_tensor(batch: Any, depth: int = 0) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if depth > 3:
+        return None
+    values: Iterable[Any]
+    if isinstance(batch, dict):
+        values = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return None
+    for v in values:
+        t = _first_tensor(v, depth + 1)
+        if t is not None:
+            return t
+    return None
+
+
+class _Records:
+    """Step records, bounded: past ``limit`` records, neighbours merge pairwise (stride doubles).
+
+    A merged record keeps the max peak (spikes stay visible), the summed time and batch, and the
+    mean loss. Loss tensors on a device are copied to the host in chunks, one copy per chunk.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(2, limit)
+        self.items: list[_Rec] = []
+        self.stride = 1
+        self.total = 0
+        self._tensors = 0
+        self._first_unconverted = 0
+
+    def add(self, rec: _Rec) -> None:
+        self.total += 1
+        if rec.terms:
+            self._tensors += sum(isinstance(v, torch.Tensor) for v, _ in rec.terms)
+        last = self.items[-1] if self.items else None
+        if self.stride > 1 and last is not None and last.count < self.stride:
+            self._merge(last, rec)
+            self._first_unconverted = min(self._first_unconverted, len(self.items) - 1)
+        else:
+            self.items.append(rec)
+        if self._tensors >= _LOSS_CHUNK:
+            self._convert()
+        if len(self.items) >= self.limit:
+            self._halve()
+
+    @staticmethod
+    def _merge(a: _Rec, b: _Rec) -> None:
+        n = a.count + b.count
+        if a.terms is not None and b.terms is not None:
+            a.terms = [(v, w * a.count / n) for v, w in a.terms] + [(v, w * b.count / n) for v, w in b.terms]
+        elif b.terms is not None:
+            a.terms = b.terms
+        a.peak = max(a.peak, b.peak)
+        a.seconds += b.seconds
+        a.batch = None if a.batch is None or b.batch is None else a.batch + b.batch
+        a.count = n
+
+    def _convert(self) -> None:
+        """Replace loss tensors by floats: one device-to-host copy for all of them."""
+        todo = self.items[self._first_unconverted :]
+        self._first_unconverted = len(self.items)
+        tensors = [v for r in todo for v, _ in r.terms or () if isinstance(v, torch.Tensor)]
+        self._tensors = 0
+        if not tensors:
+            return
+        host = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+        it = iter(host)
+        for r in todo:
+            if r.terms is not None:
+                r.terms = [(next(it) if isinstance(v, torch.Tensor) else v, w) for v, w in r.terms]
+
+    def _halve(self) -> None:
+        self._convert()
+        merged: list[_Rec] = []
+        for i in range(0, len(self.items), 2):
+            a = self.items[i]
+            if i + 1 < len(self.items):
+                self._merge(a, self.items[i + 1])
+            merged.append(a)
+        self.items = merged
+        self._first_unconverted = len(merged)
+        self.stride *= 2
+
+    def records(self) -> list[_Rec]:
+        self._convert()
+        return self.items
+
+
+class Tracker:
+    """Records memory, loss and time per step while active. Use :func:`track`.
+
+    ``report`` is available after the block ends, also when it ended with an exception.
+    """
+
+    def __init__(
+        self,
+        device: DeviceLike = None,
+        budget: str | int | None = None,
+        *,
+        hints: Iterable[Any] = (),
+        max_records: int = MAX_RECORDS,
+        stop_after_steps: int | None = None,
+        stop_after_backwards: int | None = None,
+        exclude_storages: Iterable[int] = (),
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> None:
+        self.device = resolve_device(device, hints)
+        self.budget = resolve_budget(budget)
+        if max_records < 2:
+            raise ValueError(f"max_records must be >= 2, got {max_records}")
+        for name, value in (("stop_after_steps", stop_after_steps), ("stop_after_backwards", stop_after_backwards)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self._max_records = max_records
+        self._stop_steps = stop_after_steps
+        self._stop_backwards = stop_after_backwards
+        self._exclude = tuple(exclude_storages)
+        self._on_step = on_step
+        self._report: MemoryReport | None = None
+        self._session: MemorySession | None = None
+        self._cleanup: list[Callable[[], None]] = []
+
+    # -- public --------------------------------------------------------------------------
+    @property
+    def report(self) -> MemoryReport:
+        if self._report is None:
+            raise RuntimeError("the report is ready when the tracked block has ended")
+        return self._report
+
+    @property
+    def steps_done(self) -> int:
+        return self._opt_steps if self._opt_steps else self._backwards
+
+    @property
+    def samples_seen(self) -> int:
+        return self._samples
+
+    def __enter__(self) -> Tracker:
+        if _ACTIVE:
+            raise RuntimeError(
+                f"gpumagic is already tracking {_ACTIVE[-1].device} in this block: nested %%gpumem / "
+                "gpumagic.track() is not supported; remove the inner one"
+            )
+        self._reset_state()
+        self._session = open_session(self.device, self.budget, self._exclude)
+        self._records = _Records(self._max_records)
+        _ACTIVE.append(self)
+        try:
+            self._install()
+            self._t0 = self._t_last_step = self._t_last_backward = time.perf_counter()
+            self._baseline = self._session.start()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            self._finish(ev)
+        finally:
+            self._teardown()
+        return False
+
+    # -- setup / teardown ------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self._opt_steps = 0
+        self._backwards = 0
+        self._depth = 0
+        self._pending: list[_Root] = []
+        self._in_step: list[_Root] = []
+        self._acc_peak = 0
+        self._last_batch: int | None = None
+        self._samples = 0
+        self._scaler_step_depth = 0
+        self._scaler_stepped = False
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._best_peak = -1
+        self._breakdown: MemoryBreakdown | None = None
+        self._baseline = 0
+        self._notes: list[str] = []
+
+    def _install(self) -> None:
+        import torch.optim.optimizer as optmod
+        import torch.utils.data.dataloader as dlmod
+
+        h1 = optmod.register_optimizer_step_pre_hook(self._step_pre)
+        self._cleanup.append(h1.remove)
+        h2 = optmod.register_optimizer_step_post_hook(self._step_post)
+        self._cleanup.append(h2.remove)
+
+        self._patch(torch.autograd, "backward", self._wrap_backward)
+        self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
+        scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
+        if scaler_cls is not None:
+            self._patch(scaler_cls, "scale", self._wrap_scale)
+            self._patch(scaler_cls, "step", self._wrap_scaler_step)
+
+    def _patch(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        setattr(owner, name, wrap(original))
+        self._cleanup.append(lambda: setattr(owner, name, original))
+
+    def _teardown(self) -> None:
+        errors: list[BaseException] = []
+        while self._cleanup:
+            undo = self._cleanup.pop()
+            try:
+                undo()
+            except BaseException as e:  # keep undoing the rest; report the first failure
+                errors.append(e)
+        try:
+            if self._session is not None:
+                self._session.stop()
+        finally:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+        if errors:
+            raise errors[0]
+
+    # -- wrappers ----------------------------------------------------------------------------
+    def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        tracker = self
+
+        def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            tracker._backward_begin(tensors)
+            result = original(tensors, *args, **kwargs)
+            tracker._backward_end()
+            return result
+
+        backward.__wrapped__ = original  # type: ignore[attr-defined]
+        backward.__doc__ = original.__doc__
+        return backward
+
+    def _wrap_next(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        tracker = self
+
+        def __next__(it: Any) -> Any:
+            batch = original(it)
+            t = _first_tensor(batch)
+            tracker._last_batch = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+            return batch
+
+        return __next__
+
+    def _wrap_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def scale(scaler: Any, outputs: Any) -> Any:
+            scaled = original(scaler, outputs)
+            if isinstance(scaled, torch.Tensor) and isinstance(outputs, torch.Tensor):
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    scaled._gpumagic_unscaled = outputs
+            return scaled
+
+        return scale
+
+    def _wrap_scaler_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        tracker = self
+
+        def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            tracker._scaler_step_depth += 1
+            tracker._scaler_stepped = False
+            try:
+                result = original(scaler, optimizer, *args, **kwargs)
+            finally:
+                tracker._scaler_step_depth -= 1
+            if not tracker._scaler_stepped and tracker._scaler_step_depth == 0:
+                # inf/NaN gradients: the scaler skipped optimizer.step(), but the user's step happened
+                tracker._end_step(optimizer)
+            return result
+
+        return step
+
+    # -- events ------------------------------------------------------------------------------
+    def _root_value(self, tensors: Any) -> _Root:
+        t = tensors if isinstance(tensors, torch.Tensor) else None
+        if t is None and isinstance(tensors, (list, tuple)) and len(tensors) == 1:
+            t = tensors[0] if isinstance(tensors[0], torch.Tensor) else None
+        if t is None or t.numel() != 1:
+            return _Root(None, None, self._last_batch)
+        unscaled = getattr(t, "_gpumagic_unscaled", None)
+        if isinstance(unscaled, torch.Tensor) and unscaled.numel() == 1:
+            t = unscaled
+        divisor = _divisor(t)
+        value: Any = t.detach().item() if t.device.type == "cpu" else t.detach()
+        return _Root(value, divisor, self._last_batch)
+
+    def _backward_begin(self, tensors: Any) -> None:
+        root = self._root_value(tensors)
+        if self._depth:
+            self._in_step.append(root)
+        else:
+            self._pending.append(root)
+            if len(self._pending) > 4096:  # a loop without optimizer: keep the list bounded
+                del self._pending[:-1024]
+
+    def _backward_end(self) -> None:
+        self._backwards += 1
+        assert self._session is not None
+        w = self._session.take_window_peak()
+        if self._acc_peak < w:
+            self._acc_peak = w
+        if self._opt_steps == 0 and not self._depth:
+            # No optimizer has stepped (yet): each backward is a step, recorded provisionally and
+            # replaced by optimizer steps as soon as one happens.
+            now = time.perf_counter()
+            roots = self._pending[-1:]
+            self._record(roots, w, now - self._t_last_backward)
+            self._t_last_backward = now
+            if self._stop_backwards is not None and self._backwards >= self._stop_backwards:
+                raise StopTrial(f"{self._backwards} backward calls")
+
+    def _step_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._depth += 1
+
+    def _step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._scaler_step_depth:
+            self._scaler_stepped = True
+        if self._depth == 0:
+            self._end_step(optimizer)
+
+    def _end_step(self, optimizer: Any) -> None:
+        assert self._session is not None
+        if self._opt_steps == 0 and self._records.total:
+            self._records = _Records(self._max_records)  # provisional backward-only records
+        self._opt_steps += 1
+        in_step, self._in_step = self._in_step, []
+        pending, self._pending = self._pending, []
+        now = time.perf_counter()
+        peak = max(self._acc_peak, self._session.take_window_peak())
+        self._acc_peak = 0
+        rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step)
+        self._t_last_step = now
+        self._optimizers.add(optimizer)
+        if peak > self._best_peak:
+            self._best_peak = peak
+            self._breakdown = self._breakdown_at(peak, rec.index)
+        if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
+            raise StopTrial(f"{self._opt_steps} optimizer steps")
+
+    def _record(self, roots: list[_Root], peak: int, seconds: float) -> _Rec:
+        terms: list[tuple[Any, float]] | None = None
+        batch: int | None = None
+        if roots and all(r.value is not None for r in roots):
+            n = len(roots)
+            if n > 1 and all(r.divisor is not None and abs(r.divisor - n) < 1e-6 for r in roots):
+                terms = [(r.value, (r.divisor or 1.0) / n) for r in roots]  # (loss / k).backward() k times
+            else:
+                terms = [(r.value, 1.0 / n) for r in roots]
+        if roots and all(r.batch is not None for r in roots):
+            batch = sum(r.batch or 0 for r in roots)
+            self._samples += batch
+        rec = _Rec(self._records.total, terms, peak, seconds, batch)
+        self._records.add(rec)
+        if self._on_step is not None:
+            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch))
+        return rec
+
+    def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
+        """Parameters, gradients and optimizer state of the optimizers seen; the rest is other."""
+        dev = self.device
+        seen: set[int] = set()
+
+        def nbytes(t: Any) -> int:
+            if not isinstance(t, torch.Tensor) or t.device.type != dev.type:
+                return 0
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError, TypeError):
+                return 0
+            key = st.data_ptr()
+            if not key or key in seen:
+                return 0
+            seen.add(key)
+            return int(st.nbytes())
+
+        params = grads = state = 0
+        for opt in list(self._optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    params += nbytes(p)
+                    grads += nbytes(p.grad)
+            for st in opt.state.values():
+                for v in st.values():
+                    state += nbytes(v)
+        if params == 0:
+            return None
+        return MemoryBreakdown(params, grads, state, max(0, peak - params - grads - state), index)
+
+    # -- report ------------------------------------------------------------------------------
+    def _finish(self, error: BaseException | None) -> None:
+        session = self._session
+        assert session is not None
+        end = session.current()
+        session.take_window_peak()
+        recs = self._records.records()
+        peak = max(session.peak(), self._baseline)
+        notes = list(session.notes) + self._notes
+        if self._records.stride > 1:
+            notes.append(f"{self._records.total} steps downsampled to {len(recs)} records of {self._records.stride}")
+        if self._pending and self._opt_steps:
+            notes.append(f"{len(self._pending)} backward call(s) after the last optimizer step are not in any step")
+        compiled = _compiled_note() if session.backend == "cpu" else None
+        if compiled:
+            notes.append(compiled)
+        err = None
+        if error is not None and not isinstance(error, StopTrial):
+            err = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+        self._report = MemoryReport(
+            backend=session.backend,
+            device=session.device,
+            baseline_bytes=self._baseline,
+            peak_bytes=peak,
+            peak_delta_bytes=peak - self._baseline,
+            end_bytes=end,
+            reserved_peak_bytes=session.reserved_peak(),
+            capacity_bytes=session.capacity(),
+            wall_seconds=time.perf_counter() - self._t0,
+            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count) for r in recs),
+            budget_bytes=self.budget,
+            breakdown=self._breakdown,
+            total_steps=self._records.total,
+            error=err,
+            notes=tuple(notes),
+        )
+
+
+def _compiled_note() -> str | None:
+    """torch.compile'd code allocates below the dispatcher on cpu: say so instead of guessing."""
+    dynamo = __import__("sys").modules.get("torch._dynamo")
+    if dynamo is None:
+        return None
+    counters = getattr(getattr(dynamo, "utils", None), "counters", None)
+    if counters and counters.get("stats", {}).get("unique_graphs", 0):
+        return (
+            "torch.compile graphs ran in this process: on cpu their internal buffers are not seen by the "
+            "tracker (only tensors they return); on cuda the allocator counts them"
+        )
+    return None
+
+
+def track(
+    device: DeviceLike = None,
+    budget: str | int | None = None,
+    *,
+    max_records: int = MAX_RECORDS,
+) -> Tracker:
+    """Measure a block: peak memory of the block and of each training step, per-step loss and time.
+
+    ``device``: "cpu", "cuda", "cuda:1", "mps", or a model/tensor (its device); default: cuda if
+    available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
+    bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
+    past this many steps, records are merged pairwise (peaks keep their max).
+
+    >>> with track(device="cpu") as t:              # doctest: +SKIP
+    ...     train()
+    >>> t.report.peak_delta_bytes                     # doctest: +SKIP
+    """
+    return Tracker(device, budget, max_records=max_records)
