@@ -223,6 +223,8 @@ class Tracker:
         self._stop_backwards = stop_after_backwards
         self._exclude = tuple(exclude_storages)
         self._on_step = on_step
+        self.on_batch: Callable[[Any, int | None], None] | None = None
+        """Called with (DataLoader iterator, batch size) for every batch drawn while tracking."""
         self._report: MemoryReport | None = None
         self._session: MemorySession | None = None
         self._cleanup: list[Callable[[], None]] = []
@@ -346,7 +348,10 @@ class Tracker:
         def __next__(it: Any) -> Any:
             batch = original(it)
             t = _first_tensor(batch)
-            tracker._last_batch = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+            size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+            tracker._last_batch = size
+            if tracker.on_batch is not None:
+                tracker.on_batch(it, size)
             return batch
 
         return __next__

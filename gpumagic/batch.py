@@ -1,0 +1,631 @@
+"""Running batch-size trials on the user's own code, and leaving everything as it was.
+
+The search itself is pure (:mod:`gpumagic.search`); this module gives it a ``run_trial(b)`` that
+runs the user's loop at batch size ``b`` under the tracker, stops it after ``steps`` optimizer
+steps (a :class:`~gpumagic.tracking.StopTrial` raised from the step hook), turns an OOM into a
+trial result and frees what the failed trial held. Around the whole search, every model,
+optimizer, LR scheduler and GradScaler the code touches, the RNG states, and the namespace's
+bindings and plain values are snapshotted to host memory and restored afterwards, also on
+Ctrl-C and on errors in user code. The snapshots are gpumagic's own memory: they are never
+counted against the (simulated) device.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gpumagic.devices import DeviceLike, resolve_budget, resolve_device
+from gpumagic.report import BatchSearchResult, Trial
+from gpumagic.tracking import StopTrial, Tracker
+
+__all__ = ["StateSnapshot", "find_batch", "find_batch_in_shell", "last_gpumem_cell"]
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_BACKWARD_SAFETY = 64  # backward calls per optimizer step before a trial is cut anyway
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        from gpumagic import oom
+
+        return oom.parse(exc) is not None
+    return False
+
+
+def _free_failed(exc: BaseException) -> None:
+    """A caught OOM's frames hold the trial's tensors: clear them and collect."""
+    tb = exc.__traceback__
+    if tb is not None:
+        traceback.clear_frames(tb)
+    exc.__traceback__ = None
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshots
+
+
+def _host_copy(obj: Any) -> Any:
+    """Deep copy with every tensor cloned to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v)) for k, v in obj.items()) if type(obj) is dict else {
+            k: _host_copy(v) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_host_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _tensor_keys(obj: Any, out: set[int]) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            try:
+                out.add(obj.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):
+                pass
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensor_keys(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensor_keys(v, out)
+
+
+def _stateful_types() -> tuple[type, ...]:
+    types: list[type] = [torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler is not None:
+        types.append(scaler)
+    return tuple(types)
+
+
+def _reachable_stateful(roots: Iterable[Any]) -> list[Any]:
+    """Models, optimizers, schedulers and scalers among ``roots`` and what they reference."""
+    kinds = _stateful_types()
+    found: dict[int, Any] = {}
+
+    def add(o: Any) -> None:
+        if isinstance(o, kinds) and id(o) not in found:
+            found[id(o)] = o
+            if isinstance(o, torch.optim.lr_scheduler.LRScheduler):
+                add(o.optimizer)
+
+    for r in roots:
+        add(r)
+        if isinstance(r, (list, tuple)):
+            for v in r[:1000]:
+                add(v)
+        elif isinstance(r, dict):
+            for v in list(r.values())[:1000]:
+                add(v)
+    # keep top-level modules only: a submodule is restored with its parent
+    modules = [o for o in found.values() if isinstance(o, torch.nn.Module)]
+    children = {id(c) for m in modules for c in m.modules() if c is not m}
+    return [o for o in found.values() if id(o) not in children]
+
+
+def _discover_stateful() -> list[Any]:
+    """For the Python API: optimizers alive in the process, the models that own their
+    parameters, and schedulers/scalers; found with one pass over the garbage collector."""
+    kinds = _stateful_types()
+    objs = gc.get_objects()
+    types = list(map(type, objs))
+    wanted = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, kinds[1:])]
+    opt_like = []
+    for tp in wanted:
+        i = -1
+        while True:
+            try:
+                i = types.index(tp, i + 1)
+            except ValueError:
+                break
+            opt_like.append(objs[i])
+    del objs, types
+    params = {id(p) for o in opt_like if isinstance(o, torch.optim.Optimizer)
+              for g in o.param_groups for p in g["params"]}
+    owners: list[Any] = []
+    if params:
+        for o in gc.get_objects():
+            if isinstance(o, torch.nn.Module) and any(id(p) in params for p in o.parameters(recurse=False)):
+                owners.append(o)
+        # climb to the models: a module none of whose owners' ancestors is known
+    return _reachable_stateful([*opt_like, *_top_modules(owners)])
+
+
+def _top_modules(mods: list[Any]) -> list[Any]:
+    if not mods:
+        return []
+    wanted = {id(m) for m in mods}
+    tops: dict[int, Any] = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.nn.Module) and any(id(c) in wanted for c in o.modules()):
+            tops[id(o)] = o
+    return list(tops.values())
+
+
+@dataclass
+class StateSnapshot:
+    """Host-memory copies of stateful objects, RNG states and namespace values, restorable."""
+
+    objects: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (obj, state_dict copy, grads)
+    rng: dict[str, Any] = field(default_factory=dict)
+    namespace: MutableMapping[str, Any] | None = None
+    bindings: dict[str, Any] = field(default_factory=dict)
+    plain_copies: dict[str, Any] = field(default_factory=dict)
+    storage_keys: set[int] = field(default_factory=set)
+
+    @classmethod
+    def take(cls, objects: Iterable[Any], namespace: MutableMapping[str, Any] | None = None) -> StateSnapshot:
+        snap = cls()
+        for obj in objects:
+            state = _host_copy(obj.state_dict())
+            grads = None
+            if isinstance(obj, torch.nn.Module):
+                grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in obj.parameters()]
+            snap.objects.append((obj, state, grads))
+            _tensor_keys(state, snap.storage_keys)
+            _tensor_keys(grads or [], snap.storage_keys)
+        snap.rng["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            snap.rng["cuda"] = torch.cuda.get_rng_state_all()
+        snap.rng["random"] = random.getstate()
+        np = sys.modules.get("numpy")
+        if np is not None:
+            snap.rng["numpy"] = np.random.get_state()
+        _tensor_keys(snap.rng.get("torch"), snap.storage_keys)
+        if namespace is not None:
+            snap.namespace = namespace
+            snap.bindings = dict(namespace)
+            for name, v in snap.bindings.items():
+                if name.startswith("_") or not _plain_container(v):
+                    continue
+                snap.plain_copies[name] = copy.deepcopy(v)
+        return snap
+
+    def restore(self) -> None:
+        errors: list[str] = []
+        for obj, state, grads in self.objects:
+            try:
+                obj.load_state_dict(state)
+                if grads is not None:
+                    for p, g in zip(obj.parameters(), grads):
+                        p.grad = None if g is None else g.to(p.device, copy=True)
+            except Exception as e:  # keep restoring the others
+                errors.append(f"{type(obj).__name__}: {e}")
+        torch.set_rng_state(self.rng["torch"])
+        if "cuda" in self.rng:
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        random.setstate(self.rng["random"])
+        if "numpy" in self.rng:
+            sys.modules["numpy"].random.set_state(self.rng["numpy"])
+        ns = self.namespace
+        if ns is not None:
+            for name in [n for n in ns if n not in self.bindings and not _ipython_history_name(n)]:
+                del ns[name]
+            for name, v in self.bindings.items():
+                if ns.get(name, _MISSING) is not v:
+                    ns[name] = v
+            for name, saved in self.plain_copies.items():
+                _restore_in_place(ns[name], saved)
+        if errors:
+            raise RuntimeError("could not restore: " + "; ".join(errors))
+
+
+_MISSING = object()
+
+
+def _ipython_history_name(name: str) -> bool:
+    return name in ("_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih", "In", "Out", "_dh", "_exit_code") or (
+        name[:2] in ("_i", "_o") and name[2:].isdigit()) or (name[:1] == "_" and name[1:].isdigit())
+
+
+def _plain_container(v: Any, depth: int = 0) -> bool:
+    """Lists/dicts/sets of plain values (a log of losses, a config dict): small enough to copy."""
+    if isinstance(v, (list, set)):
+        return len(v) <= 100_000 and all(_plain_value(x, depth) for x in v)
+    if isinstance(v, dict):
+        return len(v) <= 100_000 and all(_plain_value(k, depth) and _plain_value(x, depth) for k, x in v.items())
+    return False
+
+
+def _plain_value(v: Any, depth: int) -> bool:
+    if isinstance(v, _PLAIN):
+        return True
+    if isinstance(v, tuple):
+        return all(_plain_value(x, depth) for x in v)
+    return depth < 2 and _plain_container(v, depth + 1)
+
+
+def _restore_in_place(obj: Any, saved: Any) -> None:
+    if isinstance(obj, list):
+        obj[:] = saved
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    elif isinstance(obj, set):
+        obj.clear()
+        obj.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# trials
+
+
+@dataclass
+class _Observed:
+    """What the trials taught about the loop."""
+
+    dataset_size: int | None = None
+    drop_last: bool = False
+    loader_batches: list[int] = field(default_factory=list)
+    optimizer: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class TrialRunner:
+    """Runs ``body(b)`` as one trial: tracked, cut after ``steps`` steps, OOM caught and freed."""
+
+    def __init__(
+        self,
+        body: Callable[[int], Any],
+        *,
+        device: torch.device,
+        budget: int | None,
+        steps: int,
+        snapshot: StateSnapshot,
+        has_optimizer: bool,
+        observed: _Observed,
+    ) -> None:
+        self.body = body
+        self.device = device
+        self.budget = budget
+        self.steps = steps
+        self.snapshot = snapshot
+        self.has_optimizer = has_optimizer
+        self.observed = observed
+        self.trials: list[Trial] = []
+
+    def __call__(self, b: int) -> Trial:
+        step_secs: list[float] = []
+        tracker = Tracker(
+            self.device,
+            self.budget,
+            stop_after_steps=self.steps if self.has_optimizer else None,
+            stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+            exclude_storages=self.snapshot.storage_keys,
+            on_step=lambda r: step_secs.append(r.seconds),
+        )
+        self._watch_loader(tracker)
+        oom = False
+        t0 = time.perf_counter()
+        try:
+            with tracker:
+                self.body(b)
+        except StopTrial:
+            pass
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            oom = True
+            _free_failed(e)
+            del e
+        finally:
+            seconds = time.perf_counter() - t0
+            self.snapshot.restore()
+        rep = tracker.report
+        n = rep.total_steps
+        timed = step_secs[1:] if len(step_secs) > 1 else step_secs
+        sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
+        trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
+        self.trials.append(trial)
+        return trial
+
+    def _watch_loader(self, tracker: Tracker) -> None:
+        obs = self.observed
+        tracker.on_batch = lambda it, size: _note_loader(obs, it, size)
+
+
+def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
+    ds = getattr(it, "_dataset", None)
+    try:
+        n = len(ds) if ds is not None else None
+    except TypeError:
+        n = None
+    if n is not None:
+        obs.dataset_size = n
+        obs.drop_last = bool(getattr(it, "_drop_last", False))
+    if size is not None and len(obs.loader_batches) < 10_000:
+        obs.loader_batches.append(size)
+
+
+# ---------------------------------------------------------------------------------------------
+# the search, both forms
+
+
+def _capacity(device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
+    """(capacity used by the search, budget for the tracker, note)."""
+    if budget is not None:
+        return budget, budget, None
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), None, None
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory()), None, None
+    from gpumagic.devices import _host_memory
+
+    _, avail = _host_memory()
+    if avail is None:
+        raise ValueError("on cpu, give --budget (the simulated device capacity), e.g. --budget 4GiB")
+    return avail, avail, f"no --budget on cpu: the capacity is the host memory free now ({avail} bytes)"
+
+
+def _run_search(
+    runner: TrialRunner,
+    *,
+    capacity: int,
+    start: int,
+    min_size: int,
+    max_size: int | None,
+    dataset_size: int | None,
+    drop_last: bool,
+    margin: float,
+    pick: str,
+    effective: int | None,
+    optimizer: str | None,
+    current: int | None,
+    progress: bool,
+    notes: list[str],
+) -> BatchSearchResult:
+    from gpumagic import search as search_mod
+    from gpumagic._units import format_bytes
+
+    bar: Any = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False)
+
+    def on_trial(trial: Trial, index: int) -> None:
+        if bar is not None:
+            state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
+            bar.set_postfix_str(f"b={trial.batch_size}: {state}")
+            bar.update(1)
+
+    def run_trial(b: int) -> Trial:
+        trial = runner(b)
+        _check_loader_follows(runner.observed, b)
+        return trial
+
+    try:
+        result = search_mod.search(
+            run_trial,
+            capacity_bytes=capacity,
+            start=start,
+            min_size=min_size,
+            max_size=max_size,
+            dataset_size=dataset_size,
+            drop_last=drop_last,
+            margin=margin,
+            pick=pick,
+            effective=effective,
+            optimizer=optimizer,
+            current_batch_size=current,
+            progress=on_trial,
+            device=str(runner.device),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if notes:
+        result = _with_notes(result, notes)
+    return result
+
+
+def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
+    import dataclasses
+
+    return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
+
+
+class LoaderMismatch(ValueError):
+    pass
+
+
+def _check_loader_follows(obs: _Observed, b: int) -> None:
+    """The batches the loop drew must have the trial's size; else the variable is not used."""
+    sizes = obs.loader_batches
+    if not sizes:
+        return
+    full = [s for s in sizes[:-1]] or sizes
+    obs.loader_batches = []
+    if all(s != b for s in full) and (obs.dataset_size is None or b < obs.dataset_size):
+        raise LoaderMismatch(
+            f"the loop's DataLoader gave batches of {full[0]} samples when the batch size was {b}: the "
+            "batch-size variable does not reach the loader (it was probably built in an earlier cell). "
+            "Use --loader NAME to let gpumagic rebuild that DataLoader per trial."
+        )
+
+
+def find_batch(
+    trial_fn: Callable[[int], Any],
+    *,
+    device: DeviceLike = None,
+    budget: str | int | None = None,
+    start: int = 2,
+    max_size: int | None = None,
+    steps: int = 3,
+    margin: float = 0.05,
+    pick: str = "max",
+    effective: int | None = None,
+    min_size: int = 1,
+    dataset_size: int | None = None,
+    restore: Iterable[Any] | None = None,
+    progress: bool = True,
+) -> BatchSearchResult:
+    """Find the largest (or fastest) batch size that fits, in few trials.
+
+    ``trial_fn(batch_size)`` runs training steps at that batch size; each call is one trial
+    (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Models, optimizers,
+    schedulers and scalers (``restore``, or found through the optimizers alive in the process)
+    and the RNG states are restored afterwards.
+
+    >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
+    >>> res.recommended_batch_size                                                # doctest: +SKIP
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dev = resolve_device(device)
+    bud = resolve_budget(budget)
+    capacity, tracker_budget, note = _capacity(dev, bud)
+    objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
+    has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
+    snapshot = StateSnapshot.take(objects)
+    observed = _Observed()
+    runner = TrialRunner(
+        trial_fn, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+        has_optimizer=has_opt, observed=observed,
+    )
+    opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
+    try:
+        return _run_search(
+            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+            dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
+            optimizer=opt_name, current=None, progress=progress, notes=[note] if note else [],
+        )
+    finally:
+        snapshot.restore()
+
+
+def last_gpumem_cell(shell: Any) -> str | None:
+    """The body of the most recent ``%%gpumem`` cell in the input history."""
+    for src in reversed(list(getattr(shell.history_manager, "input_hist_raw", []))):
+        lines = src.lstrip().splitlines()
+        if lines and lines[0].startswith("%%gpumem"):
+            return "\n".join(lines[1:])
+    return None
+
+
+def _rebuild_loader(loader: Any, b: int) -> Any:
+    """A copy of ``loader`` with batch size ``b``: same dataset, sampler, collate_fn and workers."""
+    from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+    bs = loader.batch_sampler
+    if bs is not None and type(bs) is not BatchSampler:
+        raise ValueError(
+            f"the loader uses a custom batch_sampler ({type(bs).__name__}); gpumagic cannot change its batch size"
+        )
+    if loader.batch_size is None:
+        raise ValueError("the loader has batch_size=None (no automatic batching); there is no batch size to change")
+    kwargs: dict[str, Any] = dict(
+        batch_size=b,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+        persistent_workers=False,
+    )
+    if loader.num_workers > 0:
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    if not isinstance(loader.dataset, IterableDataset):
+        kwargs["sampler"] = loader.sampler
+    return DataLoader(loader.dataset, **kwargs)
+
+
+def find_batch_in_shell(
+    shell: Any,
+    code: str,
+    *,
+    var: str | None,
+    loader: str | None,
+    device: str | None,
+    budget: str | None,
+    start: int,
+    min_size: int,
+    max_size: int | None,
+    steps: int,
+    margin: float,
+    pick: str,
+    effective: int | None,
+    presenter: Any = None,
+) -> BatchSearchResult:
+    """The magics' form: run ``code`` in the user namespace per trial with ``var``/``loader`` set."""
+    from gpumagic.magics import _hints, run_cell_source
+
+    ns = shell.user_ns
+    if var is None and loader is None:
+        raise ValueError("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
+    if var is not None and not var.isidentifier():
+        raise ValueError(f"--var must be a Python name, got {var!r}")
+    if loader is not None:
+        if loader not in ns:
+            raise ValueError(f"--loader {loader!r} is not defined in the namespace")
+        from torch.utils.data import DataLoader
+
+        if not isinstance(ns[loader], DataLoader):
+            raise ValueError(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    dev = resolve_device(device, _hints(ns) if device is None else ())
+    bud = resolve_budget(budget)
+    capacity, tracker_budget, note = _capacity(dev, bud)
+    notes = [note] if note else []
+    if any(w in code for w in ("torch.save(", ".to_csv(", "open(", ".write(", "savefig(")):
+        notes.append("the code writes files: files written by the trials are not rolled back")
+
+    roots = [v for k, v in list(ns.items()) if not k.startswith("_")]
+    objects = _reachable_stateful(roots)
+    # an optimizer in the namespace, or one made by the code itself
+    has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or "optim" in code or ".step(" in code
+    snapshot = StateSnapshot.take(objects, namespace=ns)
+    original_loader = ns.get(loader) if loader is not None else None
+    current = ns.get(var) if var is not None else getattr(original_loader, "batch_size", None)
+    current_b = current if isinstance(current, int) and not isinstance(current, bool) else None
+
+    def body(b: int) -> None:
+        if var is not None:
+            ns[var] = b
+        if loader is not None:
+            ns[loader] = _rebuild_loader(original_loader, b)
+        run_cell_source(shell, code)
+
+    observed = _Observed()
+    dataset_size, drop_last = None, False
+    if original_loader is not None:
+        try:
+            dataset_size = len(original_loader.dataset)
+        except TypeError:
+            dataset_size = None
+        drop_last = bool(original_loader.drop_last)
+    runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+                         has_optimizer=has_opt, observed=observed)
+    opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
+    try:
+        return _run_search(
+            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+            dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
+            optimizer=opt_name, current=current_b, progress=True, notes=notes,
+        )
+    finally:
+        snapshot.restore()
+
