@@ -217,7 +217,11 @@ class OOMHandler:
         presenter = self.presenter
 
         def handler(sh: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> list[str]:
-            if isinstance(value, Exception) and presenter.present(value):
+            try:
+                is_oom = isinstance(value, Exception) and presenter.present(value)
+            except Exception:  # advice must never break the display of the user's error
+                is_oom = False
+            if is_oom:
                 sh.showtraceback((etype, value, tb), tb_offset=tb_offset)
                 return []
             if prev_handler is not None and isinstance(value, prev_types):

@@ -58,9 +58,12 @@ def _plain(obj: Any) -> Any:
 def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> dict[str, Any]:
     """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
     bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
-    from gpumagic import widgets  # lazy: the one edge from the core to ipywidgets/matplotlib
-
-    bundle.update(widgets.rich_bundle(obj, kind))
+    try:
+        from gpumagic import widgets  # lazy: the one edge from the core to ipywidgets/matplotlib
+    except ImportError:  # a broken or partial install: text and HTML still show
+        widgets = None
+    if widgets is not None:
+        bundle.update(widgets.rich_bundle(obj, kind))
     if include:
         bundle = {k: v for k, v in bundle.items() if k in include}
     if exclude:
