@@ -75,7 +75,14 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("oom", "tracking", "batch", "search", "devices", "widgets", "monitor", "magics", "autoload")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"gpumagic.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'gpumagic' has no attribute {name!r}")

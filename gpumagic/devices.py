@@ -122,9 +122,9 @@ def _storage_bytes(t: torch.Tensor, device: torch.device, seen: set[int]) -> int
         return 0
     try:
         st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError, TypeError):
+        key = st.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # fake, functional, sparse tensors
         return 0
-    key = st.data_ptr()
     if not key or key in seen:
         return 0
     seen.add(key)

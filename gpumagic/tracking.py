@@ -479,9 +479,9 @@ class Tracker:
                 return 0
             try:
                 st = t.untyped_storage()
+                key = st.data_ptr()
             except (RuntimeError, NotImplementedError, TypeError):
                 return 0
-            key = st.data_ptr()
             if not key or key in seen:
                 return 0
             seen.add(key)
@@ -546,8 +546,8 @@ def _compiled_note() -> str | None:
     counters = getattr(getattr(dynamo, "utils", None), "counters", None)
     if counters and counters.get("stats", {}).get("unique_graphs", 0):
         return (
-            "torch.compile graphs ran in this process: on cpu their internal buffers are not seen by the "
-            "tracker (only tensors they return); on cuda the allocator counts them"
+            "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
+            "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"
         )
     return None
 

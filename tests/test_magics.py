@@ -213,6 +213,9 @@ for _ in range(3):
     assert list(rep.losses) == pytest.approx(ip.user_ns["truth"])
     assert rep.peak_delta_bytes > 0
     assert any("torch.compile" in n for n in rep.notes)
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] >= 1  # measuring did not stop the model from compiling
 
 
 def test_run_cell_source_returns_the_last_expression(ip, clean_ns):

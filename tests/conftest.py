@@ -1,0 +1,87 @@
+"""Shared fixtures: a real IPython shell with gpumagic loaded, namespace cleanup, device skips.
+
+Nothing heavy is imported here at module level: torch and IPython load when a fixture or the
+collection hook first needs them, and CUDA is only asked about when a test is marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_ipython_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep the developer's ~/.ipython (startup files, profile config) out of every shell and kernel."""
+    path = tmp_path_factory.mktemp("ipython-dir")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IPYTHONDIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def ip(_private_ipython_dir: Path) -> InteractiveShell:
+    """The real IPython shell of the test session, with ``%load_ext gpumagic`` done.
+
+    ``torch``, ``nn`` and ``F`` are in its namespace, as in a notebook. Use ``clean_ns`` too
+    when a test defines names.
+    """
+    import torch
+    import torch.nn.functional as F
+    from IPython.testing import globalipapp
+    from torch import nn
+
+    shell: InteractiveShell = globalipapp.start_ipython() or globalipapp.get_ipython()  # None on a second call
+    shell.run_line_magic("load_ext", "gpumagic")
+    shell.push({"torch": torch, "nn": nn, "F": F})
+    return shell
+
+
+@pytest.fixture
+def clean_ns(ip: InteractiveShell) -> Iterator[None]:
+    """Remove the names a test adds to ``ip.user_ns``, rebind those it changed, and drop new ``Out`` entries."""
+    before = dict(ip.user_ns)
+    outputs = set(ip.user_ns["Out"])
+    yield
+    ns = ip.user_ns
+    for name in [n for n in ns if n not in before]:
+        del ns[name]
+    for name, value in before.items():
+        if name not in ns or ns[name] is not value:
+            ns[name] = value
+    for key in [k for k in ns["Out"] if k not in outputs]:
+        del ns["Out"][key]  # a displayed result would keep its tensors alive for later tests
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+def _has_browser() -> bool:
+    chromium = os.environ.get("GPUMAGIC_CHROMIUM", "/usr/bin/chromium")
+    found = os.path.isfile(chromium) or shutil.which(chromium) is not None
+    return found and importlib.util.find_spec("playwright") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    checks = {
+        "gpu": (_has_accelerator, "needs a CUDA or MPS device"),
+        "e2e": (_has_browser, "needs chromium (/usr/bin/chromium or $GPUMAGIC_CHROMIUM) and playwright"),
+    }
+    for marker, (available, reason) in checks.items():
+        marked = [item for item in items if item.get_closest_marker(marker) is not None]
+        if marked and not available():  # asked only when some test needs the answer
+            for item in marked:
+                item.add_marker(pytest.mark.skip(reason=reason))
