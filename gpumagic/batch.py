@@ -122,43 +122,40 @@ def _reachable_stateful(roots: Iterable[Any]) -> list[Any]:
     return [o for o in found.values() if id(o) not in children]
 
 
+def _live_instances(kinds: tuple[type, ...]) -> list[Any]:
+    """Objects alive in the process that are instances of ``kinds``: one C-speed pass over gc."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some torch module objects warn when inspected
+        objs = gc.get_objects()
+        types = list(map(type, objs))
+        wanted = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, kinds)]
+        found = []
+        for tp in wanted:
+            i = -1
+            while True:
+                try:
+                    i = types.index(tp, i + 1)
+                except ValueError:
+                    break
+                found.append(objs[i])
+    return found
+
+
 def _discover_stateful() -> list[Any]:
-    """For the Python API: optimizers alive in the process, the models that own their
-    parameters, and schedulers/scalers; found with one pass over the garbage collector."""
+    """For the Python API: optimizers, schedulers and scalers alive in the process, and the
+    top-level models that own the optimizers' parameters."""
     kinds = _stateful_types()
-    objs = gc.get_objects()
-    types = list(map(type, objs))
-    wanted = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, kinds[1:])]
-    opt_like = []
-    for tp in wanted:
-        i = -1
-        while True:
-            try:
-                i = types.index(tp, i + 1)
-            except ValueError:
-                break
-            opt_like.append(objs[i])
-    del objs, types
+    opt_like = _live_instances(kinds[1:])
     params = {id(p) for o in opt_like if isinstance(o, torch.optim.Optimizer)
               for g in o.param_groups for p in g["params"]}
-    owners: list[Any] = []
+    models: list[Any] = []
     if params:
-        for o in gc.get_objects():
-            if isinstance(o, torch.nn.Module) and any(id(p) in params for p in o.parameters(recurse=False)):
-                owners.append(o)
-        # climb to the models: a module none of whose owners' ancestors is known
-    return _reachable_stateful([*opt_like, *_top_modules(owners)])
-
-
-def _top_modules(mods: list[Any]) -> list[Any]:
-    if not mods:
-        return []
-    wanted = {id(m) for m in mods}
-    tops: dict[int, Any] = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.nn.Module) and any(id(c) in wanted for c in o.modules()):
-            tops[id(o)] = o
-    return list(tops.values())
+        modules = _live_instances((torch.nn.Module,))
+        owners = {id(m) for m in modules if any(id(p) in params for p in m.parameters(recurse=False))}
+        models = [m for m in modules if any(id(c) in owners for c in m.modules())]
+    return _reachable_stateful([*opt_like, *models])
 
 
 @dataclass
