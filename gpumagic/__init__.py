@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
-    from gpumagic.oom import Advice, OOMInfo, advise, parse_oom
+    from gpumagic.oom import Advice, OOMInfo, advise
+    from gpumagic.oom import parse as parse_oom
     from gpumagic.tracking import Tracker, track
 
 __version__ = "0.1.0"

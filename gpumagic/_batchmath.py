@@ -21,7 +21,9 @@ __all__ = [
 
 LRRule = Literal["linear", "sqrt"]
 
-_ADAM_LIKE = ("adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb")
+_ADAM_LIKE = (
+    "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb",
+)
 
 
 def lr_rule_for(optimizer: object | str | None) -> LRRule:

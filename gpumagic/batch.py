@@ -12,6 +12,7 @@ counted against the (simulated) device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import random
@@ -77,10 +78,8 @@ def _host_copy(obj: Any) -> Any:
 def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
-            try:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
                 out.add(obj.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):
-                pass
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensor_keys(v, out)
@@ -203,7 +202,7 @@ class StateSnapshot:
             try:
                 obj.load_state_dict(state)
                 if grads is not None:
-                    for p, g in zip(obj.parameters(), grads):
+                    for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)
             except Exception as e:  # keep restoring the others
                 errors.append(f"{type(obj).__name__}: {e}")
@@ -254,10 +253,7 @@ def _plain_value(v: Any, depth: int) -> bool:
 def _restore_in_place(obj: Any, saved: Any) -> None:
     if isinstance(obj, list):
         obj[:] = saved
-    elif isinstance(obj, dict):
-        obj.clear()
-        obj.update(saved)
-    elif isinstance(obj, set):
+    elif isinstance(obj, (dict, set)):
         obj.clear()
         obj.update(saved)
 
@@ -411,7 +407,7 @@ def _run_search(
         return trial
 
     try:
-        result = search_mod.search(
+        result: BatchSearchResult = search_mod.search(
             run_trial,
             capacity_bytes=capacity,
             start=start,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from typing import Any
 
 SETUP = """
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -30,7 +31,7 @@ for x, y in loader:
 """
 
 
-def _cell(ip, title: str, src: str) -> object:
+def _cell(ip: Any, title: str, src: str) -> Any:
     print(f"\n\033[1m{title}\033[0m")
     print(textwrap.indent(src.strip("\n"), "  │ "))
     print()

@@ -10,7 +10,7 @@ import gc
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
-DeviceLike = Union[str, torch.device, torch.nn.Module, torch.Tensor, None]
+DeviceLike = str | torch.device | torch.nn.Module | torch.Tensor | None
 
 
 def _cuda_ok() -> bool:
@@ -161,9 +161,9 @@ def holders(namespace: Mapping[str, Any], device: torch.device, top: int = 5) ->
     """
     out = []
     for name, value in list(namespace.items()):
-        if name.startswith("_") or isinstance(value, type) or callable(value) and not isinstance(
+        if name.startswith("_") or isinstance(value, type) or (callable(value) and not isinstance(
             value, torch.nn.Module
-        ):
+        )):
             continue
         seen: set[int] = set()
         n = sum(_storage_bytes(t, device, seen) for t in _tensors_in(value))

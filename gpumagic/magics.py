@@ -37,14 +37,15 @@ def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
     """Execute a cell body in the user namespace; return the value of a final expression."""
     src = shell.transform_cell(cell)
     tree = shell.compile.ast_parse(src)
+    assert isinstance(tree, ast.Module)
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
     filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
-    code = shell.compile(tree, filename, "exec")
+    code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
     exec(code, shell.user_global_ns, shell.user_ns)
     if last is not None:
-        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)
+        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)  # type: ignore[arg-type]
     return None
 
 
@@ -258,6 +259,8 @@ def _parse(fn: Any, line: str) -> Any:
 
 @magics_class
 class GPUMagics(Magics):
+    shell: InteractiveShell
+
     def __init__(self, shell: InteractiveShell) -> None:
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
@@ -276,8 +279,12 @@ class GPUMagics(Magics):
         "On cpu, an allocation past it raises torch.OutOfMemoryError worded like CUDA's; on cuda it sets "
         "the per-process memory fraction for the cell and restores it after.",
     )
-    @magic_arguments.argument("-o", "--output", action="store_true", help="Return the MemoryReport (like %%timeit -o).")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the report (OOM advice is still shown).")
+    @magic_arguments.argument(
+        "-o", "--output", action="store_true", help="Return the MemoryReport (like %%timeit -o)."
+    )
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the report (OOM advice is still shown)."
+    )
     @magic_arguments.argument(
         "--free", action="store_true",
         help="Line magic only: gc.collect() + empty_cache(), then show the device and the names still holding memory.",
@@ -362,7 +369,9 @@ class GPUMagics(Magics):
     @magic_arguments.argument("-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as %%gpumem).")
     @magic_arguments.argument("--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%gpumem).")
     @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
-    @magic_arguments.argument("--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1).")
+    @magic_arguments.argument(
+        "--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1)."
+    )
     @magic_arguments.argument("--max", dest="max_size", type=int, default=None, help="Largest batch size allowed.")
     @magic_arguments.argument(
         "--steps", type=int, default=3,
@@ -419,8 +428,8 @@ class GPUMagics(Magics):
         statement = " ".join(args.statement).strip() if args.statement else ""
         if cell is not None and statement:
             raise UsageError("give the code either as the cell body or after `--` on the line, not both")
-        code = cell if cell is not None else statement
-        if not code.strip():
+        code: str | None = cell if cell is not None else statement
+        if code is None or not code.strip():
             code = batch.last_gpumem_cell(self.shell)
             if code is None:
                 raise UsageError(
@@ -442,8 +451,12 @@ class GPUMagics(Magics):
 
     # -- %gpumon -----------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
-    @magic_arguments.argument("--interval", type=float, default=1.0, help="Seconds between samples (0.1 to 60, default 1).")
-    @magic_arguments.argument("--sidebar", action="store_true", help="Open in JupyterLab's right sidebar (needs sidecar).")
+    @magic_arguments.argument(
+        "--interval", type=float, default=1.0, help="Seconds between samples (0.1 to 60, default 1)."
+    )
+    @magic_arguments.argument(
+        "--sidebar", action="store_true", help="Open in JupyterLab's right sidebar (needs sidecar)."
+    )
     @magic_arguments.argument("--stop", action="store_true", help="Stop every running monitor.")
     @line_magic
     def gpumon(self, line: str = "") -> Any:

@@ -184,7 +184,8 @@ class MemoryReport:
             ("device", f"{self.device} ({self.backend})"),
             ("baseline", format_bytes(self.baseline_bytes)),
             ("peak", f"{format_bytes(self.peak_bytes)} ({format_bytes(self.peak_delta_bytes, signed=True)})"),
-            ("end", f"{format_bytes(self.end_bytes)} ({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
+            ("end", f"{format_bytes(self.end_bytes)} "
+                    f"({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
         ]
         if self.reserved_peak_bytes is not None:
             rows.append(("peak reserved", format_bytes(self.reserved_peak_bytes)))
@@ -249,7 +250,7 @@ class Fit:
     points: int = 0
 
     def predict(self, batch_size: float) -> int:
-        return int(round(self.intercept_bytes + self.bytes_per_sample * batch_size))
+        return round(self.intercept_bytes + self.bytes_per_sample * batch_size)
 
     def largest_under(self, limit_bytes: float) -> int | None:
         """The largest batch size whose predicted peak is <= limit_bytes (None if unbounded)."""

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,7 +72,7 @@ class _Rec:
     def loss(self) -> float | None:
         if self.terms is None or any(isinstance(v, torch.Tensor) for v, _ in self.terms):
             return None
-        return sum(w * v for v, w in self.terms)
+        return float(sum(w * v for v, w in self.terms))
 
 
 def _divisor(root: torch.Tensor) -> float | None:
@@ -265,7 +265,7 @@ class Tracker:
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> Literal[False]:
         try:
             self._finish(ev)
         finally:
@@ -361,7 +361,7 @@ class Tracker:
             scaled = original(scaler, outputs)
             if isinstance(scaled, torch.Tensor) and isinstance(outputs, torch.Tensor):
                 with contextlib.suppress(AttributeError, RuntimeError):
-                    scaled._gpumagic_unscaled = outputs
+                    scaled._gpumagic_unscaled = outputs  # type: ignore[attr-defined]
             return scaled
 
         return scale

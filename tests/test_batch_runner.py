@@ -46,7 +46,7 @@ def test_snapshot_restores_models_optimizers_schedulers_and_grads():
     _step(model, opt, sched)
     snap.restore()
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())  # BatchNorm buffers too
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=False))
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], exp_avg)
     assert opt.param_groups[0]["lr"] == lr
     assert sched.last_epoch == 2
@@ -78,7 +78,7 @@ def test_snapshot_restores_namespace_bindings_and_plain_values():
 
 
 def test_snapshot_tensors_are_excluded_from_the_device_baseline():
-    model, opt, sched = _trained()
+    model, opt, _sched = _trained()
     snap = StateSnapshot.take(batch._reachable_stateful([model, opt]))
     assert snap.storage_keys  # host copies, which the cpu tracker must not count
     runner = TrialRunner(lambda b: None, device=torch.device("cpu"), budget=None, steps=1, snapshot=snap,
@@ -103,7 +103,7 @@ def _runner(body, steps=3, budget=None, has_optimizer=True, objects=()):
 
 
 def test_a_trial_stops_after_k_optimizer_steps_even_inside_except_exception():
-    model, opt, sched = _trained()
+    model, opt, _sched = _trained()
     calls = []
 
     def body(b):
@@ -117,8 +117,11 @@ def test_a_trial_stops_after_k_optimizer_steps_even_inside_except_exception():
                 pass
 
     trial = _runner(body, steps=3, objects=[model, opt])(8)
-    assert len(calls) == 3 and trial.steps == 3 and not trial.oom
-    assert trial.samples_per_second and trial.samples_per_second > 0
+    assert len(calls) == 3
+    assert trial.steps == 3
+    assert not trial.oom
+    assert trial.samples_per_second
+    assert trial.samples_per_second > 0
 
 
 def test_without_an_optimizer_backward_calls_are_counted():
@@ -131,7 +134,8 @@ def test_without_an_optimizer_backward_calls_are_counted():
             (w * b).sum().backward()
 
     trial = _runner(body, steps=4, has_optimizer=False)(2)
-    assert len(n) == 4 and trial.steps == 4
+    assert len(n) == 4
+    assert trial.steps == 4
 
 
 def test_an_oom_trial_is_recorded_and_its_memory_freed():
@@ -146,10 +150,13 @@ def test_an_oom_trial_is_recorded_and_its_memory_freed():
 
     runner = _runner(body, budget=16 * MiB)
     trial = runner(64)
-    assert trial.oom and trial.peak_bytes is None
-    assert refs and all(r() is None for r in refs)
+    assert trial.oom
+    assert trial.peak_bytes is None
+    assert refs
+    assert all(r() is None for r in refs)
     ok = runner(4)
-    assert not ok.oom and ok.peak_bytes is not None
+    assert not ok.oom
+    assert ok.peak_bytes is not None
 
 
 def test_a_non_oom_error_stops_with_that_error_and_state_is_restored():
@@ -183,7 +190,9 @@ def test_rebuilt_loader_keeps_dataset_sampler_kind_and_options():
     ds = TensorDataset(torch.arange(100).float())
     shuffled = DataLoader(ds, batch_size=8, shuffle=True, drop_last=True)
     copy = _rebuild_loader(shuffled, 32)
-    assert copy.batch_size == 32 and copy.dataset is ds and copy.drop_last
+    assert copy.batch_size == 32
+    assert copy.dataset is ds
+    assert copy.drop_last
     assert isinstance(copy.sampler, RandomSampler)
     plain = _rebuild_loader(DataLoader(ds, batch_size=8), 50)
     assert isinstance(plain.sampler, SequentialSampler)
@@ -197,12 +206,10 @@ def test_rebuilding_a_loader_without_batch_size_is_refused():
 
 
 def test_last_gpumem_cell_is_found_in_history():
-    class H:
-        input_hist_raw = ["x = 1", "%%gpumem -d cpu\ntrain()\n", "y = 2"]
+    from types import SimpleNamespace
 
-    class S:
-        history_manager = H()
-
-    assert batch.last_gpumem_cell(S()) == "train()"
-    H.input_hist_raw = ["x = 1"]
-    assert batch.last_gpumem_cell(S()) is None
+    hist = ["x = 1", "%%gpumem -d cpu\ntrain()\n", "y"]
+    shell = SimpleNamespace(history_manager=SimpleNamespace(input_hist_raw=hist))
+    assert batch.last_gpumem_cell(shell) == "train()"
+    shell.history_manager.input_hist_raw = ["x = 1"]
+    assert batch.last_gpumem_cell(shell) is None

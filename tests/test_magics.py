@@ -32,11 +32,13 @@ def train(n, bs=16):
 
 
 def test_cell_magic_returns_the_report_with_exact_peak(ip, clean_ns):
-    r = run(ip, "%%gpumem -o -q -d cpu\na = torch.empty(2**20, dtype=torch.uint8)\nb = torch.empty(2**21, dtype=torch.uint8)\n")
+    r = run(ip, "%%gpumem -o -q -d cpu\n"
+               "a = torch.empty(2**20, dtype=torch.uint8)\nb = torch.empty(2**21, dtype=torch.uint8)\n")
     assert r.error_in_exec is None
     rep = r.result
     assert rep.peak_delta_bytes == 3 * MiB
-    assert rep.backend == "cpu" and rep.device == "cpu"
+    assert rep.backend == "cpu"
+    assert rep.device == "cpu"
 
 
 def test_loop_in_a_function_from_an_earlier_cell_records_its_losses(ip, loop):
@@ -56,7 +58,8 @@ def test_without_o_the_cell_value_is_the_result_and_the_report_is_displayed(ip, 
 def test_quiet_shows_nothing(ip, clean_ns):
     with capture_output() as cap:
         run(ip, "%%gpumem -q -d cpu\nx = torch.ones(10)\n")
-    assert cap.outputs == [] and cap.stdout == ""
+    assert cap.outputs == []
+    assert cap.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -82,8 +85,10 @@ def test_empty_cell_is_a_usage_error(ip):
 
 def test_line_magic_shows_the_device_now(ip, clean_ns):
     status = ip.run_line_magic("gpumem", "-d cpu -o")
-    assert status.backend == "cpu" and status.allocated_bytes >= 0
-    assert status.total_bytes and status.free_bytes is not None
+    assert status.backend == "cpu"
+    assert status.allocated_bytes >= 0
+    assert status.total_bytes
+    assert status.free_bytes is not None
     assert "allocated" in repr(status)
 
 
@@ -113,7 +118,8 @@ def test_errors_in_the_cell_reach_the_user_and_remove_every_hook(ip, clean_ns, e
 
 def test_line_magics_inside_the_cell_work(ip, clean_ns):
     r = run(ip, "%%gpumem -o -q -d cpu\nx = torch.ones(4)\n%time y = x + 1\n")
-    assert r.error_in_exec is None and ip.user_ns["y"].tolist() == [2.0] * 4
+    assert r.error_in_exec is None
+    assert ip.user_ns["y"].tolist() == [2.0] * 4
 
 
 def test_default_device_follows_the_models_in_the_namespace(ip, loop):

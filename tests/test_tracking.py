@@ -95,7 +95,8 @@ def test_plain_loop_records_each_optimizer_step_with_its_loss(data):
             opt.step()
             truth.append(loss.item())
     r = t.report
-    assert len(r.steps) == 12 and r.total_steps == 12
+    assert len(r.steps) == 12
+    assert r.total_steps == 12
     assert r.losses == pytest.approx(truth, rel=1e-6)
     assert all(s.peak_bytes >= r.baseline_bytes for s in r.steps)
     assert all(s.seconds > 0 for s in r.steps)
@@ -238,15 +239,16 @@ def test_breakdown_splits_parameters_gradients_and_optimizer_state(data):
 
 
 def test_budget_raises_a_genuine_cuda_worded_oom_and_keeps_a_partial_report():
-    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory\. Tried to allocate 4\.00 MiB") as e:
-        with gpumagic.track(device="cpu", budget="64MiB") as t:
-            xs = [torch.empty(4 * MiB, dtype=torch.uint8) for _ in range(100)]
+    t = gpumagic.track(device="cpu", budget="64MiB")
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory\. Tried to allocate 4\.00 MiB") as e, t:
+        xs = [torch.empty(4 * MiB, dtype=torch.uint8) for _ in range(100)]
     assert "total capacity of 64.00 MiB" in str(e.value)
     assert "simulated by gpumagic" in str(e.value)
     r = t.report
     assert r.error.startswith("OutOfMemoryError")
     assert r.peak_bytes <= 64 * MiB
-    assert r.budget_bytes == 64 * MiB and r.capacity_bytes == 64 * MiB
+    assert r.budget_bytes == 64 * MiB
+    assert r.capacity_bytes == 64 * MiB
     del e
     assert "xs" not in locals()
 
@@ -255,8 +257,10 @@ def test_simulated_oom_is_recognised_by_lightning_and_accelerate_rules():
     with pytest.raises(torch.OutOfMemoryError) as e, gpumagic.track(device="cpu", budget=MiB):
         torch.empty(2 * MiB, dtype=torch.uint8)
     msg = str(e.value)
-    assert isinstance(e.value, RuntimeError) and len(e.value.args) == 1
-    assert "CUDA" in msg and "out of memory" in msg  # Lightning's is_oom_error
+    assert isinstance(e.value, RuntimeError)
+    assert len(e.value.args) == 1
+    assert "CUDA" in msg
+    assert "out of memory" in msg
     assert " out of memory." in msg  # Accelerate's should_reduce_batch_size
 
 
@@ -273,17 +277,21 @@ def test_hooks_and_mode_are_removed_after_the_block():
 @pytest.mark.parametrize("exc", [ValueError("boom"), KeyboardInterrupt()])
 def test_hooks_are_removed_when_the_block_raises(exc):
     before = _hooks_state()
-    with pytest.raises(type(exc)), gpumagic.track(device="cpu") as t:
-        torch.ones(10)
-        raise exc
+    def block(t):
+        with t:
+            torch.ones(10)
+            raise exc
+
+    t = gpumagic.track(device="cpu")
+    with pytest.raises(type(exc)):
+        block(t)
     assert _hooks_state() == before
     assert t.report.error is None or t.report.error.startswith(type(exc).__name__)
 
 
 def test_nested_tracking_is_refused_with_a_clear_message():
-    with gpumagic.track(device="cpu"):
-        with pytest.raises(RuntimeError, match="nested"), gpumagic.track(device="cpu"):
-            pass
+    with gpumagic.track(device="cpu"), pytest.raises(RuntimeError, match="nested"), gpumagic.track(device="cpu"):
+        pass
     assert tracking.active_tracker() is None
 
 
@@ -327,21 +335,26 @@ def test_report_to_dict_and_dataframe(data):
         F.cross_entropy(model(X[:8]), Y[:8]).backward()
         opt.step()
     d = t.report.to_dict()
-    assert d["backend"] == "cpu" and len(d["steps"]) == 1 and d["losses"] == list(t.report.losses)
+    assert d["backend"] == "cpu"
+    assert len(d["steps"]) == 1
+    assert d["losses"] == list(t.report.losses)
     import json
 
     json.dumps(d)
     df = t.report.to_dataframe()
-    assert list(df.columns)[:3] == ["index", "loss", "peak_bytes"] and len(df) == 1
+    assert list(df.columns)[:3] == ["index", "loss", "peak_bytes"]
+    assert len(df) == 1
 
 
 def test_report_text_and_html_show_the_figures():
     with gpumagic.track(device="cpu", budget="1GiB") as t:
         x = torch.empty(MiB, dtype=torch.uint8)
     text = repr(t.report)
-    assert "peak" in text and "1.00 GiB budget" in text
+    assert "peak" in text
+    assert "1.00 GiB budget" in text
     html = t.report._repr_html_()
-    assert "<table" in html and "budget (simulated capacity)" in html
+    assert "<table" in html
+    assert "budget (simulated capacity)" in html
     del x
 
 

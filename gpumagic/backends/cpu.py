@@ -148,7 +148,7 @@ class _Mode(TorchDispatchMode):
         return True
 
     def __init__(self, session: CPUSession) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.s = session
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -193,7 +193,11 @@ def _register_dynamo_skips() -> bool:
     Returns False when this torch has no such registry; the shimmed mode is used then.
     """
     try:
-        from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+        from torch._dynamo.eval_frame import (  # type: ignore[attr-defined]
+            FrameAction,
+            FrameExecStrategy,
+            set_code_exec_strategy,
+        )
     except ImportError:
         return False
     strategy = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
@@ -279,7 +283,7 @@ class CPUSession:
             _FAST_OK.append(_register_dynamo_skips())
         fast = _FAST_OK[0] and not _compile_used()
         self._mode = _Mode(self) if fast else _CompileSafeMode(self)
-        self._mode.__enter__()
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
         _ACTIVE.append(self)
         return self._cur
 
@@ -306,7 +310,7 @@ class CPUSession:
         mode, self._mode = self._mode, None
         try:
             if mode is not None:
-                mode.__exit__(None, None, None)
+                mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         finally:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
