@@ -200,7 +200,9 @@ class StateSnapshot:
         errors: list[str] = []
         for obj, state, grads in self.objects:
             try:
-                obj.load_state_dict(state)
+                # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
+                # do for same-device state), and the next trial would then mutate the snapshot
+                obj.load_state_dict(_host_copy(state))
                 if grads is not None:
                     for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)
@@ -422,6 +424,7 @@ def _run_search(
             current_batch_size=current,
             progress=on_trial,
             device=str(runner.device),
+            learn_dataset_size=lambda: runner.observed.dataset_size,
         )
     finally:
         if bar is not None:

@@ -1,0 +1,688 @@
+"""Batch-size search: fit, verify, bracket, pick. Pure: every trial goes through ``run_trial(b)``.
+
+Peak memory is close to affine in the batch size, ``peak(b) ≈ intercept + slope · b``, so a few
+small trials give a line, the line predicts the largest batch that fits, one trial just under the
+capacity verifies it and one more settles the last percent. Each new point refits the line, with
+weights growing with the batch size, because at tiny sizes fixed costs (parameters, optimizer
+state, workspaces) dominate and bend the curve. When predictions miss twice the search falls back
+to bracketing: doubling while nothing has failed, then bisection, each guess replaced by the
+secant through the two largest sizes that ran when that lands inside the bracket; the
+recommendation then interpolates the measured peaks instead of trusting the line.
+
+Some stops are not memory limits and are reported as such: the batch size not reaching the loop
+at all (memory identical at every size), the batch already holding the whole data set (memory
+stops growing, or a trial makes no steps), ``max_size``, and memory growing so little that the
+search's own ceiling is reached.
+
+``max_batch_size`` is always a size that ran; the recommendation keeps ``margin`` free and is never
+above it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gpumagic._batchmath import accumulation_plan, lr_note
+from gpumagic._units import format_bytes
+from gpumagic.report import BatchSearchResult, Fit, Trial
+
+__all__ = ["PICKS", "search"]
+
+PICKS = ("max", "throughput", "pow2")
+
+_FIRST_SAFETY = 0.01
+"""The first trial near the capacity aims this far below it: an OOM costs a whole trial."""
+_PROBE_GROWTH = 8
+"""The second probe is at most this many times the first (closer when the first is already big)."""
+_PROBE_FRACTION = 0.25
+"""The third probe uses this share of the predicted headroom: far enough for a long lever, safe
+even when the two-point slope is four times too small."""
+_MAX_STEP_GROWTH = 256
+"""Without max_size or a data-set size, one trial never exceeds this multiple of the largest run."""
+_CEILING = 2**24
+"""Nor this size: memory that grows so little is better described than searched further."""
+_FLAT_WIDTH = 64
+"""Identical peaks over sizes this many times apart mean the batch size does not reach the loop."""
+_SAME_BYTES_ABS = 4096
+_SAME_BYTES_REL = 1e-5
+_MISS = 0.03
+"""A prediction off by more than this share of the capacity is a miss; two misses end the fit."""
+_TIGHT = 0.02
+"""The bracket between the largest run and the smallest failure is closed at this width."""
+_STEP_BACK = 0.04
+"""When the line points past a size that failed, the next trial is this far below that size."""
+_MIN_GAIN = 0.01
+"""A next trial that would grow the batch by less than this is not worth running."""
+_R2_AFFINE = 0.99
+_RESIDUAL_AFFINE = 0.02
+_THROUGHPUT_WITHIN = 0.05
+_THROUGHPUT_EXTRA = 2
+_THROUGHPUT_GAP = 1.25
+_FULL_BATCH_BELOW = 2000
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
+    """Least squares with weights proportional to the batch size; ``None`` below two sizes."""
+    pts = sorted(points)
+    if len({b for b, _ in pts}) < 2:
+        return None
+    w_sum = float(sum(b for b, _ in pts))
+    mean_b = sum(b * b for b, _ in pts) / w_sum
+    mean_p = sum(b * p for b, p in pts) / w_sum
+    s_bb = sum(b * (b - mean_b) ** 2 for b, _ in pts)
+    s_bp = sum(b * (b - mean_b) * (p - mean_p) for b, p in pts)
+    slope = s_bp / s_bb
+    intercept = mean_p - slope * mean_b
+    ss_res = sum(b * (p - intercept - slope * b) ** 2 for b, p in pts)
+    ss_tot = sum(b * (p - mean_p) ** 2 for b, p in pts)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(intercept_bytes=intercept, bytes_per_sample=slope, r2=max(0.0, min(1.0, r2)), points=len(pts))
+
+
+def _describe_fit(fit: Fit) -> str:
+    return (
+        f"{format_bytes(round(fit.intercept_bytes))} + {format_bytes(round(fit.bytes_per_sample))}/sample, "
+        f"R² {fit.r2:.4f}"
+    )
+
+
+@dataclass
+class _Search:
+    run_trial: Callable[[int], Trial]
+    capacity: int
+    start: int
+    min_size: int
+    upper: int | None
+    max_size: int | None
+    dataset_size: int | None
+    drop_last: bool
+    margin: float
+    max_trials: int
+    progress: Callable[[Trial, int], None] | None
+    learn_dataset_size: Callable[[], int | None] | None = None
+
+    trials: list[Trial] = field(default_factory=list)
+    ran: dict[int, int] = field(default_factory=dict)
+    """Sizes that ran with training steps -> peak bytes."""
+    rates: dict[int, float] = field(default_factory=dict)
+    oom_hi: int | None = None
+    empty_hi: int | None = None
+    counts_steps: bool = False
+    misses: int = 0
+    verified: bool = False
+    stepped_back: bool = False
+    bracketing: bool = False
+    stop: str = ""
+    """Why the memory search ended: cap, ceiling, flat, plateau, fit, gain, bracket, trials or nothing."""
+    plateau_from: int | None = None
+    plateau_confirmed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    # -- trials ---------------------------------------------------------------------------------
+
+    def budget_left(self) -> bool:
+        return len(self.trials) < self.max_trials
+
+    def trial(self, b: int) -> Trial:
+        result = self.run_trial(b)
+        if not isinstance(result, Trial):
+            raise TypeError(f"run_trial({b}) must return a gpumagic.report.Trial, got {type(result).__name__}")
+        if not result.oom and result.peak_bytes is None:
+            raise ValueError(f"run_trial({b}) returned a Trial that ran without peak_bytes; only an OOM may lack it")
+        self.trials.append(result)
+        if self.dataset_size is None and self.learn_dataset_size is not None:
+            # the trials revealed the data set (e.g. a DataLoader built inside the trial code)
+            n = self.learn_dataset_size()
+            if n is not None and n >= self.min_size:
+                self.dataset_size = n
+                self.upper = n if self.upper is None else min(self.upper, n)
+        if result.oom:
+            self.oom_hi = b if self.oom_hi is None else min(self.oom_hi, b)
+        elif result.steps == 0 and self.counts_steps:
+            # Earlier trials made steps and this one none: the data set ran out before one batch
+            # (drop_last). The size is as unusable as one that ran out of memory.
+            self.empty_hi = b if self.empty_hi is None else min(self.empty_hi, b)
+        else:
+            assert result.peak_bytes is not None
+            self.ran[b] = result.peak_bytes
+            self.counts_steps = self.counts_steps or result.steps > 0
+            if result.samples_per_second is not None:
+                self.rates[b] = result.samples_per_second
+        if self.progress is not None:
+            self.progress(result, len(self.trials) - 1)
+        return result
+
+    @property
+    def lo(self) -> int:
+        return max(self.ran)
+
+    @property
+    def hi(self) -> int | None:
+        bounds = [h for h in (self.oom_hi, self.empty_hi) if h is not None]
+        return min(bounds) if bounds else None
+
+    def same(self, p: int, q: int) -> bool:
+        return abs(p - q) <= max(_SAME_BYTES_ABS, _SAME_BYTES_REL * max(p, q))
+
+    # -- the search -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        b = self.start
+        while True:
+            if not self.budget_left():
+                self.stop = "trials"
+                return
+            t = self.trial(b)
+            if not t.oom and b in self.ran:
+                break
+            if b <= self.min_size:
+                self.stop = "nothing"
+                return
+            # nothing known yet: drop fast, the line fitted later climbs back in one or two trials
+            b = max(self.min_size, b // _PROBE_GROWTH)
+        while True:
+            if not self.budget_left():
+                self.stop = "trials"
+                return
+            step = self.next_size()
+            if step is None:
+                return
+            size, predicted = step
+            if size in self.ran or size < self.min_size or (self.hi is not None and size >= self.hi):
+                self.stop = "bracket"  # nothing new to learn; never run a size twice
+                return
+            t = self.trial(size)
+            if predicted is not None:
+                self.judge(t, predicted)
+
+    def judge(self, t: Trial, predicted: float) -> None:
+        """Count a miss when a fitted prediction was clearly wrong; a close one near the top verifies."""
+        if t.oom:
+            # the line said it fits: it is optimistic near the top, aim lower from now on
+            self.verified = False
+            if predicted < (1 - _MISS) * self.capacity:
+                self.misses += 1
+        elif t.batch_size in self.ran:
+            err = abs(self.ran[t.batch_size] - predicted)
+            if err > _MISS * self.capacity:
+                self.misses += 1
+            elif err <= _FIRST_SAFETY * self.capacity and self.ran[t.batch_size] >= 0.9 * self.capacity:
+                self.verified = True
+        if self.misses >= 2:
+            self.bracketing = True
+
+    def next_size(self) -> tuple[int, float | None] | None:
+        """The next size to try and the fit's prediction for it, or None (``self.stop`` says why)."""
+        lo, hi, ran = self.lo, self.hi, self.ran
+        sizes = sorted(ran)
+        if hi is None and len(ran) >= 2 and all(self.same(ran[b], ran[sizes[0]]) for b in sizes):
+            width = sizes[-1] / sizes[0]
+            if width >= _FLAT_WIDTH or (lo == self.upper and width >= 4):
+                self.stop = "flat"
+                return None
+            if lo != self.upper and lo < _CEILING:
+                return self.clamp(lo * _FLAT_WIDTH), None
+        plateau = self.plateau_step()
+        if plateau is not None or self.stop:
+            return plateau
+        if lo == self.upper:
+            self.stop = "cap"
+            return None
+        if lo >= _CEILING:
+            self.stop = "ceiling"
+            return None
+        if hi is not None and (hi - lo <= 1 or hi - lo <= _TIGHT * lo):
+            self.stop = "bracket"
+            return None
+        fit = _weighted_fit(ran.items())
+        if fit is None:
+            # one size ran: a second, well below the failures when there are some, gives a line
+            below = max(self.min_size, lo // _PROBE_GROWTH)
+            if hi is None:
+                return self.second_probe(), None
+            return (below if below < lo else min(self.second_probe(), (lo + hi) // 2)), None
+        slope = self.local_slope() if self.bracketing else fit.bytes_per_sample
+        if slope <= 0:
+            return (lo + hi) // 2 if hi is not None else self.clamp(2 * lo), None
+        p_lo = ran[lo]
+
+        def reach(limit: float) -> int:
+            # anchored at the largest run: right for a line, and better than the global fit when
+            # the curve bends at small sizes
+            return lo + math.floor((limit - p_lo) / slope)
+
+        if len(ran) < 3 and hi is None and not self.bracketing:
+            room = reach(self.capacity)
+            if room > 4 * lo:
+                return self.clamp(lo + max(1, math.floor(_PROBE_FRACTION * (room - lo)))), None
+        cand = reach(self.capacity * (1 - (0.0 if self.verified else _FIRST_SAFETY)))
+        if cand <= lo:
+            cand = reach(self.capacity)
+        if cand <= lo:
+            self.stop = "fit"
+            return None
+        cand = self.clamp(cand)
+        if self.bracketing and hi is None:
+            cand = min(cand, 2 * lo)  # doubling at most, towards a limit not seen yet
+        if hi is not None and cand >= hi:
+            if hi == self.oom_hi and not self.bracketing and not self.stepped_back:
+                # the line overshoots an OOM by a little, usually: step back once, but at least
+                # halve the bracket; after that, bisect
+                self.stepped_back = True
+                cand = max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
+            else:
+                cand = (lo + hi) // 2
+        elif cand - lo < _MIN_GAIN * lo:
+            self.stop = "gain"
+            return None
+        return cand, p_lo + slope * (cand - lo)
+
+    def local_slope(self) -> float:
+        """The secant through the two largest sizes that ran: all a bent curve tells about its top."""
+        (b0, p0), (b1, p1) = sorted(self.ran.items())[-2:]
+        return (p1 - p0) / (b1 - b0)
+
+    def clamp(self, b: int) -> int:
+        if self.upper is not None:
+            return min(b, self.upper)
+        return min(b, self.lo * _MAX_STEP_GROWTH, _CEILING)
+
+    def second_probe(self) -> int:
+        # With a non-negative intercept, peak(b) <= peak(s) * b / s, so this size fits whatever
+        # the split between fixed and per-sample memory is.
+        s = self.lo
+        safe = math.floor(0.9 * s * self.capacity / self.ran[s])
+        return self.clamp(max(s + 1, min(_PROBE_GROWTH * s, safe)))
+
+    def plateau_split(self) -> tuple[int, list[int]] | None:
+        """(first size on the plateau, sizes below it) when memory grew and then stopped growing."""
+        if self.oom_hi is not None or len(self.ran) < 3:
+            return None
+        sizes = sorted(self.ran)
+        top = self.ran[sizes[-1]]
+        i = len(sizes) - 1
+        while i > 0 and self.same(self.ran[sizes[i - 1]], top):
+            i -= 1
+        if i == 0 or i == len(sizes) - 1:
+            return None
+        # Equal peaks count only if the sizes below grew steeply enough that the same span would
+        # have shown a clear rise: near-equal peaks of two close sizes are just a small slope.
+        fit = _weighted_fit((b, self.ran[b]) for b in sizes[: i + 1])
+        rise = fit.bytes_per_sample * (sizes[-1] - sizes[i]) if fit is not None else 0.0
+        if rise < 10 * max(_SAME_BYTES_ABS, _SAME_BYTES_REL * top):
+            return None
+        return sizes[i], sizes[:i]
+
+    def plateau_step(self) -> tuple[int, float | None] | None:
+        """Memory stopped growing: the batch holds the whole data set. Find where it starts."""
+        split = self.plateau_split()
+        if split is None:
+            return None
+        first, growing = split
+        self.plateau_from = first
+        g = growing[-1]
+        top = self.ran[first]
+        fit = _weighted_fit((b, self.ran[b]) for b in growing)
+        if fit is not None and fit.bytes_per_sample > 0:
+            estimate = g + math.floor((top - self.ran[g]) / fit.bytes_per_sample)
+            if estimate >= first:
+                self.plateau_confirmed = True
+                self.stop = "plateau"
+                return None
+            cand = max(g + 1, estimate)
+        else:
+            cand = (g + first) // 2
+        if first - g <= 1:
+            self.plateau_confirmed = True
+            self.stop = "plateau"
+            return None
+        if first - g <= _TIGHT * g or cand >= first:
+            self.stop = "plateau"
+            return None
+        return cand, None
+
+    # -- the result -----------------------------------------------------------------------------
+
+    def largest_run(self) -> int | None:
+        if not self.ran or self.stop in ("flat", "nothing"):
+            return None
+        if self.stop == "plateau" and self.plateau_from is not None:
+            if self.plateau_confirmed:
+                return self.plateau_from
+            return max(b for b in self.ran if b < self.plateau_from)
+        return self.lo
+
+    def fit_points(self, largest: int) -> list[tuple[int, int]]:
+        return [(b, p) for b, p in sorted(self.ran.items()) if b <= largest]
+
+    def is_affine(self, fit: Fit | None, largest: int) -> bool:
+        """R² and the residuals of the larger sizes decide; OOMs near the top are not evidence."""
+        if fit is None or fit.bytes_per_sample <= 0 or fit.r2 < _R2_AFFINE:
+            return False
+        top = [(b, p) for b, p in self.fit_points(largest) if b * 8 >= largest]
+        return all(abs(p - fit.predict(b)) <= _RESIDUAL_AFFINE * self.capacity for b, p in top)
+
+
+def search(
+    run_trial: Callable[[int], Trial],
+    *,
+    capacity_bytes: int,
+    start: int = 2,
+    min_size: int = 1,
+    max_size: int | None = None,
+    dataset_size: int | None = None,
+    drop_last: bool = False,
+    margin: float = 0.05,
+    pick: str = "max",
+    effective: int | None = None,
+    optimizer: str | None = None,
+    current_batch_size: int | None = None,
+    max_trials: int = 12,
+    progress: Callable[[Trial, int], None] | None = None,
+    device: str = "cpu",
+    learn_dataset_size: Callable[[], int | None] | None = None,
+) -> BatchSearchResult:
+    """Find the largest batch size that fits ``capacity_bytes``, then pick one to recommend.
+
+    ``run_trial(b)`` runs the training code at batch size ``b`` and returns a :class:`Trial`;
+    every call is one trial. ``progress(trial, index)`` is called after each, ``index`` counting
+    from 0. Exceptions from ``run_trial`` other than the out-of-memory it reports propagate.
+    ``learn_dataset_size()``, when given, is asked after each trial for a data set size the trials
+    revealed (a DataLoader built inside the trial code); once known it bounds the search.
+
+    >>> def run(b):  # a simulated device: 100 MiB + 1 MiB per sample, 800.5 MiB in all
+    ...     peak = (100 + b) * 2**20
+    ...     oom = peak > 800.5 * 2**20
+    ...     return Trial(b, None if oom else peak, oom, None, 0.1, 3)
+    >>> res = search(run, capacity_bytes=int(800.5 * 2**20))
+    >>> res.max_batch_size, res.recommended_batch_size, len(res.trials), res.oom_count
+    (700, 660, 5, 0)
+    """
+    if not callable(run_trial):
+        raise ValueError(f"run_trial must be a callable taking a batch size, got {run_trial!r}")
+    _check_int("capacity_bytes", capacity_bytes, 1)
+    _check_int("min_size", min_size, 1)
+    _check_int("start", start, 1)
+    if start < min_size:
+        raise ValueError(f"start must be >= min_size ({min_size}), got {start}")
+    if max_size is not None:
+        _check_int("max_size", max_size, 1)
+        if max_size < min_size:
+            raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
+        if start > max_size:
+            raise ValueError(f"start must be <= max_size ({max_size}), got {start}")
+    if dataset_size is not None:
+        _check_int("dataset_size", dataset_size, 1)
+        if dataset_size < min_size:
+            raise ValueError(f"min_size must be <= dataset_size ({dataset_size}), got {min_size}")
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 0.5:
+        raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {', '.join(repr(p) for p in PICKS)}, got {pick!r}")
+    if effective is not None:
+        _check_int("effective", effective, 1)
+    if current_batch_size is not None:
+        _check_int("current_batch_size", current_batch_size, 1)
+    _check_int("max_trials", max_trials, 1)
+
+    bounds = [v for v in (max_size, dataset_size) if v is not None]
+    upper = min(bounds) if bounds else None
+    notes: list[str] = []
+    if upper is not None and start > upper:
+        notes.append(f"start {start} is larger than the data set ({upper} samples): started at {upper}")
+        start = upper
+    s = _Search(
+        run_trial=run_trial, capacity=capacity_bytes, start=start, min_size=min_size, upper=upper,
+        max_size=max_size, dataset_size=dataset_size, drop_last=drop_last, margin=float(margin),
+        max_trials=max_trials, progress=progress, notes=notes, learn_dataset_size=learn_dataset_size,
+    )
+    s.run()
+    return _result(s, pick=pick, effective=effective, optimizer=optimizer, current=current_batch_size,
+                   device=device)
+
+
+def _result(
+    s: _Search, *, pick: str, effective: int | None, optimizer: str | None, current: int | None, device: str
+) -> BatchSearchResult:
+    cap = s.capacity
+    largest = s.largest_run()
+
+    def done(reason: str, fit: Fit | None = None) -> BatchSearchResult:
+        return BatchSearchResult(
+            trials=tuple(s.trials), max_batch_size=None, recommended_batch_size=None, accumulation_steps=1,
+            reason=reason, fit=fit, capacity_bytes=cap, predicted_peak_bytes=None, pick=pick, margin=s.margin,
+            dataset_size=s.dataset_size, device=device, notes=tuple(s.notes),
+        )
+
+    if s.stop == "flat":
+        sizes = sorted(s.ran)
+        return done(
+            f"the batch size does not change memory: the peak is {format_bytes(s.ran[sizes[-1]])} at every size "
+            f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
+            "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
+            _weighted_fit(s.ran.items()),
+        )
+    if largest is None:
+        if s.stop == "trials":
+            return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "
+                        "running out of memory")
+        return done(
+            f"even the smallest size {s.trials[-1].batch_size} ran out of memory on {format_bytes(cap)}: "
+            "the model, optimizer state and data already on the device leave no room for a batch"
+        )
+
+    fit = _weighted_fit(s.fit_points(largest))
+    affine = s.is_affine(fit, largest)
+    limit = cap * (1 - s.margin)
+
+    # the largest size that keeps the margin, never above the largest that ran
+    if affine:
+        assert fit is not None
+        by_fit = fit.largest_under(limit)
+        keep = None if by_fit is None or by_fit < 1 else min(largest, by_fit)
+    else:
+        keep = _interpolate_under(s.fit_points(largest), limit)
+    if keep is not None and keep < s.min_size:
+        keep = None
+    if keep is None:
+        keep = min(largest, s.min_size)
+        s.notes.append(
+            f"no batch size keeps a {s.margin:.0%} margin: even {keep} is predicted at "
+            f"{format_bytes(fit.predict(keep) if fit else s.ran.get(keep))} of {format_bytes(cap)}; "
+            "it runs, but with less headroom than asked"
+        )
+    basis = (f"by the fit ({_describe_fit(fit)})" if affine and fit is not None
+             else "by interpolating the measured peaks (memory is not affine in the batch size here)")
+    pct = f"{1 - s.margin:.0%}"
+
+    if pick == "pow2":
+        p2 = 1 << (keep.bit_length() - 1)
+        if p2 >= s.min_size:
+            rec = p2
+            why = (f"{rec} is the largest power of two within {pct} of {format_bytes(cap)} {basis}"
+                   f" (largest size there: {keep})")
+        else:
+            rec = keep
+            why = f"no power of two lies between min_size {s.min_size} and {keep}; {rec} fits {pct} of " \
+                  f"{format_bytes(cap)} {basis}"
+    elif pick == "throughput":
+        rec, why = _pick_throughput(s, keep, largest)
+    else:
+        rec = keep
+        why = f"{rec} is the largest that fits {pct} of {format_bytes(cap)} {basis}"
+
+    steps = 1
+    eff: int | None = None
+    if effective is not None:
+        micro_max = rec
+        rec, steps = accumulation_plan(effective, micro_max)
+        eff = rec * steps
+        if steps == 1:
+            why = f"the effective batch {effective} fits as one batch ({why})"
+        else:
+            why = f"micro-batch {rec} × {steps} accumulation steps = {eff} for the effective batch {effective} " \
+                  f"({why})"
+    lr = None
+    if effective is not None:
+        lr = lr_note(current if current is not None else effective, rec * steps, optimizer)
+    elif current is not None:
+        lr = lr_note(current, rec, optimizer)
+
+    final_fit = _weighted_fit(s.fit_points(largest))  # with the throughput trials, if any
+    if affine and final_fit is not None:
+        predicted: int | None = final_fit.predict(rec)
+    else:
+        predicted = _interpolate_at(s.fit_points(largest), rec)
+    why = f"{why}; {_evidence(s, largest, final_fit if affine else None)}"
+
+    data = s.dataset_size
+    if s.stop == "plateau" and s.plateau_confirmed:
+        data = largest
+    if data is not None and largest >= data and data < _FULL_BATCH_BELOW:
+        s.notes.append(
+            f"the whole data set ({data} samples) fits in one batch: full-batch training is an option, "
+            "one optimizer step per epoch on the exact gradient of the training loss (no minibatch noise); "
+            "it usually needs more epochs and its own learning rate"
+        )
+    if s.drop_last and data is not None and rec <= data:
+        dropped = data % rec
+        if dropped >= 0.05 * data:
+            s.notes.append(
+                f"with drop_last=True, batches of {rec} use {data - dropped} of the {data} samples per epoch "
+                f"({dropped} dropped)"
+            )
+    if current is not None and effective is None and rec != current:
+        s.notes.append(f"your current batch size is {current}; {rec} is {rec / current:.3g}× that")
+
+    return BatchSearchResult(
+        trials=tuple(s.trials),
+        max_batch_size=largest,
+        recommended_batch_size=rec,
+        accumulation_steps=steps,
+        reason=why,
+        fit=final_fit,
+        capacity_bytes=cap,
+        predicted_peak_bytes=predicted,
+        pick=pick,
+        margin=s.margin,
+        effective_batch_size=eff,
+        lr_note=lr,
+        dataset_size=s.dataset_size,
+        device=device,
+        notes=tuple(s.notes),
+    )
+
+
+def _interpolate_under(points: list[tuple[int, int]], limit: float) -> int | None:
+    """The largest size under ``limit`` on the broken line through the measured peaks (sorted)."""
+    under = [(b, p) for b, p in points if p <= limit]
+    if not under:
+        return None
+    b0, p0 = under[-1]
+    above = [(b, p) for b, p in points if b > b0]
+    if not above:
+        return b0
+    b1, p1 = above[0]
+    return b0 + math.floor((limit - p0) * (b1 - b0) / (p1 - p0)) if p1 > p0 else b0
+
+
+def _interpolate_at(points: list[tuple[int, int]], b: int) -> int | None:
+    """The peak at ``b`` on the broken line through the measured peaks (sorted); ``None`` outside."""
+    for (b0, p0), (b1, p1) in itertools.pairwise(points):
+        if b0 <= b <= b1:
+            return round(p0 + (p1 - p0) * (b - b0) / (b1 - b0))
+    return next((p for q, p in points if q == b), None)
+
+
+def _evidence(s: _Search, largest: int, fit: Fit | None) -> str:
+    """What the trials showed about the limit, as the second half of the reason."""
+    ran = f"{largest} ran (peak {format_bytes(s.ran[largest])} of {format_bytes(s.capacity)})"
+    stop = s.stop
+    if stop == "plateau":
+        top = format_bytes(s.ran[max(s.ran)])
+        if s.plateau_confirmed:
+            return (f"memory stops growing at {largest} (peak {top} from there up to {max(s.ran)}): the batch "
+                    f"already holds the whole data set, about {largest} samples")
+        return (f"memory stops growing between {largest} and {s.plateau_from} (peak {top} up to {max(s.ran)}): "
+                f"the batch already holds the whole data set; {largest} is the largest size known to be below it")
+    if stop == "cap" and s.dataset_size is not None and largest == s.dataset_size:
+        tail = " (with drop_last=True a larger batch gives no steps)" if s.drop_last else ""
+        return f"reached the data set size {largest}: the whole data set fits in one batch{tail}; {ran}"
+    if stop == "cap":
+        return f"reached max_size {largest} without running out of memory; {ran}"
+    if stop == "ceiling":
+        return (f"reached {largest}, the largest size the search tries, without running out of memory (memory "
+                f"grows by only {format_bytes(round(fit.bytes_per_sample)) if fit else 'a few bytes'} per sample);"
+                f" {ran}; set max_size for a bound of your own")
+    if stop == "trials":
+        return f"stopped after {len(s.trials)} trials (max_trials); {ran}{_failure(s)}"
+    if stop == "fit" and fit is not None:
+        return f"{ran}, and the fit puts {largest + 1} above the capacity{_failure(s)}"
+    if stop == "gain" and fit is not None:
+        room = fit.largest_under(s.capacity)
+        return f"{ran}; the fit allows at most {room}, less than 1% more{_failure(s)}"
+    return f"{ran}{_failure(s)}"
+
+
+def _failure(s: _Search) -> str:
+    parts = []
+    if s.oom_hi is not None:
+        parts.append(f"{s.oom_hi} ran out of memory")
+    if s.empty_hi is not None:
+        parts.append(f"{s.empty_hi} made no training steps (larger than the data set with drop_last)")
+    return ", " + " and ".join(parts) if parts else ""
+
+
+def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
+    """The smallest size within 5% of the best measured samples/s, at most ``keep``.
+
+    Bigger batches stop paying once the device is saturated. The search's own trials are sparse,
+    so up to two extra trials bisect (geometrically) the gap below the first fast size.
+    """
+    pct = f"{1 - s.margin:.0%}"
+
+    def rates() -> dict[int, float]:
+        return {b: r for b, r in s.rates.items() if b <= largest and b in s.ran}
+
+    if not rates():
+        return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
+                      "its throughput, so pick='throughput' fell back to the largest)")
+    for _ in range(_THROUGHPUT_EXTRA):
+        measured = rates()
+        best = max(measured.values())
+        fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+        top = fast[0] if fast else keep
+        slow = [b for b, r in measured.items() if b < top and r < (1 - _THROUGHPUT_WITHIN) * best]
+        if not slow or not s.budget_left():
+            break
+        below = max(slow)
+        if top / below < _THROUGHPUT_GAP or top - below <= 1:
+            break
+        mid = min(top - 1, max(below + 1, round(math.sqrt(below * top))))
+        if mid in s.ran:
+            break
+        t = s.trial(mid)
+        if t.oom or t.samples_per_second is None:
+            break
+    measured = rates()
+    best_b, best = max(measured.items(), key=lambda kv: (kv[1], -kv[0]))
+    fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+    head = f"best measured {best:,.0f} samples/s at {best_b}"
+    if fast:
+        rec = fast[0]
+        return rec, (f"{rec} is the smallest batch within {_THROUGHPUT_WITHIN:.0%} of the best measured "
+                     f"throughput ({measured[rec]:,.0f} samples/s; {head}) and within {pct} of "
+                     f"{format_bytes(s.capacity)}")
+    return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)}, and throughput was "
+                  f"still rising there ({head})")
