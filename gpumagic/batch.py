@@ -32,7 +32,7 @@ from gpumagic.tracking import StopTrial, Tracker
 __all__ = ["StateSnapshot", "find_batch", "find_batch_in_shell", "last_gpumem_cell"]
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_BACKWARD_SAFETY = 64  # backward calls per optimizer step before a trial is cut anyway
+_BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -327,6 +327,9 @@ class TrialRunner:
             self.snapshot.restore()
         rep = tracker.report
         n = rep.total_steps
+        note = "no optimizer.step() ran in the trials: each backward() counted as a step"
+        if self.has_optimizer and tracker._opt_steps == 0 and tracker._backwards and note not in self.observed.notes:
+            self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
@@ -403,8 +406,15 @@ def _run_search(
             bar.set_postfix_str(f"b={trial.batch_size}: {state}")
             bar.update(1)
 
+    user_error: list[BaseException] = []
+
     def run_trial(b: int) -> Trial:
-        trial = runner(b)
+        try:
+            trial = runner(b)
+        except BaseException as e:  # the user's code failed: not an options problem
+            if not isinstance(e, BadOptions):
+                user_error.append(e)
+            raise
         _check_loader_follows(runner.observed, b)
         return trial
 
@@ -426,6 +436,10 @@ def _run_search(
             device=str(runner.device),
             learn_dataset_size=lambda: runner.observed.dataset_size,
         )
+    except ValueError as e:
+        if user_error or isinstance(e, BadOptions):
+            raise
+        raise BadOptions(str(e)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -440,7 +454,11 @@ def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchR
     return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
 
 
-class LoaderMismatch(ValueError):
+class BadOptions(ValueError):
+    """The search's options are wrong (not the user's code): the magics show a UsageError."""
+
+
+class LoaderMismatch(BadOptions):
     pass
 
 
@@ -500,11 +518,12 @@ def find_batch(
     )
     opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
     try:
-        return _run_search(
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             optimizer=opt_name, current=None, progress=progress, notes=[note] if note else [],
         )
+        return _with_notes(result, observed.notes)
     finally:
         snapshot.restore()
 
@@ -524,11 +543,11 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
 
     bs = loader.batch_sampler
     if bs is not None and type(bs) is not BatchSampler:
-        raise ValueError(
+        raise BadOptions(
             f"the loader uses a custom batch_sampler ({type(bs).__name__}); gpumagic cannot change its batch size"
         )
     if loader.batch_size is None:
-        raise ValueError("the loader has batch_size=None (no automatic batching); there is no batch size to change")
+        raise BadOptions("the loader has batch_size=None (no automatic batching); there is no batch size to change")
     kwargs: dict[str, Any] = dict(
         batch_size=b,
         num_workers=loader.num_workers,
@@ -570,21 +589,24 @@ def find_batch_in_shell(
 
     ns = shell.user_ns
     if var is None and loader is None:
-        raise ValueError("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
+        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
     if var is not None and not var.isidentifier():
-        raise ValueError(f"--var must be a Python name, got {var!r}")
+        raise BadOptions(f"--var must be a Python name, got {var!r}")
     if loader is not None:
         if loader not in ns:
-            raise ValueError(f"--loader {loader!r} is not defined in the namespace")
+            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
         from torch.utils.data import DataLoader
 
         if not isinstance(ns[loader], DataLoader):
-            raise ValueError(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
     if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    dev = resolve_device(device, _hints(ns) if device is None else ())
-    bud = resolve_budget(budget)
-    capacity, tracker_budget, note = _capacity(dev, bud)
+        raise BadOptions(f"--steps must be >= 1, got {steps}")
+    try:
+        dev = resolve_device(device, _hints(ns) if device is None else ())
+        bud = resolve_budget(budget)
+        capacity, tracker_budget, note = _capacity(dev, bud)
+    except ValueError as e:
+        raise BadOptions(str(e)) from None
     notes = [note] if note else []
     if any(w in code for w in ("torch.save(", ".to_csv(", "open(", ".write(", "savefig(")):
         notes.append("the code writes files: files written by the trials are not rolled back")
@@ -617,11 +639,12 @@ def find_batch_in_shell(
                          has_optimizer=has_opt, observed=observed)
     opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
     try:
-        return _run_search(
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             optimizer=opt_name, current=current_b, progress=True, notes=notes,
         )
+        return _with_notes(result, observed.notes)
     finally:
         snapshot.restore()
 

@@ -442,7 +442,7 @@ class GPUMagics(Magics):
                 start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
                 margin=args.margin, pick=args.pick, effective=args.effective, presenter=self.presenter,
             )
-        except ValueError as e:
+        except batch.BadOptions as e:
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
         if not args.quiet:
