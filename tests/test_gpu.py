@@ -1,0 +1,75 @@
+"""Checks that need a real accelerator; skipped cleanly without one (see conftest.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gpumagic
+
+pytestmark = pytest.mark.gpu
+MiB = 2**20
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda", 0)
+
+
+def test_cuda_peak_matches_the_allocator_for_known_allocations():
+    dev = _cuda()
+    with gpumagic.track(device=dev) as t:
+        a = torch.empty(8 * MiB, dtype=torch.uint8, device=dev)
+        b = torch.empty(4 * MiB, dtype=torch.uint8, device=dev)
+        del a
+    assert t.report.peak_delta_bytes == 12 * MiB
+    assert t.report.backend == "cuda"
+    assert t.report.reserved_peak_bytes >= 12 * MiB
+    del b
+
+
+def test_cuda_steps_and_losses_without_a_sync_per_step():
+    dev = _cuda()
+    torch.manual_seed(0)
+    model = nn.Linear(64, 8).to(dev)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    truth = []
+    with gpumagic.track(device=dev) as t:
+        for _ in range(600):  # more than one chunk of loss copies
+            loss = F.cross_entropy(model(torch.randn(32, 64, device=dev)), torch.randint(0, 8, (32,), device=dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            truth.append(loss.detach())
+    assert t.report.losses == pytest.approx([float(x) for x in truth], rel=1e-6)
+    assert all(s.peak_bytes >= t.report.baseline_bytes for s in t.report.steps)
+
+
+def test_cuda_budget_sets_and_restores_the_memory_fraction():
+    dev = _cuda()
+    total = torch.cuda.get_device_properties(dev).total_memory
+    with pytest.raises(torch.OutOfMemoryError), gpumagic.track(device=dev, budget=256 * MiB):
+        torch.empty(512 * MiB, dtype=torch.uint8, device=dev)
+    x = torch.empty(min(total // 4, 2**30), dtype=torch.uint8, device=dev)  # the fraction is back
+    del x
+
+
+def test_cuda_oom_cell_frees_memory_back_to_baseline(ip, clean_ns):
+    dev = _cuda()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    ip.run_cell(
+        "%%gpumem -d cuda --budget 512MiB\n"
+        "xs = []\n"
+        "for _ in range(64): xs.append(torch.empty(64 * 2**20, dtype=torch.uint8, device='cuda'))\n"
+    )
+    ip.user_ns.pop("xs", None)
+    assert torch.cuda.memory_allocated(dev) <= base * 1.05 + MiB
+
+
+def test_device_status_lists_totals_and_processes():
+    _cuda()
+    st = gpumagic.device_status("cuda")
+    assert st.total_bytes and st.free_bytes is not None
+    assert st.name
