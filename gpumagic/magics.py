@@ -40,7 +40,8 @@ def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
     assert isinstance(tree, ast.Module)
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+        last = ast.Expression(tree.body[-1].value)
+        tree.body.pop()
     filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
     code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
     exec(code, shell.user_global_ns, shell.user_ns)
@@ -121,6 +122,23 @@ def release_memory(exc: BaseException | None) -> None:
             mps.empty_cache()
 
 
+def fit_from_report(report: Any) -> tuple[float, float] | None:
+    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
+    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
+    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
+    if not steps:
+        return None
+    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
+    fixed = float(report.baseline_bytes)
+    b = report.breakdown
+    if b is not None:
+        fixed += b.gradients_bytes + b.optimizer_state_bytes
+        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
+            fixed += b.parameters_bytes
+    slope = (step.peak_bytes - fixed) / step.batch_size
+    return (fixed, slope) if slope > 0 else None
+
+
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory."""
 
@@ -174,6 +192,15 @@ class OOMPresenter:
             held = ()
         fit = getattr(self.last_search, "fit", None)
         prev = self.last_report
+        line = (fit.intercept_bytes, fit.bytes_per_sample) if fit is not None else None
+        if line is None:
+            # steps that completed before the failure, else the last run that worked at a smaller batch
+            for source in (report, prev):
+                sizes = [s.batch_size for s in getattr(source, "steps", ()) if s.batch_size]
+                if sizes and (batch_size is None or max(sizes) < batch_size or source is report):
+                    line = fit_from_report(source)
+                    if line is not None:
+                        break
         processes: tuple[tuple[int, int, str | None], ...] = ()
         if device_type == "cuda" and not getattr(info, "simulated", False):
             from gpumagic.backends import nvml
@@ -188,8 +215,8 @@ class OOMPresenter:
             peak_bytes=getattr(prev, "peak_bytes", None),
             baseline_bytes=getattr(report, "baseline_bytes", None),
             capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
-            bytes_per_sample=getattr(fit, "bytes_per_sample", None),
-            intercept_bytes=getattr(fit, "intercept_bytes", None),
+            bytes_per_sample=line[1] if line else None,
+            intercept_bytes=line[0] if line else None,
             holders=held,
             processes=processes,
         )
