@@ -71,5 +71,6 @@ def test_cuda_oom_cell_frees_memory_back_to_baseline(ip, clean_ns):
 def test_device_status_lists_totals_and_processes():
     _cuda()
     st = gpumagic.device_status("cuda")
-    assert st.total_bytes and st.free_bytes is not None
+    assert st.total_bytes
+    assert st.free_bytes is not None
     assert st.name
