@@ -393,8 +393,12 @@ class GPUMagics(Magics):
         help="Name of a DataLoader built earlier: each trial rebinds it to a copy with the trial batch size "
         "(same dataset, sampler kind, collate_fn, workers, pin_memory, drop_last) and restores it after.",
     )
-    @magic_arguments.argument("-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as %%gpumem).")
-    @magic_arguments.argument("--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%gpumem).")
+    @magic_arguments.argument(
+        "-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as for %%%%gpumem)."
+    )
+    @magic_arguments.argument(
+        "--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem)."
+    )
     @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
     @magic_arguments.argument(
         "--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1)."
@@ -425,7 +429,7 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per trial, after `--`, e.g. "
-        "%%find_batch --var bs -- train(model, make_loader(bs)). Without one, the last %%gpumem cell is re-run.",
+        "%%find_batch --var bs -- train(model, make_loader(bs)). Without one, the last %%%%gpumem cell is re-run.",
     )
     @no_var_expand
     @line_cell_magic
@@ -509,7 +513,8 @@ class GPUMagics(Magics):
         except ValueError as e:
             raise UsageError(str(e)) from None
         mon.start()
-        return widgets.show_monitor(mon, sidebar=args.sidebar)
+        widgets.show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
+        return None
 
     # -- %gpumagic -----------------------------------------------------------------------------
     @line_magic

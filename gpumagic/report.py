@@ -59,11 +59,10 @@ def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> di
     """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
     bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
     try:
-        from gpumagic import widgets  # lazy: the one edge from the core to ipywidgets/matplotlib
+        from gpumagic.widgets import rich_bundle  # lazy: the one edge from the core to the renderers
     except ImportError:  # a broken or partial install: text and HTML still show
-        widgets = None
-    if widgets is not None:
-        bundle.update(widgets.rich_bundle(obj, kind))
+        return bundle
+    bundle.update(rich_bundle(obj, kind))
     if include:
         bundle = {k: v for k, v in bundle.items() if k in include}
     if exclude:

@@ -39,7 +39,8 @@ _ACTIVE: list[CPUSession] = []
 
 def live_tracker_bytes() -> int | None:
     """Live bytes counted by the active CPU tracker, or None when none is active."""
-    return _ACTIVE[-1].current() if _ACTIVE else None
+    active = list(_ACTIVE)  # read once: the monitor thread calls this while the block runs
+    return active[-1].current() if active else None
 
 
 class _Ref(weakref.ref):  # type: ignore[type-arg]

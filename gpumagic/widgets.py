@@ -1,0 +1,715 @@
+"""The rendering layer: figures, PNGs and ipywidgets for gpumagic's results and the live monitor.
+
+The only module that imports ipywidgets and matplotlib, both inside functions, and matplotlib
+only through :class:`matplotlib.figure.Figure` and the Agg canvas: the user's pyplot state
+(current figure, backend, ``plt.show()`` queue) is never touched.
+
+A result's ``_repr_mimebundle_`` calls :func:`rich_bundle`, which adds a widget view (an
+interactive panel where a widget manager runs) and a PNG of the same plot (for GitHub, nbviewer,
+nbconvert and frontends without widgets) to the text and HTML the result makes itself.
+
+>>> fig = search_figure(result)          # doctest: +SKIP
+>>> panel = search_widget(result)        # doctest: +SKIP
+>>> panel.slider.value = 256             # doctest: +SKIP
+>>> print(panel.readout.value)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from gpumagic._batchmath import lr_note
+from gpumagic._units import format_bytes
+from gpumagic.report import BatchSearchResult, MemoryReport, Trial
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from gpumagic.monitor import DeviceSample, Monitor, Sample
+
+__all__ = [
+    "DPI",
+    "MAX_DRAWN_POINTS",
+    "envelope",
+    "figure_png",
+    "memory_figure",
+    "memory_widget",
+    "monitor_widget",
+    "rich_bundle",
+    "search_figure",
+    "search_readout",
+    "search_widget",
+    "show_monitor",
+    "sparkline",
+]
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+DPI = 100
+MAX_DRAWN_POINTS = 2000
+"""Longer per-step series are drawn through :func:`envelope` (min and max per bucket)."""
+
+_BLUE, _RED, _ORANGE, _GREEN, _PURPLE, _GREY = "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"
+_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+# ---------------------------------------------------------------------------------------------
+# the mimebundle
+
+
+def rich_bundle(obj: object, kind: str) -> dict[str, Any]:
+    """The widget view and a PNG for a result (``kind`` "memory" or "search"), to merge over its
+    text/plain and text/html.
+
+    Without ipywidgets only the PNG comes back; without matplotlib nothing does (the caller's
+    text and HTML still show).
+    """
+    if kind not in ("memory", "search"):
+        raise ValueError(f"kind must be 'memory' or 'search', got {kind!r}")
+    try:
+        import matplotlib.figure  # noqa: F401  (only asking whether it is installed)
+    except ImportError:
+        return {}
+    if kind == "search":
+        if not isinstance(obj, BatchSearchResult):
+            raise TypeError(f"kind 'search' needs a BatchSearchResult, got {type(obj).__name__}")
+        plot = _SearchPlot(obj)
+        png = figure_png(plot.figure)
+    else:
+        if not isinstance(obj, MemoryReport):
+            raise TypeError(f"kind 'memory' needs a MemoryReport, got {type(obj).__name__}")
+        png = figure_png(memory_figure(obj))
+    bundle: dict[str, Any] = {"image/png": base64.b64encode(png).decode("ascii")}
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return bundle
+    widget = _search_panel(obj, plot, png) if isinstance(obj, BatchSearchResult) else memory_widget(obj, png=png)
+    bundle[WIDGET_MIME] = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return bundle
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, at its own size and dpi, through the Agg canvas (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    canvas.print_png(buf)  # type: ignore[no-untyped-call]  # untyped in matplotlib's stubs
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# shared drawing helpers
+
+
+def _unit_for(span: float) -> tuple[str, int]:
+    for name, scale in _UNITS:
+        if span >= scale:
+            return name, scale
+    return "B", 1
+
+
+def _number(v: float) -> str:
+    text = f"{v:,.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _byte_axis(ax: Axes, unit: str, label: str) -> None:
+    """Tick labels such as "512 MiB" on data already divided by the unit's scale."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.set_ylabel(label)
+
+
+def _new_figure(height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(8.0, height), dpi=DPI, layout="constrained")
+
+
+def envelope(values: Sequence[float], buckets: int) -> list[int]:
+    """Indices of the points to draw for a long series: the minimum and the maximum of each of
+    ``buckets`` consecutive slices, in order, plus the first and last point. A single-step spike
+    always survives, unlike plain striding.
+
+    >>> envelope([0, 0, 9, 0, 0, 0, 0, 0], 2)
+    [0, 2, 4, 7]
+    """
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
+    n = len(values)
+    if n <= 2 * buckets:
+        return list(range(n))
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    edges = np.linspace(0, n, buckets + 1).astype(int)
+    keep = {0, n - 1}
+    for lo, hi in itertools.pairwise(edges.tolist()):
+        seg = arr[lo:hi]
+        keep.add(lo + int(seg.argmin()))
+        keep.add(lo + int(seg.argmax()))
+    return sorted(keep)
+
+
+def _thin(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    if len(ys) <= MAX_DRAWN_POINTS:
+        return list(xs), list(ys)
+    idx = envelope(ys, MAX_DRAWN_POINTS // 2)
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-size search: memory (and throughput) versus batch size
+
+
+def _measured(result: BatchSearchResult) -> list[Trial]:
+    """Trials that ran, one per batch size (the last one wins), sorted by batch size."""
+    by_size = {t.batch_size: t for t in result.trials if not t.oom and t.peak_bytes is not None}
+    return [by_size[b] for b in sorted(by_size)]
+
+
+def _interpolate(points: Sequence[tuple[int, float]], b: int) -> float | None:
+    """Linear interpolation on sorted (x, y) points; None outside their range."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= b <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+    if len(points) == 1 and points[0][0] == b:
+        return points[0][1]
+    return None
+
+
+def _predicted_peak(result: BatchSearchResult, b: int) -> int | None:
+    if result.fit is not None:
+        return result.fit.predict(b)
+    value = _interpolate([(t.batch_size, float(t.peak_bytes or 0)) for t in _measured(result)], b)
+    return None if value is None else round(value)
+
+
+def _band(result: BatchSearchResult) -> float:
+    """Half-width of the fit's band, relative: the largest relative residual, at least 1%."""
+    fit = result.fit
+    if fit is None:
+        return 0.0
+    worst = 0.01
+    for t in _measured(result):
+        predicted = fit.predict(t.batch_size)
+        if predicted > 0 and t.peak_bytes is not None:
+            worst = max(worst, abs(t.peak_bytes - predicted) / predicted)
+    return min(worst, 0.5)
+
+
+def _slider_bounds(result: BatchSearchResult) -> tuple[int, int] | None:
+    """1 .. the largest size that ran and whose predicted peak fits the capacity."""
+    hi = result.max_batch_size
+    if hi is None or hi < 1:
+        return None
+    if result.fit is not None and result.capacity_bytes is not None:
+        by_fit = result.fit.largest_under(result.capacity_bytes)
+        if by_fit is not None and 1 <= by_fit < hi:
+            hi = by_fit
+    return 1, hi
+
+
+def _lr_optimizer(result: BatchSearchResult) -> str | None:
+    # The result keeps the search's note, not the optimizer: recover the rule it used.
+    note = result.lr_note or ""
+    return "adam" if ("Adam-like" in note or "square-root" in note) else None
+
+
+def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
+    """What the widget's readout says for one batch size, one fact a line (deterministic text).
+
+    >>> search_readout(result, 256)   # doctest: +SKIP
+    ['batch size 256', 'predicted peak 356.00 MiB', 'headroom 444.50 MiB of 800.50 MiB capacity', ...]
+    """
+    b = batch_size
+    lines = [f"batch size {b}" + (" (recommended)" if b == result.recommended_batch_size else "")]
+    predicted = _predicted_peak(result, b)
+    ran = {t.batch_size: t for t in _measured(result)}
+    measured = f" (measured {format_bytes(ran[b].peak_bytes)})" if b in ran else ""
+    if predicted is None:
+        sizes = sorted(ran)
+        where = f", outside the measured sizes {sizes[0]}–{sizes[-1]}" if sizes else ""
+        lines.append(f"predicted peak unknown (no fit{where})" + measured)
+    else:
+        basis = "" if result.fit is not None else " (interpolated)"
+        lines.append(f"predicted peak {format_bytes(predicted)}{basis}{measured}")
+    cap = result.capacity_bytes
+    if cap is not None and predicted is not None:
+        room = f"headroom {format_bytes(cap - predicted)} of {format_bytes(cap)} capacity"
+        if predicted > cap * (1 - result.margin):
+            room += f" (inside the {result.margin:.0%} safety margin)"
+        lines.append(room)
+    rates = [(t.batch_size, t.samples_per_second) for t in _measured(result) if t.samples_per_second]
+    rate = _interpolate([(x, float(y)) for x, y in rates if y is not None], b)
+    if rate is None:
+        lines.append("throughput not measured at this size")
+    else:
+        how = "measured" if any(x == b for x, _ in rates) else "interpolated"
+        lines.append(f"throughput {rate:,.0f} samples/s ({how})")
+    effective = result.effective_batch_size
+    if effective is not None:
+        k = math.ceil(effective / b)
+        lines.append(f"accumulation {k} step{'s' if k != 1 else ''} × {b} = {b * k} "
+                     f"(effective batch {effective})")
+        if b * k == effective:
+            lines.append(f"learning rate unchanged (the effective batch stays {effective})")
+        else:
+            lines.append(f"learning rate: {lr_note(effective, b * k, _lr_optimizer(result))}")
+    return lines
+
+
+def _readout_html(lines: Sequence[str]) -> str:
+    return "<br>".join(html.escape(s) for s in lines)
+
+
+class _SearchPlot:
+    """The search figure plus a marker for a chosen batch size that can be moved and redrawn."""
+
+    def __init__(self, result: BatchSearchResult) -> None:
+        self.result = result
+        trials = result.trials
+        ran = _measured(result)
+        rated = [t for t in ran if t.samples_per_second]
+        fig = _new_figure(6.0 if rated else 4.4)
+        if rated:
+            ax, tp = fig.subplots(2, 1, sharex=True, height_ratios=[2.0, 1.0])
+        else:
+            ax, tp = fig.subplots(1, 1), None
+        self.figure, self.ax, self.tp = fig, ax, tp
+
+        cap = result.capacity_bytes
+        rec = result.recommended_batch_size
+        rec_peak = result.predicted_peak_bytes
+        if rec_peak is None and rec is not None:
+            rec_peak = _predicted_peak(result, rec)
+        top = max([cap or 0, rec_peak or 0, *(t.peak_bytes or 0 for t in ran)]) or 1
+        unit, scale = _unit_for(top)
+        self.scale = scale
+        x_right = max([t.batch_size for t in trials] + [rec or 1]) * 1.05
+        ax.set_xlim(0, x_right)
+        ax.set_ylim(0, top * 1.1 / scale)
+        title = f"Peak memory versus batch size on {result.device}"
+        ax.set_title(title, loc="left", fontsize=11)
+
+        if result.fit is not None:
+            import numpy as np
+
+            xs = np.linspace(0.0, x_right, 50)
+            ys = (result.fit.intercept_bytes + result.fit.bytes_per_sample * xs) / scale
+            band = _band(result)
+            ax.fill_between(xs, ys * (1 - band), ys * (1 + band), color=_GREY, alpha=0.15, lw=0,
+                            label=f"fit ± {band:.0%}")
+            ax.plot(xs, ys, color=_GREY, lw=1.2, label=f"fit: {format_bytes(round(result.fit.intercept_bytes))}"
+                    f" + {format_bytes(round(result.fit.bytes_per_sample))}/sample")
+        if cap is not None:
+            ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"capacity {format_bytes(cap)}")
+            if result.margin > 0:
+                ax.axhline(cap * (1 - result.margin) / scale, color=_ORANGE, lw=1.0, ls="--",
+                           label=f"capacity − {result.margin:.0%} margin")
+        if ran:
+            ax.plot([t.batch_size for t in ran], [(t.peak_bytes or 0) / scale for t in ran], "o",
+                    color=_BLUE, ms=5, label="trial: peak measured", zorder=3)
+        ooms = [t.batch_size for t in trials if t.oom]
+        if ooms:
+            y_oom = (cap if cap is not None else top) / scale
+            ax.plot(ooms, [y_oom] * len(ooms), "x", color=_RED, ms=8, mew=2, label="trial: out of memory",
+                    zorder=4)
+        if rec is not None:
+            ax.axvline(rec, color=_GREEN, lw=1.2, ls=":")
+            if rec_peak is not None:
+                ax.plot([rec], [rec_peak / scale], "*", color=_GREEN, ms=14, zorder=5,
+                        label=f"recommended {rec} ({format_bytes(rec_peak)})")
+        if not trials:
+            ax.text(0.5, 0.5, "no trials ran", transform=ax.transAxes, ha="center", va="center", color=_GREY)
+        _byte_axis(ax, unit, "peak memory")
+        ax.grid(True, alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:  # nothing to list when no trial ran and the capacity is unknown
+            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+
+        if tp is not None:
+            xs_r = [t.batch_size for t in rated]
+            ys_r = [float(t.samples_per_second or 0) for t in rated]
+            tp.plot(xs_r, ys_r, "o-", color=_BLUE, ms=4, lw=1.2)
+            best = max(range(len(ys_r)), key=ys_r.__getitem__)
+            tp.plot([xs_r[best]], [ys_r[best]], "o", color=_GREEN, ms=8, mfc="none", mew=1.5,
+                    label=f"fastest: {xs_r[best]} ({ys_r[best]:,.0f} samples/s)")
+            if rec is not None:
+                tp.axvline(rec, color=_GREEN, lw=1.2, ls=":")
+            tp.set_ylim(0, max(ys_r) * 1.15)
+            from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+            tp.yaxis.set_major_locator(MaxNLocator(nbins=4))
+            tp.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+            tp.set_ylabel("samples/s")
+            tp.grid(True, alpha=0.25)
+            tp.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        bottom = tp if tp is not None else ax
+        bottom.set_xlabel("batch size")
+        from matplotlib.ticker import MaxNLocator as _XLocator
+
+        bottom.xaxis.set_major_locator(_XLocator(integer=True))
+
+        self._lines = [a.axvline(0, color=_PURPLE, lw=1.0, ls="--", visible=False)
+                       for a in (ax, tp) if a is not None]
+        (self._dot,) = ax.plot([], [], "o", color=_PURPLE, ms=7, zorder=6)
+        self.selected: int | None = None
+
+    def select(self, batch_size: int | None) -> None:
+        """Mark ``batch_size`` (a slider's value); None or the recommendation hides the marker."""
+        self.selected = batch_size
+        show = batch_size is not None and batch_size != self.result.recommended_batch_size
+        for line in self._lines:
+            line.set_visible(show)
+            if show:
+                line.set_xdata([batch_size, batch_size])
+        peak = None if batch_size is None else _predicted_peak(self.result, batch_size)
+        if show and peak is not None and batch_size is not None:
+            self._dot.set_data([batch_size], [peak / self.scale])
+        else:
+            self._dot.set_data([], [])
+
+
+def search_figure(result: BatchSearchResult, selected: int | None = None) -> Figure:
+    """Peak memory versus batch size: the trials (out-of-memory ones as red × at the capacity), the
+    fit with its band, the capacity and margin lines, the recommendation; below, samples/s versus
+    batch size when the trials measured it. ``selected`` adds a marker at another size."""
+    plot = _SearchPlot(result)
+    plot.select(selected)
+    return plot.figure
+
+
+def _search_panel(result: BatchSearchResult, plot: _SearchPlot, png: bytes) -> Any:
+    import ipywidgets as w
+
+    image = w.Image(value=png, format="png", layout=w.Layout(max_width="100%", height="auto"))
+    image.add_class("gpumagic-plot")
+    bounds = _slider_bounds(result)
+    if bounds is None:
+        slider = w.IntSlider(value=1, min=1, max=1, disabled=True, description="batch size")
+        readout = w.HTML(value=_readout_html(["no batch size ran without running out of memory: "
+                                              "nothing to choose from"]))
+    else:
+        lo, hi = bounds
+        start = min(max(result.recommended_batch_size or hi, lo), hi)
+        slider = w.IntSlider(value=start, min=lo, max=hi, description="batch size", continuous_update=False,
+                             style={"description_width": "initial"}, layout=w.Layout(width="min(100%, 640px)"))
+        readout = w.HTML(value=_readout_html(search_readout(result, start)))
+        plot.select(start)
+        if start != result.recommended_batch_size:  # the marker shows: the caller's PNG lacks it
+            image.value = figure_png(plot.figure)
+
+        def on_value(change: dict[str, Any]) -> None:
+            b = int(change["new"])
+            readout.value = _readout_html(search_readout(result, b))
+            plot.select(b)
+            image.value = figure_png(plot.figure)  # only on a new value: the slider sends on release
+
+        slider.observe(on_value, names="value")
+    slider.add_class("gpumagic-slider")
+    readout.add_class("gpumagic-readout")
+    box = w.VBox([image, slider, readout])
+    box.add_class("gpumagic-search")
+    box.image, box.slider, box.readout, box.result, box.plot = image, slider, readout, result, plot
+    return box
+
+
+def search_widget(result: BatchSearchResult) -> Any:
+    """An ``ipywidgets.VBox``: the plot (``.image``), a batch-size slider limited to sizes that fit
+    (``.slider``, starting at the recommendation) and a readout for the chosen size (``.readout``):
+    predicted peak, headroom, samples/s, and accumulation steps and learning rate when the search
+    had an effective batch."""
+    plot = _SearchPlot(result)
+    return _search_panel(result, plot, figure_png(plot.figure))
+
+
+# ---------------------------------------------------------------------------------------------
+# one tracked cell: loss and peak memory per step
+
+
+def memory_figure(report: MemoryReport) -> Figure:
+    """Loss (top) and peak memory (bottom) per step on a shared step axis, with the cell's
+    baseline, peak and capacity (or budget) as lines. Long loops are drawn through
+    :func:`envelope` so spikes stay visible; with no steps, bars of baseline, peak and end."""
+    cap = report.budget_bytes or report.capacity_bytes
+    cap_name = "budget" if report.budget_bytes else "capacity"
+    title = f"Peak memory per step on {report.device}" if report.steps else f"Memory of the block on {report.device}"
+    mem = [(s.index, s.peak_bytes) for s in report.steps if s.peak_bytes is not None]
+    losses = [(s.index, s.loss) for s in report.steps if s.loss is not None]
+    if losses:
+        title = f"Loss and peak memory per step on {report.device}"
+    n = report.total_steps or len(report.steps)
+    title += f" · {n:,} step{'s' if n != 1 else ''}" if report.steps else " · no training steps seen"
+    if report.error:
+        title += f" · partial: stopped by {report.error.split(':')[0]}"
+
+    if not report.steps:
+        return _memory_bars(report, cap, cap_name, title)
+
+    fig = _new_figure(5.6 if losses else 3.8)
+    if losses:
+        lax, ax = fig.subplots(2, 1, sharex=True, height_ratios=[1.0, 1.4])
+    else:
+        lax, ax = None, fig.subplots(1, 1)
+    (lax or ax).set_title(title, loc="left", fontsize=11)
+
+    if lax is not None:
+        lx, ly = _thin([float(x) for x, _ in losses], [float(y) for _, y in losses if y is not None])
+        few = len(losses) <= 200
+        lax.plot(lx, ly, color=_BLUE, lw=1.0, marker="." if few else None, ms=4)
+        positive = [v for v in ly if v > 0]
+        if len(positive) == len(ly) and max(ly) / min(ly) > 100:
+            lax.set_yscale("log")
+        lax.set_ylabel("loss")
+        lax.grid(True, alpha=0.25)
+
+    peaks = [p for _, p in mem if p is not None]
+    high = max([report.peak_bytes, report.baseline_bytes, *peaks])
+    low = min([report.baseline_bytes, *peaks])
+    cap_on_scale = cap is not None and cap <= 4 * max(high, 1)
+    if cap_on_scale and cap is not None:
+        high = max(high, cap)
+    bottom = 0.0 if low < 0.5 * high else low - 0.15 * (high - low)
+    unit, scale = _unit_for(max(high - bottom, 1))
+    if mem:
+        mx, my = _thin([float(x) for x, _ in mem], [float(p) for p in peaks])
+        few = len(mem) <= 200
+        ax.plot(mx, [v / scale for v in my], color=_BLUE, lw=1.0, marker="." if few else None, ms=4,
+                label="peak in the step", zorder=3)
+    ax.axhline(report.baseline_bytes / scale, color=_GREY, lw=1.0, ls="--",
+               label=f"baseline {format_bytes(report.baseline_bytes)}")
+    ax.axhline(report.peak_bytes / scale, color=_ORANGE, lw=1.0, ls=":",
+               label=f"peak {format_bytes(report.peak_bytes)}")
+    if cap is not None and cap_on_scale:
+        ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"{cap_name} {format_bytes(cap)}")
+    elif cap is not None:
+        ax.text(0.99, 0.03, f"{cap_name} {format_bytes(cap)} (off the scale)", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color=_RED)
+    ax.set_ylim(bottom / scale, high * 1.08 / scale)
+    _byte_axis(ax, unit, "memory")
+    ax.set_xlabel("step")
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.grid(True, alpha=0.25)
+    # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    return fig
+
+
+def _memory_bars(report: MemoryReport, cap: int | None, cap_name: str, title: str) -> Figure:
+    fig = _new_figure(2.6)
+    ax = fig.subplots(1, 1)
+    ax.set_title(title, loc="left", fontsize=11)
+    names = ["end", "peak", "baseline"]
+    values = [report.end_bytes, report.peak_bytes, report.baseline_bytes]
+    high = max([*values, 1])
+    cap_on_scale = cap is not None and cap <= 4 * high
+    if cap_on_scale and cap is not None:
+        high = max(high, cap)
+    unit, scale = _unit_for(high)
+    ax.barh(names, [v / scale for v in values], color=[_GREY, _ORANGE, _BLUE], height=0.6)
+    for i, v in enumerate(values):
+        ax.text(v / scale, i, f" {format_bytes(v)}", va="center", fontsize=9)
+    if cap is not None and cap_on_scale:
+        ax.axvline(cap / scale, color=_RED, lw=1.2, label=f"{cap_name} {format_bytes(cap)}")
+        ax.legend(loc="lower right", fontsize=8)
+    elif cap is not None:
+        ax.text(0.99, 0.03, f"{cap_name} {format_bytes(cap)} (off the scale)", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color=_RED)
+    ax.set_xlim(0, high * 1.25 / scale)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.grid(True, axis="x", alpha=0.25)
+    return fig
+
+
+def memory_widget(report: MemoryReport, *, png: bytes | None = None) -> Any:
+    """An ``ipywidgets.VBox``: the per-step plot (``.image``) over the report's table (``.summary``)."""
+    import ipywidgets as w
+
+    image = w.Image(value=png if png is not None else figure_png(memory_figure(report)), format="png",
+                    layout=w.Layout(max_width="100%", height="auto"))
+    image.add_class("gpumagic-plot")
+    summary = w.HTML(value=report._repr_html_())
+    summary.add_class("gpumagic-summary")
+    box = w.VBox([image, summary])
+    box.add_class("gpumagic-memory")
+    box.image, box.summary, box.report = image, summary, report
+    return box
+
+
+# ---------------------------------------------------------------------------------------------
+# the live monitor
+
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None], width: int = 60, top: float | None = None) -> str:
+    """A one-line unicode chart of ``values`` (unknown ones blank), at most ``width`` characters,
+    scaled to ``top`` (default: the largest value). Each character shows its bucket's maximum.
+
+    >>> sparkline([0, 1, 2, 4], top=4)
+    '▁▃▅█'
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    n = len(values)
+    if n == 0:
+        return ""
+    buckets = [values[i * n // width:(i + 1) * n // width] for i in range(width)] if n > width else [
+        [v] for v in values]
+    known = [v for v in values if v is not None]
+    scale = top if top is not None and top > 0 else max(known, default=0.0)
+    out = []
+    for bucket in buckets:
+        vals = [v for v in bucket if v is not None]
+        if not vals:
+            out.append(" ")
+            continue
+        frac = 0.0 if scale <= 0 else min(1.0, max(0.0, max(vals) / scale))
+        out.append(_BLOCKS[min(len(_BLOCKS) - 1, int(frac * len(_BLOCKS)))])
+    return "".join(out)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _device_text(d: DeviceSample) -> str:
+    parts = [f"{format_bytes(d.used_bytes)} of {format_bytes(d.total_bytes)} in use"]
+    if d.utilization_percent is not None:
+        parts.append(f"{'CPU' if d.device == 'cpu' else 'utilisation'} {d.utilization_percent:.0f}%")
+    parts.append(f"this process {format_bytes(d.process_bytes)}")
+    if d.other_bytes is not None:
+        parts.append(f"others {format_bytes(d.other_bytes)}")
+    if d.tracked_bytes is not None:
+        parts.append(f"tracked tensors {format_bytes(d.tracked_bytes)}")
+    return " · ".join(parts)
+
+
+def monitor_widget(monitor: Monitor) -> Any:
+    """An ``ipywidgets.VBox`` showing ``monitor``'s devices, updated from its thread.
+
+    One row per device: a used/total bar, the numbers (utilisation, this process versus the
+    rest) and a sparkline of the history. ``.rows`` maps device names to rows, ``.status`` and
+    ``.stop_button`` are the footer; ``.update(sample)`` redraws from a sample by hand.
+    """
+    import ipywidgets as w
+
+    header = w.HTML(value=f"<b>gpumagic monitor</b> · {html.escape(monitor.source.name)} "
+                          f"every {monitor.interval:g} s")
+    stop_button = w.Button(description="stop", tooltip="stop sampling", layout=w.Layout(width="80px"))
+    stop_button.add_class("gpumagic-monitor-stop")
+    status = w.HTML(value="waiting for the first sample…")
+    status.add_class("gpumagic-monitor-status")
+    rows_box = w.VBox([])
+    box = w.VBox([w.HBox([header, stop_button]), rows_box, status])
+    box.add_class("gpumagic-monitor")
+    rows: dict[str, Any] = {}
+
+    def row_for(d: DeviceSample) -> Any:
+        row = rows.get(d.device)
+        if row is None:
+            label = w.HTML(value=f"<b>{html.escape(d.device)}</b> {html.escape(d.name or '')}",
+                           layout=w.Layout(width="220px"))
+            bar = w.FloatProgress(value=0.0, min=0.0, max=100.0, layout=w.Layout(width="240px"))
+            bar.add_class("gpumagic-monitor-bar")
+            text = w.HTML(value="")
+            text.add_class("gpumagic-monitor-text")
+            spark = w.HTML(value="")
+            spark.add_class("gpumagic-monitor-sparkline")
+            row = w.VBox([w.HBox([label, bar, text]), spark])
+            row.add_class("gpumagic-monitor-row")
+            row.bar, row.text, row.spark = bar, text, spark
+            rows[d.device] = row
+            rows_box.children = (*rows_box.children, row)
+        return row
+
+    def update(sample: Sample | None) -> None:
+        if sample is None:
+            status.value = "stopped" + (f" · last error: {html.escape(repr(monitor.last_error))}"
+                                        if monitor.last_error is not None else "")
+            stop_button.disabled = True
+            return
+        history = monitor.samples()
+        for d in sample.devices:
+            row = row_for(d)
+            if d.used_bytes is not None and d.total_bytes:
+                row.bar.value = 100.0 * d.used_bytes / d.total_bytes
+                row.bar.bar_style = "danger" if row.bar.value >= 90 else ""
+            row.text.value = html.escape(_device_text(d))
+            used = [next((x.used_bytes for x in s.devices if x.device == d.device), None) for s in history]
+            line = sparkline([None if u is None else float(u) for u in used], 60,
+                             None if d.total_bytes is None else float(d.total_bytes))
+            span = _span(history[-1].time - history[0].time) if len(history) > 1 else "0 s"
+            row.spark.value = (f'<span style="font-family:monospace">{line}</span> '
+                               f"<small>memory in use, last {span}</small>")
+        status.value = f"{len(history)} samples · running" if monitor.is_running else "stopped"
+
+    def on_sample(sample: Sample | None) -> None:
+        if box.comm is None:  # the panel was closed: stop feeding it
+            monitor.remove_callback(on_sample)
+            return
+        update(sample)
+
+    stop_button.on_click(lambda _b: monitor.stop())
+    latest = monitor.latest()
+    if latest is not None:
+        update(latest)
+    if not monitor.is_running and latest is not None:
+        update(None)
+    monitor.add_callback(on_sample)
+    box.rows, box.status, box.stop_button, box.monitor, box.update = rows, status, stop_button, monitor, update
+    return box
+
+
+def _sidebar_problem() -> str | None:
+    if "google.colab" in sys.modules:
+        return "needs JupyterLab; Google Colab has no sidebar for widgets"
+    if "VSCODE_PID" in os.environ:
+        return "needs JupyterLab; VS Code notebooks have no sidebar for widgets"
+    return None
+
+
+def show_monitor(monitor: Monitor, sidebar: bool = False, *,
+                 display: Callable[[Any], object] | None = None) -> Any:
+    """Display :func:`monitor_widget` inline, or with ``sidebar=True`` in JupyterLab's right
+    sidebar through sidecar (``pip install gpumagic[sidecar]``). Where that cannot work (no
+    sidecar, Colab, VS Code) it says why and shows the panel inline. Returns the panel."""
+    if display is None:
+        from IPython.display import display as ipython_display
+
+        display = ipython_display
+    panel = monitor_widget(monitor)
+    if sidebar:
+        problem = _sidebar_problem()
+        if problem is None:
+            try:
+                from sidecar import Sidecar
+            except ImportError:
+                problem = "needs sidecar: pip install gpumagic[sidecar]"
+        if problem is None:
+            side = Sidecar(title=f"gpumagic monitor {monitor.id}")
+            with side:
+                display(panel)
+            panel.sidecar = side
+            return panel
+        print(f"gpumagic: --sidebar {problem}; showing the monitor here instead")
+    display(panel)
+    return panel
