@@ -277,6 +277,8 @@ class BatchSearchResult:
     margin: float = 0.05
     effective_batch_size: int | None = None
     lr_note: str | None = None
+    lr_rule: str | None = None
+    """"linear" (SGD-like) or "sqrt" (Adam-like): how the learning rate follows the effective batch."""
     dataset_size: int | None = None
     device: str = "cpu"
     notes: tuple[str, ...] = ()

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gpumagic._batchmath import accumulation_plan, lr_note
+from gpumagic._batchmath import accumulation_plan, lr_note, lr_rule_for
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, Fit, Trial
 
@@ -578,6 +578,7 @@ def _result(
         margin=s.margin,
         effective_batch_size=eff,
         lr_note=lr,
+        lr_rule=lr_rule_for(optimizer),
         dataset_size=s.dataset_size,
         device=device,
         notes=tuple(s.notes),

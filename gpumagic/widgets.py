@@ -223,9 +223,8 @@ def _slider_bounds(result: BatchSearchResult) -> tuple[int, int] | None:
 
 
 def _lr_optimizer(result: BatchSearchResult) -> str | None:
-    # The result keeps the search's note, not the optimizer: recover the rule it used.
-    note = result.lr_note or ""
-    return "adam" if ("Adam-like" in note or "square-root" in note) else None
+    # lr_note() takes an optimizer name; "adam" stands for every Adam-like (square-root) one
+    return "adam" if result.lr_rule == "sqrt" else None
 
 
 def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:

@@ -532,3 +532,18 @@ def test_show_monitor_sidebar_opens_a_sidecar(monkeypatch: pytest.MonkeyPatch) -
     assert type(panel.sidecar).__name__ == "Sidecar"
     assert panel.sidecar.title == "gpumagic monitor " + str(panel.monitor.id)
     assert shown == [panel]
+
+
+def test_readout_uses_square_root_scaling_for_adam_even_when_the_effective_batch_is_kept():
+    from gpumagic.report import BatchSearchResult, Fit, Trial
+    from gpumagic.widgets import search_readout
+
+    res = BatchSearchResult(
+        trials=(Trial(2, 2**20, False, None, 0.1, 3), Trial(512, 513 * 2**20, False, None, 0.1, 3)),
+        max_batch_size=512, recommended_batch_size=256, accumulation_steps=4, reason="test",
+        fit=Fit(2**20, 2**20, 1.0, 2), capacity_bytes=600 * 2**20, predicted_peak_bytes=257 * 2**20,
+        effective_batch_size=1024, lr_note="keep the learning rate: the effective batch stays 1024",
+        lr_rule="sqrt",
+    )
+    text = " ".join(search_readout(res, 300))
+    assert "square-root" in text
