@@ -56,6 +56,7 @@ def search_result(**changes: Any) -> BatchSearchResult:
         "predicted_peak_bytes": FIT.predict(512),
         "effective_batch_size": 1024,
         "lr_note": lr_note(512, 1024, "AdamW"),
+        "lr_rule": "sqrt",
         "device": "cuda:0",
     }
     fields.update(changes)
