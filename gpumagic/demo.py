@@ -3,8 +3,9 @@
     python -m gpumagic.demo
 
 Runs in a real IPython shell (no Jupyter needed): ``%%gpumem`` on a training cell, an
-out-of-memory error on a simulated 24 MiB device translated into advice, and ``%%find_batch``
-picking the batch size that fits it. Nothing here needs a GPU.
+out-of-memory error on a simulated 16 MiB device turned into advice, ``%%find_batch`` picking
+the batch size that fits that device, and the epoch again with the pick. No GPU needed.
+Exits non-zero if any step does not behave as described.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ SETUP = """
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 torch.manual_seed(0)
-data = TensorDataset(torch.randn(4096, 64), torch.randint(0, 10, (4096,)))
+data = TensorDataset(torch.randn(16384, 64), torch.randint(0, 10, (16384,)))
 model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 opt = torch.optim.Adam(model.parameters(), 1e-3)
 batch_size = 64
@@ -39,26 +40,40 @@ def _cell(ip: Any, title: str, src: str) -> Any:
 
 
 def main() -> int:
+    import torch
     from IPython.testing.globalipapp import start_ipython
 
     ip = start_ipython()
     ip.run_line_magic("load_ext", "gpumagic")
     ip.run_cell(SETUP)
-    r = _cell(ip, "1. Measure a training cell (one epoch, batch 64)", "%%gpumem -d cpu" + TRAIN)
-    if r.error_in_exec is not None:
-        return 1
-    _cell(ip, "2. The same epoch with batch 4096 on a simulated 24 MiB device",
-          "%%gpumem -d cpu --budget 24MiB\nbatch_size = 4096" + TRAIN)
-    r = _cell(ip, "3. Find the batch size that fits 24 MiB (model and optimizer restored after)",
-              "%%find_batch --var batch_size -d cpu --budget 24MiB -o" + TRAIN)
-    if r.error_in_exec is not None or r.result is None:
-        return 1
+    ok = True
+
+    r = _cell(ip, "1. Measure a training cell: one epoch at batch 64", "%%gpumem -d cpu -q -o" + TRAIN)
+    ok &= r.error_in_exec is None
+    if r.result is not None:
+        print(r.result.to_text())
+
+    ip.user_ns["batch_size"] = 4096
+    r = _cell(ip, "2. batch_size = 4096 on a simulated 16 MiB device: out of memory, explained",
+              "%%gpumem -d cpu --budget 16MiB" + TRAIN)
+    ok &= isinstance(r.error_in_exec, torch.OutOfMemoryError)
+
+    r = _cell(ip, "3. Find the batch size that fits 16 MiB (model, optimizer and RNG restored after)",
+              "%%find_batch --var batch_size -d cpu --budget 16MiB -o -q" + TRAIN)
     res = r.result
-    print(f"\nrecommended batch size: {res.recommended_batch_size} (largest that ran: {res.max_batch_size}, "
-          f"{len(res.trials)} trials, {res.oom_count} OOM)")
-    r = _cell(ip, "4. Train with the recommendation under the same budget",
-              f"%%gpumem -d cpu --budget 24MiB\nbatch_size = {res.recommended_batch_size}" + TRAIN)
-    return 0 if r.error_in_exec is None else 1
+    ok &= r.error_in_exec is None and res is not None and res.recommended_batch_size is not None
+    if res is None or res.recommended_batch_size is None:
+        return 1
+    print(res.to_text())
+
+    ip.user_ns["batch_size"] = res.recommended_batch_size
+    r = _cell(ip, f"4. The epoch again at the recommended batch size ({res.recommended_batch_size}), same device",
+              "%%gpumem -d cpu --budget 16MiB -q -o" + TRAIN)
+    ok &= r.error_in_exec is None
+    if r.result is not None:
+        print(r.result.to_text())
+    print("\ndemo " + ("finished: every step behaved as described" if ok else "FAILED: see above"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

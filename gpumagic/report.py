@@ -55,6 +55,11 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
 def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> dict[str, Any]:
     """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
     bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
@@ -219,6 +224,10 @@ class MemoryReport:
         rows.extend(("note", n) for n in self.notes)
         return rows
 
+    def to_text(self) -> str:
+        """The report as an aligned plain-text table (for scripts and terminals)."""
+        return _text_table("gpumagic memory report", self._rows())
+
     def _repr_html_(self) -> str:
         return html_table("gpumagic memory report", self._rows())
 
@@ -330,6 +339,10 @@ class BatchSearchResult:
             ))
         rows.extend(("note", n) for n in self.notes)
         return rows
+
+    def to_text(self) -> str:
+        """The result as an aligned plain-text table (for scripts and terminals)."""
+        return _text_table("gpumagic batch-size search", self._rows())
 
     def _repr_html_(self) -> str:
         return html_table("gpumagic batch-size search", self._rows())
