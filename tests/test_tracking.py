@@ -423,3 +423,13 @@ def test_gpu_free_math_is_consistent():
     assert t.report.headroom_bytes == 10 * MiB - t.report.peak_bytes
     assert math.isfinite(t.report.wall_seconds)
     del x
+
+
+def test_to_text_renders_the_same_rows_as_the_html():
+    with gpumagic.track(device="cpu", budget="1GiB") as t:
+        x = torch.empty(MiB, dtype=torch.uint8)
+    text = t.report.to_text()
+    assert text.splitlines()[0] == "gpumagic memory report"
+    assert "budget (simulated capacity)" in text
+    assert "1.00 GiB" in text
+    del x
