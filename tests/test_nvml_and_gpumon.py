@@ -105,6 +105,6 @@ def test_unload_stops_running_monitors(ip):
 
 
 def test_gpumon_rejects_a_bad_interval(ip):
-    with pytest.raises(UsageError, match="between 0.1 and 60 seconds, got 0.01"):
+    with pytest.raises(UsageError, match=r"between 0\.1 and 60 seconds, got 0\.01"):
         ip.run_line_magic("gpumon", "--interval 0.01")
     assert not _monitor_threads()
