@@ -396,9 +396,11 @@ def _run_search(
 
     bar: Any = None
     if progress:
-        from tqdm.auto import tqdm
+        # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
+        # first frame ("0trial") as its text; this line is rewritten in place and then cleared
+        from tqdm import tqdm
 
-        bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False)
+        bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
 
     def on_trial(trial: Trial, index: int) -> None:
         if bar is not None:

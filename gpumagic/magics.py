@@ -74,6 +74,17 @@ def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
 # out-of-memory presentation
 
 
+def names_used(shell: InteractiveShell, cell: str | None) -> set[str]:
+    """Names a cell reads or binds: advice must not suggest deleting what the cell works with."""
+    if not cell:
+        return set()
+    try:
+        tree = ast.parse(shell.transform_cell(cell))
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
 def _user_frame(tb: Any) -> str | None:
     """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
     frames = traceback.extract_tb(tb)
@@ -147,7 +158,9 @@ class OOMPresenter:
         self.last_report: Any = None  # the last MemoryReport that completed
         self.last_search: Any = None  # the last BatchSearchResult
 
-    def present(self, exc: BaseException, *, report: Any = None, batch_size: int | None = None) -> bool:
+    def present(
+        self, exc: BaseException, *, report: Any = None, batch_size: int | None = None, cell: str | None = None
+    ) -> bool:
         """Show advice for ``exc`` if it is an OOM; returns whether it was one."""
         if getattr(exc, "_gpumagic_handled", False):
             return True
@@ -157,7 +170,10 @@ class OOMPresenter:
         if info is None:
             return False
         try:
-            advice = oom.advise(info, self._context(info, report, batch_size))
+            if cell is None:  # the global handler: the cell that just ran
+                hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
+                cell = hist[-1]
+            advice = oom.advise(info, self._context(info, report, batch_size, names_used(self.shell, cell)))
             display(advice)
         finally:
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
@@ -165,7 +181,7 @@ class OOMPresenter:
             release_memory(exc)
         return True
 
-    def _context(self, info: Any, report: Any, batch_size: int | None) -> Any:
+    def _context(self, info: Any, report: Any, batch_size: int | None, in_use: set[str]) -> Any:
         import torch
 
         from gpumagic import oom
@@ -187,7 +203,8 @@ class OOMPresenter:
                 dev = torch.device("cpu")
             else:
                 dev = resolve_device(device_type)
-            held = tuple(holders(ns, dev))
+            # memory held by earlier cells: what the failing cell itself uses is not a candidate
+            held = tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
         except ValueError:
             held = ()
         fit = getattr(self.last_search, "fit", None)
@@ -373,7 +390,7 @@ class GPUMagics(Magics):
         except BaseException as exc:
             report = getattr(tracker, "_report", None)
             if not (isinstance(exc, Exception) and self.presenter.present(
-                exc, report=report, batch_size=getattr(tracker, "_last_batch", None)
+                exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
             )) and report is not None and not args.quiet:
                 display(report)
             raise

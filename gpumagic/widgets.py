@@ -659,7 +659,8 @@ def monitor_widget(monitor: Monitor) -> Any:
             span = _span(history[-1].time - history[0].time) if len(history) > 1 else "0 s"
             row.spark.value = (f'<span style="font-family:monospace">{line}</span> '
                                f"<small>memory in use, last {span}</small>")
-        status.value = f"{len(history)} samples · running" if monitor.is_running else "stopped"
+        n = len(history)
+        status.value = f"{n} sample{'s' if n != 1 else ''} · running" if monitor.is_running else "stopped"
 
     def on_sample(sample: Sample | None) -> None:
         if box.comm is None:  # the panel was closed: stop feeding it

@@ -151,3 +151,13 @@ def test_oom_text_from_an_old_torch_inside_a_function_is_recognised(ip, setup):
         run(ip, "%%gpumem -d cpu -q\ntrain_step()\n")
     assert "(full traceback: %tb)" in shown(cap)
 
+
+
+def test_advice_never_suggests_deleting_what_the_failing_cell_uses(ip, setup):
+    run(ip, "old_cache = torch.empty(3 * 2**20, dtype=torch.uint8)")
+    with capture_output() as cap:
+        run(ip, "%%gpumem -d cpu --budget 8MiB\n" + LOOP)
+    out = shown(cap)
+    assert "old_cache" in out
+    assert "del model" not in out
+    assert "del x" not in out
