@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from gpumagic._gcscan import instances_of
 from gpumagic.devices import DeviceLike, resolve_budget, resolve_device
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
@@ -121,37 +122,16 @@ def _reachable_stateful(roots: Iterable[Any]) -> list[Any]:
     return [o for o in found.values() if id(o) not in children]
 
 
-def _live_instances(kinds: tuple[type, ...]) -> list[Any]:
-    """Objects alive in the process that are instances of ``kinds``: one C-speed pass over gc."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # some torch module objects warn when inspected
-        objs = gc.get_objects()
-        types = list(map(type, objs))
-        wanted = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, kinds)]
-        found = []
-        for tp in wanted:
-            i = -1
-            while True:
-                try:
-                    i = types.index(tp, i + 1)
-                except ValueError:
-                    break
-                found.append(objs[i])
-    return found
-
-
 def _discover_stateful() -> list[Any]:
     """For the Python API: optimizers, schedulers and scalers alive in the process, and the
     top-level models that own the optimizers' parameters."""
     kinds = _stateful_types()
-    opt_like = _live_instances(kinds[1:])
+    opt_like = instances_of(kinds[1:])
     params = {id(p) for o in opt_like if isinstance(o, torch.optim.Optimizer)
               for g in o.param_groups for p in g["params"]}
     models: list[Any] = []
     if params:
-        modules = _live_instances((torch.nn.Module,))
+        modules = instances_of((torch.nn.Module,))
         owners = {id(m) for m in modules if any(id(p) in params for p in m.parameters(recurse=False))}
         models = [m for m in modules if any(id(c) in owners for c in m.modules())]
     return _reachable_stateful([*opt_like, *models])

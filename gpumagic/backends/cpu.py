@@ -18,9 +18,7 @@ other threads (e.g. DataLoader pin-memory threads) or other processes (worker pr
 
 from __future__ import annotations
 
-import gc
 import math
-import warnings
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpumagic._gcscan import instances_of
 from gpumagic._units import format_size_torch
 
 __all__ = ["CPUSession", "live_storages", "live_tracker_bytes", "simulated_oom_message"]
@@ -51,51 +50,23 @@ class _Ref(weakref.ref):  # type: ignore[type-arg]
     nbytes: int
 
 
-def _storage_of(t: torch.Tensor) -> Any:
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, mkldnn, wrapper subclasses
-        return None
-    return st
-
-
 def live_storages(device_type: str = "cpu", exclude: Iterable[int] = ()) -> dict[int, Any]:
     """Every live tensor storage on ``device_type`` reachable as a Python tensor: data_ptr -> storage.
 
-    One pass over ``gc.get_objects()``. Filtering 10^5 objects in a Python loop costs tens of
-    milliseconds, so the types are mapped and searched with C-level ``list.index`` instead.
+    One fast pass over the garbage collector's objects (:func:`gpumagic._gcscan.instances_of`).
     """
     excluded = set(exclude)
     found: dict[int, Any] = {}
-    with warnings.catch_warnings():
-        # isinstance() on some torch module objects warns (FutureWarning from torch.distributed)
-        warnings.simplefilter("ignore")
-        objs = gc.get_objects()
-        types = list(map(type, objs))
-        tensor_types = [tp for tp in set(types) if isinstance(tp, type) and issubclass(tp, _Tensor)]
-        for tp in tensor_types:
-            i = -1
-            while True:
-                try:
-                    i = types.index(tp, i + 1)
-                except ValueError:
-                    break
-                t = objs[i]
-                try:
-                    if t.device.type != device_type or t.layout != torch.strided:
-                        continue
-                except Exception:  # exotic subclasses may refuse
-                    continue
-                st = _storage_of(t)
-                if st is None:
-                    continue
-                try:
-                    key = st.data_ptr()
-                except RuntimeError:  # FakeTensor / FunctionalTensor left over from torch.compile
-                    continue
-                if key and key not in excluded and key not in found and st.nbytes():
-                    found[key] = st
-    del objs, types
+    for t in instances_of((_Tensor,)):
+        try:
+            if t.device.type != device_type or t.layout != torch.strided:
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+        except Exception:  # sparse, fake and functional tensors, exotic subclasses
+            continue
+        if key and key not in excluded and key not in found and st.nbytes():
+            found[key] = st
     return found
 
 
