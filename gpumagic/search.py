@@ -9,6 +9,16 @@ to bracketing: doubling while nothing has failed, then bisection, each guess rep
 secant through the two largest sizes that ran when that lands inside the bracket; the
 recommendation then interpolates the measured peaks instead of trusting the line.
 
+A common shape is not a line but a hinge, ``peak(b) ≈ max(flat, a + s·b)``: with Adam at small
+batches the optimizer step's temporaries set the peak and the batch barely shows, while the
+activations, steeper, take over past a knee. Peak memory is the largest of such affine terms, so
+it is convex: a slope measured at small sizes can only under-estimate the slope further up. So
+the points are split into pieces where the secant turns clearly steeper, and only the top piece
+predicts. While the batch is under 5% of the peak (no knee seen yet) a trial grows the batch at
+most 8× (more only where peak(b) ≤ peak(lo)·b/lo, true for any term with a non-negative
+intercept, still fits); a failure there is bisected geometrically. With one size above a knee
+the next grows by that proportional bound, and two give the steeper piece its slope.
+
 Some stops are not memory limits and are reported as such: the batch size not reaching the loop
 at all (memory identical at every size), the batch already holding the whole data set (memory
 stops growing, or a trial makes no steps), ``max_size``, and memory growing so little that the
@@ -44,10 +54,19 @@ _MAX_STEP_GROWTH = 256
 """Without max_size or a data-set size, one trial never exceeds this multiple of the largest run."""
 _CEILING = 2**24
 """Nor this size: memory that grows so little is better described than searched further."""
-_FLAT_WIDTH = 64
-"""Identical peaks over sizes this many times apart mean the batch size does not reach the loop."""
-_SAME_BYTES_ABS = 4096
+_FLAT_JUMP = 64
+"""After two identical peaks the next trial is this many times larger (later ones _PROBE_GROWTH)."""
+_FLAT_WIDTH = 512
+"""Identical peaks over sizes this many times apart mean the batch size does not reach the loop
+(over a narrower span they may be the flat start of a hinge, see _SHARE)."""
+_SAME_BYTES_ABS = 16384
 _SAME_BYTES_REL = 1e-5
+_SHARE = 0.05
+"""While the batch holds less than this share of the peak, fixed costs set it (Adam's step, say),
+and a steeper per-sample term (activations) may be hidden below it: no trial grows more than
+_PROBE_GROWTH times (or the proportional bound, when that allows more)."""
+_BEND = 0.25
+"""A secant this much steeper than the piece below it, beyond noise, starts a new piece."""
 _MISS = 0.03
 """A prediction off by more than this share of the capacity is a miss; two misses end the fit."""
 _TIGHT = 0.02
@@ -172,8 +191,11 @@ class _Search:
         bounds = [h for h in (self.oom_hi, self.empty_hi) if h is not None]
         return min(bounds) if bounds else None
 
+    def noise(self, p: int) -> float:
+        return max(_SAME_BYTES_ABS, _SAME_BYTES_REL * p)
+
     def same(self, p: int, q: int) -> bool:
-        return abs(p - q) <= max(_SAME_BYTES_ABS, _SAME_BYTES_REL * max(p, q))
+        return abs(p - q) <= self.noise(max(p, q))
 
     # -- the search -----------------------------------------------------------------------------
 
@@ -232,7 +254,8 @@ class _Search:
                 self.stop = "flat"
                 return None
             if lo != self.upper and lo < _CEILING:
-                return self.clamp(lo * _FLAT_WIDTH), None
+                # one long jump, then steps short enough to catch the knee of a hinge on the way
+                return self.clamp(lo * (_FLAT_JUMP if width < _FLAT_JUMP else _PROBE_GROWTH)), None
         plateau = self.plateau_step()
         if plateau is not None or self.stop:
             return plateau
@@ -252,10 +275,28 @@ class _Search:
             if hi is None:
                 return self.second_probe(), None
             return (below if below < lo else min(self.second_probe(), (lo + hi) // 2)), None
-        slope = self.local_slope() if self.bracketing else fit.bytes_per_sample
-        if slope <= 0:
-            return (lo + hi) // 2 if hi is not None else self.clamp(2 * lo), None
+        pieces = self.pieces()
+        top = pieces[-1]
+        if len(top) == 1:
+            # only the largest size is on the steeper piece: its slope is unknown yet
+            return self.proportional_step()
+        if self.bracketing:
+            slope = self.local_slope()
+        elif len(pieces) > 1:
+            top_fit = _weighted_fit((b, ran[b]) for b in top)
+            assert top_fit is not None
+            slope = top_fit.bytes_per_sample  # the flat start says nothing about the top
+        else:
+            slope = fit.bytes_per_sample
         p_lo = ran[lo]
+        # a line through a flat start hides the knee of a hinge: grow by bounded steps until the
+        # batch is a fair share of the peak (no bend seen yet, no failure above)
+        shallow = len(pieces) == 1 and slope * lo < _SHARE * p_lo
+        if slope <= 0:
+            if hi is None:
+                return self.clamp(2 * lo), None
+            return (self.split(lo, hi) if shallow and not self.bracketing else (lo + hi) // 2), None
+        bound = self.growth_bound() if shallow and hi is None and not self.bracketing else None
 
         def reach(limit: float) -> int:
             # anchored at the largest run: right for a line, and better than the global fit when
@@ -265,28 +306,97 @@ class _Search:
         if len(ran) < 3 and hi is None and not self.bracketing:
             room = reach(self.capacity)
             if room > 4 * lo:
-                return self.clamp(lo + max(1, math.floor(_PROBE_FRACTION * (room - lo)))), None
+                probe = self.clamp(lo + max(1, math.floor(_PROBE_FRACTION * (room - lo))))
+                return (probe if bound is None else min(probe, bound)), None
         cand = reach(self.capacity * (1 - (0.0 if self.verified else _FIRST_SAFETY)))
-        if cand <= lo:
-            cand = reach(self.capacity)
+        if cand - lo < _MIN_GAIN * lo:
+            cand = reach(self.capacity)  # the last percent below the capacity still holds samples
         if cand <= lo:
             self.stop = "fit"
             return None
         cand = self.clamp(cand)
+        if bound is not None and cand > bound:
+            return bound, None  # a probe, not a prediction to judge the line by
         if self.bracketing and hi is None:
             cand = min(cand, 2 * lo)  # doubling at most, towards a limit not seen yet
         if hi is not None and cand >= hi:
-            if hi == self.oom_hi and not self.bracketing and not self.stepped_back:
+            close = not shallow and p_lo + slope * (hi - lo) >= (1 - _MISS) * self.capacity
+            if hi == self.oom_hi and close and not self.bracketing and not self.stepped_back:
                 # the line overshoots an OOM by a little, usually: step back once, but at least
-                # halve the bracket; after that, bisect
+                # halve the bracket; after that, or when the line put the failure well below the
+                # capacity or came from a flat start (it is wrong there), bisect
                 self.stepped_back = True
                 cand = max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
+            elif shallow and not self.bracketing:
+                cand = self.split(lo, hi)
             else:
                 cand = (lo + hi) // 2
         elif cand - lo < _MIN_GAIN * lo:
             self.stop = "gain"
             return None
         return cand, p_lo + slope * (cand - lo)
+
+    @staticmethod
+    def split(lo: int, hi: int) -> int:
+        """Between a flat size that ran and a failure the knee of a hinge may be anywhere: split
+        the ratio, not the difference (arithmetic bisection would fail more often)."""
+        return min(hi - 1, max(lo + 1, math.isqrt(lo * hi)))
+
+    def pieces(self) -> list[list[int]]:
+        """The sizes that ran, ascending, split where memory starts to grow clearly faster.
+
+        Peak memory is the largest of a few affine terms (what is alive at the optimizer step, at
+        the end of the forward pass, ...), so it is convex in the batch size: a piece fitted at
+        small sizes can only under-estimate the slope further up. A size whose secant from the
+        piece below is ``_BEND`` steeper than that piece, beyond what noise of ``same`` size can
+        explain, starts a new piece; the last piece is the one that sets the peak at the top.
+        """
+        sizes = sorted(self.ran)
+        runs = [[sizes[0]]]
+        for b in sizes[1:]:
+            run = runs[-1]
+            if len(run) >= 2 and self.steeper(run, b):
+                runs.append([b])
+            else:
+                run.append(b)
+        return runs
+
+    def steeper(self, run: list[int], b: int) -> bool:
+        ran = self.ran
+        fit = _weighted_fit((x, ran[x]) for x in run)
+        assert fit is not None
+        last = run[-1]
+        noise = 2 * self.noise(ran[b])
+        below = max(0.0, fit.bytes_per_sample) + noise / (last - run[0])
+        return (ran[b] - ran[last] - noise) / (b - last) > (1 + _BEND) * below
+
+    def growth_bound(self) -> int:
+        """The largest next size while the batch is under ``_SHARE`` of the peak.
+
+        ``_PROBE_GROWTH`` times the largest run, or more when the capacity is many times the peak:
+        any term with a non-negative intercept obeys peak(b) <= peak(lo) * b / lo.
+        """
+        lo, p_lo = self.lo, self.ran[self.lo]
+        proportional = math.floor(lo * (1 - _FIRST_SAFETY) * self.capacity / p_lo)
+        return self.clamp(max(_PROBE_GROWTH * lo, proportional))
+
+    def proportional_step(self) -> tuple[int, float | None] | None:
+        """One size above a bend: grow as far as peak(b) <= peak(lo) * b / lo keeps under the capacity.
+
+        The bound holds for any term with a non-negative intercept (activations, the batch itself),
+        whatever its slope; the next size then gives the steeper piece its slope.
+        """
+        lo, hi, p_lo = self.lo, self.hi, self.ran[self.lo]
+        cand = math.floor(lo * (1 - _FIRST_SAFETY) * self.capacity / p_lo)
+        if cand - lo < _MIN_GAIN * lo:
+            cand = math.floor(lo * self.capacity / p_lo)  # a bound, not an estimate: safe to the capacity
+        cand = self.clamp(cand)
+        if hi is not None and cand >= hi:
+            cand = (lo + hi) // 2
+        elif cand - lo < _MIN_GAIN * lo:
+            self.stop = "gain"
+            return None
+        return cand, None
 
     def local_slope(self) -> float:
         """The secant through the two largest sizes that ran: all a bent curve tells about its top."""
@@ -503,7 +613,7 @@ def _result(
             "it runs, but with less headroom than asked"
         )
     basis = (f"by the fit ({_describe_fit(fit)})" if affine and fit is not None
-             else "by interpolating the measured peaks (memory is not affine in the batch size here)")
+             else f"by interpolating the measured peaks ({_shape(s, largest)})")
     pct = f"{1 - s.margin:.0%}"
 
     if pick == "pow2":
@@ -539,7 +649,11 @@ def _result(
     elif current is not None:
         lr = lr_note(current, rec, optimizer)
 
-    final_fit = _weighted_fit(s.fit_points(largest))  # with the throughput trials, if any
+    # The reported line: over the top piece when memory bends (a hinge), since that piece is what
+    # sets the peak near the capacity; over every size that ran otherwise.
+    pieces = s.pieces() if s.ran else []
+    top = [(b, s.ran[b]) for b in pieces[-1] if b <= largest] if len(pieces) > 1 else []
+    final_fit = _weighted_fit(top if len(top) >= 2 else s.fit_points(largest))
     if affine and final_fit is not None:
         predicted: int | None = final_fit.predict(rec)
     else:
@@ -583,6 +697,24 @@ def _result(
         device=device,
         notes=tuple(s.notes),
     )
+
+
+def _shape(s: _Search, largest: int) -> str:
+    """Why memory is not affine, in words: a flat start and a steeper top (a hinge), or just that."""
+    runs = [[b for b in run if b <= largest] for run in s.pieces()]
+    runs = [run for run in runs if run]
+    if len(runs) < 2 or len(runs[0]) < 2:
+        return "memory is not affine in the batch size here"
+    flat, top = runs[0], runs[-1]
+    low, high = s.ran[flat[0]], s.ran[flat[-1]]
+    if s.same(low, high) or high - low < _SHARE * high:
+        start = (f"the peak stays near {format_bytes(high)} up to {flat[-1]} (fixed costs, such as the optimizer "
+                 "step, set it)")
+    else:
+        start = f"the peak grows from {format_bytes(low)} at {flat[0]} to {format_bytes(high)} at {flat[-1]}"
+    top_fit = _weighted_fit((b, s.ran[b]) for b in top)
+    rate = f" by {format_bytes(round(top_fit.bytes_per_sample))}/sample" if top_fit is not None else " faster"
+    return f"memory is not affine in the batch size: {start}, then grows{rate} from {top[0]} on"
 
 
 def _interpolate_under(points: list[tuple[int, int]], limit: float) -> int | None:

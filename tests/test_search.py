@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,9 @@ def test_invariants_hold_over_a_grid_of_affine_devices():
         res = search(dev, capacity_bytes=cap)
         case = (intercept, slope, cap, [(t.batch_size, t.oom) for t in res.trials])
         assert_invariants(res, dev)
-        assert len(res.trials) <= 8, case
+        # A batch under 5% of the peak up to ~10^5 samples looks just like the flat start of a
+        # hinge whose knee lies that far out: there the search grows the batch at most 8× a trial.
+        assert len(res.trials) <= (9 if slope * 100_000 < 0.05 * intercept else 8), case
         assert res.oom_count <= 2, case
         true_max = min((cap - intercept) // slope, CEILING)
         if true_max >= 1:
@@ -171,6 +174,122 @@ def test_non_affine_memory_falls_back_and_reports_only_sizes_that_ran():
     assert res.recommended_batch_size is not None
     assert dev.memory(res.recommended_batch_size) <= 0.95 * CAP_700
     assert res.predicted_peak_bytes == pytest.approx(dev.memory(res.recommended_batch_size), rel=0.01)
+
+
+# -- hinges: a flat start, then steeper ----------------------------------------------------------
+# With Adam the optimizer step's temporaries set the peak at small batches (flat, up to the input
+# batch itself), the activations past a knee. Numbers from an MLP 256→1024→1024→1024→10 with Adam
+# on a 64 MiB CPU budget, data set 16384 samples: 46.47 MB flat, then about 34.5 MB + 16.4 KB/sample.
+
+HINGE_CAP = 67_108_864
+HINGE_DATA = 16_384
+
+
+def hinge(flat: float, intercept: float, slope: float, floor_slope: float = 0.0) -> Callable[[int], int]:
+    return lambda b: round(max(flat + floor_slope * (b - 2), intercept + slope * b))
+
+
+def adam_mlp(floor_slope: float = 0.0) -> Callable[[int], int]:
+    return hinge(46.47e6, 34.5e6, 16.4e3, floor_slope)
+
+
+def true_max(dev: Device, upper: int) -> int:
+    """The largest size that fits, for memory that grows with the batch (bisection)."""
+    lo, hi = 0, upper + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if dev.fits(mid) else (lo, mid)
+    return lo
+
+
+def jitter(memory: Callable[[int], int], seed: int, amplitude: int = 4 * KiB) -> Callable[[int], int]:
+    """Peaks that jitter by a few KiB, the same each time a size is asked (Device.fits agrees)."""
+    return lambda b: memory(b) + random.Random(seed * 1_000_003 + b).randint(-amplitude, amplitude)
+
+
+# the peaks measured at those sizes (bytes); between them the curve is piecewise linear, with the
+# knee near 680 and a second, steeper bend near 1250 (two activation terms taking over in turn)
+MLP_ADAM_MEASURED = {
+    2: 46_471_372, 3: 46_472_404, 192: 46_667_452, 640: 47_129_788, 700: 47_400_604, 1024: 51_716_284,
+    1163: 53_567_764, 1300: 55_466_336, 1536: 59_576_512, 1648: 61_527_104, 1800: 64_174_336,
+    1947: 66_734_488, 1968: 67_100_224, 2048: 68_493_504, 2134: 69_991_280,
+}
+
+
+def measured_mlp(b: int) -> int:
+    """Linear between the measured sizes, and beyond the last two."""
+    pairs = list(itertools.pairwise(sorted(MLP_ADAM_MEASURED.items())))
+    (b0, p0), (b1, p1) = next((pair for pair in pairs if b <= pair[1][0]), pairs[-1])
+    return round(p0 + (p1 - p0) * (b - b0) / (b1 - b0))
+
+
+@pytest.mark.parametrize("floor_slope", [0.0, 1032.0], ids=["flat", "input-batch-slope"])
+def test_hinge_from_adam_on_an_mlp_takes_seven_trials_without_leaping_to_the_dataset(floor_slope):
+    dev = Device(HINGE_CAP, adam_mlp(floor_slope), dataset=HINGE_DATA)
+    res = search(dev, capacity_bytes=HINGE_CAP, dataset_size=HINGE_DATA)
+    assert_invariants(res, dev)
+    best = true_max(dev, HINGE_DATA)
+    assert best == 1988
+    assert res.max_batch_size is not None
+    assert res.max_batch_size >= 0.98 * best
+    assert len(res.trials) <= 7
+    assert res.oom_count <= 1
+    assert max(dev.calls) <= 2 * best  # no leap on a slope measured where memory was flat
+    # the flat start is a hinge, not a batch size that misses the loop
+    assert "does not change memory" not in res.reason
+    assert "the peak stays near" in res.reason
+    assert "/sample from" in res.reason
+
+
+def test_measured_mlp_curve_with_two_bends_takes_seven_trials_without_oom():
+    dev = Device(HINGE_CAP, measured_mlp, dataset=HINGE_DATA)
+    res = search(dev, capacity_bytes=HINGE_CAP, dataset_size=HINGE_DATA)
+    assert_invariants(res, dev)
+    assert true_max(dev, HINGE_DATA) == 1968
+    assert res.max_batch_size is not None
+    assert res.max_batch_size >= 0.98 * 1968
+    assert len(res.trials) <= 7
+    assert res.oom_count == 0
+    assert res.recommended_batch_size is not None
+    assert dev.memory(res.recommended_batch_size) <= 0.95 * HINGE_CAP
+
+
+@pytest.mark.parametrize("floor_slope", [0.0, 1032.0], ids=["flat", "input-batch-slope"])
+def test_hinge_with_the_knee_near_the_capacity_bisects_with_one_oom(floor_slope):
+    # capacity 10% above the flat part: the knee is near 730-780 and only about 1010 fit, so the
+    # bounded step past the flat part fails once; the failure is split geometrically
+    cap = int(1.1 * 46.47e6)
+    dev = Device(cap, adam_mlp(floor_slope), dataset=HINGE_DATA)
+    res = search(dev, capacity_bytes=cap, dataset_size=HINGE_DATA)
+    assert_invariants(res, dev)
+    best = true_max(dev, HINGE_DATA)
+    assert 1000 <= best <= 1020
+    assert res.max_batch_size is not None
+    assert res.max_batch_size >= 0.98 * best
+    assert len(res.trials) <= 9
+    assert res.oom_count <= 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hinge_with_peaks_jittering_by_a_few_kib(seed):
+    dev = Device(HINGE_CAP, jitter(adam_mlp(1032.0), seed), dataset=HINGE_DATA)
+    res = search(dev, capacity_bytes=HINGE_CAP, dataset_size=HINGE_DATA)
+    assert_invariants(res, dev)
+    best = true_max(Device(HINGE_CAP, adam_mlp(1032.0)), HINGE_DATA)
+    assert res.max_batch_size is not None
+    assert res.max_batch_size >= 0.98 * best
+    assert len(res.trials) <= 7
+    assert res.oom_count <= 1
+
+
+def test_affine_memory_with_jitter_keeps_its_trial_count():
+    dev = Device(CAP_700, jitter(affine(100 * MiB, MiB), seed=1))
+    res = search(dev, capacity_bytes=CAP_700)
+    assert_invariants(res, dev)
+    assert len(res.trials) <= 5
+    assert res.oom_count <= 1
+    assert res.max_batch_size is not None
+    assert res.max_batch_size >= 665
 
 
 def test_flat_memory_stops_and_suggests_the_loader_option():
