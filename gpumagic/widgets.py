@@ -203,7 +203,10 @@ def _band(result: BatchSearchResult) -> float:
     if fit is None:
         return 0.0
     worst = 0.01
-    for t in _measured(result):
+    # the fit covers the largest sizes that ran (on a hinge, only the piece above the bend):
+    # the band shows how well it describes those, not the flat part below
+    used = sorted(_measured(result), key=lambda t: t.batch_size)[-fit.points:] if fit.points else _measured(result)
+    for t in used:
         predicted = fit.predict(t.batch_size)
         if predicted > 0 and t.peak_bytes is not None:
             worst = max(worst, abs(t.peak_bytes - predicted) / predicted)
@@ -306,7 +309,11 @@ class _SearchPlot:
         if result.fit is not None:
             import numpy as np
 
-            xs = np.linspace(0.0, x_right, 50)
+            # on a hinge the line holds from the smallest size it was fitted on; below that the
+            # measured points (the flat part) speak for themselves
+            fitted = sorted(t.batch_size for t in _measured(result))[-result.fit.points:] if result.fit.points else []
+            x_left = fitted[0] if fitted and result.fit.points < len(_measured(result)) else 0.0
+            xs = np.linspace(float(x_left), x_right, 50)
             ys = (result.fit.intercept_bytes + result.fit.bytes_per_sample * xs) / scale
             band = _band(result)
             ax.fill_between(xs, ys * (1 - band), ys * (1 + band), color=_GREY, alpha=0.15, lw=0,
