@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
-    from gpumagic.oom import Advice, OOMInfo, advise
+    from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
     from gpumagic.tracking import Tracker, track
 
@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
+    "AdviceContext",
     "BatchSearchResult",
     "DeviceStatus",
     "Fit",
@@ -71,6 +72,7 @@ _LAZY = {
     "free_memory": "gpumagic.devices",
     "OOMInfo": "gpumagic.oom",
     "Advice": "gpumagic.oom",
+    "AdviceContext": "gpumagic.oom",
     "advise": "gpumagic.oom",
     "parse_oom": "gpumagic.oom",
 }
