@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import gpumagic
 
 EXPECTED = {
@@ -23,12 +25,8 @@ def test_every_public_name_resolves():
 
 
 def test_unknown_attributes_raise_attribute_error():
-    try:
+    with pytest.raises(AttributeError, match="no_such_thing"):
         gpumagic.no_such_thing  # noqa: B018
-    except AttributeError as e:
-        assert "no_such_thing" in str(e)
-    else:
-        raise AssertionError("expected AttributeError")
 
 
 def test_result_classes_are_frozen():
