@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import random
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 
 from gpumagic._gcscan import instances_of
-from gpumagic.devices import DeviceLike, resolve_budget, resolve_device
+from gpumagic.devices import DeviceLike, release_memory, resolve_budget, resolve_device
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -44,17 +42,6 @@ def _is_oom(exc: BaseException) -> bool:
 
         return oom.parse(exc) is not None
     return False
-
-
-def _free_failed(exc: BaseException) -> None:
-    """A caught OOM's frames hold the trial's tensors: clear them and collect."""
-    tb = exc.__traceback__
-    if tb is not None:
-        traceback.clear_frames(tb)
-    exc.__traceback__ = None
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +238,6 @@ class _Observed:
     dataset_size: int | None = None
     drop_last: bool = False
     loader_batches: list[int] = field(default_factory=list)
-    optimizer: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -300,7 +286,8 @@ class TrialRunner:
             if not _is_oom(e):
                 raise
             oom = True
-            _free_failed(e)
+            release_memory(e)  # the trial's frames hold its tensors
+            e.__traceback__ = None
             del e
         finally:
             seconds = time.perf_counter() - t0
@@ -366,11 +353,12 @@ def _run_search(
     margin: float,
     pick: str,
     effective: int | None,
-    optimizer: str | None,
+    objects: list[Any],
     current: int | None,
     progress: bool,
     notes: list[str],
 ) -> BatchSearchResult:
+    """Run the search over ``runner``; the result carries ``notes`` and what the trials noticed."""
     from gpumagic import search as search_mod
     from gpumagic._units import format_bytes
 
@@ -412,7 +400,7 @@ def _run_search(
             margin=margin,
             pick=pick,
             effective=effective,
-            optimizer=optimizer,
+            optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
             current_batch_size=current,
             progress=on_trial,
             device=str(runner.device),
@@ -425,9 +413,8 @@ def _run_search(
     finally:
         if bar is not None:
             bar.close()
-    if notes:
-        result = _with_notes(result, notes)
-    return result
+    notes = notes + runner.observed.notes
+    return _with_notes(result, notes) if notes else result
 
 
 def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
@@ -449,7 +436,7 @@ def _check_loader_follows(obs: _Observed, b: int) -> None:
     sizes = obs.loader_batches
     if not sizes:
         return
-    full = [s for s in sizes[:-1]] or sizes
+    full = sizes[:-1] or sizes  # the last batch of an epoch may be short
     obs.loader_batches = []
     if all(s != b for s in full) and (obs.dataset_size is None or b < obs.dataset_size):
         raise LoaderMismatch(
@@ -498,14 +485,12 @@ def find_batch(
         trial_fn, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
         has_optimizer=has_opt, observed=observed,
     )
-    opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
     try:
-        result = _run_search(
+        return _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
-            optimizer=opt_name, current=None, progress=progress, notes=[note] if note else [],
+            objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
-        return _with_notes(result, observed.notes)
     finally:
         snapshot.restore()
 
@@ -619,14 +604,12 @@ def find_batch_in_shell(
         drop_last = bool(original_loader.drop_last)
     runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
                          has_optimizer=has_opt, observed=observed)
-    opt_name = next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None)
     try:
-        result = _run_search(
+        return _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
-            optimizer=opt_name, current=current_b, progress=True, notes=notes,
+            objects=objects, current=current_b, progress=True, notes=notes,
         )
-        return _with_notes(result, observed.notes)
     finally:
         snapshot.restore()
 

@@ -6,9 +6,11 @@ exists and the caller's tensors live there).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import re
+import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,8 +25,10 @@ __all__ = [
     "free_memory",
     "holders",
     "open_session",
+    "release_memory",
     "resolve_budget",
     "resolve_device",
+    "storage_bytes",
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
@@ -117,7 +121,10 @@ def open_session(device: torch.device, budget: int | None = None, exclude: Itera
     return CPUSession(budget, exclude=exclude)
 
 
-def _storage_bytes(t: torch.Tensor, device: torch.device, seen: set[int]) -> int:
+def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
+    """Bytes of ``t``'s storage if it is a tensor on ``device`` not in ``seen`` (then added), else 0."""
+    if not isinstance(t, torch.Tensor):
+        return 0
     if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
         return 0
     try:
@@ -166,7 +173,7 @@ def holders(namespace: Mapping[str, Any], device: torch.device, top: int = 5) ->
         )):
             continue
         seen: set[int] = set()
-        n = sum(_storage_bytes(t, device, seen) for t in _tensors_in(value))
+        n = sum(storage_bytes(t, device, seen) for t in _tensors_in(value))
         if n:
             out.append((name, n))
     out.sort(key=lambda kv: -kv[1])
@@ -216,6 +223,21 @@ def device_status(device: DeviceLike = None) -> DeviceStatus:
     )
 
 
+def release_memory(exc: BaseException | None) -> None:
+    """Free what a failed block's frames hold (their locals keep the tensors alive), collect
+    garbage and return cached blocks. The traceback itself stays usable (``%tb`` still works)."""
+    if exc is not None:
+        ctx: BaseException | None = exc
+        while ctx is not None and ctx.__traceback__ is not None:
+            traceback.clear_frames(ctx.__traceback__)
+            ctx = ctx.__context__
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if _mps_ok():
+        torch.mps.empty_cache()
+
+
 def free_memory(namespace: Mapping[str, Any] | None = None, device: DeviceLike = None) -> DeviceStatus:
     """Collect garbage, return cached blocks to the driver, and report what is still held.
 
@@ -233,5 +255,5 @@ def free_memory(namespace: Mapping[str, Any] | None = None, device: DeviceLike =
         from gpumagic._units import format_bytes
 
         extra = tuple(f"still held by {name!r}: {format_bytes(n)}" for name, n in held)
-        status = DeviceStatus(**{**status.__dict__, "notes": status.notes + extra})
+        status = dataclasses.replace(status, notes=status.notes + extra)
     return status

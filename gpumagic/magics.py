@@ -11,11 +11,10 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 from __future__ import annotations
 
 import ast
-import gc
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from IPython.core import magic_arguments
@@ -115,24 +114,6 @@ def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
     return render
 
 
-def release_memory(exc: BaseException | None) -> None:
-    """Free what a failed cell's frames hold, keeping the traceback (and %tb) usable."""
-    if exc is not None and exc.__traceback__ is not None:
-        traceback.clear_frames(exc.__traceback__)
-        ctx = exc.__context__
-        while ctx is not None and ctx.__traceback__ is not None:
-            traceback.clear_frames(ctx.__traceback__)
-            ctx = ctx.__context__
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        mps = getattr(torch, "mps", None)
-        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            mps.empty_cache()
-
-
 def fit_from_report(report: Any) -> tuple[float, float] | None:
     """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
     what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
@@ -176,6 +157,8 @@ class OOMPresenter:
             advice = oom.advise(info, self._context(info, report, batch_size, names_used(self.shell, cell)))
             display(advice)
         finally:
+            from gpumagic.devices import release_memory
+
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
             exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
             release_memory(exc)
@@ -598,7 +581,3 @@ def unload(shell: InteractiveShell) -> None:
             while (t := tracking.active_tracker()) is not None:
                 t._teardown()
 
-
-def loaded_magic_names(shell: InteractiveShell) -> Iterable[str]:
-    table = shell.magics_manager.magics
-    return [n for kind, names in _MAGIC_NAMES.items() for n in names if n in table[kind]]

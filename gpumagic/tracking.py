@@ -236,14 +236,6 @@ class Tracker:
             raise RuntimeError("the report is ready when the tracked block has ended")
         return self._report
 
-    @property
-    def steps_done(self) -> int:
-        return self._opt_steps if self._opt_steps else self._backwards
-
-    @property
-    def samples_seen(self) -> int:
-        return self._samples
-
     def __enter__(self) -> Tracker:
         if _ACTIVE:
             raise RuntimeError(
@@ -281,7 +273,6 @@ class Tracker:
         self._in_step: list[_Root] = []
         self._acc_peak = 0
         self._last_batch: int | None = None
-        self._samples = 0
         self._scaler_step_depth = 0
         self._scaler_stepped = False
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -462,7 +453,6 @@ class Tracker:
                 terms = [(r.value, 1.0 / n) for r in roots]
         if roots and all(r.batch is not None for r in roots):
             batch = sum(r.batch or 0 for r in roots)
-            self._samples += batch
         rec = _Rec(self._records.total, terms, peak, seconds, batch)
         self._records.add(rec)
         if self._on_step is not None:
@@ -471,21 +461,12 @@ class Tracker:
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
         """Parameters, gradients and optimizer state of the optimizers seen; the rest is other."""
-        dev = self.device
+        from gpumagic.devices import storage_bytes
+
         seen: set[int] = set()
 
         def nbytes(t: Any) -> int:
-            if not isinstance(t, torch.Tensor) or t.device.type != dev.type:
-                return 0
-            try:
-                st = t.untyped_storage()
-                key = st.data_ptr()
-            except (RuntimeError, NotImplementedError, TypeError):
-                return 0
-            if not key or key in seen:
-                return 0
-            seen.add(key)
-            return int(st.nbytes())
+            return storage_bytes(t, self.device, seen)
 
         params = grads = state = 0
         for opt in list(self._optimizers):
@@ -540,11 +521,9 @@ class Tracker:
 
 def _compiled_note() -> str | None:
     """torch.compile'd code allocates below the dispatcher on cpu: say so instead of guessing."""
-    dynamo = __import__("sys").modules.get("torch._dynamo")
-    if dynamo is None:
-        return None
-    counters = getattr(getattr(dynamo, "utils", None), "counters", None)
-    if counters and counters.get("stats", {}).get("unique_graphs", 0):
+    from gpumagic.backends.cpu import compile_graphs_exist
+
+    if compile_graphs_exist():
         return (
             "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
             "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"

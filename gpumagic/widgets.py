@@ -197,16 +197,22 @@ def _predicted_peak(result: BatchSearchResult, b: int) -> int | None:
     return None if value is None else round(value)
 
 
+def _fitted(result: BatchSearchResult) -> list[Trial]:
+    """The trials the fit was made on: the largest sizes that ran (on a hinge, only the piece
+    above the bend), all of them when the fit does not say."""
+    measured = _measured(result)
+    points = result.fit.points if result.fit is not None else 0
+    return measured[-points:] if points else measured
+
+
 def _band(result: BatchSearchResult) -> float:
     """Half-width of the fit's band, relative: the largest relative residual, at least 1%."""
     fit = result.fit
     if fit is None:
         return 0.0
     worst = 0.01
-    # the fit covers the largest sizes that ran (on a hinge, only the piece above the bend):
-    # the band shows how well it describes those, not the flat part below
-    used = sorted(_measured(result), key=lambda t: t.batch_size)[-fit.points:] if fit.points else _measured(result)
-    for t in used:
+    # how well the fit describes the trials it covers, not the flat part of a hinge below them
+    for t in _fitted(result):
         predicted = fit.predict(t.batch_size)
         if predicted > 0 and t.peak_bytes is not None:
             worst = max(worst, abs(t.peak_bytes - predicted) / predicted)
@@ -311,8 +317,8 @@ class _SearchPlot:
 
             # on a hinge the line holds from the smallest size it was fitted on; below that the
             # measured points (the flat part) speak for themselves
-            fitted = sorted(t.batch_size for t in _measured(result))[-result.fit.points:] if result.fit.points else []
-            x_left = fitted[0] if fitted and result.fit.points < len(_measured(result)) else 0.0
+            fitted = _fitted(result)
+            x_left = fitted[0].batch_size if len(fitted) < len(_measured(result)) else 0.0
             xs = np.linspace(float(x_left), x_right, 50)
             ys = (result.fit.intercept_bytes + result.fit.bytes_per_sample * xs) / scale
             band = _band(result)

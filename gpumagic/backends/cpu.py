@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gpumagic._gcscan import instances_of
 from gpumagic._units import format_size_torch
 
-__all__ = ["CPUSession", "live_storages", "live_tracker_bytes", "simulated_oom_message"]
+__all__ = ["CPUSession", "compile_graphs_exist", "live_storages", "live_tracker_bytes", "simulated_oom_message"]
 
 _Tensor = torch.Tensor
 _SEQ = (tuple, list)
@@ -151,7 +151,8 @@ class _CompileSafeMode(_Mode):
     __torch_dispatch__ = _Mode.__torch_dispatch__  # re-declared so torch wraps it
 
 
-def _compile_used() -> bool:
+def compile_graphs_exist() -> bool:
+    """Whether torch.compile has made a graph in this process (read without importing dynamo)."""
     import sys
 
     dynamo = sys.modules.get("torch._dynamo")
@@ -253,7 +254,7 @@ class CPUSession:
             )
         if not _FAST_OK:
             _FAST_OK.append(_register_dynamo_skips())
-        fast = _FAST_OK[0] and not _compile_used()
+        fast = _FAST_OK[0] and not compile_graphs_exist()
         self._mode = _Mode(self) if fast else _CompileSafeMode(self)
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         _ACTIVE.append(self)
