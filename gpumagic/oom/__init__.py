@@ -1,0 +1,27 @@
+"""Out-of-memory errors: read every figure the message states, then advise with numbers.
+
+``parse`` turns an error (an exception, or text: a message, a traceback, a log) into an
+:class:`OOMInfo` with the figures as ``int`` bytes, or ``None`` when it is not an out-of-memory
+error. It reads the wordings of PyTorch 1.0 to 2.x (CUDA, ROCm/HIP, XPU, MPS, CPU; the caching
+allocator and the cudaMallocAsync backend), plus JAX/XLA, TensorFlow and numpy allocation
+failures, also when wrapped by a terminal, quoted in an issue, or cut short.
+
+``advise`` turns an ``OOMInfo`` and what the notebook knows (:class:`AdviceContext`) into an
+:class:`Advice`: ranked suggestions whose numbers are derived from those figures, and a list of
+what could not be derived.
+
+    >>> info = parse("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total "
+    ...              "capacity; 6.64 GiB already allocated; 21.00 MiB free; 150.86 MiB cached)")
+    >>> info.tried_to_allocate, info.free
+    (20971520, 22020096)
+
+Parsing lives in ``_parse.py`` (formats), advice in ``_advice.py`` (rules). Only the standard
+library and gpumagic's private modules are imported: no torch needed.
+"""
+
+from __future__ import annotations
+
+from gpumagic.oom._advice import Advice, AdviceContext, Suggestion, advise
+from gpumagic.oom._parse import FIGURES, OOMInfo, parse
+
+__all__ = ["FIGURES", "Advice", "AdviceContext", "OOMInfo", "Suggestion", "advise", "parse"]
