@@ -6,20 +6,21 @@ Only the standard library and gpumagic's private modules are imported: no torch 
 from __future__ import annotations
 
 import re
+import string
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from gpumagic._units import format_bytes
 
-__all__ = ["FIGURES", "OOMInfo", "parse"]
+__all__ = ["FIGURES", "OOMInfo", "OOMKind", "parse"]
 
 GiB: Final = 2**30
 MiB: Final = 2**20
-# Printed values this large stand for "no limit"/"unknown": PyTorch prints SIZE_MAX (2**64) as
-# "17179869184.00 GiB" when no memory fraction is set. No device holds 8 EiB.
+# A limit printed this large means "no limit": PyTorch prints SIZE_MAX (2**64) as
+# "17179869184.00 GiB" or "16.00 EiB" when no memory fraction is set. No device holds 8 EiB.
 _UNKNOWN_FROM: Final = 2**63
 # The margin kept free when a batch size is computed from a fit or a proportion.
 _MARGIN: Final = 0.95
@@ -27,6 +28,26 @@ _MARGIN: Final = 0.95
 # ---------------------------------------------------------------------------------------------
 # OOMInfo
 # ---------------------------------------------------------------------------------------------
+
+# The wordings a message can have; ``OOMInfo.kind`` is one of them.
+OOMKind = Literal[
+    "cuda_caching_allocator",  # PyTorch 1.x's parenthesised message (also HIP and XPU)
+    "cuda_sentence",  # PyTorch 2.1+: "GPU 0 has a total capacity of ... of which ... is free."
+    "cuda_malloc_async",  # the cudaMallocAsync backend's table
+    "cuda_error",  # CUDA's own error 2, from any runtime: no figures
+    "cublas",  # CUBLAS_STATUS_ALLOC_FAILED: no figures
+    "cudnn",  # CUDNN_STATUS_ALLOC_FAILED: no figures
+    "cuda_library",  # cuSOLVER, cuSPARSE, cuFFT allocation failures: no figures
+    "xpu_allocation_limit",  # Intel XPU's refusal of one block over 4 GB
+    "mps",  # Apple's MPS allocator
+    "cpu_allocator",  # PyTorch's CPU allocator
+    "numpy",  # numpy's "Unable to allocate ... array with shape"
+    "python_memory_error",  # a bare MemoryError
+    "xla_resource_exhausted",  # XLA (JAX, TensorFlow, torch_xla) at run time
+    "xla_tpu_compile",  # a TPU program that does not fit, found when compiling
+    "tensorflow",  # TensorFlow's own allocators
+    "out_of_memory_error",  # only the exception class says it
+]
 
 # The numeric fields, in bytes. Listed once so tests, scoring and rendering agree.
 FIGURES: Final = (
@@ -49,11 +70,7 @@ FIGURES: Final = (
 class OOMInfo:
     """What an out-of-memory message states. Sizes are ``int`` bytes; ``None`` where not stated.
 
-    ``kind`` names the wording: ``cuda_caching_allocator`` (the parenthesised message of PyTorch
-    1.x, also for HIP and XPU), ``cuda_sentence`` (2.1+), ``cuda_malloc_async``, ``cuda_error``,
-    ``cublas``, ``cudnn``, ``cuda_library``, ``xpu_allocation_limit``, ``mps``,
-    ``cpu_allocator``, ``numpy``, ``python_memory_error``, ``xla_resource_exhausted``,
-    ``xla_tpu_compile``, ``tensorflow``, or ``out_of_memory_error`` (only the class is known).
+    ``kind`` names the wording (:data:`OOMKind`).
     ``device_type`` is "cuda", "hip", "xpu", "mps", "cpu", "gpu" (TensorFlow), "xla", "tpu", or
     ``None``; ``simulated`` marks gpumagic's own budget on cpu.
 
@@ -65,7 +82,7 @@ class OOMInfo:
     compiled XLA program needs ("Used X of Y hbm"). ``message`` is the error as found.
     """
 
-    kind: str
+    kind: OOMKind
     device_type: str | None = None
     device_index: int | None = None
     tried_to_allocate: int | None = None
@@ -116,8 +133,10 @@ class OOMInfo:
 # ---------------------------------------------------------------------------------------------
 
 # A printed size: "20.00 MiB", "512 bytes", "2.00GiB" (TensorFlow), "139. MiB" (numpy),
-# "21.95G" (XLA), "18.09 GB" (MPS, binary despite the name).
-_SZ: Final = r"\d+(?:\.\d*)?\s?(?:bytes?|[KMGTPE]i?B|B|[KMGTPE](?![A-Za-z]))"
+# "21.95G" (XLA), "18.09 GB" (MPS, binary despite the name). Digit runs are bounded and must
+# start a number, so a pattern tried at every position of a long run of digits fails at once:
+# every search below stays linear in the length of the text.
+_SZ: Final = r"(?<![\d.])\d{1,24}(?:\.\d{0,24})?\s?(?:bytes?|[KMGTPE]i?B|B|[KMGTPE](?![A-Za-z]))"
 _NUM_UNIT: Final = re.compile(r"(\d+(?:\.\d*)?)\s?([A-Za-z]*)")
 _UNIT: Final = {
     "": 1,
@@ -131,8 +150,9 @@ _UNIT: Final = {
 def _bytes(text: str | None) -> int | None:
     """``"1.50 GiB"`` -> 1610612736: printed value times its (binary) unit, rounded half up.
 
-    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). A value
-    of 2**63 or more means "unknown" (PyTorch prints SIZE_MAX when no limit is set).
+    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). Values
+    are kept as printed, also absurd ones: "16.00 EiB" is an unsigned underflow in PyTorch's
+    report and says so; only a limit printed as SIZE_MAX means "no limit" (see ``_limit``).
     """
     if text is None:
         return None
@@ -143,18 +163,31 @@ def _bytes(text: str | None) -> int | None:
         value = Decimal(m.group(1)) * _UNIT[m.group(2).lower()]
     except InvalidOperation:
         return None
-    n = int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
-    return None if n >= _UNKNOWN_FROM else n
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _limit(text: str | None) -> int | None:
+    """A memory limit: PyTorch prints SIZE_MAX ("17179869184.00 GiB", "16.00 EiB") when none is set."""
+    n = _bytes(text)
+    return None if n is None or n >= _UNKNOWN_FROM else n
 
 
 # ---------------------------------------------------------------------------------------------
 # Text normalisation
 # ---------------------------------------------------------------------------------------------
 
-_ANSI: Final = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# Leading whitespace and quote/comment markers ("> " in issues, "# " in code comments).
-_LEAD: Final = re.compile(r"^[ \t]*(?:[#>][ \t]?)*[ \t]*")
-_SPACE: Final = re.compile(r"\s+")
+_ANSI: Final = re.compile(r"\x1b\[[0-9;?]{0,32}[A-Za-z]")
+# Leading whitespace, quote/comment markers ("> " in issues, "# " in code comments) and the
+# left border of a rich traceback box, on every line.
+_LEAD: Final = re.compile(r"^[ \t]*(?:[#>\u2502\u2503][ \t]?)*[ \t]*", re.MULTILINE)
+# What log frameworks put at the right of a line: rich's "file.py:123" column (after two blanks)
+# and a traceback box's border. Matched in the reversed text, where they open a line: a pattern
+# anchored at a line start is tried once per line, not at every position.
+_TRAIL_REVERSED: Final = re.compile(
+    r"^[ \t]*(?:[\u2502\u2503]|\d{1,6}:yp\.[\w.<>-]{1,80}(?=[ \t]{2}))[ \t]*", re.MULTILINE
+)
+# A terminal's wrap matters for the message a log ends with: undo it over this much of the end.
+_HARD_WRAP_TAIL: Final = 64 * 1024
 
 
 def _variants(raw: str) -> list[str]:
@@ -162,122 +195,36 @@ def _variants(raw: str) -> list[str]:
 
     A terminal wraps at a fixed width, mid-word or mid-number ("20.0" / "0 MiB"): lines of
     exactly that width are joined to the next without a space. Both versions are parsed and
-    the one that yields more figures wins.
+    the one that yields more figures wins. Regular expressions run over the whole text, never
+    once per line, so a text of a million short lines costs what one long line does.
     """
     raw = _ANSI.sub("", raw).replace("\r\n", "\n").replace("\r", "\n")
-    lines = raw.split("\n")
-    soft = _SPACE.sub(" ", " ".join(_LEAD.sub("", line) for line in lines)).strip()
+    if "\u2502" in raw or "\u2503" in raw or ".py:" in raw:
+        raw = _TRAIL_REVERSED.sub("", raw[::-1])[::-1]
+    soft = " ".join(_LEAD.sub("", raw).split())
     out = [soft]
-    widths = Counter(len(line) for line in lines if len(line) >= 20)
+    lines = raw[-_HARD_WRAP_TAIL:].split("\n")
+    widths = Counter(n for n in map(len, lines) if n >= 20)
     if widths:
         width, count = widths.most_common(1)[0]
         if count >= 2:
             parts: list[str] = []
             wrapped = False
             for line in lines:
-                parts.append(line if wrapped else " " + _LEAD.sub("", line))
+                parts.append(line if wrapped else " " + _LEAD.sub("", line, count=1))
                 wrapped = len(line) == width
-            hard = _SPACE.sub(" ", "".join(parts)).strip()
+            hard = " ".join("".join(parts).split())
             if hard != soft:
                 out.append(hard)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Anchors: where a message starts, and which reader reads it
+# Readers, one per wording: (window, anchor match) -> (fields, where the message ends)
 # ---------------------------------------------------------------------------------------------
 
-_DEV_WORD: Final = {"CUDA": "cuda", "HIP": "hip", "XPU": "xpu", "MTIA": "mtia", "NPU": "npu"}
-
-# "CUDA" may be glued to the word before it (an issue title "whyCUDA out of memory."); the
-# shorter names need a boundary. The period keeps prose ("If you encounter CUDA out of memory,") out.
-_A_ALLOCATOR: Final = re.compile(r"(?P<dev>CUDA|(?<![A-Za-z])(?:HIP|XPU|MTIA|NPU)) out of memory(?:\.|\s*$)")
-_A_BLOCK_LIMIT: Final = re.compile(r"Current platform can NOT allocate memory block with size larger than \d+\s?GB!")
-_A_ASYNC: Final = re.compile(r"Allocation on device\s*(?P<idx>\d+)?\s*would exceed allowed memory")
-_A_MPS: Final = re.compile(r"MPS backend out of memory")
-_A_CPU: Final = re.compile(
-    r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory): you tried to allocate "
-    r"(?:(?P<n>\d+) bytes|\d+\s?GB)"
-)
-_A_NUMPY: Final = re.compile(
-    rf"Unable to allocate (?:(?P<size>{_SZ}) for an )?array with shape \((?P<shape>[^)]*)\)"
-    r"(?: and data type (?P<dtype>[\w<>|]+))?"
-)
-_A_XLA: Final = re.compile(
-    r"(?:RESOURCE_EXHAUSTED|Resource exhausted):\s*Out of memory (?:while trying to allocate|allocating)\s*"
-    r"(?P<n>\d+)\s*bytes",
-    re.IGNORECASE,
-)
-_A_XLA_COMPILE: Final = re.compile(
-    rf"Ran out of memory in memory space (?P<space>\w+)\."
-    rf"(?:\s*Used (?P<used>{_SZ}) of (?P<cap>{_SZ}) (?P=space)\.)?"
-    rf"(?:\s*Exceeded (?P=space) capacity by (?P<over>{_SZ}))?"
-)
-_A_TF_TENSOR: Final = re.compile(
-    r"OOM when allocating tensor (?:with|of) shape\s*\[(?P<shape>[^\]]*)\]"
-    r"(?: and type (?P<dtype>\w+))?(?: on (?P<on>\S+?))?(?: by allocator (?P<alloc>\w+))?(?=[\s\[]|$)"
-)
-_A_TF_BFC: Final = re.compile(rf"Allocator \((?P<alloc>\w+)\) ran out of memory trying to allocate (?P<size>{_SZ})")
-_A_TF_DEVICE: Final = re.compile(
-    rf"failed to allocate (?P<size>{_SZ}) \((?P<n>\d+) bytes\) from device: "
-    r"CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
-)
-_A_CUDA_ERROR: Final = re.compile(
-    r"(?P<dev>CUDA|HIP) error:\s*out of memory|cuda runtime error \(2\) ?: out of memory|"
-    r"error=2 : out of memory|CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation|hipErrorOutOfMemory",
-    re.IGNORECASE,
-)
-_A_CUBLAS: Final = re.compile(
-    r"(?:CUDA error: )?CUBLAS_STATUS_ALLOC_FAILED(?: when calling `[^`]*`)?|failed to create cublas handle: "
-    r"CUBLAS_STATUS_ALLOC_FAILED",
-    re.IGNORECASE,
-)
-_A_CUDNN: Final = re.compile(r"(?:cuDNN error: )?CUDNN_STATUS_ALLOC_FAILED", re.IGNORECASE)
-_A_CULIB: Final = re.compile(r"CU(?:SOLVER|SPARSE)_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED")
-
-# Only when nothing above matched: a traceback line naming an out-of-memory exception class.
-_A_OOM_CLASS: Final = re.compile(r"^\s*(?:[\w.]+\.)?OutOfMemoryError: \S.*$", re.MULTILINE)
-_A_MEMORY_ERROR: Final = re.compile(r"^\s*(?:[\w.]*\.)?MemoryError(?:: .*)?\s*$", re.MULTILINE)
-
-_ANCHORS: Final = (
-    ("allocator", _A_ALLOCATOR),
-    ("block_limit", _A_BLOCK_LIMIT),
-    ("async", _A_ASYNC),
-    ("mps", _A_MPS),
-    ("cpu", _A_CPU),
-    ("numpy", _A_NUMPY),
-    ("xla", _A_XLA),
-    ("xla_compile", _A_XLA_COMPILE),
-    ("tf_tensor", _A_TF_TENSOR),
-    ("tf_bfc", _A_TF_BFC),
-    ("tf_device", _A_TF_DEVICE),
-    ("cuda_error", _A_CUDA_ERROR),
-    ("cublas", _A_CUBLAS),
-    ("cudnn", _A_CUDNN),
-    ("cuda_library", _A_CULIB),
-)
-
-# Wordings that state no figure; each is also the kind it reads as.
-_NO_FIGURES: Final = frozenset({"cuda_error", "cublas", "cudnn", "cuda_library"})
-# A message's own fields never lie further than this from where it starts.
-_WINDOW: Final = 2500
-
-
-def _anchors(text: str) -> list[tuple[str, re.Match[str]]]:
-    """Every message start in ``text``, in order, overlaps resolved in favour of the earlier one."""
-    found = [(name, m) for name, rx in _ANCHORS for m in rx.finditer(text)]
-    found.sort(key=lambda item: (item[1].start(), -item[1].end()))
-    kept: list[tuple[str, re.Match[str]]] = []
-    for name, m in found:
-        if kept and m.start() < kept[-1][1].end():
-            continue
-        kept.append((name, m))
-    return kept
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers, one per wording
-# ---------------------------------------------------------------------------------------------
+_DEV_WORD: Final = {"CUDA": "cuda", "HIP": "hip", "XPU": "xpu", "MTIA": "mtia", "NPU": "npu", "GPU": "cuda"}
+Values = dict[str, Any]
 
 
 class _Fields:
@@ -286,30 +233,42 @@ class _Fields:
     def __init__(self, window: str, start: int) -> None:
         self.window = window
         self.end = start
-        self.values: dict[str, Any] = {}
+        self.values: Values = {}
 
     def find(
-        self, pattern: str, name: str | None = None, *, pos: int = 0, end: int | None = None
+        self,
+        pattern: str,
+        name: str | None = None,
+        *,
+        pos: int = 0,
+        end: int | None = None,
+        read: Callable[[str | None], int | None] = _bytes,
     ) -> re.Match[str] | None:
         m = re.compile(pattern).search(self.window, pos, len(self.window) if end is None else end)
         if m is not None:
             self.end = max(self.end, m.end())
             if name is not None:
-                self.values[name] = _bytes(m.group(1))
+                self.values[name] = read(m.group(1))
         return m
 
 
-def _read_allocator(window: str, m: re.Match[str], *, kind: str | None = None) -> tuple[dict[str, Any], int]:
-    """The caching allocator's messages (CUDA, HIP, XPU), old parenthesised or 2.1+ sentences."""
+def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = None) -> tuple[Values, int]:
+    """The caching allocator's messages (CUDA, HIP, XPU), old parenthesised or 2.1+ sentences.
+
+    Also reads them cut at the start: from "Tried to allocate X (GPU 0; ..." or from
+    "GPU 0 has a total capacity of ...", where the device word of the figures names the device.
+    """
     dev = m.groupdict().get("dev")
     f = _Fields(window, m.end())
-    f.values["device_type"] = _DEV_WORD.get(dev, "cuda") if dev else "xpu"
+    if dev:
+        f.values["device_type"] = _DEV_WORD.get(dev, "cuda")
     tried = f.find(rf"Tried to allocate ({_SZ})", "tried_to_allocate", pos=m.start())
     after = tried.end() if tried else m.end()
-    old = re.compile(r"\s*\(\s*(?:GPU|XPU)\s*(\d+)\s*;").match(window, after)
+    old = re.compile(r"\s*\(\s*(GPU|XPU)\s*(\d{1,4})\s*;").match(window, after)
     if old is not None:
+        f.values.setdefault("device_type", _DEV_WORD[old.group(1)])
         f.values["kind"] = kind or "cuda_caching_allocator"
-        f.values["device_index"] = int(old.group(1))
+        f.values["device_index"] = int(old.group(2))
         f.end = max(f.end, old.end())
         block = old.end()
         close = window.find(")", block)  # the figures are inside the parentheses (or up to a cut)
@@ -317,28 +276,30 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: str | None = None) -
         f.find(rf"({_SZ}) total capacity", "total_capacity", pos=block, end=close)
         f.find(rf"({_SZ}) already allocated", "allocated_by_pytorch", pos=block, end=close)
         f.find(rf"({_SZ}) free\b", "free", pos=block, end=close)
-        f.find(rf"({_SZ}) allowed;", "max_allowed", pos=block, end=close)
+        f.find(rf"({_SZ}) allowed;", "max_allowed", pos=block, end=close, read=_limit)
         f.find(rf"({_SZ}) cached\b", "reserved_unallocated", pos=block, end=close)
-        f.find(rf"({_SZ}) reserved in total by PyTorch", "reserved_total", pos=block, end=close)
+        f.find(rf"({_SZ}) reserved in total by Py[Tt]orch", "reserved_total", pos=block, end=close)
         return f.values, f.end
     # The figures end where the advice about fragmentation or empty_cache begins.
     tail = re.compile(r"If reserved but unallocated memory|Please use `empty_cache`").search(window, after)
     f.window = window[: tail.start()] if tail is not None else window
-    sentence = f.find(r"(?:GPU|XPU|device)\s*(\d+) has a total capac\w* of", pos=after)
+    sentence = f.find(r"(GPU|XPU|device)\s*(\d{1,4}) has a total capac\w{0,8} of", pos=after)
     f.values["kind"] = kind or ("cuda_sentence" if sentence else "cuda_caching_allocator")
     if sentence is not None:
-        f.values["device_index"] = int(sentence.group(1))
-        f.find(rf"has a total capac\w* of ({_SZ})", "total_capacity", pos=after)
+        f.values.setdefault("device_type", _DEV_WORD.get(sentence.group(1), "cuda"))
+        f.values["device_index"] = int(sentence.group(2))
+        f.find(rf"has a total capac\w{{0,8}} of ({_SZ})", "total_capacity", pos=after)
+    f.values.setdefault("device_type", "cuda")
     f.find(rf"of which ({_SZ}) is free", "free", pos=after)
     processes = []
-    for p in re.finditer(rf"Process (\d+) has ({_SZ}) memory", f.window[after:]):
+    for p in re.finditer(rf"Process (\d{{1,10}}) has ({_SZ}) memory", f.window[after:]):
         size = _bytes(p.group(2))
         if size is not None:
             processes.append((int(p.group(1)), size))
         f.end = max(f.end, after + p.end())
     f.values["processes"] = tuple(processes)
     f.find(rf"this process has ({_SZ}) memory", "process_in_use", pos=after)
-    f.find(rf"({_SZ}) allowed;", "max_allowed", pos=after)
+    f.find(rf"({_SZ}) allowed;", "max_allowed", pos=after, read=_limit)
     f.find(rf"Of the allocated memory ({_SZ}) is allocated by PyTorch", "allocated_by_pytorch", pos=after)
     f.find(rf"with ({_SZ}) allocated in private pools", "private_pools", pos=after)
     f.find(rf"({_SZ}) is reserved by PyTorch but unallocated", "reserved_unallocated", pos=after)
@@ -348,7 +309,14 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: str | None = None) -
     return f.values, f.end
 
 
-def _read_async(window: str, m: re.Match[str]) -> tuple[dict[str, Any], int]:
+def _read_block_limit(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    """Intel's XPU refusal of one block over 4 GB, followed by the caching allocator's figures."""
+    values, end = _read_allocator(window, m, kind="xpu_allocation_limit")
+    values["device_type"] = "xpu"
+    return values, end
+
+
+def _read_async(window: str, m: re.Match[str]) -> tuple[Values, int]:
     """The cudaMallocAsync backend: "Allocation on device 0 would exceed allowed memory." + a table."""
     f = _Fields(window, m.end())
     f.values.update(kind="cuda_malloc_async", device_type="cuda")
@@ -359,17 +327,19 @@ def _read_async(window: str, m: re.Match[str]) -> tuple[dict[str, Any], int]:
     f.find(rf"Requested\s*:\s*({_SZ})", "tried_to_allocate", pos=m.end())
     f.find(rf"Device limit\s*:\s*({_SZ})", "total_capacity", pos=m.end())
     f.find(rf"Free \(according to CUDA\)\s*:\s*({_SZ})", "free", pos=m.end())
-    f.find(rf"PyTorch limit \(set by user-supplied memory fraction\)\s*:\s*({_SZ})", "max_allowed", pos=m.end())
+    f.find(
+        rf"PyTorch limit \(set by user-supplied memory fraction\)\s*:\s*({_SZ})", "max_allowed", pos=m.end(), read=_limit
+    )
     return f.values, f.end
 
 
-def _read_mps(window: str, m: re.Match[str]) -> tuple[dict[str, Any], int]:
+def _read_mps(window: str, m: re.Match[str]) -> tuple[Values, int]:
     """The MPS allocator: "(MPS allocated: X, other allocations: Y, max allowed: Z). Tried to allocate W"."""
     f = _Fields(window, m.end())
     f.values.update(kind="mps", device_type="mps")
     f.find(rf"MPS allocated:\s*({_SZ})", "mps_allocated", pos=m.end())
     f.find(rf"other allocations:\s*({_SZ})", "other_allocations", pos=m.end())
-    f.find(rf"max allowed:\s*({_SZ})", "max_allowed", pos=m.end())
+    f.find(rf"max allowed:\s*({_SZ})", "max_allowed", pos=m.end(), read=_limit)
     f.find(rf"Tried to allocate ({_SZ})(?: on (?:private|shared) pool)?", "tried_to_allocate", pos=m.end())
     return f.values, f.end
 
@@ -397,41 +367,7 @@ def _shape_bytes(shape: str, dtype: str | None) -> int | None:
     return n
 
 
-def _read_simple(name: str, window: str, m: re.Match[str]) -> tuple[dict[str, Any], int]:
-    """The one-figure wordings: CPU allocator, numpy, XLA, TensorFlow, CUDA/cuBLAS/cuDNN errors."""
-    v: dict[str, Any] = {}
-    end = m.end()
-    if name == "cpu":
-        v.update(kind="cpu_allocator", device_type="cpu", tried_to_allocate=_int(m.group("n")))
-    elif name == "numpy":
-        size = _shape_bytes(m.group("shape"), m.group("dtype"))
-        v.update(
-            kind="numpy", device_type="cpu", tried_to_allocate=size if size is not None else _bytes(m.group("size"))
-        )
-    elif name == "xla":
-        v.update(kind="xla_resource_exhausted", device_type="xla", tried_to_allocate=_int(m.group("n")))
-    elif name == "xla_compile":
-        v.update(kind="xla_tpu_compile", device_type="tpu")
-        if m.group("space").lower() == "hbm":
-            v.update(total_capacity=_bytes(m.group("cap")), required_total=_bytes(m.group("used")))
-    elif name == "tf_tensor":
-        v.update(kind="tensorflow", tried_to_allocate=_shape_bytes(m.group("shape"), m.group("dtype")))
-        v.update(_tf_device(m.group("on"), m.group("alloc")))
-    elif name == "tf_bfc":
-        v.update(kind="tensorflow", tried_to_allocate=_bytes(m.group("size")), **_tf_device(None, m.group("alloc")))
-    elif name == "tf_device":
-        v.update(kind="tensorflow", device_type="gpu", tried_to_allocate=_int(m.group("n")))
-    elif name == "cuda_error":
-        hip = "hip" in m.group(0).lower()
-        v.update(kind="cuda_error", device_type="hip" if hip else "cuda")
-    elif name in ("cublas", "cudnn"):
-        v.update(kind=name, device_type="cuda")
-    else:
-        v.update(kind="cuda_library", device_type="cuda")
-    return v, end
-
-
-def _tf_device(on: str | None, allocator: str | None) -> dict[str, Any]:
+def _tf_device(on: str | None, allocator: str | None) -> Values:
     """TensorFlow names devices "/job:localhost/replica:0/task:0/device:GPU:0" and allocators "GPU_0_bfc"."""
     if on is not None:
         d = re.search(r"device:([A-Za-z]+):(\d+)", on)
@@ -447,17 +383,283 @@ def _tf_device(on: str | None, allocator: str | None) -> dict[str, Any]:
 
 
 def _int(text: str | None) -> int | None:
-    if text is None:
-        return None
-    n = int(text)
-    return None if n >= _UNKNOWN_FROM else n
+    return None if text is None else int(text)
+
+
+def _read_cpu(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    return {"kind": "cpu_allocator", "device_type": "cpu", "tried_to_allocate": _int(m.group("n"))}, m.end()
+
+
+def _read_numpy(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    size = _shape_bytes(m.group("shape"), m.group("dtype"))
+    tried = size if size is not None else _bytes(m.group("size"))
+    return {"kind": "numpy", "device_type": "cpu", "tried_to_allocate": tried}, m.end()
+
+
+def _read_xla(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    """XLA (JAX, TensorFlow): "Out of memory while trying to allocate N bytes" or "Failed to allocate
+    request for 2.99GiB (3206250496B) on device ordinal 0": the exact byte count wins."""
+    values: Values = {"kind": "xla_resource_exhausted", "device_type": "xla"}
+    n = m.group("n") or m.group("b")
+    values["tried_to_allocate"] = _int(n) if n is not None else _bytes(m.group("size"))
+    if m.group("ordinal") is not None:
+        values["device_index"] = int(m.group("ordinal"))
+    return values, m.end()
+
+
+def _read_xla_compile(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    values: Values = {"kind": "xla_tpu_compile", "device_type": "tpu"}
+    if m.group("space").lower() == "hbm":
+        values.update(total_capacity=_bytes(m.group("cap")), required_total=_bytes(m.group("used")))
+    return values, m.end()
+
+
+def _read_tf_tensor(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    values: Values = {"kind": "tensorflow", "tried_to_allocate": _shape_bytes(m.group("shape"), m.group("dtype"))}
+    return {**values, **_tf_device(m.group("on"), m.group("alloc"))}, m.end()
+
+
+def _read_tf_bfc(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    values: Values = {"kind": "tensorflow", "tried_to_allocate": _bytes(m.group("size"))}
+    return {**values, **_tf_device(None, m.groupdict().get("alloc"))}, m.end()
+
+
+def _read_tf_device(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    return {"kind": "tensorflow", "device_type": "gpu", "tried_to_allocate": _int(m.group("n"))}, m.end()
+
+
+def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    hip = "hip" in m.group(0).lower()
+    return {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}, m.end()
+
+
+def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[Values, int]]:
+    """A reader for a wording that states no figure: only its kind and device."""
+
+    def read(window: str, m: re.Match[str]) -> tuple[Values, int]:
+        return {"kind": kind, "device_type": device_type}, m.end()
+
+    return read
 
 
 # ---------------------------------------------------------------------------------------------
-# parse
+# Formats: where a message starts (its anchor) and which reader reads it
 # ---------------------------------------------------------------------------------------------
+# Every anchor does bounded work at each position it is tried from: no unbounded `[^)]*` or
+# `\s*` that a repeated fragment could make it scan again from every start.
 
-_EXC_PREFIX: Final = re.compile(r"(?:[\w.]*(?:Error|Exception)|!!! Exception during processing !!!):\s*$")
+
+@dataclass(frozen=True)
+class _Format:
+    """One wording: ``anchor`` finds where a message starts, ``read`` reads its fields.
+
+    ``states_figures`` is False for wordings that never state a size. A ``fragment`` is a
+    message cut at its start ("Tried to allocate 20.00 MiB (GPU 0; ..."): right after another
+    anchor it is that message's continuation, not a message of its own. A ``nocase`` anchor is
+    written in lower case and searched in the text with ASCII letters lowered (same offsets).
+    """
+
+    name: str
+    anchor: re.Pattern[str]
+    read: Callable[[str, re.Match[str]], tuple[Values, int]]
+    states_figures: bool = True
+    fragment: bool = False
+    nocase: bool = False
+
+
+_FORMATS: Final = (
+    # "CUDA" may be glued to the word before it (an issue title "whyCUDA out of memory."); the
+    # shorter names need a boundary. The period keeps prose ("If you encounter CUDA out of memory,") out.
+    _Format(
+        "allocator",
+        re.compile(
+            r"(?P<dev>CUDA|HIP(?<![A-Za-z]HIP)|XPU(?<![A-Za-z]XPU)|MTIA(?<![A-Za-z]MTIA)|NPU(?<![A-Za-z]NPU)) "
+            r"out of memory(?:\.|[ \t]*$)",
+            re.MULTILINE,
+        ),
+        _read_allocator,
+    ),
+    _Format(
+        "allocator_cut_before_head",
+        re.compile(
+            rf"Tried to allocate {_SZ}(?=\s?\(\s?(?:GPU|XPU) ?\d{{1,4}} ?;|\. (?:GPU|XPU) ?\d{{1,4}} has a total capac)"
+        ),
+        _read_allocator,
+        fragment=True,
+    ),
+    _Format(
+        "sentence_cut_before_figures",
+        re.compile(r"(?:GPU(?<![\w.]GPU)|XPU(?<![\w.]XPU)) ?\d{1,4} has a total capac\w{0,8} of"),
+        _read_allocator,
+        fragment=True,
+    ),
+    _Format(
+        "block_limit",
+        re.compile(r"Current platform can NOT allocate memory block with size larger than \d{1,6}\s?GB!"),
+        _read_block_limit,
+    ),
+    _Format(
+        "async",
+        re.compile(r"Allocation on device ?(?P<idx>\d{1,4})? ?would exceed allowed memory"),
+        _read_async,
+    ),
+    _Format("mps", re.compile(r"MPS backend out of memory"), _read_mps),
+    _Format(
+        "cpu",
+        re.compile(
+            r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory): you tried to allocate "
+            r"(?:(?P<n>\d{1,24}) bytes|\d{1,24}\s?GB)"
+        ),
+        _read_cpu,
+    ),
+    # The C allocator under libtorch's CPU tensors before 1.1: "posix_memalign(&data, gAlignment,
+    # nbytes) == 0. 12 vs 0"; Paddle's: "posix_memalign(&p, alignment, size):12 != 0:0". 12 is ENOMEM;
+    # other codes (22, EINVAL: a bad alignment) are not out of memory.
+    _Format(
+        "posix_memalign",
+        re.compile(r"posix_memalign\([\w&, ]{1,60}\)(?: ?== ?0\. ?12 vs 0| ?: ?12 != 0:0)"),
+        _fixed("cpu_allocator", "cpu"),
+        states_figures=False,
+    ),
+    _Format(
+        "numpy",
+        re.compile(
+            rf"Unable to allocate (?:(?P<size>{_SZ}) for an )?array with shape \((?P<shape>[^()]{{0,200}})\)"
+            r"(?: and data type (?P<dtype>[\w<>|]{1,20}))?"
+        ),
+        _read_numpy,
+    ),
+    _Format(
+        "xla",
+        re.compile(
+            r"resource(?:_| )exhausted: ?(?:out of memory (?:while trying to allocate|allocating) ?"
+            rf"(?P<n>\d{{1,24}}) ?bytes|failed to allocate request for (?P<size>{_SZ.lower()}) ?"
+            r"(?:\((?P<b>\d{1,24})b\))?(?: on device ordinal (?P<ordinal>\d{1,4}))?)"
+        ),
+        _read_xla,
+        nocase=True,
+    ),
+    _Format(
+        "xla_compile",
+        re.compile(
+            r"Ran out of memory in memory space (?P<space>\w{1,20})\."
+            rf"(?: ?Used (?P<used>{_SZ}) of (?P<cap>{_SZ}) (?P=space)\.)?"
+            rf"(?: ?Exceeded (?P=space) capacity by (?P<over>{_SZ}))?"
+        ),
+        _read_xla_compile,
+    ),
+    _Format(
+        "tf_tensor",
+        re.compile(
+            r"OOM when allocating tensor (?:with|of) shape ?\[(?P<shape>[^\[\]]{0,200})\]"
+            r"(?: and type (?P<dtype>\w{1,20}))?(?: on (?P<on>[^\s\[]{1,120}?))?(?: by allocator (?P<alloc>\w{1,40}))?"
+            r"(?=[\s\[]|$)"
+        ),
+        _read_tf_tensor,
+    ),
+    # TensorFlow's BFC allocator also warns "ran out of memory ... The caller indicates that this is
+    # not a failure": it retries with less memory, and that warning is not an error.
+    _Format(
+        "tf_bfc",
+        re.compile(
+            rf"Allocator \((?P<alloc>\w{{1,40}})\) ran out of memory trying to allocate (?P<size>{_SZ})"
+            r"(?!(?: \(rounded to \d{1,24}\))?(?: with freed_by_count=\d{1,10})?\.? The caller indicates that "
+            r"this is not a failure)"
+        ),
+        _read_tf_bfc,
+    ),
+    _Format(
+        "tf_bfc_1x",
+        re.compile(
+            rf"Ran out of memory trying to allocate (?P<size>{_SZ})"
+            r"(?!(?: \(rounded to \d{1,24}\))?(?: with freed_by_count=\d{1,10})?\.? The caller indicates that "
+            r"this is not a failure)"
+        ),
+        _read_tf_bfc,
+    ),
+    _Format(
+        "tf_device",
+        re.compile(
+            rf"failed to allocate (?P<size>{_SZ}) \((?P<n>\d{{1,24}}) bytes\) from device: "
+            r"CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
+        ),
+        _read_tf_device,
+    ),
+    # CUDA's own error 2, as PyTorch, the CUDA runtime, TensorRT / ONNX Runtime ("Cuda Error in
+    # allocate: 2 (out of memory)") and MXNet ("CUDA: out of memory") print it; spacing squashed or not.
+    _Format(
+        "cuda_error",
+        re.compile(
+            r"(?:cuda|hip) error: ?out of memory|cuda runtime error ?\(2\) ?: ?out of memory|"
+            r"error=2 ?: ?out of memory|cuda_error_out_of_memory|cudaerrormemoryallocation|hiperroroutofmemory|"
+            r"cuda error in [\w:]{1,80}: ?2(?: \(out of memory\)|(?!\d))|cuda runtime \(out of memory\)|cuda: out of memory|"
+            r"cudamalloc failed: ?out of memory|errstr: ?out of memory"
+        ),
+        _read_cuda_error,
+        states_figures=False,
+        nocase=True,
+    ),
+    _Format(
+        "cublas",
+        re.compile(
+            r"cu(?:da error: cu)?blas_status_alloc_failed(?: when calling `[^`]{0,300}`)?|"
+            r"failed to create cublas handle: cublas_status_alloc_failed"
+        ),
+        _fixed("cublas", "cuda"),
+        states_figures=False,
+        nocase=True,
+    ),
+    _Format(
+        "cudnn",
+        re.compile(r"cudnn(?: error: cudnn)?_status_alloc_failed"),
+        _fixed("cudnn", "cuda"),
+        states_figures=False,
+        nocase=True,
+    ),
+    _Format(
+        "cuda_library",
+        re.compile(r"CU(?:SOLVER|SPARSE)_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED"),
+        _fixed("cuda_library", "cuda"),
+        states_figures=False,
+    ),
+)
+
+# Wordings that state no figure, by the kind they read as.
+_NO_FIGURES: Final = frozenset({"cuda_error", "cublas", "cudnn", "cuda_library"})
+# A message's own fields never lie further than this from where it starts.
+_WINDOW: Final = 2500
+# What may stand between a message's opening and its cut-at-the-start fragment for the fragment
+# to be the same message: "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total ...".
+_CONTINUATION: Final = re.compile(rf"[\s.:]{{0,8}}(?:Tried to allocate {_SZ}\.?\s?)?")
+
+_ASCII_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+# Only when nothing above matched: a traceback line naming an out-of-memory exception class.
+_A_OOM_CLASS: Final = re.compile(r"^[ \t]*(?:[\w.]{0,120}\.)?OutOfMemoryError: \S.*$", re.MULTILINE)
+_A_MEMORY_ERROR: Final = re.compile(r"^[ \t]*(?:[\w.]{0,120}\.)?MemoryError(?:: .*)?[ \t]*$", re.MULTILINE)
+
+
+def _anchors(text: str) -> list[tuple[_Format, re.Match[str]]]:
+    """Every message start in ``text``, in order, overlaps resolved in favour of the earlier one.
+
+    A fragment right after another message's start continues that message and is dropped.
+    """
+    # Lowering a copy rather than re.IGNORECASE: an anchor that starts with a literal lets the
+    # engine jump between candidates instead of trying every position.
+    lowered = text.translate(_ASCII_LOWER)
+    found = [(fmt, m) for fmt in _FORMATS for m in fmt.anchor.finditer(lowered if fmt.nocase else text)]
+    found.sort(key=lambda item: (item[1].start(), -item[1].end()))
+    kept: list[tuple[_Format, re.Match[str]]] = []
+    for fmt, m in found:
+        if kept and m.start() < kept[-1][1].end():
+            continue
+        if fmt.fragment and kept and _CONTINUATION.fullmatch(text, kept[-1][1].end(), m.start()):
+            continue
+        kept.append((fmt, m))
+    return kept
+
+
+_EXC_PREFIX: Final = re.compile(r"(?:[\w.]{0,80}(?:Error|Exception)|!!! Exception during processing !!!): ?$")
 
 
 def _parse_text(text: str) -> OOMInfo | None:
@@ -467,23 +669,19 @@ def _parse_text(text: str) -> OOMInfo | None:
     # The last message is the one that was raised: a traceback or a log ends with it. Wordings
     # without figures often name the error twice ("CUDA error: out of memory ... Search for
     # `cudaErrorMemoryAllocation'"): those start at the first naming.
-    name, m = anchors[-1]
+    fmt, m = anchors[-1]
     i = len(anchors) - 1
-    while i > 0 and name in _NO_FIGURES and anchors[i - 1][0] == name and m.start() - anchors[i - 1][1].end() < 300:
+    while (
+        i > 0
+        and not fmt.states_figures
+        and anchors[i - 1][0] is fmt
+        and anchors[i][1].start() - anchors[i - 1][1].end() < 300
+        and m.start() - anchors[i - 1][1].start() < _WINDOW
+    ):
         i -= 1
     first = anchors[i][1]
-    window = text[: m.start() + _WINDOW]
-    if name == "allocator":
-        values, end = _read_allocator(window, m)
-    elif name == "block_limit":
-        values, end = _read_allocator(window, m, kind="xpu_allocation_limit")
-    elif name == "async":
-        values, end = _read_async(window, m)
-    elif name == "mps":
-        values, end = _read_mps(window, m)
-    else:
-        values, end = _read_simple(name, window, m)
-    tail = re.compile(r"\s*[.)]").match(text, end)
+    values, end = fmt.read(text[: m.start() + _WINDOW], m)
+    tail = re.compile(r"\s?[.)]").match(text, end)
     if tail is not None:
         end = tail.end()
     start = first.start()
@@ -551,14 +749,23 @@ def _parse_any_text(raw: str) -> OOMInfo | None:
     if best is not None:
         return best
     # No wording we know: a traceback line that names an out-of-memory exception class still says OOM.
+    if "MemoryError" not in raw:
+        return None
     raw = _ANSI.sub("", raw)
-    lines = list(_A_OOM_CLASS.finditer(raw))
-    if lines:
-        return OOMInfo(kind="out_of_memory_error", message=lines[-1].group(0).strip())
-    lines = list(_A_MEMORY_ERROR.finditer(raw))
-    if lines:
-        return OOMInfo(kind="python_memory_error", device_type="cpu", message=lines[-1].group(0).strip())
+    last = _last(_A_OOM_CLASS.finditer(raw))
+    if last is not None:
+        return OOMInfo(kind="out_of_memory_error", message=last.group(0).strip())
+    last = _last(_A_MEMORY_ERROR.finditer(raw))
+    if last is not None:
+        return OOMInfo(kind="python_memory_error", device_type="cpu", message=last.group(0).strip())
     return None
+
+
+def _last(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
+    last = None
+    for last in matches:  # noqa: B007 - only the last one counts
+        pass
+    return last
 
 
 def parse(text_or_exception: str | BaseException) -> OOMInfo | None:

@@ -1,0 +1,144 @@
+"""Time of ``gpumagic.oom.parse`` on 1 MB of a repeated fragment with an OOM message at its end (goal <= 0.5 s).
+
+The shell parses every ``RuntimeError`` when OOM translation is on, and an error's text can be
+anything: a repeated fragment of a message is what makes a backtracking pattern quadratic. Each
+fragment (every format's opening cut at several lengths, units, "Process ", brackets, digit
+runs, blank lines, log columns) is repeated to 1 MB and to 100 KB, a real message is appended,
+and both are parsed; the time is CPU time of this process (other processes on a shared
+machine do not count), the minimum over the repeats. Prints the slowest fragments, the
+1 MB / 100 KB ratio (10 for linear time), and checks the message at the end is still read.
+
+    python bench/parse_time.py [--repeats 3] [--size 1000000]
+
+``tests/test_oom_parse.py`` uses ``FRAGMENTS`` and ``MESSAGES`` to assert the scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from gpumagic.oom import OOMInfo, parse
+
+# One real message per format family (from tests/oom_corpus), appended after the repetition.
+MESSAGES = {
+    "cuda_old": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total capacity; "
+    "6.64 GiB already allocated; 21.00 MiB free; 150.86 MiB cached)",
+    "cuda_sentence": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 226.00 MiB. GPU 0 has a total "
+    "capacity of 15.70 GiB of which 210.38 MiB is free. Process 4242 has 2.00 GiB memory in use. Including "
+    "non-PyTorch memory, this process has 15.48 GiB memory in use. Of the allocated memory 14.81 GiB is allocated "
+    "by PyTorch, and 336.73 MiB is reserved by PyTorch but unallocated.",
+    "cuda_async": "Allocation on device 0 would exceed allowed memory. (out of memory)\nCurrently allocated     : "
+    "12.20 GiB\nRequested               : 1.88 GiB\nDevice limit            : 16.00 GiB\nFree (according to CUDA): "
+    "0 bytes",
+    "mps": "MPS backend out of memory (MPS allocated: 18.09 GB, other allocations: 7.57 MB, max allowed: 18.13 GB). "
+    "Tried to allocate 256 bytes on private pool.",
+    "cpu": "RuntimeError: [enforce fail at alloc_cpu.cpp:75] err == 0. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 34359738368 bytes. Error code 12 (Cannot allocate memory)",
+    "numpy": "numpy.core._exceptions.MemoryError: Unable to allocate 3.81 GiB for an array with shape (32, 4000, "
+    "4000) and data type float64",
+    "xla": "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Failed to allocate request for 2.99GiB "
+    "(3206250496B) on device ordinal 0",
+    "xla_tpu": "Ran out of memory in memory space hbm. Used 19.42G of 15.48G hbm. Exceeded hbm capacity by 3.94G.",
+    "tensorflow": "ResourceExhaustedError: OOM when allocating tensor with shape[64,256,56,56] and type float on "
+    "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc",
+    "cuda_error": "RuntimeError: CUDA error: out of memory",
+    "cublas": "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+}
+
+# Text that is no particular format but that patterns step on.
+_GENERIC = (
+    " GiB",
+    " bytes",
+    "Process ",
+    "(",
+    ")",
+    "[",
+    "`",
+    "1",
+    "9.",
+    "12.5 ",
+    "a.",
+    "x",
+    "\n",
+    " \n",
+    "   ",
+    "> ",
+    "\u2502 ",
+    "  train.py:42\n",
+    "\x1b[0",
+    "MemoryError\n",
+    "torch.OutOfMemoryError: x\n",
+    "Error: ",
+)
+
+
+def _fragments() -> dict[str, tuple[str, ...]]:
+    """Each family's message cut at several lengths (its opening, then into the figures)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for family, message in MESSAGES.items():
+        body = message.split(": ", 1)[1] if message.split(": ", 1)[0].endswith("Error") else message
+        cuts = sorted({8, 20, 40, len(body) // 2, len(body) - 1} & set(range(1, len(body))))
+        out[family] = tuple(body[:n] for n in cuts)
+    out["generic"] = _GENERIC
+    return out
+
+
+FRAGMENTS = _fragments()
+
+
+def repeated(fragment: str, size: int, message: str) -> str:
+    """``fragment`` repeated to ``size`` characters, then a newline and ``message``."""
+    return fragment * (size // len(fragment)) + "\n" + message
+
+
+def parse_seconds(text: str, repeats: int) -> tuple[float, OOMInfo | None]:
+    """The minimum over ``repeats`` parses of ``text``, and what the parse read."""
+    best, info = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.process_time()
+        info = parse(text)
+        best = min(best, time.process_time() - t0)
+    return best, info
+
+
+def cases() -> list[tuple[str, str, str]]:
+    """(family, fragment, message family): each family's fragments before its own message, the
+    generic fragments before the messages in turn."""
+    out = [(family, fragment, family) for family, fragments in FRAGMENTS.items() if family != "generic"
+           for fragment in fragments]
+    names = list(MESSAGES)
+    out += [("generic", fragment, names[i % len(names)]) for i, fragment in enumerate(FRAGMENTS["generic"])]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=1_000_000, help="characters of repetition (default 1 MB)")
+    ap.add_argument("--show", type=int, default=8, help="how many of the slowest fragments to list")
+    a = ap.parse_args()
+    rows = []
+    for family, fragment, name in cases():
+        message = MESSAGES[name]
+        big, info = parse_seconds(repeated(fragment, a.size, message), a.repeats)
+        small, _ = parse_seconds(repeated(fragment, a.size // 10, message), a.repeats)
+        expected = parse(message)
+        found = info is not None and expected is not None and info.figures() == expected.figures()
+        rows.append((big, big / max(small, 1e-9), family, name, fragment, found))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    print(f"{len(rows)} inputs of {a.size / 1e6:g} MB (fragment repeated + a message), min of {a.repeats} parses")
+    for big, ratio, family, name, fragment, found in rows[: a.show]:
+        print(f"  {big:6.3f} s  x{ratio:5.1f} vs 1/10 the size  {family:>13} -> {name:<13} {fragment[:40]!r}")
+    worst = rows[0][0]
+    ratios = [r[1] for r in rows]
+    lost = [r for r in rows if not r[5]]
+    print(f"slowest {worst:.3f} s per {a.size / 1e6:g} MB (goal <= 0.5 s); size ratio 10x gives time ratio "
+          f"{min(ratios):.1f}x to {max(ratios):.1f}x (median {sorted(ratios)[len(ratios) // 2]:.1f}x); "
+          f"message at the end read exactly in {len(rows) - len(lost)}/{len(rows)}")
+    for r in lost:
+        print(f"  message lost after {r[4][:40]!r} ({r[2]} -> {r[3]})")
+
+
+if __name__ == "__main__":
+    main()
