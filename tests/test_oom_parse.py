@@ -8,9 +8,11 @@ read as ``None``. Files in ``tests/oom_corpus/negative`` are real errors that ar
 
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch
 from gpumagic._units import format_size_torch
 from gpumagic.backends.cpu import simulated_oom_message
 from gpumagic.oom import FIGURES, OOMInfo, parse
+from gpumagic.oom._parse import OOMKind
 
 CORPUS = Path(__file__).parent / "oom_corpus"
 MiB = 2**20
@@ -77,9 +80,13 @@ SENTENCE_FIGURES = {
 # --- the corpus ---------------------------------------------------------------------------------
 
 
-def test_corpus_holds_at_least_60_real_messages_and_15_negatives() -> None:
-    assert len(POSITIVE) >= 60
-    assert len(NEGATIVE) >= 15
+def test_corpus_holds_at_least_200_real_messages_and_25_negatives() -> None:
+    assert len(POSITIVE) + len(NEGATIVE) >= 200
+    assert len(NEGATIVE) >= 25
+
+
+def test_corpus_kinds_are_the_declared_kinds() -> None:
+    assert {case.meta["kind"] for case in POSITIVE} <= set(get_args(OOMKind))
 
 
 @pytest.mark.parametrize("case", POSITIVE + NEGATIVE, ids=lambda c: c.name)
@@ -412,3 +419,45 @@ def test_device_joins_type_and_index() -> None:
     info = parse(SENTENCE)
     assert info is not None
     assert info.device == "cuda:0"
+
+
+# --- linear time ---------------------------------------------------------------------------------
+# The shell parses every RuntimeError: a text made of one fragment repeated (a format's opening, a
+# unit, a bracket, a digit run, blank lines) must cost time in proportion to its length. The
+# fragments and messages are bench/parse_time.py's (which reports the absolute time of 1 MB).
+
+_spec = importlib.util.spec_from_file_location("parse_time", Path(__file__).parents[1] / "bench" / "parse_time.py")
+assert _spec is not None and _spec.loader is not None
+parse_time = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(parse_time)
+TIME_CASES = parse_time.cases()
+
+
+def _case_id(case: tuple[str, str, str]) -> str:
+    family, fragment, message = case
+    return f"{family}-{fragment[:24]!r}-{message}"
+
+
+@pytest.mark.parametrize("case", TIME_CASES, ids=_case_id)
+def test_parse_time_grows_linearly_with_a_repeated_fragment(case: tuple[str, str, str]) -> None:
+    family, fragment, name = case
+    message = parse_time.MESSAGES[name]
+    # CPU time, minimum of repeats: other processes on a shared machine do not count. Ten times
+    # the text takes about ten times as long when linear, a hundred times when quadratic. Alone,
+    # an opened bracket never closes; with a message after it, the message must be reached.
+    ratios = []
+    for tail in ("", message):
+        small, _ = parse_time.parse_seconds(parse_time.repeated(fragment, 10_000, tail), 5)
+        large, _ = parse_time.parse_seconds(parse_time.repeated(fragment, 100_000, tail), 3)
+        ratios.append(round(large / max(small, 1e-4), 1))
+    assert max(ratios) < 20, ratios
+
+
+@pytest.mark.parametrize("case", TIME_CASES, ids=_case_id)
+def test_message_after_a_repeated_fragment_is_read(case: tuple[str, str, str]) -> None:
+    family, fragment, name = case
+    message = parse_time.MESSAGES[name]
+    info, alone = parse(parse_time.repeated(fragment, 100_000, message)), parse(message)
+    assert info is not None
+    assert alone is not None
+    assert (info.kind, info.figures()) == (alone.kind, alone.figures())
