@@ -71,6 +71,9 @@ _GENERIC = (
     "torch.OutOfMemoryError: x\n",
     "Error: ",
     "Unable to allocate array with shape (",
+    "7.79 GiB total capacity; ",
+    "1.00 GiB already allocated; 2.00 GiB total capacity; ",
+    "Tried to allocate 2.00 MiB (GPU 0; ",
 )
 
 

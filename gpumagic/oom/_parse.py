@@ -270,15 +270,7 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = Non
         f.values["kind"] = kind or "cuda_caching_allocator"
         f.values["device_index"] = int(old.group(2))
         f.end = max(f.end, old.end())
-        block = old.end()
-        close = window.find(")", block)  # the figures are inside the parentheses (or up to a cut)
-        close = len(window) if close == -1 else close
-        f.find(rf"({_SZ}) total capacity", "total_capacity", pos=block, end=close)
-        f.find(rf"({_SZ}) already allocated", "allocated_by_pytorch", pos=block, end=close)
-        f.find(rf"({_SZ}) free\b", "free", pos=block, end=close)
-        f.find(rf"({_SZ}) allowed;", "max_allowed", pos=block, end=close, read=_limit)
-        f.find(rf"({_SZ}) cached\b", "reserved_unallocated", pos=block, end=close)
-        f.find(rf"({_SZ}) reserved in total by Py[Tt]orch", "reserved_total", pos=block, end=close)
+        _read_parenthesised(f, old.end())
         return f.values, f.end
     # The figures end where the advice about fragmentation or empty_cache begins.
     tail = re.compile(r"If reserved but unallocated memory|Please use `empty_cache`").search(window, after)
@@ -306,6 +298,26 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = Non
     sim = f.find(rf"\(simulated by gpumagic: (\w+) with a ({_SZ}) budget\)", pos=after)
     if sim is not None:
         f.values.update(simulated=True, device_type=sim.group(1), device_index=None)
+    return f.values, f.end
+
+
+def _read_parenthesised(f: _Fields, block: int) -> None:
+    """The figures of PyTorch 1.x's message: inside its parentheses (or up to where it was cut)."""
+    close = f.window.find(")", block)
+    close = len(f.window) if close == -1 else close
+    f.find(rf"({_SZ}) total capacity", "total_capacity", pos=block, end=close)
+    f.find(rf"({_SZ}) already allocated", "allocated_by_pytorch", pos=block, end=close)
+    f.find(rf"({_SZ}) free\b", "free", pos=block, end=close)
+    f.find(rf"({_SZ}) allowed;", "max_allowed", pos=block, end=close, read=_limit)
+    f.find(rf"({_SZ}) cached\b", "reserved_unallocated", pos=block, end=close)
+    f.find(rf"({_SZ}) reserved in total by Py[Tt]orch", "reserved_total", pos=block, end=close)
+
+
+def _read_parenthesised_tail(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    """PyTorch 1.x's message cut inside its parentheses: "1.17 GiB reserved in total by PyTorch)"."""
+    f = _Fields(window, m.end())
+    f.values.update(kind="cuda_caching_allocator", device_type="cuda")
+    _read_parenthesised(f, m.start())
     return f.values, f.end
 
 
@@ -466,6 +478,10 @@ class _Format:
     fragment: bool = False
     nocase: bool = False
 
+    def read_at(self, text: str, m: re.Match[str]) -> tuple[Values, int]:
+        """Read the message that starts at ``m``: its fields, and where it ends."""
+        return self.read(text[: m.start() + _WINDOW], m)
+
 
 _FORMATS: Final = (
     # "CUDA" may be glued to the word before it (an issue title "whyCUDA out of memory."); the
@@ -491,6 +507,15 @@ _FORMATS: Final = (
         "sentence_cut_before_figures",
         re.compile(r"(?:GPU(?<![\w.]GPU)|XPU(?<![\w.]XPU)) ?\d{1,4} has a total capac\w{0,8} of"),
         _read_allocator,
+        fragment=True,
+    ),
+    _Format(
+        "allocator_cut_in_figures",
+        re.compile(
+            r"(?<![\d.])\d{1,24}(?:\.\d{0,24})? ?(?:[KMGTPE]iB|bytes) "
+            r"(?:total capacity;|already allocated;|reserved in total by Py[Tt]orch\))"
+        ),
+        _read_parenthesised_tail,
         fragment=True,
     ),
     _Format(
@@ -593,7 +618,7 @@ _FORMATS: Final = (
             r"(?:cuda|hip) error: ?out of memory|cuda runtime error ?\(2\) ?: ?out of memory|"
             r"error=2 ?: ?out of memory|cuda_error_out_of_memory|cudaerrormemoryallocation|hiperroroutofmemory|"
             r"cuda error in [\w:]{1,80}: ?2(?: \(out of memory\)|(?!\d))|cuda runtime \(out of memory\)|cuda: out of memory|"
-            r"cudamalloc failed: ?out of memory|errstr: ?out of memory"
+            r"cudamalloc failed: ?out of memory|errstr: ?out of memory|cuda failed with error 2 out of memory"
         ),
         _read_cuda_error,
         states_figures=False,
@@ -628,9 +653,6 @@ _FORMATS: Final = (
 _NO_FIGURES: Final = frozenset({"cuda_error", "cublas", "cudnn", "cuda_library"})
 # A message's own fields never lie further than this from where it starts.
 _WINDOW: Final = 2500
-# What may stand between a message's opening and its cut-at-the-start fragment for the fragment
-# to be the same message: "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total ...".
-_CONTINUATION: Final = re.compile(rf"[\s.:]{{0,8}}(?:Tried to allocate {_SZ}\.?\s?)?")
 
 _ASCII_LOWER: Final = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -641,8 +663,6 @@ _A_MEMORY_ERROR: Final = re.compile(r"^[ \t]*(?:[\w.]{0,120}\.)?MemoryError(?:: 
 
 def _anchors(text: str) -> list[tuple[_Format, re.Match[str]]]:
     """Every message start in ``text``, in order, overlaps resolved in favour of the earlier one.
-
-    A fragment right after another message's start continues that message and is dropped.
     """
     # Lowering a copy rather than re.IGNORECASE: an anchor that starts with a literal lets the
     # engine jump between candidates instead of trying every position.
@@ -652,8 +672,6 @@ def _anchors(text: str) -> list[tuple[_Format, re.Match[str]]]:
     kept: list[tuple[_Format, re.Match[str]]] = []
     for fmt, m in found:
         if kept and m.start() < kept[-1][1].end():
-            continue
-        if fmt.fragment and kept and _CONTINUATION.fullmatch(text, kept[-1][1].end(), m.start()):
             continue
         kept.append((fmt, m))
     return kept
@@ -669,8 +687,19 @@ def _parse_text(text: str) -> OOMInfo | None:
     # The last message is the one that was raised: a traceback or a log ends with it. Wordings
     # without figures often name the error twice ("CUDA error: out of memory ... Search for
     # `cudaErrorMemoryAllocation'"): those start at the first naming.
-    fmt, m = anchors[-1]
     i = len(anchors) - 1
+    fmt, m = anchors[i]
+    values, end = fmt.read_at(text, m)
+    # A fragment ("Tried to allocate 20.00 MiB (GPU 0; ...", "1.17 GiB reserved in total by
+    # PyTorch)") inside the message the anchor before it opens is part of that message.
+    last = m.start()
+    while fmt.fragment and i > 0 and last - anchors[i - 1][1].start() < _WINDOW:
+        before_values, before_end = anchors[i - 1][0].read_at(text, anchors[i - 1][1])
+        if m.start() >= before_end:
+            break
+        i -= 1
+        fmt, m = anchors[i]
+        values, end = before_values, before_end
     while (
         i > 0
         and not fmt.states_figures
@@ -680,7 +709,6 @@ def _parse_text(text: str) -> OOMInfo | None:
     ):
         i -= 1
     first = anchors[i][1]
-    values, end = fmt.read(text[: m.start() + _WINDOW], m)
     tail = re.compile(r"\s?[.)]").match(text, end)
     if tail is not None:
         end = tail.end()
