@@ -46,6 +46,7 @@ OOMKind = Literal[
     "xla_resource_exhausted",  # XLA (JAX, TensorFlow, torch_xla) at run time
     "xla_tpu_compile",  # a TPU program that does not fit, found when compiling
     "tensorflow",  # TensorFlow's own allocators
+    "onnxruntime_arena",  # ONNX Runtime's BFC arena, on the session's device
     "out_of_memory_error",  # only the exception class says it
 ]
 
@@ -442,7 +443,20 @@ def _read_tf_device(window: str, m: re.Match[str]) -> tuple[Values, int]:
 
 def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[Values, int]:
     hip = "hip" in m.group(0).lower()
-    return {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}, m.end()
+    values: Values = {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}
+    # ONNX Runtime and CNTK name the device: "CUDA failure 2: out of memory ; GPU=0 ; hostname=...".
+    gpu = re.compile(r" ?; ?GPU=(\d{1,4})").match(window, m.end())
+    if gpu is not None:
+        values["device_index"] = int(gpu.group(1))
+    return values, m.end()
+
+
+def _read_onnxruntime_arena(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    """ONNX Runtime's arena (on whichever device the session runs): the request, and what was available."""
+    values: Values = {"kind": "onnxruntime_arena", "tried_to_allocate": int(m.group("n") or m.group("req"))}
+    if m.group("avail") is not None:
+        values["free"] = int(m.group("avail"))
+    return values, m.end()
 
 
 def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[Values, int]]:
@@ -618,11 +632,20 @@ _FORMATS: Final = (
             r"(?:cuda|hip) error: ?out of memory|cuda runtime error ?\(2\) ?: ?out of memory|"
             r"error=2 ?: ?out of memory|cuda_error_out_of_memory|cudaerrormemoryallocation|hiperroroutofmemory|"
             r"cuda error in [\w:]{1,80}: ?2(?: \(out of memory\)|(?!\d))|cuda runtime \(out of memory\)|cuda: out of memory|"
-            r"cudamalloc failed: ?out of memory|errstr: ?out of memory|cuda failed with error 2 out of memory"
+            r"cudamalloc failed: ?out of memory|errstr: ?out of memory|cuda failed with error 2 out of memory|"
+            r"cuda failure 2: ?out of memory"
         ),
         _read_cuda_error,
         states_figures=False,
         nocase=True,
+    ),
+    _Format(
+        "onnxruntime_arena",
+        re.compile(
+            r"BFCArena::AllocateRawInternal[\w(),:*& ]{0,160}? (?:Failed to allocate memory for requested buffer of size "
+            r"(?P<n>\d{1,24})|Available memory of (?P<avail>\d{1,24}) is smaller than requested bytes of (?P<req>\d{1,24}))"
+        ),
+        _read_onnxruntime_arena,
     ),
     _Format(
         "cublas",
