@@ -4,13 +4,14 @@ The shell parses every ``RuntimeError`` when OOM translation is on, and an error
 anything: a repeated fragment of a message is what makes a backtracking pattern quadratic. Each
 fragment (every format's opening cut at several lengths, units, "Process ", brackets, digit
 runs, blank lines, log columns) is repeated to 1 MB and to 100 KB, alone (a bracket that never
-closes) and with a real message appended, and each is parsed; the time is CPU time of this process (other processes on a shared
-machine do not count), the minimum over the repeats. Prints the slowest fragments, the
-1 MB / 100 KB ratio (10 for linear time), and checks the message at the end is still read.
+closes) and with a real message appended, and each is parsed; the time is CPU time of this
+process (other processes on a shared machine do not count), the minimum over the repeats.
+Prints the slowest fragments, the 1 MB / 100 KB ratio (10 for linear time), and checks that the
+message at the end is still read.
 
     python bench/parse_time.py [--repeats 3] [--size 1000000]
 
-``tests/test_oom_parse.py`` uses ``FRAGMENTS`` and ``MESSAGES`` to assert the scaling.
+``tests/test_oom_parse.py`` uses ``cases()`` and ``MESSAGES`` to assert the scaling.
 """
 
 from __future__ import annotations
@@ -113,8 +114,12 @@ def parse_seconds(text: str, repeats: int) -> tuple[float, OOMInfo | None]:
 def cases() -> list[tuple[str, str, str]]:
     """(family, fragment, message family): each family's fragments before its own message, the
     generic fragments before the messages in turn."""
-    out = [(family, fragment, family) for family, fragments in FRAGMENTS.items() if family != "generic"
-           for fragment in fragments]
+    out = [
+        (family, fragment, family)
+        for family, fragments in FRAGMENTS.items()
+        if family != "generic"
+        for fragment in fragments
+    ]
     names = list(MESSAGES)
     out += [("generic", fragment, names[i % len(names)]) for i, fragment in enumerate(FRAGMENTS["generic"])]
     return out
@@ -136,16 +141,20 @@ def main() -> None:
             found = not tail or (info is not None and expected is not None and info.figures() == expected.figures())
             rows.append((big, big / max(small, 1e-9), family, name if tail else "(none)", fragment, found))
     rows.sort(key=lambda r: r[0], reverse=True)
-    print(f"{len(rows)} inputs of {a.size / 1e6:g} MB (a fragment repeated, alone or + a message), "
-          f"CPU time, min of {a.repeats} parses")
-    for big, ratio, family, name, fragment, found in rows[: a.show]:
+    print(
+        f"{len(rows)} inputs of {a.size / 1e6:g} MB (a fragment repeated, alone or + a message), "
+        f"CPU time, min of {a.repeats} parses"
+    )
+    for big, ratio, family, name, fragment, _found in rows[: a.show]:
         print(f"  {big:6.3f} s  x{ratio:5.1f} vs 1/10 the size  {family:>13} -> {name:<13} {fragment[:40]!r}")
     worst = rows[0][0]
     ratios = [r[1] for r in rows]
     lost = [r for r in rows if not r[5]]
-    print(f"slowest {worst:.3f} s per {a.size / 1e6:g} MB (goal <= 0.5 s); size ratio 10x gives time ratio "
-          f"{min(ratios):.1f}x to {max(ratios):.1f}x (median {sorted(ratios)[len(ratios) // 2]:.1f}x); "
-          f"message at the end read exactly in {len(rows) // 2 - len(lost)}/{len(rows) // 2}")
+    print(
+        f"slowest {worst:.3f} s per {a.size / 1e6:g} MB (goal <= 0.5 s); size ratio 10x gives time ratio "
+        f"{min(ratios):.1f}x to {max(ratios):.1f}x (median {sorted(ratios)[len(ratios) // 2]:.1f}x); "
+        f"message at the end read exactly in {len(rows) // 2 - len(lost)}/{len(rows) // 2}"
+    )
     for r in lost:
         print(f"  message lost after {r[4][:40]!r} ({r[2]} -> {r[3]})")
 

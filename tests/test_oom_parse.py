@@ -427,7 +427,8 @@ def test_device_joins_type_and_index() -> None:
 # fragments and messages are bench/parse_time.py's (which reports the absolute time of 1 MB).
 
 _spec = importlib.util.spec_from_file_location("parse_time", Path(__file__).parents[1] / "bench" / "parse_time.py")
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 parse_time = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parse_time)
 TIME_CASES = parse_time.cases()
@@ -440,7 +441,7 @@ def _case_id(case: tuple[str, str, str]) -> str:
 
 @pytest.mark.parametrize("case", TIME_CASES, ids=_case_id)
 def test_parse_time_grows_linearly_with_a_repeated_fragment(case: tuple[str, str, str]) -> None:
-    family, fragment, name = case
+    _family, fragment, name = case
     message = parse_time.MESSAGES[name]
     # CPU time, minimum of repeats: other processes on a shared machine do not count. Ten times
     # the text takes about ten times as long when linear, a hundred times when quadratic. Alone,
@@ -455,7 +456,7 @@ def test_parse_time_grows_linearly_with_a_repeated_fragment(case: tuple[str, str
 
 @pytest.mark.parametrize("case", TIME_CASES, ids=_case_id)
 def test_message_after_a_repeated_fragment_is_read(case: tuple[str, str, str]) -> None:
-    family, fragment, name = case
+    _family, fragment, name = case
     message = parse_time.MESSAGES[name]
     info, alone = parse(parse_time.repeated(fragment, 100_000, message)), parse(message)
     assert info is not None

@@ -47,6 +47,7 @@ OOMKind = Literal[
     "xla_tpu_compile",  # a TPU program that does not fit, found when compiling
     "tensorflow",  # TensorFlow's own allocators
     "onnxruntime_arena",  # ONNX Runtime's BFC arena, on the session's device
+    "ggml_backend",  # ggml (llama.cpp, ollama): a backend buffer it could not allocate
     "out_of_memory_error",  # only the exception class says it
 ]
 
@@ -341,7 +342,10 @@ def _read_async(window: str, m: re.Match[str]) -> tuple[Values, int]:
     f.find(rf"Device limit\s*:\s*({_SZ})", "total_capacity", pos=m.end())
     f.find(rf"Free \(according to CUDA\)\s*:\s*({_SZ})", "free", pos=m.end())
     f.find(
-        rf"PyTorch limit \(set by user-supplied memory fraction\)\s*:\s*({_SZ})", "max_allowed", pos=m.end(), read=_limit
+        rf"PyTorch limit \(set by user-supplied memory fraction\)\s*:\s*({_SZ})",
+        "max_allowed",
+        pos=m.end(),
+        read=_limit,
     )
     return f.values, f.end
 
@@ -444,10 +448,17 @@ def _read_tf_device(window: str, m: re.Match[str]) -> tuple[Values, int]:
 def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[Values, int]:
     hip = "hip" in m.group(0).lower()
     values: Values = {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}
-    # ONNX Runtime and CNTK name the device: "CUDA failure 2: out of memory ; GPU=0 ; hostname=...".
-    gpu = re.compile(r" ?; ?GPU=(\d{1,4})").match(window, m.end())
+    # ONNX Runtime and CNTK name the device ("CUDA failure 2: out of memory ; GPU=0 ; hostname=..."),
+    # llama.cpp on the next line ("CUDA error 2 at ggml-cuda.cu:5509: out of memory current device: 0").
+    gpu = re.compile(r" ?(?:; ?GPU=|current device: )(\d{1,4})").match(window, m.end())
     if gpu is not None:
         values["device_index"] = int(gpu.group(1))
+    return values, m.end()
+
+
+def _read_ggml(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    values: Values = {"kind": "ggml_backend", "tried_to_allocate": int(m.group("n"))}
+    values.update(device_type=_DEV_WORD.get(m.group("dev"), m.group("dev").lower()), device_index=int(m.group("idx")))
     return values, m.end()
 
 
@@ -631,19 +642,26 @@ _FORMATS: Final = (
         re.compile(
             r"(?:cuda|hip) error: ?out of memory|cuda runtime error ?\(2\) ?: ?out of memory|"
             r"error=2 ?: ?out of memory|cuda_error_out_of_memory|cudaerrormemoryallocation|hiperroroutofmemory|"
-            r"cuda error in [\w:]{1,80}: ?2(?: \(out of memory\)|(?!\d))|cuda runtime \(out of memory\)|cuda: out of memory|"
-            r"cudamalloc failed: ?out of memory|errstr: ?out of memory|cuda failed with error 2 out of memory|"
-            r"cuda failure 2: ?out of memory"
+            r"cuda error in [\w:]{1,80}: ?2(?: \(out of memory\)|(?!\d))|cuda runtime \(out of memory\)|"
+            r"cuda: out of memory|cudamalloc failed: ?out of memory|errstr: ?out of memory|"
+            r"cuda failed with error 2 out of memory|cuda failure 2: ?out of memory|"
+            r"cuda error 2 at [^\s:]{1,200}:\d{1,6}: ?out of memory|gpuassert: ?out of memory"
         ),
         _read_cuda_error,
         states_figures=False,
         nocase=True,
     ),
     _Format(
+        "ggml_backend",
+        re.compile(r"failed to allocate (?P<dev>CUDA|HIP|SYCL|Metal)(?P<idx>\d{1,4}) buffer of size (?P<n>\d{1,24})"),
+        _read_ggml,
+    ),
+    _Format(
         "onnxruntime_arena",
         re.compile(
-            r"BFCArena::AllocateRawInternal[\w(),:*& ]{0,160}? (?:Failed to allocate memory for requested buffer of size "
-            r"(?P<n>\d{1,24})|Available memory of (?P<avail>\d{1,24}) is smaller than requested bytes of (?P<req>\d{1,24}))"
+            r"BFCArena::AllocateRawInternal[\w(),:*& ]{0,160}? (?:Failed to allocate memory for requested buffer "
+            r"of size (?P<n>\d{1,24})|Available memory of (?P<avail>\d{1,24}) is smaller than requested bytes of "
+            r"(?P<req>\d{1,24}))"
         ),
         _read_onnxruntime_arena,
     ),
@@ -685,8 +703,7 @@ _A_MEMORY_ERROR: Final = re.compile(r"^[ \t]*(?:[\w.]{0,120}\.)?MemoryError(?:: 
 
 
 def _anchors(text: str) -> list[tuple[_Format, re.Match[str]]]:
-    """Every message start in ``text``, in order, overlaps resolved in favour of the earlier one.
-    """
+    """Every message start in ``text``, in order, overlaps resolved in favour of the earlier one."""
     # Lowering a copy rather than re.IGNORECASE: an anchor that starts with a literal lets the
     # engine jump between candidates instead of trying every position.
     lowered = text.translate(_ASCII_LOWER)
