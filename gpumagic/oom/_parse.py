@@ -182,11 +182,12 @@ _ANSI: Final = re.compile(r"\x1b\[[0-9;?]{0,32}[A-Za-z]")
 # Leading whitespace, quote/comment markers ("> " in issues, "# " in code comments) and the
 # left border of a rich traceback box, on every line.
 _LEAD: Final = re.compile(r"^(?=[ \t#>\u2502\u2503])[ \t]*(?:[#>\u2502\u2503][ \t]?)*[ \t]*", re.MULTILINE)
-# What log frameworks put at the right of a line: rich's "file.py:123" column (after two blanks)
-# and a traceback box's border. Matched in the reversed text, where they open a line: a pattern
-# anchored at a line start is tried once per line, not at every position.
+# What log frameworks put at the right of a line: rich's "file.py:123" column (after as little as
+# one blank: "... GPU 0 has train.py:21") and a traceback box's border. Matched in the reversed
+# text, where they open a line: a pattern anchored at a line start is tried once per line, not at
+# every position.
 _TRAIL_REVERSED: Final = re.compile(
-    r"^[ \t]*(?:[\u2502\u2503]|\d{1,6}:yp\.[\w.<>-]{1,80}(?=[ \t]{2}))[ \t]*", re.MULTILINE
+    r"^[ \t]*(?:[\u2502\u2503]|\d{1,6}:yp\.[\w.<>-]{1,80}(?=[ \t]))[ \t]*", re.MULTILINE
 )
 # A terminal's wrap matters for the message a log ends with: undo it over this much of the end.
 _HARD_WRAP_TAIL: Final = 64 * 1024
