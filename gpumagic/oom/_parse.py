@@ -358,7 +358,8 @@ def _read_mps(window: str, m: re.Match[str]) -> tuple[Values, int]:
     f.find(rf"MPS allocated:\s*({_SZ})", "mps_allocated", pos=m.end())
     f.find(rf"other allocations:\s*({_SZ})", "other_allocations", pos=m.end())
     f.find(rf"max allowed:\s*({_SZ})", "max_allowed", pos=m.end(), read=_limit)
-    f.find(rf"Tried to allocate ({_SZ})(?: on (?:private|shared) pool)?", "tried_to_allocate", pos=m.end())
+    # From the opening, or from "Tried to allocate" when the message was cut before it.
+    f.find(rf"Tried to allocate ({_SZ})(?: on (?:private|shared) pool)?", "tried_to_allocate", pos=m.start())
     return f.values, f.end
 
 
@@ -555,6 +556,12 @@ _FORMATS: Final = (
         _read_async,
     ),
     _Format("mps", re.compile(r"MPS backend out of memory"), _read_mps),
+    _Format(
+        "mps_cut_before_head",
+        re.compile(rf"Tried to allocate {_SZ} on (?:private|shared) pool"),
+        _read_mps,
+        fragment=True,
+    ),
     _Format(
         "cpu",
         re.compile(
