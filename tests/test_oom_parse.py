@@ -264,6 +264,71 @@ def test_message_cut_mid_number_drops_only_that_figure() -> None:
     assert info.figures() == {"tried_to_allocate": 1610612736, "total_capacity": 25393994138}
 
 
+OLD = (
+    "RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total capacity; 6.64 GiB "
+    "already allocated; 21.00 MiB free; 150.86 MiB cached)"
+)
+OLD_FIGURES = {
+    "tried_to_allocate": 20971520,
+    "total_capacity": 8364448809,
+    "allocated_by_pytorch": 7129645711,
+    "free": 22020096,
+    "reserved_unallocated": 158188175,
+    "reserved_total": 7129645711 + 158188175,
+}
+
+
+@pytest.mark.parametrize(
+    ("message", "cut_before", "kind", "index", "figures"),
+    [
+        (SENTENCE, "Tried to allocate", "cuda_sentence", 0, SENTENCE_FIGURES),
+        (
+            SENTENCE,
+            "GPU 0 has a total",
+            "cuda_sentence",
+            0,
+            {k: v for k, v in SENTENCE_FIGURES.items() if k != "tried_to_allocate"},
+        ),
+        (OLD, "Tried to allocate", "cuda_caching_allocator", 0, OLD_FIGURES),
+        (
+            OLD,
+            "6.64 GiB already",
+            "cuda_caching_allocator",
+            None,
+            {k: v for k, v in OLD_FIGURES.items() if k not in ("tried_to_allocate", "total_capacity")},
+        ),
+    ],
+    ids=["sentence-at-request", "sentence-at-capacity", "old-at-request", "old-inside-parentheses"],
+)
+def test_message_cut_before_its_head_reads_what_follows_the_cut(
+    message: str, cut_before: str, kind: str, index: int | None, figures: dict[str, int]
+) -> None:
+    info = parse(message[message.index(cut_before) :])
+    assert info is not None
+    assert (info.kind, info.device_type, info.device_index) == (kind, "cuda", index)
+    assert info.figures() == figures
+
+
+@pytest.mark.parametrize("message", [SENTENCE, OLD], ids=["sentence", "old"])
+def test_message_with_its_head_is_one_message_not_its_fragments(message: str) -> None:
+    info = parse(message)
+    assert info is not None
+    assert info.message.startswith(message.split(" Tried")[0])
+
+
+def test_underflowed_figure_is_kept_as_printed() -> None:
+    # PyTorch computes "reserved but unallocated" as an unsigned difference: when it underflows
+    # the message prints 16.00 EiB. The figure is what the message says; only a limit printed
+    # as SIZE_MAX means "no limit".
+    info = parse(
+        SENTENCE.replace(
+            "1.24 GiB is reserved by PyTorch but unallocated", "16.00 EiB is reserved by PyTorch but unallocated"
+        )
+    )
+    assert info is not None
+    assert info.reserved_unallocated == 2**64
+
+
 def test_old_format_reads_figures_only_inside_its_parentheses() -> None:
     info = parse(
         "RuntimeError: XPU out of memory. Tried to allocate 1.71 GiB (GPU 0; 15.56 GiB total capacity; 0 bytes "

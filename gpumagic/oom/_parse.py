@@ -278,12 +278,14 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = Non
     # The figures end where the advice about fragmentation or empty_cache begins.
     tail = re.compile(r"If reserved but unallocated memory|Please use `empty_cache`").search(window, after)
     f.window = window[: tail.start()] if tail is not None else window
-    sentence = f.find(r"(GPU|XPU|device)\s*(\d{1,4}) has a total capac\w{0,8} of", pos=after)
+    # Cut before its head, the message may start at "GPU 0 has a total capacity": the anchor itself.
+    scan = tried.end() if tried else m.start()
+    sentence = f.find(r"(GPU|XPU|device)\s*(\d{1,4}) has a total capac\w{0,8} of", pos=scan)
     f.values["kind"] = kind or ("cuda_sentence" if sentence else "cuda_caching_allocator")
     if sentence is not None:
         f.values.setdefault("device_type", _DEV_WORD.get(sentence.group(1), "cuda"))
         f.values["device_index"] = int(sentence.group(2))
-        f.find(rf"has a total capac\w{{0,8}} of ({_SZ})", "total_capacity", pos=after)
+        f.find(rf"has a total capac\w{{0,8}} of ({_SZ})", "total_capacity", pos=scan)
     f.values.setdefault("device_type", "cuda")
     f.find(rf"of which ({_SZ}) is free", "free", pos=after)
     processes = []
