@@ -1,6 +1,10 @@
 """Reading out-of-memory messages: every figure the message states, as int bytes.
 
-Only the standard library and gpumagic's private modules are imported: no torch needed.
+A message is found by its anchor and read by its reader: ``_FORMATS`` lists one ``_Format``
+(name, anchor pattern, reader) per wording, and supporting a new wording is one entry there (plus
+its reader when none fits). Every anchor does bounded work wherever it is tried, so parsing time
+is linear in the length of the text (``bench/parse_time.py``). Only the standard library and
+gpumagic's private modules are imported: no torch needed.
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ _UNIT: Final = {
 def _bytes(text: str | None) -> int | None:
     """``"1.50 GiB"`` -> 1610612736: printed value times its (binary) unit, rounded half up.
 
-    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). Values
+    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). _Values
     are kept as printed, also absurd ones: "16.00 EiB" is an unsigned underflow in PyTorch's
     report and says so; only a limit printed as SIZE_MAX means "no limit" (see ``_limit``).
     """
@@ -227,7 +231,7 @@ def _variants(raw: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 _DEV_WORD: Final = {"CUDA": "cuda", "HIP": "hip", "XPU": "xpu", "MTIA": "mtia", "NPU": "npu", "GPU": "cuda"}
-Values = dict[str, Any]
+_Values = dict[str, Any]
 
 
 class _Fields:
@@ -236,7 +240,7 @@ class _Fields:
     def __init__(self, window: str, start: int) -> None:
         self.window = window
         self.end = start
-        self.values: Values = {}
+        self.values: _Values = {}
 
     def find(
         self,
@@ -255,7 +259,7 @@ class _Fields:
         return m
 
 
-def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = None) -> tuple[Values, int]:
+def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = None) -> tuple[_Values, int]:
     """The caching allocator's messages (CUDA, HIP, XPU), old parenthesised or 2.1+ sentences.
 
     Also reads them cut at the start: from "Tried to allocate X (GPU 0; ..." or from
@@ -318,7 +322,7 @@ def _read_parenthesised(f: _Fields, block: int) -> None:
     f.find(rf"({_SZ}) reserved in total by Py[Tt]orch", "reserved_total", pos=block, end=close)
 
 
-def _read_parenthesised_tail(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_parenthesised_tail(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """PyTorch 1.x's message cut inside its parentheses: "1.17 GiB reserved in total by PyTorch)"."""
     f = _Fields(window, m.end())
     f.values.update(kind="cuda_caching_allocator", device_type="cuda")
@@ -326,14 +330,14 @@ def _read_parenthesised_tail(window: str, m: re.Match[str]) -> tuple[Values, int
     return f.values, f.end
 
 
-def _read_block_limit(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_block_limit(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """Intel's XPU refusal of one block over 4 GB, followed by the caching allocator's figures."""
     values, end = _read_allocator(window, m, kind="xpu_allocation_limit")
     values["device_type"] = "xpu"
     return values, end
 
 
-def _read_async(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_async(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """The cudaMallocAsync backend: "Allocation on device 0 would exceed allowed memory." + a table."""
     f = _Fields(window, m.end())
     f.values.update(kind="cuda_malloc_async", device_type="cuda")
@@ -353,7 +357,7 @@ def _read_async(window: str, m: re.Match[str]) -> tuple[Values, int]:
     return f.values, f.end
 
 
-def _read_mps(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_mps(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """The MPS allocator: "(MPS allocated: X, other allocations: Y, max allowed: Z). Tried to allocate W"."""
     f = _Fields(window, m.end())
     f.values.update(kind="mps", device_type="mps")
@@ -388,7 +392,7 @@ def _shape_bytes(shape: str, dtype: str | None) -> int | None:
     return n
 
 
-def _tf_device(on: str | None, allocator: str | None) -> Values:
+def _tf_device(on: str | None, allocator: str | None) -> _Values:
     """TensorFlow names devices "/job:localhost/replica:0/task:0/device:GPU:0" and allocators "GPU_0_bfc"."""
     if on is not None:
         d = re.search(r"device:([A-Za-z]+):(\d+)", on)
@@ -407,20 +411,20 @@ def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
-def _read_cpu(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_cpu(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     return {"kind": "cpu_allocator", "device_type": "cpu", "tried_to_allocate": _int(m.group("n"))}, m.end()
 
 
-def _read_numpy(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_numpy(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     size = _shape_bytes(m.group("shape"), m.group("dtype"))
     tried = size if size is not None else _bytes(m.group("size"))
     return {"kind": "numpy", "device_type": "cpu", "tried_to_allocate": tried}, m.end()
 
 
-def _read_xla(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_xla(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """XLA (JAX, TensorFlow): "Out of memory while trying to allocate N bytes" or "Failed to allocate
     request for 2.99GiB (3206250496B) on device ordinal 0": the exact byte count wins."""
-    values: Values = {"kind": "xla_resource_exhausted", "device_type": "xla"}
+    values: _Values = {"kind": "xla_resource_exhausted", "device_type": "xla"}
     n = m.group("n") or m.group("b")
     values["tried_to_allocate"] = _int(n) if n is not None else _bytes(m.group("size"))
     if m.group("ordinal") is not None:
@@ -428,30 +432,30 @@ def _read_xla(window: str, m: re.Match[str]) -> tuple[Values, int]:
     return values, m.end()
 
 
-def _read_xla_compile(window: str, m: re.Match[str]) -> tuple[Values, int]:
-    values: Values = {"kind": "xla_tpu_compile", "device_type": "tpu"}
+def _read_xla_compile(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "xla_tpu_compile", "device_type": "tpu"}
     if m.group("space").lower() == "hbm":
         values.update(total_capacity=_bytes(m.group("cap")), required_total=_bytes(m.group("used")))
     return values, m.end()
 
 
-def _read_tf_tensor(window: str, m: re.Match[str]) -> tuple[Values, int]:
-    values: Values = {"kind": "tensorflow", "tried_to_allocate": _shape_bytes(m.group("shape"), m.group("dtype"))}
+def _read_tf_tensor(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "tensorflow", "tried_to_allocate": _shape_bytes(m.group("shape"), m.group("dtype"))}
     return {**values, **_tf_device(m.group("on"), m.group("alloc"))}, m.end()
 
 
-def _read_tf_bfc(window: str, m: re.Match[str]) -> tuple[Values, int]:
-    values: Values = {"kind": "tensorflow", "tried_to_allocate": _bytes(m.group("size"))}
+def _read_tf_bfc(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "tensorflow", "tried_to_allocate": _bytes(m.group("size"))}
     return {**values, **_tf_device(None, m.groupdict().get("alloc"))}, m.end()
 
 
-def _read_tf_device(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_tf_device(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     return {"kind": "tensorflow", "device_type": "gpu", "tried_to_allocate": _int(m.group("n"))}, m.end()
 
 
-def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     hip = "hip" in m.group(0).lower()
-    values: Values = {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}
+    values: _Values = {"kind": "cuda_error", "device_type": "hip" if hip else "cuda"}
     # ONNX Runtime and CNTK name the device ("CUDA failure 2: out of memory ; GPU=0 ; hostname=..."),
     # llama.cpp on the next line ("CUDA error 2 at ggml-cuda.cu:5509: out of memory current device: 0").
     gpu = re.compile(r" ?(?:; ?GPU=|current device: )(\d{1,4})").match(window, m.end())
@@ -460,24 +464,24 @@ def _read_cuda_error(window: str, m: re.Match[str]) -> tuple[Values, int]:
     return values, m.end()
 
 
-def _read_ggml(window: str, m: re.Match[str]) -> tuple[Values, int]:
-    values: Values = {"kind": "ggml_backend", "tried_to_allocate": int(m.group("n"))}
+def _read_ggml(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "ggml_backend", "tried_to_allocate": int(m.group("n"))}
     values.update(device_type=_DEV_WORD.get(m.group("dev"), m.group("dev").lower()), device_index=int(m.group("idx")))
     return values, m.end()
 
 
-def _read_onnxruntime_arena(window: str, m: re.Match[str]) -> tuple[Values, int]:
+def _read_onnxruntime_arena(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """ONNX Runtime's arena (on whichever device the session runs): the request, and what was available."""
-    values: Values = {"kind": "onnxruntime_arena", "tried_to_allocate": int(m.group("n") or m.group("req"))}
+    values: _Values = {"kind": "onnxruntime_arena", "tried_to_allocate": int(m.group("n") or m.group("req"))}
     if m.group("avail") is not None:
         values["free"] = int(m.group("avail"))
     return values, m.end()
 
 
-def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[Values, int]]:
+def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[_Values, int]]:
     """A reader for a wording that states no figure: only its kind and device."""
 
-    def read(window: str, m: re.Match[str]) -> tuple[Values, int]:
+    def read(window: str, m: re.Match[str]) -> tuple[_Values, int]:
         return {"kind": kind, "device_type": device_type}, m.end()
 
     return read
@@ -502,12 +506,12 @@ class _Format:
 
     name: str
     anchor: re.Pattern[str]
-    read: Callable[[str, re.Match[str]], tuple[Values, int]]
+    read: Callable[[str, re.Match[str]], tuple[_Values, int]]
     states_figures: bool = True
     fragment: bool = False
     nocase: bool = False
 
-    def read_at(self, text: str, m: re.Match[str]) -> tuple[Values, int]:
+    def read_at(self, text: str, m: re.Match[str]) -> tuple[_Values, int]:
         """Read the message that starts at ``m``: its fields, and where it ends."""
         return self.read(text[: m.start() + _WINDOW], m)
 
