@@ -156,7 +156,7 @@ _UNIT: Final = {
 def _bytes(text: str | None) -> int | None:
     """``"1.50 GiB"`` -> 1610612736: printed value times its (binary) unit, rounded half up.
 
-    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). _Values
+    Every allocator message that prints "GB"/"MB"/"G" means powers of 1024 (MPS, XLA). Values
     are kept as printed, also absurd ones: "16.00 EiB" is an unsigned underflow in PyTorch's
     report and says so; only a limit printed as SIZE_MAX means "no limit" (see ``_limit``).
     """
