@@ -201,9 +201,11 @@ def _variants(raw: str) -> list[str]:
     """The text as one line, plus a version that undoes a terminal's hard wrap if it has one.
 
     A terminal wraps at a fixed width, mid-word or mid-number ("20.0" / "0 MiB"): lines of
-    exactly that width are joined to the next without a space. Both versions are parsed and
-    the one that yields more figures wins. Regular expressions run over the whole text, never
-    once per line, so a text of a million short lines costs what one long line does.
+    exactly that width are joined to the next without a space, over the text's last 64 KiB
+    (where the message a log ends with is). Both versions are parsed and the one that yields
+    more figures wins. Regular expressions run over the whole text, never once per line, so a
+    text of a million short lines costs what one long line does. Log columns go first: rich's
+    box borders and "file.py:123" at the right of a line, quote and comment markers at the left.
     """
     raw = _ANSI.sub("", raw).replace("\r\n", "\n").replace("\r", "\n")
     if "\u2502" in raw or "\u2503" in raw or ".py:" in raw:
