@@ -185,7 +185,7 @@ def _limit(text: str | None) -> int | None:
 _ANSI: Final = re.compile(r"\x1b\[[0-9;?]{0,32}[A-Za-z]")
 # Leading whitespace, quote/comment markers ("> " in issues, "# " in code comments) and the
 # left border of a rich traceback box, on every line.
-_LEAD: Final = re.compile(r"^(?=[ \t#>\u2502\u2503])[ \t]*(?:[#>\u2502\u2503][ \t]?)*[ \t]*", re.MULTILINE)
+_LEAD: Final = re.compile(r"^[ \t#>\u2502\u2503]+", re.MULTILINE)
 # What log frameworks put at the right of a line: rich's "file.py:123" column (after as little as
 # one blank: "... GPU 0 has train.py:21") and a traceback box's border. Matched in the reversed
 # text, where they open a line: a pattern anchored at a line start is tried once per line, not at
