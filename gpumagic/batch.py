@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from gpumagic import backends
 from gpumagic._gcscan import instances_of
-from gpumagic.devices import DeviceLike, release_memory, resolve_budget, resolve_device
+from gpumagic.backends import Backend
+from gpumagic.devices import DeviceLike, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -146,14 +148,15 @@ class StateSnapshot:
             snap.objects.append((obj, state, grads))
             _tensor_keys(state, snap.storage_keys)
             _tensor_keys(grads or [], snap.storage_keys)
-        snap.rng["torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            snap.rng["cuda"] = torch.cuda.get_rng_state_all()
+        for backend in backends.registry():
+            state = backend.rng_state()
+            if state is not None:
+                snap.rng[backend.name] = state
         snap.rng["random"] = random.getstate()
         np = sys.modules.get("numpy")
         if np is not None:
             snap.rng["numpy"] = np.random.get_state()
-        _tensor_keys(snap.rng.get("torch"), snap.storage_keys)
+        _tensor_keys(list(snap.rng.values()), snap.storage_keys)
         if namespace is not None:
             snap.namespace = namespace
             snap.bindings = dict(namespace)
@@ -175,9 +178,9 @@ class StateSnapshot:
                         p.grad = None if g is None else g.to(p.device, copy=True)
             except Exception as e:  # keep restoring the others
                 errors.append(f"{type(obj).__name__}: {e}")
-        torch.set_rng_state(self.rng["torch"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        for backend in backends.registry():
+            if backend.name in self.rng:
+                backend.set_rng_state(self.rng[backend.name])
         random.setstate(self.rng["random"])
         if "numpy" in self.rng:
             sys.modules["numpy"].random.set_state(self.rng["numpy"])
@@ -249,6 +252,7 @@ class TrialRunner:
         body: Callable[[int], Any],
         *,
         device: torch.device,
+        backend: Backend | None = None,
         budget: int | None,
         steps: int,
         snapshot: StateSnapshot,
@@ -256,6 +260,7 @@ class TrialRunner:
         observed: _Observed,
     ) -> None:
         self.body = body
+        self.backend = backend
         self.device = device
         self.budget = budget
         self.steps = steps
@@ -269,6 +274,7 @@ class TrialRunner:
         tracker = Tracker(
             self.device,
             self.budget,
+            backend=self.backend,
             stop_after_steps=self.steps if self.has_optimizer else None,
             stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
             exclude_storages=self.snapshot.storage_keys,
@@ -325,20 +331,16 @@ def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
 # the search, both forms
 
 
-def _capacity(device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
+def _capacity(backend: Backend, device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
     """(capacity used by the search, budget for the tracker, note)."""
     if budget is not None:
         return budget, budget, None
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory), None, None
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory()), None, None
-    from gpumagic.devices import _host_memory
-
-    _, avail = _host_memory()
-    if avail is None:
-        raise ValueError("on cpu, give --budget (the simulated device capacity), e.g. --budget 4GiB")
-    return avail, avail, f"no --budget on cpu: the capacity is the host memory free now ({avail} bytes)"
+    cap = backend.capacity(device)
+    if cap is None:
+        raise ValueError(f"on {backend.name}, give --budget (the simulated device capacity), e.g. --budget 4GiB")
+    if not backend.session_enforces_capacity:
+        return cap, None, None
+    return cap, cap, f"no --budget on {backend.name}: the capacity is the memory free now ({cap} bytes)"
 
 
 def _run_search(
@@ -474,15 +476,15 @@ def find_batch(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    dev = resolve_device(device)
+    backend, dev = resolve(device)
     bud = resolve_budget(budget)
-    capacity, tracker_budget, note = _capacity(dev, bud)
+    capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
     has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
     runner = TrialRunner(
-        trial_fn, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+        trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
         has_optimizer=has_opt, observed=observed,
     )
     try:
@@ -569,9 +571,9 @@ def find_batch_in_shell(
     if steps < 1:
         raise BadOptions(f"--steps must be >= 1, got {steps}")
     try:
-        dev = resolve_device(device, _hints(ns) if device is None else ())
+        backend, dev = resolve(device, _hints(ns) if device is None else ())
         bud = resolve_budget(budget)
-        capacity, tracker_budget, note = _capacity(dev, bud)
+        capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None
     notes = [note] if note else []
@@ -602,7 +604,7 @@ def find_batch_in_shell(
         except TypeError:
             dataset_size = None
         drop_last = bool(original_loader.drop_last)
-    runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+    runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
                          has_optimizer=has_opt, observed=observed)
     try:
         return _run_search(

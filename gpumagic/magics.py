@@ -165,10 +165,8 @@ class OOMPresenter:
         return True
 
     def _context(self, info: Any, report: Any, batch_size: int | None, in_use: set[str]) -> Any:
-        import torch
-
-        from gpumagic import oom
-        from gpumagic.devices import holders, resolve_device
+        from gpumagic import backends, oom
+        from gpumagic.devices import holders, resolve
 
         ns = self.shell.user_ns
         if batch_size is None and report is not None:
@@ -180,16 +178,18 @@ class OOMPresenter:
                 if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                     batch_size = v
                     break
-        device_type = getattr(info, "device_type", None) or "cpu"
+        # the failing device's backend; a simulated OOM (or an unknown device) is on the CPU
+        simulated = getattr(info, "simulated", False)
+        backend = None if simulated else backends.get(getattr(info, "device_type", None) or "")
+        held: tuple[tuple[str, int], ...] = ()
+        processes: tuple[tuple[int, int, str | None], ...] = ()
         try:
-            if getattr(info, "simulated", False) or device_type not in ("cuda", "mps"):
-                dev = torch.device("cpu")
-            else:
-                dev = resolve_device(device_type)
+            backend, dev = (backend, backend.parse(info.device_index)) if backend is not None else resolve("cpu")
             # memory held by earlier cells: what the failing cell itself uses is not a candidate
             held = tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
+            processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(dev))
         except ValueError:
-            held = ()
+            pass
         fit = getattr(self.last_search, "fit", None)
         prev = self.last_report
         line = (fit.intercept_bytes, fit.bytes_per_sample) if fit is not None else None
@@ -201,14 +201,6 @@ class OOMPresenter:
                     line = fit_from_report(source)
                     if line is not None:
                         break
-        processes: tuple[tuple[int, int, str | None], ...] = ()
-        if device_type == "cuda" and not getattr(info, "simulated", False):
-            from gpumagic.backends import nvml
-
-            gi = nvml.gpu_info(info.device_index or 0)
-            if gi is not None:
-                me = os.getpid()
-                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in gi.processes if p.pid != me)
         return oom.AdviceContext(
             batch_size=batch_size,
             optimizer=_optimizer_name(ns),

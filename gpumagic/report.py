@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchSearchResult",
+    "DeviceSample",
     "DeviceStatus",
     "Fit",
     "MemoryBreakdown",
@@ -353,6 +354,8 @@ class BatchSearchResult:
 
 @dataclass(frozen=True)
 class ProcessMemory:
+    """A process holding memory on a device (from NVML); ``used_bytes`` None when the driver hides it."""
+
     pid: int
     used_bytes: int | None
     name: str | None = None
@@ -391,3 +394,23 @@ class DeviceStatus:
                     for p in self.processes)
         rows.extend(("note", n) for n in self.notes)
         return html_table("gpumagic device status", rows)
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """One device at one moment, as the live monitor samples it. ``None`` means "not known here"."""
+
+    device: str
+    """"cuda:0", "mps" or "cpu"."""
+    name: str | None
+    used_bytes: int | None
+    """In use on the device by everyone (for the CPU: the machine's RAM in use)."""
+    total_bytes: int | None
+    utilization_percent: float | None
+    """Busy time in the last sampling period (GPU: NVML's utilisation; CPU: this process's CPU time)."""
+    process_bytes: int | None
+    """Used by this process (NVML's count for our pid, else what torch's allocator holds; CPU: RSS)."""
+    other_bytes: int | None
+    """Everything else in use: other processes, the driver, and for NVML the CUDA context overhead."""
+    tracked_bytes: int | None = None
+    """Live tensor bytes counted by gpumagic's CPU tracker while a tracked cell runs."""

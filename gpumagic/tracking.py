@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from gpumagic.backends import MemorySession
-from gpumagic.devices import DeviceLike, open_session, resolve_budget, resolve_device
+from gpumagic.backends import Backend, MemorySession
+from gpumagic.devices import DeviceLike, resolve, resolve_budget, storage_bytes
 from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
 
 __all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
@@ -197,6 +197,9 @@ class Tracker:
     """Records memory, loss and time per step while active. Use :func:`track`.
 
     ``report`` is available after the block ends, also when it ended with an exception.
+    ``session``: measure through this :class:`~gpumagic.backends.MemorySession` instead of one
+    the device's backend opens (tests pass a scripted one); ``backend``: the backend that
+    parsed ``device`` (when two backends share a torch device type).
     """
 
     def __init__(
@@ -210,8 +213,13 @@ class Tracker:
         stop_after_backwards: int | None = None,
         exclude_storages: Iterable[int] = (),
         on_step: Callable[[StepRecord], None] | None = None,
+        session: MemorySession | None = None,
+        backend: Backend | None = None,
     ) -> None:
-        self.device = resolve_device(device, hints)
+        if backend is not None and isinstance(device, torch.device):
+            self.backend, self.device = backend, device
+        else:
+            self.backend, self.device = resolve(device, hints)
         self.budget = resolve_budget(budget)
         if max_records < 2:
             raise ValueError(f"max_records must be >= 2, got {max_records}")
@@ -226,6 +234,7 @@ class Tracker:
         self.on_batch: Callable[[Any, int | None], None] | None = None
         """Called with (DataLoader iterator, batch size) for every batch drawn while tracking."""
         self._report: MemoryReport | None = None
+        self._given_session = session
         self._session: MemorySession | None = None
         self._cleanup: list[Callable[[], None]] = []
 
@@ -243,7 +252,7 @@ class Tracker:
                 "gpumagic.track() is not supported; remove the inner one"
             )
         self._reset_state()
-        self._session = open_session(self.device, self.budget, self._exclude)
+        self._session = self._given_session or self.backend.open_session(self.device, self.budget, self._exclude)
         self._records = _Records(self._max_records)
         _ACTIVE.append(self)
         try:
@@ -461,8 +470,6 @@ class Tracker:
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
         """Parameters, gradients and optimizer state of the optimizers seen; the rest is other."""
-        from gpumagic.devices import storage_bytes
-
         seen: set[int] = set()
 
         def nbytes(t: Any) -> int:
@@ -494,9 +501,6 @@ class Tracker:
             notes.append(f"{self._records.total} steps downsampled to {len(recs)} records of {self._records.stride}")
         if self._pending and self._opt_steps:
             notes.append(f"{len(self._pending)} backward call(s) after the last optimizer step are not in any step")
-        compiled = _compiled_note() if session.backend == "cpu" else None
-        if compiled:
-            notes.append(compiled)
         err = None
         if error is not None and not isinstance(error, StopTrial):
             err = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
@@ -517,18 +521,6 @@ class Tracker:
             error=err,
             notes=tuple(notes),
         )
-
-
-def _compiled_note() -> str | None:
-    """torch.compile'd code allocates below the dispatcher on cpu: say so instead of guessing."""
-    from gpumagic.backends.cpu import compile_graphs_exist
-
-    if compile_graphs_exist():
-        return (
-            "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
-            "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"
-        )
-    return None
 
 
 def track(

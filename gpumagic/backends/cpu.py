@@ -1,6 +1,6 @@
 """An exact tracker of live CPU tensor memory, and a simulated device capacity (a *budget*).
 
-How it counts (see ``../shared/FACTS.md``): a ``TorchDispatchMode`` sees every op; each output
+How it counts: a ``TorchDispatchMode`` sees every op; each output
 storage that is new is counted once, keyed by its data pointer, and uncounted when the storage
 is freed (a weakref callback on the storage). Outputs of ops whose schema says they alias an
 input (views, in-place and ``out=`` ops) are skipped without looking at them, which keeps the
@@ -193,7 +193,7 @@ class CPUSession:
     def __init__(self, budget: int | None = None, exclude: Iterable[int] = ()) -> None:
         self.device = "cpu"
         self.budget_bytes = budget
-        self.notes: list[str] = []
+        self._notes: list[str] = []
         self._limit = budget if budget is not None else math.inf
         self._exclude = set(exclude)
         self._refs: dict[int, _Ref] = {}
@@ -241,6 +241,16 @@ class CPUSession:
         raise torch.OutOfMemoryError(msg)
 
     # -- MemorySession ----------------------------------------------------------------------
+    @property
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if compile_graphs_exist():  # torch.compile'd code allocates below the dispatcher
+            notes.append(
+                "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
+                "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"
+            )
+        return notes
+
     def start(self) -> int:
         if self._mode is not None:
             raise RuntimeError("this CPU session is already started")
@@ -248,7 +258,7 @@ class CPUSession:
             self._watch(st, key, st.nbytes())
         self._wpeak = self._peak = self._cur
         if self.budget_bytes is not None and self._cur > self.budget_bytes:
-            self.notes.append(
+            self._notes.append(
                 f"memory alive before the block ({self._cur} bytes) already exceeds the budget "
                 f"({self.budget_bytes} bytes): the first allocation will fail"
             )
