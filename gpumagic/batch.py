@@ -26,7 +26,7 @@ import torch
 from gpumagic import backends
 from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
-from gpumagic.devices import DeviceLike, release_memory, resolve, resolve_budget
+from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -405,7 +405,7 @@ def _run_search(
             optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
             current_batch_size=current,
             progress=on_trial,
-            device=str(runner.device),
+            device=device_label(runner.backend, runner.device),
             learn_dataset_size=lambda: runner.observed.dataset_size,
         )
     except ValueError as e:

@@ -23,6 +23,7 @@ from gpumagic.backends import Backend, MemorySession
 from gpumagic.report import DeviceStatus
 
 __all__ = [
+    "device_label",
     "device_status",
     "free_memory",
     "holders",
@@ -102,6 +103,13 @@ def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torc
     device(type='cpu')
     """
     return resolve(device, hints)[1]
+
+
+def device_label(backend: Backend | None, device: torch.device) -> str:
+    """How reports name ``device``: "cuda:0", "mps", "cpu", or a registered backend's name."""
+    if backend is None:
+        return str(device)
+    return backend.name if device.index is None else f"{backend.name}:{device.index}"
 
 
 def resolve_budget(budget: str | int | None) -> int | None:

@@ -336,18 +336,19 @@ class GPUMagics(Magics):
             %gpumem --free     # free cached memory and list what still holds some
         """
         args = _parse(self.gpumem, line)
-        from gpumagic.devices import device_status, free_memory, resolve_budget, resolve_device
+        from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
         try:
-            device = resolve_device(args.device, _hints(ns) if args.device is None else ())
+            backend, device = resolve(args.device, _hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget)
         except ValueError as e:
             raise UsageError(str(e)) from None
         if cell is None:
             if args.budget is not None:
                 raise UsageError("--budget applies to the cell magic %%gpumem, not to %gpumem")
-            status = free_memory(ns, device) if args.free else device_status(device)
+            target = args.device if args.device is not None else device  # a name resolves to its backend again
+            status = free_memory(ns, target) if args.free else device_status(target)
             if args.output:
                 return status
             display(status)
@@ -358,7 +359,7 @@ class GPUMagics(Magics):
             raise UsageError("%%gpumem needs a cell body to run")
         from gpumagic.tracking import Tracker
 
-        tracker = Tracker(device, budget)
+        tracker = Tracker(device, budget, backend=backend)
         try:
             with tracker:
                 value = run_cell_source(self.shell, cell)
