@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gpumagic import _bundles
 from gpumagic._units import format_bytes, parse_size
 from gpumagic.report import (
     BatchSearchResult,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from gpumagic.oom import parse as parse_oom
     from gpumagic.tracking import Tracker, track
 
-__version__ = "0.1.0"
+from gpumagic._version import __version__
 
 __all__ = [
     "Advice",
@@ -62,6 +63,9 @@ __all__ = [
     "track",
     "unload_ipython_extension",
 ]
+
+# results render through the registry; the widgets register when the first result renders
+_bundles.add_module("gpumagic.widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {

@@ -554,7 +554,8 @@ def find_batch_in_shell(
     presenter: Any = None,
 ) -> BatchSearchResult:
     """The magics' form: run ``code`` in the user namespace per trial with ``var``/``loader`` set."""
-    from gpumagic.magics import _hints, run_cell_source
+    from gpumagic._shell import hints as _hints
+    from gpumagic._shell import run_cell_source
 
     ns = shell.user_ns
     if var is None and loader is None:

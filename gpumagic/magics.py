@@ -23,41 +23,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
+from gpumagic._shell import hints, run_cell_source, show_monitor
+
 __all__ = ["GPUMagics", "load", "unload"]
 
 _MAGIC_NAMES = {"line": ("gpumem", "find_batch", "gpumon", "gpumagic"), "cell": ("gpumem", "find_batch")}
-
-
-# ---------------------------------------------------------------------------------------------
-# running a cell
-
-
-def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
-    """Execute a cell body in the user namespace; return the value of a final expression."""
-    src = shell.transform_cell(cell)
-    tree = shell.compile.ast_parse(src)
-    assert isinstance(tree, ast.Module)
-    last: ast.Expression | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body[-1].value)
-        tree.body.pop()
-    filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
-    code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
-    exec(code, shell.user_global_ns, shell.user_ns)
-    if last is not None:
-        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)  # type: ignore[arg-type]
-    return None
-
-
-def _hints(ns: Mapping[str, Any]) -> list[Any]:
-    """Models and tensors in the namespace, for choosing the default device."""
-    import torch
-
-    out = []
-    for name, v in list(ns.items()):
-        if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
-            out.append(v)
-    return out
 
 
 def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
@@ -340,7 +310,7 @@ class GPUMagics(Magics):
 
         ns = self.shell.user_ns
         try:
-            backend, device = resolve(args.device, _hints(ns) if args.device is None else ())
+            backend, device = resolve(args.device, hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -499,14 +469,12 @@ class GPUMagics(Magics):
             n = monitor.stop_all()
             print(f"stopped {n} monitor{'s' if n != 1 else ''}")
             return None
-        from gpumagic import widgets
-
         try:
             mon = monitor.Monitor(interval=args.interval)
         except ValueError as e:
             raise UsageError(str(e)) from None
         mon.start()
-        widgets.show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
+        show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
         return None
 
     # -- %gpumagic -----------------------------------------------------------------------------
@@ -524,7 +492,7 @@ class GPUMagics(Magics):
             print(f"gpumagic: out-of-memory translation in every cell is {words[1]}")
             return
         if words == ["status"] or not words:
-            from gpumagic import __version__
+            from gpumagic._version import __version__
 
             state = "on" if self.oom_handler.installed else "off"
             print(f"gpumagic {__version__}: OOM translation in every cell {state}; "

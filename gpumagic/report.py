@@ -2,8 +2,8 @@
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
 Objects render themselves: ``repr`` is a one-line summary, ``_repr_html_`` a compact table, and
-``_repr_mimebundle_`` adds the widget and a PNG by importing :mod:`gpumagic.widgets` lazily (the
-only edge from the core to the rendering layer).
+``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
+from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
 from gpumagic._units import format_bytes
 
@@ -59,21 +60,6 @@ def _plain(obj: Any) -> Any:
 def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
-
-
-def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-    """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
-    bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
-    try:
-        from gpumagic.widgets import rich_bundle  # lazy: the one edge from the core to the renderers
-    except ImportError:  # a broken or partial install: text and HTML still show
-        return bundle
-    bundle.update(rich_bundle(obj, kind))
-    if include:
-        bundle = {k: v for k, v in bundle.items() if k in include}
-    if exclude:
-        bundle = {k: v for k, v in bundle.items() if k not in exclude}
-    return bundle
 
 
 @dataclass(frozen=True)
@@ -233,7 +219,7 @@ class MemoryReport:
         return html_table("gpumagic memory report", self._rows())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundle(self, "memory", include, exclude)
+        return mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -349,7 +335,7 @@ class BatchSearchResult:
         return html_table("gpumagic batch-size search", self._rows())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundle(self, "search", include, exclude)
+        return mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ The only module that imports ipywidgets and matplotlib, both inside functions, a
 only through :class:`matplotlib.figure.Figure` and the Agg canvas: the user's pyplot state
 (current figure, backend, ``plt.show()`` queue) is never touched.
 
-A result's ``_repr_mimebundle_`` calls :func:`rich_bundle`, which adds a widget view (an
-interactive panel where a widget manager runs) and a PNG of the same plot (for GitHub, nbviewer,
-nbconvert and frontends without widgets) to the text and HTML the result makes itself.
+Registered with :mod:`gpumagic._bundles` for :class:`MemoryReport` and :class:`BatchSearchResult`:
+:func:`rich_bundle` adds a widget view (an interactive panel where a widget manager runs) and a
+PNG of the same plot (for GitHub, nbviewer, nbconvert and frontends without widgets) to the text
+and HTML the result makes itself. Nothing here displays or prints: the IPython layer does.
 
 >>> fig = search_figure(result)          # doctest: +SKIP
 >>> panel = search_widget(result)        # doctest: +SKIP
@@ -21,12 +22,11 @@ import html
 import io
 import itertools
 import math
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpumagic._batchmath import lr_note
+from gpumagic._bundles import register as register_renderer
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gpumagic.monitor import DeviceSample, Monitor, Sample
+    from gpumagic.monitor import Monitor, Sample
+    from gpumagic.report import DeviceSample
 
 __all__ = [
     "DPI",
@@ -48,7 +49,6 @@ __all__ = [
     "search_figure",
     "search_readout",
     "search_widget",
-    "show_monitor",
     "sparkline",
 ]
 
@@ -692,37 +692,13 @@ def monitor_widget(monitor: Monitor) -> Any:
     return box
 
 
-def _sidebar_problem() -> str | None:
-    if "google.colab" in sys.modules:
-        return "needs JupyterLab; Google Colab has no sidebar for widgets"
-    if "VSCODE_PID" in os.environ:
-        return "needs JupyterLab; VS Code notebooks have no sidebar for widgets"
-    return None
+def _memory_bundle(report: MemoryReport) -> dict[str, Any]:
+    return rich_bundle(report, "memory")
 
 
-def show_monitor(monitor: Monitor, sidebar: bool = False, *,
-                 display: Callable[[Any], object] | None = None) -> Any:
-    """Display :func:`monitor_widget` inline, or with ``sidebar=True`` in JupyterLab's right
-    sidebar through sidecar (``pip install gpumagic[sidecar]``). Where that cannot work (no
-    sidecar, Colab, VS Code) it says why and shows the panel inline. Returns the panel."""
-    if display is None:
-        from IPython.display import display as ipython_display
+def _search_bundle(result: BatchSearchResult) -> dict[str, Any]:
+    return rich_bundle(result, "search")
 
-        display = ipython_display
-    panel = monitor_widget(monitor)
-    if sidebar:
-        problem = _sidebar_problem()
-        if problem is None:
-            try:
-                from sidecar import Sidecar
-            except ImportError:
-                problem = "needs sidecar: pip install gpumagic[sidecar]"
-        if problem is None:
-            side = Sidecar(title=f"gpumagic monitor {monitor.id}")
-            with side:
-                display(panel)
-            panel.sidecar = side
-            return panel
-        print(f"gpumagic: --sidebar {problem}; showing the monitor here instead")
-    display(panel)
-    return panel
+
+register_renderer(MemoryReport, _memory_bundle)
+register_renderer(BatchSearchResult, _search_bundle)
