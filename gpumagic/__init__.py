@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic import _bundles
 from gpumagic._units import format_bytes, parse_size
+from gpumagic._version import __version__
 from gpumagic.report import (
     BatchSearchResult,
     DeviceStatus,
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
     from gpumagic.tracking import Tracker, track
-
-from gpumagic._version import __version__
 
 __all__ = [
     "Advice",
