@@ -8,10 +8,12 @@ Adam-like ones (Malladi et al., 2022). When the effective batch is unchanged, th
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = [
+    "PICKS",
     "LRRule",
+    "Pick",
     "accumulation_plan",
     "is_power_of_two",
     "lr_note",
@@ -20,6 +22,10 @@ __all__ = [
 ]
 
 LRRule = Literal["linear", "sqrt"]
+Pick = Literal["max", "throughput", "pow2"]
+"""How the search picks its recommendation: the largest that fits with the margin, the smallest
+within 5% of the best throughput, or the largest power of two that fits."""
+PICKS: tuple[Pick, ...] = get_args(Pick)
 
 _ADAM_LIKE = (
     "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb",

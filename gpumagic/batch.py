@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from gpumagic import backends
+from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
@@ -267,7 +268,6 @@ class TrialRunner:
         self.snapshot = snapshot
         self.has_optimizer = has_optimizer
         self.observed = observed
-        self.trials: list[Trial] = []
 
     def __call__(self, b: int) -> Trial:
         step_secs: list[float] = []
@@ -301,12 +301,12 @@ class TrialRunner:
         rep = tracker.report
         n = rep.total_steps
         note = "no optimizer.step() ran in the trials: each backward() counted as a step"
-        if self.has_optimizer and tracker._opt_steps == 0 and tracker._backwards and note not in self.observed.notes:
+        manual = self.has_optimizer and tracker.optimizer_steps == 0 and tracker.backward_calls
+        if manual and note not in self.observed.notes:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
-        self.trials.append(trial)
         return trial
 
     def _watch_loader(self, tracker: Tracker) -> None:
@@ -353,7 +353,7 @@ def _run_search(
     dataset_size: int | None,
     drop_last: bool,
     margin: float,
-    pick: str,
+    pick: Pick,
     effective: int | None,
     objects: list[Any],
     current: int | None,
@@ -457,7 +457,7 @@ def find_batch(
     max_size: int | None = None,
     steps: int = 3,
     margin: float = 0.05,
-    pick: str = "max",
+    pick: Pick = "max",
     effective: int | None = None,
     min_size: int = 1,
     dataset_size: int | None = None,
@@ -549,9 +549,8 @@ def find_batch_in_shell(
     max_size: int | None,
     steps: int,
     margin: float,
-    pick: str,
+    pick: Pick,
     effective: int | None,
-    presenter: Any = None,
 ) -> BatchSearchResult:
     """The magics' form: run ``code`` in the user namespace per trial with ``var``/``loader`` set."""
     from gpumagic._shell import hints as _hints

@@ -23,6 +23,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
+from gpumagic._batchmath import PICKS
 from gpumagic._shell import hints, run_cell_source, show_monitor
 
 __all__ = ["GPUMagics", "load", "unload"]
@@ -334,9 +335,9 @@ class GPUMagics(Magics):
             with tracker:
                 value = run_cell_source(self.shell, cell)
         except BaseException as exc:
-            report = getattr(tracker, "_report", None)
+            report = tracker.finished_report
             if not (isinstance(exc, Exception) and self.presenter.present(
-                exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
+                exc, report=report, batch_size=tracker.last_batch_size, cell=cell
             )) and report is not None and not args.quiet:
                 display(report)
             raise
@@ -378,7 +379,7 @@ class GPUMagics(Magics):
         "capacity × (1 − margin).",
     )
     @magic_arguments.argument(
-        "--pick", default="max", choices=("max", "throughput", "pow2"),
+        "--pick", default="max", choices=PICKS,
         help="max: largest that fits with the margin; throughput: smallest within 5%% of the best samples/s; "
         "pow2: largest power of two that fits.",
     )
@@ -434,7 +435,7 @@ class GPUMagics(Magics):
             result = batch.find_batch_in_shell(
                 self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                 start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                margin=args.margin, pick=args.pick, effective=args.effective, presenter=self.presenter,
+                margin=args.margin, pick=args.pick, effective=args.effective,
             )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None
@@ -540,5 +541,5 @@ def unload(shell: InteractiveShell) -> None:
         tracking = sys.modules.get("gpumagic.tracking")
         if tracking is not None:
             while (t := tracking.active_tracker()) is not None:
-                t._teardown()
+                t.close()
 

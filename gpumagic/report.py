@@ -21,6 +21,8 @@ from gpumagic._units import format_bytes
 if TYPE_CHECKING:
     import pandas
 
+    from gpumagic._batchmath import LRRule, Pick
+
 __all__ = [
     "BatchSearchResult",
     "DeviceSample",
@@ -269,11 +271,11 @@ class BatchSearchResult:
     capacity_bytes: int | None
     predicted_peak_bytes: int | None
     """The fit's prediction at the recommended batch size."""
-    pick: str = "max"
+    pick: Pick = "max"
     margin: float = 0.05
     effective_batch_size: int | None = None
     lr_note: str | None = None
-    lr_rule: str | None = None
+    lr_rule: LRRule | None = None
     """"linear" (SGD-like) or "sqrt" (Adam-like): how the learning rate follows the effective batch."""
     dataset_size: int | None = None
     device: str = "cpu"

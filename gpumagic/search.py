@@ -34,14 +34,18 @@ import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from gpumagic._batchmath import accumulation_plan, lr_note, lr_rule_for
+from gpumagic._batchmath import PICKS, Pick, accumulation_plan, lr_note, lr_rule_for
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, Fit, Trial
 
 __all__ = ["PICKS", "search"]
 
-PICKS = ("max", "throughput", "pow2")
+Stop = Literal["", "trials", "nothing", "bracket", "flat", "cap", "ceiling", "fit", "gain", "plateau"]
+"""Why the search stopped ("" while it runs): out of trials, nothing ran, the bracket closed, memory
+flat in the batch size, max_size or the data set reached, the search's ceiling, the fit missed
+twice, too little to gain, or memory stopped growing (the whole data set in one batch)."""
 
 _FIRST_SAFETY = 0.01
 """The first trial near the capacity aims this far below it: an OOM costs a whole trial."""
@@ -123,7 +127,6 @@ class _Search:
     start: int
     min_size: int
     upper: int | None
-    max_size: int | None
     dataset_size: int | None
     drop_last: bool
     margin: float
@@ -142,7 +145,7 @@ class _Search:
     verified: bool = False
     stepped_back: bool = False
     bracketing: bool = False
-    stop: str = ""
+    stop: Stop = ""
     """Why the memory search ended: cap, ceiling, flat, plateau, fit, gain, bracket, trials or nothing."""
     plateau_from: int | None = None
     plateau_confirmed: bool = False
@@ -494,7 +497,7 @@ def search(
     dataset_size: int | None = None,
     drop_last: bool = False,
     margin: float = 0.05,
-    pick: str = "max",
+    pick: Pick = "max",
     effective: int | None = None,
     optimizer: str | None = None,
     current_batch_size: int | None = None,
@@ -554,7 +557,7 @@ def search(
         start = upper
     s = _Search(
         run_trial=run_trial, capacity=capacity_bytes, start=start, min_size=min_size, upper=upper,
-        max_size=max_size, dataset_size=dataset_size, drop_last=drop_last, margin=float(margin),
+        dataset_size=dataset_size, drop_last=drop_last, margin=float(margin),
         max_trials=max_trials, progress=progress, notes=notes, learn_dataset_size=learn_dataset_size,
     )
     s.run()
@@ -563,7 +566,7 @@ def search(
 
 
 def _result(
-    s: _Search, *, pick: str, effective: int | None, optimizer: str | None, current: int | None, device: str
+    s: _Search, *, pick: Pick, effective: int | None, optimizer: str | None, current: int | None, device: str
 ) -> BatchSearchResult:
     cap = s.capacity
     largest = s.largest_run()

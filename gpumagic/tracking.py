@@ -237,6 +237,7 @@ class Tracker:
         self._given_session = session
         self._session: MemorySession | None = None
         self._cleanup: list[Callable[[], None]] = []
+        self._reset_state()
 
     # -- public --------------------------------------------------------------------------
     @property
@@ -244,6 +245,30 @@ class Tracker:
         if self._report is None:
             raise RuntimeError("the report is ready when the tracked block has ended")
         return self._report
+
+    @property
+    def finished_report(self) -> MemoryReport | None:
+        """The report once the block has ended (also by an exception), else None."""
+        return self._report
+
+    @property
+    def last_batch_size(self) -> int | None:
+        """The size of the last batch drawn from a DataLoader while tracking (None if none)."""
+        return self._last_batch
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps seen so far in the block."""
+        return self._opt_steps
+
+    @property
+    def backward_calls(self) -> int:
+        """backward() calls seen so far in the block."""
+        return self._backwards
+
+    def close(self) -> None:
+        """Remove every hook and stop measuring now, without a report (``%unload_ext`` mid-block)."""
+        self._teardown()
 
     def __enter__(self) -> Tracker:
         if _ACTIVE:
