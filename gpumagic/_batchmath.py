@@ -7,7 +7,9 @@ Adam-like ones (Malladi et al., 2022). When the effective batch is unchanged, th
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 __all__ = [
@@ -15,9 +17,11 @@ __all__ = [
     "LRRule",
     "Pick",
     "accumulation_plan",
+    "interpolate",
     "is_power_of_two",
     "lr_note",
     "lr_rule_for",
+    "pow2_floor",
     "round_like",
 ]
 
@@ -49,6 +53,25 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def pow2_floor(n: int) -> int:
+    """The largest power of two <= n (n >= 1).
+
+    >>> pow2_floor(700)
+    512
+    """
+    return 1 << (n.bit_length() - 1)
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """y at ``x`` on the broken line through ``points`` (sorted by x); None outside their range."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
+    return None
+
+
 def round_like(size: float, reference: int | None) -> int:
     """Round a batch size down the way the user's current size is written.
 
@@ -61,7 +84,7 @@ def round_like(size: float, reference: int | None) -> int:
     if reference is None or reference <= 0:
         return b
     if is_power_of_two(reference) and reference >= 2:
-        return 1 << (b.bit_length() - 1)
+        return pow2_floor(b)
     for step in (8, 10):
         if reference % step == 0 and b >= step:
             return b - b % step

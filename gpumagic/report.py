@@ -249,6 +249,11 @@ class Fit:
     def predict(self, batch_size: float) -> int:
         return round(self.intercept_bytes + self.bytes_per_sample * batch_size)
 
+    def describe(self, *, r2: bool = True) -> str:
+        """The line as people read it: ``"100.00 MiB + 1.00 MiB/sample, R² 0.9990"``."""
+        text = f"{format_bytes(round(self.intercept_bytes))} + {format_bytes(round(self.bytes_per_sample))}/sample"
+        return f"{text}, R² {self.r2:.4f}" if r2 else text
+
     def largest_under(self, limit_bytes: float) -> int | None:
         """The largest batch size whose predicted peak is <= limit_bytes (None if unbounded)."""
         if self.bytes_per_sample <= 0:
@@ -315,11 +320,7 @@ class BatchSearchResult:
         if self.predicted_peak_bytes is not None:
             rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
         if self.fit is not None:
-            rows.append((
-                "fit",
-                f"{format_bytes(round(self.fit.intercept_bytes))} + {format_bytes(round(self.fit.bytes_per_sample))}"
-                f" per sample (R² {self.fit.r2:.4f})",
-            ))
+            rows.append(("fit", self.fit.describe()))
         for t in self.trials:
             sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
             rows.append((

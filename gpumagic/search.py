@@ -30,13 +30,12 @@ above it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpumagic._batchmath import PICKS, Pick, accumulation_plan, lr_note, lr_rule_for
+from gpumagic._batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, Fit, Trial
 
@@ -114,10 +113,7 @@ def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
 
 
 def _describe_fit(fit: Fit) -> str:
-    return (
-        f"{format_bytes(round(fit.intercept_bytes))} + {format_bytes(round(fit.bytes_per_sample))}/sample, "
-        f"R² {fit.r2:.4f}"
-    )
+    return fit.describe()
 
 
 @dataclass
@@ -620,7 +616,7 @@ def _result(
     pct = f"{1 - s.margin:.0%}"
 
     if pick == "pow2":
-        p2 = 1 << (keep.bit_length() - 1)
+        p2 = pow2_floor(keep)
         if p2 >= s.min_size:
             rec = p2
             why = (f"{rec} is the largest power of two within {pct} of {format_bytes(cap)} {basis}"
@@ -735,10 +731,8 @@ def _interpolate_under(points: list[tuple[int, int]], limit: float) -> int | Non
 
 def _interpolate_at(points: list[tuple[int, int]], b: int) -> int | None:
     """The peak at ``b`` on the broken line through the measured peaks (sorted); ``None`` outside."""
-    for (b0, p0), (b1, p1) in itertools.pairwise(points):
-        if b0 <= b <= b1:
-            return round(p0 + (p1 - p0) * (b - b0) / (b1 - b0))
-    return next((p for q, p in points if q == b), None)
+    value = interpolate(points, b)
+    return None if value is None else round(value)
 
 
 def _evidence(s: _Search, largest: int, fit: Fit | None) -> str:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._batchmath import lr_note
+from gpumagic._batchmath import interpolate, lr_note
 from gpumagic._bundles import register as register_renderer
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
@@ -180,20 +180,10 @@ def _measured(result: BatchSearchResult) -> list[Trial]:
     return [by_size[b] for b in sorted(by_size)]
 
 
-def _interpolate(points: Sequence[tuple[int, float]], b: int) -> float | None:
-    """Linear interpolation on sorted (x, y) points; None outside their range."""
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 <= b <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (b - x0) / (x1 - x0)
-    if len(points) == 1 and points[0][0] == b:
-        return points[0][1]
-    return None
-
-
 def _predicted_peak(result: BatchSearchResult, b: int) -> int | None:
     if result.fit is not None:
         return result.fit.predict(b)
-    value = _interpolate([(t.batch_size, float(t.peak_bytes or 0)) for t in _measured(result)], b)
+    value = interpolate([(t.batch_size, float(t.peak_bytes or 0)) for t in _measured(result)], b)
     return None if value is None else round(value)
 
 
@@ -261,7 +251,7 @@ def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
             room += f" (inside the {result.margin:.0%} safety margin)"
         lines.append(room)
     rates = [(t.batch_size, t.samples_per_second) for t in _measured(result) if t.samples_per_second]
-    rate = _interpolate([(x, float(y)) for x, y in rates if y is not None], b)
+    rate = interpolate([(x, float(y)) for x, y in rates if y is not None], b)
     if rate is None:
         lines.append("throughput not measured at this size")
     else:
@@ -324,8 +314,7 @@ class _SearchPlot:
             band = _band(result)
             ax.fill_between(xs, ys * (1 - band), ys * (1 + band), color=_GREY, alpha=0.15, lw=0,
                             label=f"fit ± {band:.0%}")
-            ax.plot(xs, ys, color=_GREY, lw=1.2, label=f"fit: {format_bytes(round(result.fit.intercept_bytes))}"
-                    f" + {format_bytes(round(result.fit.bytes_per_sample))}/sample")
+            ax.plot(xs, ys, color=_GREY, lw=1.2, label=f"fit: {result.fit.describe(r2=False)}")
         if cap is not None:
             ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"capacity {format_bytes(cap)}")
             if result.margin > 0:
