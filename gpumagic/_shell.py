@@ -16,8 +16,9 @@ from IPython.core.interactiveshell import InteractiveShell
 
 if TYPE_CHECKING:
     from gpumagic.monitor import Monitor
+    from gpumagic.report import BatchSearchResult
 
-__all__ = ["hints", "run_cell_source", "show_monitor"]
+__all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "run_cell_source", "show_monitor"]
 
 
 def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
@@ -46,6 +47,24 @@ def hints(ns: Mapping[str, Any]) -> list[Any]:
         if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
             out.append(v)
     return out
+
+
+def last_gpumem_cell(shell: InteractiveShell) -> str | None:
+    """The body of the most recent ``%%gpumem`` cell in the input history."""
+    for src in reversed(list(getattr(shell.history_manager, "input_hist_raw", []))):
+        lines = src.lstrip().splitlines()
+        if lines and lines[0].startswith("%%gpumem"):
+            return "\n".join(lines[1:])
+    return None
+
+
+def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> BatchSearchResult:
+    """``%find_batch``: run ``code`` as a cell per trial; ``options`` as for
+    :func:`gpumagic.batch.find_batch_in_namespace`."""
+    from gpumagic.batch import find_batch_in_namespace
+
+    ns = shell.user_ns
+    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), code, hints=hints(ns), **options)
 
 
 def _sidebar_problem() -> str | None:

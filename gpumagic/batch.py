@@ -17,7 +17,7 @@ import copy
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, 
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
-__all__ = ["StateSnapshot", "find_batch", "find_batch_in_shell", "last_gpumem_cell"]
+__all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
@@ -357,26 +357,11 @@ def _run_search(
     effective: int | None,
     objects: list[Any],
     current: int | None,
-    progress: bool,
+    progress: bool | Callable[[Trial, int], None],
     notes: list[str],
 ) -> BatchSearchResult:
     """Run the search over ``runner``; the result carries ``notes`` and what the trials noticed."""
     from gpumagic import search as search_mod
-    from gpumagic._units import format_bytes
-
-    bar: Any = None
-    if progress:
-        # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
-        # first frame ("0trial") as its text; this line is rewritten in place and then cleared
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
-
-    def on_trial(trial: Trial, index: int) -> None:
-        if bar is not None:
-            state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
-            bar.set_postfix_str(f"b={trial.batch_size}: {state}")
-            bar.update(1)
 
     user_error: list[BaseException] = []
 
@@ -390,33 +375,61 @@ def _run_search(
         _check_loader_follows(runner.observed, b)
         return trial
 
-    try:
-        result: BatchSearchResult = search_mod.search(
-            run_trial,
-            capacity_bytes=capacity,
-            start=start,
-            min_size=min_size,
-            max_size=max_size,
-            dataset_size=dataset_size,
-            drop_last=drop_last,
-            margin=margin,
-            pick=pick,
-            effective=effective,
-            optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
-            current_batch_size=current,
-            progress=on_trial,
-            device=device_label(runner.backend, runner.device),
-            learn_dataset_size=lambda: runner.observed.dataset_size,
-        )
-    except ValueError as e:
-        if user_error or isinstance(e, BadOptions):
-            raise
-        raise BadOptions(str(e)) from None
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(progress) as on_trial:
+        try:
+            result: BatchSearchResult = search_mod.search(
+                run_trial,
+                capacity_bytes=capacity,
+                start=start,
+                min_size=min_size,
+                max_size=max_size,
+                dataset_size=dataset_size,
+                drop_last=drop_last,
+                margin=margin,
+                pick=pick,
+                effective=effective,
+                optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
+                current_batch_size=current,
+                progress=on_trial,
+                device=device_label(runner.backend, runner.device),
+                learn_dataset_size=lambda: runner.observed.dataset_size,
+            )
+        except ValueError as e:
+            if user_error or isinstance(e, BadOptions):
+                raise
+            raise BadOptions(str(e)) from None
     notes = notes + runner.observed.notes
     return _with_notes(result, notes) if notes else result
+
+
+@contextlib.contextmanager
+def _progress(
+    progress: bool | Callable[[Trial, int], None],
+) -> Iterator[Callable[[Trial, int], None] | None]:
+    """The per-trial callback: the caller's, or with ``True`` a one-line text bar on stderr."""
+    if not isinstance(progress, bool):
+        yield progress
+        return
+    if not progress:
+        yield None
+        return
+    # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
+    # first frame ("0trial") as its text; this line is rewritten in place and then cleared
+    from tqdm import tqdm
+
+    from gpumagic._units import format_bytes
+
+    bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
+
+    def on_trial(trial: Trial, index: int) -> None:
+        state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
+        bar.set_postfix_str(f"b={trial.batch_size}: {state}")
+        bar.update(1)
+
+    try:
+        yield on_trial
+    finally:
+        bar.close()
 
 
 def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
@@ -462,7 +475,7 @@ def find_batch(
     min_size: int = 1,
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[Trial, int], None] = True,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -497,15 +510,6 @@ def find_batch(
         snapshot.restore()
 
 
-def last_gpumem_cell(shell: Any) -> str | None:
-    """The body of the most recent ``%%gpumem`` cell in the input history."""
-    for src in reversed(list(getattr(shell.history_manager, "input_hist_raw", []))):
-        lines = src.lstrip().splitlines()
-        if lines and lines[0].startswith("%%gpumem"):
-            return "\n".join(lines[1:])
-    return None
-
-
 def _rebuild_loader(loader: Any, b: int) -> Any:
     """A copy of ``loader`` with batch size ``b``: same dataset, sampler, collate_fn and workers."""
     from torch.utils.data import BatchSampler, DataLoader, IterableDataset
@@ -536,10 +540,12 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
     return DataLoader(loader.dataset, **kwargs)
 
 
-def find_batch_in_shell(
-    shell: Any,
+def find_batch_in_namespace(
+    ns: MutableMapping[str, Any],
+    run: Callable[[], Any],
     code: str,
     *,
+    hints: Iterable[Any] = (),
     var: str | None,
     loader: str | None,
     device: str | None,
@@ -551,27 +557,14 @@ def find_batch_in_shell(
     margin: float,
     pick: Pick,
     effective: int | None,
+    progress: bool | Callable[[Trial, int], None] = True,
 ) -> BatchSearchResult:
-    """The magics' form: run ``code`` in the user namespace per trial with ``var``/``loader`` set."""
-    from gpumagic._shell import hints as _hints
-    from gpumagic._shell import run_cell_source
-
-    ns = shell.user_ns
-    if var is None and loader is None:
-        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
-    if var is not None and not var.isidentifier():
-        raise BadOptions(f"--var must be a Python name, got {var!r}")
-    if loader is not None:
-        if loader not in ns:
-            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
-        from torch.utils.data import DataLoader
-
-        if not isinstance(ns[loader], DataLoader):
-            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
-    if steps < 1:
-        raise BadOptions(f"--steps must be >= 1, got {steps}")
+    """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
+    ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
+    default device."""
+    _check_namespace_options(ns, var, loader, steps)
     try:
-        backend, dev = resolve(device, _hints(ns) if device is None else ())
+        backend, dev = resolve(device, hints if device is None else ())
         bud = resolve_budget(budget)
         capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
@@ -594,24 +587,44 @@ def find_batch_in_shell(
             ns[var] = b
         if loader is not None:
             ns[loader] = _rebuild_loader(original_loader, b)
-        run_cell_source(shell, code)
+        run()
 
-    observed = _Observed()
-    dataset_size, drop_last = None, False
-    if original_loader is not None:
-        try:
-            dataset_size = len(original_loader.dataset)
-        except TypeError:
-            dataset_size = None
-        drop_last = bool(original_loader.drop_last)
+    dataset_size, drop_last = _loader_facts(original_loader)
     runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=observed)
+                         has_optimizer=has_opt, observed=_Observed())
     try:
         return _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
-            objects=objects, current=current_b, progress=True, notes=notes,
+            objects=objects, current=current_b, progress=progress, notes=notes,
         )
     finally:
         snapshot.restore()
 
+
+def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None, steps: int) -> None:
+    """How the batch size reaches the code, checked against the namespace: BadOptions names the fault."""
+    if var is None and loader is None:
+        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
+    if var is not None and not var.isidentifier():
+        raise BadOptions(f"--var must be a Python name, got {var!r}")
+    if loader is not None:
+        if loader not in ns:
+            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
+        from torch.utils.data import DataLoader
+
+        if not isinstance(ns[loader], DataLoader):
+            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+    if steps < 1:
+        raise BadOptions(f"--steps must be >= 1, got {steps}")
+
+
+def _loader_facts(loader: Any) -> tuple[int | None, bool]:
+    """(data-set size, drop_last) of a DataLoader the trials rebuild; (None, False) without one."""
+    if loader is None:
+        return None, False
+    try:
+        dataset_size: int | None = len(loader.dataset)
+    except TypeError:
+        dataset_size = None
+    return dataset_size, bool(loader.drop_last)

@@ -24,7 +24,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from gpumagic._batchmath import PICKS
-from gpumagic._shell import hints, run_cell_source, show_monitor
+from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -85,23 +85,6 @@ def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
     return render
 
 
-def fit_from_report(report: Any) -> tuple[float, float] | None:
-    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
-    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
-    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
-    if not steps:
-        return None
-    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
-    fixed = float(report.baseline_bytes)
-    b = report.breakdown
-    if b is not None:
-        fixed += b.gradients_bytes + b.optimizer_state_bytes
-        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
-            fixed += b.parameters_bytes
-    slope = (step.peak_bytes - fixed) / step.batch_size
-    return (fixed, slope) if slope > 0 else None
-
-
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory."""
 
@@ -137,6 +120,7 @@ class OOMPresenter:
 
     def _context(self, info: Any, report: Any, batch_size: int | None, in_use: set[str]) -> Any:
         from gpumagic import backends, oom
+        from gpumagic._batchmath import fit_from_report
         from gpumagic.devices import holders, resolve
 
         ns = self.shell.user_ns
@@ -425,14 +409,14 @@ class GPUMagics(Magics):
             raise UsageError("give the code either as the cell body or after `--` on the line, not both")
         code: str | None = cell if cell is not None else statement
         if code is None or not code.strip():
-            code = batch.last_gpumem_cell(self.shell)
+            code = last_gpumem_cell(self.shell)
             if code is None:
                 raise UsageError(
                     "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
                     "(%find_batch then re-runs it)"
                 )
         try:
-            result = batch.find_batch_in_shell(
+            result = find_batch_in_shell(
                 self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                 start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
                 margin=args.margin, pick=args.pick, effective=args.effective,
