@@ -557,40 +557,32 @@ def search(
         max_trials=max_trials, progress=progress, notes=notes, learn_dataset_size=learn_dataset_size,
     )
     s.run()
-    return _result(s, pick=pick, effective=effective, optimizer=optimizer, current=current_batch_size,
+    lim = _limit(s)
+    if lim is None:
+        return _no_recommendation(s, pick=pick, device=device)
+    if pick == "throughput":
+        _throughput_trials(s, lim.keep, lim.largest)
+    return _result(s, lim, pick=pick, effective=effective, optimizer=optimizer, current=current_batch_size,
                    device=device)
 
 
-def _result(
-    s: _Search, *, pick: Pick, effective: int | None, optimizer: str | None, current: int | None, device: str
-) -> BatchSearchResult:
-    cap = s.capacity
+@dataclass(frozen=True)
+class _Limit:
+    """What the trials say about the limit: the largest size that ran, the line through the
+    peaks (when memory is affine in the batch size) and the largest size that keeps the margin."""
+
+    largest: int
+    fit: Fit | None
+    affine: bool
+    keep: int
+
+
+def _limit(s: _Search) -> _Limit | None:
+    """None when there is nothing to recommend (no size ran, or memory ignores the batch size)."""
     largest = s.largest_run()
-
-    def done(reason: str, fit: Fit | None = None) -> BatchSearchResult:
-        return BatchSearchResult(
-            trials=tuple(s.trials), max_batch_size=None, recommended_batch_size=None, accumulation_steps=1,
-            reason=reason, fit=fit, capacity_bytes=cap, predicted_peak_bytes=None, pick=pick, margin=s.margin,
-            dataset_size=s.dataset_size, device=device, notes=tuple(s.notes),
-        )
-
-    if s.stop == "flat":
-        sizes = sorted(s.ran)
-        return done(
-            f"the batch size does not change memory: the peak is {format_bytes(s.ran[sizes[-1]])} at every size "
-            f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
-            "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
-            _weighted_fit(s.ran.items()),
-        )
-    if largest is None:
-        if s.stop == "trials":
-            return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "
-                        "running out of memory")
-        return done(
-            f"even the smallest size {s.trials[-1].batch_size} ran out of memory on {format_bytes(cap)}: "
-            "the model, optimizer state and data already on the device leave no room for a batch"
-        )
-
+    if largest is None or s.stop == "flat":
+        return None
+    cap = s.capacity
     fit = _weighted_fit(s.fit_points(largest))
     affine = s.is_affine(fit, largest)
     limit = cap * (1 - s.margin)
@@ -611,8 +603,42 @@ def _result(
             f"{format_bytes(fit.predict(keep) if fit else s.ran.get(keep))} of {format_bytes(cap)}; "
             "it runs, but with less headroom than asked"
         )
-    basis = (f"by the fit ({_describe_fit(fit)})" if affine and fit is not None
-             else f"by interpolating the measured peaks ({_shape(s, largest)})")
+    return _Limit(largest, fit, affine, keep)
+
+
+def _no_recommendation(s: _Search, *, pick: Pick, device: str) -> BatchSearchResult:
+    """The result when no size can be recommended, with the reason."""
+    cap = s.capacity
+
+    def done(reason: str, fit: Fit | None = None) -> BatchSearchResult:
+        return BatchSearchResult(
+            trials=tuple(s.trials), max_batch_size=None, recommended_batch_size=None, accumulation_steps=1,
+            reason=reason, fit=fit, capacity_bytes=cap, predicted_peak_bytes=None, pick=pick, margin=s.margin,
+            dataset_size=s.dataset_size, device=device, notes=tuple(s.notes),
+        )
+
+    if s.stop == "flat":
+        sizes = sorted(s.ran)
+        return done(
+            f"the batch size does not change memory: the peak is {format_bytes(s.ran[sizes[-1]])} at every size "
+            f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
+            "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
+            _weighted_fit(s.ran.items()),
+        )
+    if s.stop == "trials":
+        return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "
+                    "running out of memory")
+    return done(
+        f"even the smallest size {s.trials[-1].batch_size} ran out of memory on {format_bytes(cap)}: "
+        "the model, optimizer state and data already on the device leave no room for a batch"
+    )
+
+
+def _pick(s: _Search, pick: Pick, lim: _Limit) -> tuple[int, str]:
+    """The recommended size under the ``pick`` rule, and why."""
+    cap, keep, fit = s.capacity, lim.keep, lim.fit
+    basis = (f"by the fit ({_describe_fit(fit)})" if lim.affine and fit is not None
+             else f"by interpolating the measured peaks ({_shape(s, lim.largest)})")
     pct = f"{1 - s.margin:.0%}"
 
     if pick == "pow2":
@@ -626,39 +652,38 @@ def _result(
             why = f"no power of two lies between min_size {s.min_size} and {keep}; {rec} fits {pct} of " \
                   f"{format_bytes(cap)} {basis}"
     elif pick == "throughput":
-        rec, why = _pick_throughput(s, keep, largest)
+        rec, why = _pick_throughput(s, keep, lim.largest)
     else:
         rec = keep
         why = f"{rec} is the largest that fits {pct} of {format_bytes(cap)} {basis}"
+    return rec, why
 
-    steps = 1
-    eff: int | None = None
-    if effective is not None:
-        micro_max = rec
-        rec, steps = accumulation_plan(effective, micro_max)
-        eff = rec * steps
-        if steps == 1:
-            why = f"the effective batch {effective} fits as one batch ({why})"
-        else:
-            why = f"micro-batch {rec} × {steps} accumulation steps = {eff} for the effective batch {effective} " \
-                  f"({why})"
-    lr = None
-    if effective is not None:
-        lr = lr_note(current if current is not None else effective, rec * steps, optimizer)
-    elif current is not None:
-        lr = lr_note(current, rec, optimizer)
 
-    # The reported line: over the top piece when memory bends (a hinge), since that piece is what
-    # sets the peak near the capacity; over every size that ran otherwise.
-    pieces = s.pieces() if s.ran else []
-    top = [(b, s.ran[b]) for b in pieces[-1] if b <= largest] if len(pieces) > 1 else []
-    final_fit = _weighted_fit(top if len(top) >= 2 else s.fit_points(largest))
-    if affine and final_fit is not None:
-        predicted: int | None = final_fit.predict(rec)
+def _accumulate(effective: int | None, rec: int, why: str) -> tuple[int, int, int | None, str]:
+    """(micro-batch, accumulation steps, effective batch, why) for an ``effective`` batch target."""
+    if effective is None:
+        return rec, 1, None, why
+    micro_max = rec
+    rec, steps = accumulation_plan(effective, micro_max)
+    eff = rec * steps
+    if steps == 1:
+        why = f"the effective batch {effective} fits as one batch ({why})"
     else:
-        predicted = _interpolate_at(s.fit_points(largest), rec)
-    why = f"{why}; {_evidence(s, largest, final_fit if affine else None)}"
+        why = f"micro-batch {rec} × {steps} accumulation steps = {eff} for the effective batch {effective} " \
+              f"({why})"
+    return rec, steps, eff, why
 
+
+def _reported_fit(s: _Search, lim: _Limit) -> Fit | None:
+    """The reported line: over the top piece when memory bends (a hinge), since that piece is what
+    sets the peak near the capacity; over every size that ran otherwise."""
+    pieces = s.pieces() if s.ran else []
+    top = [(b, s.ran[b]) for b in pieces[-1] if b <= lim.largest] if len(pieces) > 1 else []
+    return _weighted_fit(top if len(top) >= 2 else s.fit_points(lim.largest))
+
+
+def _data_notes(s: _Search, largest: int, rec: int, current: int | None, effective: int | None) -> None:
+    """Notes on the data set (full-batch training, samples dropped) and on the user's current size."""
     data = s.dataset_size
     if s.stop == "plateau" and s.plateau_confirmed:
         data = largest
@@ -678,14 +703,36 @@ def _result(
     if current is not None and effective is None and rec != current:
         s.notes.append(f"your current batch size is {current}; {rec} is {rec / current:.3g}× that")
 
+
+def _result(
+    s: _Search, lim: _Limit, *, pick: Pick, effective: int | None, optimizer: str | None, current: int | None,
+    device: str,
+) -> BatchSearchResult:
+    """The result from the finished search: no trial runs here."""
+    rec, why = _pick(s, pick, lim)
+    rec, steps, eff, why = _accumulate(effective, rec, why)
+    lr = None
+    if effective is not None:
+        lr = lr_note(current if current is not None else effective, rec * steps, optimizer)
+    elif current is not None:
+        lr = lr_note(current, rec, optimizer)
+
+    final_fit = _reported_fit(s, lim)
+    if lim.affine and final_fit is not None:
+        predicted: int | None = final_fit.predict(rec)
+    else:
+        predicted = _interpolate_at(s.fit_points(lim.largest), rec)
+    why = f"{why}; {_evidence(s, lim.largest, final_fit if lim.affine else None)}"
+    _data_notes(s, lim.largest, rec, current, effective)
+
     return BatchSearchResult(
         trials=tuple(s.trials),
-        max_batch_size=largest,
+        max_batch_size=lim.largest,
         recommended_batch_size=rec,
         accumulation_steps=steps,
         reason=why,
         fit=final_fit,
-        capacity_bytes=cap,
+        capacity_bytes=s.capacity,
         predicted_peak_bytes=predicted,
         pick=pick,
         margin=s.margin,
@@ -774,22 +821,18 @@ def _failure(s: _Search) -> str:
     return ", " + " and ".join(parts) if parts else ""
 
 
-def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
-    """The smallest size within 5% of the best measured samples/s, at most ``keep``.
+def _rates(s: _Search, largest: int) -> dict[int, float]:
+    return {b: r for b, r in s.rates.items() if b <= largest and b in s.ran}
 
-    Bigger batches stop paying once the device is saturated. The search's own trials are sparse,
-    so up to two extra trials bisect (geometrically) the gap below the first fast size.
-    """
-    pct = f"{1 - s.margin:.0%}"
 
-    def rates() -> dict[int, float]:
-        return {b: r for b, r in s.rates.items() if b <= largest and b in s.ran}
-
-    if not rates():
-        return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
-                      "its throughput, so pick='throughput' fell back to the largest)")
+def _throughput_trials(s: _Search, keep: int, largest: int) -> None:
+    """The search's last trials for pick='throughput': bigger batches stop paying once the device
+    is saturated, and the search's own trials are sparse, so up to two extra trials bisect
+    (geometrically) the gap below the first size within 5% of the best measured samples/s."""
+    if not _rates(s, largest):
+        return
     for _ in range(_THROUGHPUT_EXTRA):
-        measured = rates()
+        measured = _rates(s, largest)
         best = max(measured.values())
         fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
         top = fast[0] if fast else keep
@@ -805,7 +848,15 @@ def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
         t = s.trial(mid)
         if t.oom or t.samples_per_second is None:
             break
-    measured = rates()
+
+
+def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
+    """The smallest size within 5% of the best measured samples/s, at most ``keep``."""
+    pct = f"{1 - s.margin:.0%}"
+    measured = _rates(s, largest)
+    if not measured:
+        return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
+                      "its throughput, so pick='throughput' fell back to the largest)")
     best_b, best = max(measured.items(), key=lambda kv: (kv[1], -kv[0]))
     fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
     head = f"best measured {best:,.0f} samples/s at {best_b}"
