@@ -86,6 +86,10 @@ _THROUGHPUT_GAP = 1.25
 _FULL_BATCH_BELOW = 2000
 
 
+_Next = tuple[int, float | None] | None
+"""A size to try next and the line's prediction for it (None when the step is a probe), or None to stop."""
+
+
 def _check_int(name: str, value: object, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -243,54 +247,76 @@ class _Search:
         if self.misses >= 2:
             self.bracketing = True
 
-    def next_size(self) -> tuple[int, float | None] | None:
+    def next_size(self) -> _Next:
         """The next size to try and the fit's prediction for it, or None (``self.stop`` says why)."""
+        decided, step = self.flat_step()
+        if decided:
+            return step
+        plateau = self.plateau_step()
+        if plateau is not None or self.stop:
+            return plateau
+        if self.stop_before_fit():
+            return None
+        fit = _weighted_fit(self.ran.items())
+        if fit is None:
+            return self.second_size(), None
+        pieces = self.pieces()
+        if len(pieces[-1]) == 1:
+            # only the largest size is on the steeper piece: its slope is unknown yet
+            return self.proportional_step()
+        return self.step_along(self.slope(fit, pieces), one_piece=len(pieces) == 1)
+
+    def flat_step(self) -> tuple[bool, _Next]:
+        """Memory identical at every size so far: stop once the sizes span enough, else jump.
+        Returns (decided, step); not decided when memory is not flat."""
         lo, hi, ran = self.lo, self.hi, self.ran
         sizes = sorted(ran)
         if hi is None and len(ran) >= 2 and all(self.same(ran[b], ran[sizes[0]]) for b in sizes):
             width = sizes[-1] / sizes[0]
             if width >= _FLAT_WIDTH or (lo == self.upper and width >= 4):
                 self.stop = "flat"
-                return None
+                return True, None
             if lo != self.upper and lo < _CEILING:
                 # one long jump, then steps short enough to catch the knee of a hinge on the way
-                return self.clamp(lo * (_FLAT_JUMP if width < _FLAT_JUMP else _PROBE_GROWTH)), None
-        plateau = self.plateau_step()
-        if plateau is not None or self.stop:
-            return plateau
+                return True, (self.clamp(lo * (_FLAT_JUMP if width < _FLAT_JUMP else _PROBE_GROWTH)), None)
+        return False, None
+
+    def stop_before_fit(self) -> bool:
+        """At a bound (max_size or data set, the ceiling) or with the bracket closed: set ``stop``."""
+        lo, hi = self.lo, self.hi
         if lo == self.upper:
             self.stop = "cap"
-            return None
-        if lo >= _CEILING:
+        elif lo >= _CEILING:
             self.stop = "ceiling"
-            return None
-        if hi is not None and (hi - lo <= 1 or hi - lo <= _TIGHT * lo):
+        elif hi is not None and (hi - lo <= 1 or hi - lo <= _TIGHT * lo):
             self.stop = "bracket"
-            return None
-        fit = _weighted_fit(ran.items())
-        if fit is None:
-            # one size ran: a second, well below the failures when there are some, gives a line
-            below = max(self.min_size, lo // _PROBE_GROWTH)
-            if hi is None:
-                return self.second_probe(), None
-            return (below if below < lo else min(self.second_probe(), (lo + hi) // 2)), None
-        pieces = self.pieces()
-        top = pieces[-1]
-        if len(top) == 1:
-            # only the largest size is on the steeper piece: its slope is unknown yet
-            return self.proportional_step()
+        return bool(self.stop)
+
+    def second_size(self) -> int:
+        """One size ran: a second, well below the failures when there are some, gives a line."""
+        lo, hi = self.lo, self.hi
+        below = max(self.min_size, lo // _PROBE_GROWTH)
+        if hi is None:
+            return self.second_probe()
+        return below if below < lo else min(self.second_probe(), (lo + hi) // 2)
+
+    def slope(self, fit: Fit, pieces: list[list[int]]) -> float:
+        """Bytes per sample near the top: local while bracketing, else the top piece's or the fit's."""
         if self.bracketing:
-            slope = self.local_slope()
-        elif len(pieces) > 1:
-            top_fit = _weighted_fit((b, ran[b]) for b in top)
+            return self.local_slope()
+        if len(pieces) > 1:
+            top_fit = _weighted_fit((b, self.ran[b]) for b in pieces[-1])
             assert top_fit is not None
-            slope = top_fit.bytes_per_sample  # the flat start says nothing about the top
-        else:
-            slope = fit.bytes_per_sample
-        p_lo = ran[lo]
+            return top_fit.bytes_per_sample  # the flat start says nothing about the top
+        return fit.bytes_per_sample
+
+    def step_along(self, slope: float, *, one_piece: bool) -> _Next:
+        """The next size along ``slope`` from the largest run, towards the capacity."""
+        lo, hi = self.lo, self.hi
+        p_lo = self.ran[lo]
         # a line through a flat start hides the knee of a hinge: grow by bounded steps until the
         # batch is a fair share of the peak (no bend seen yet, no failure above)
-        shallow = len(pieces) == 1 and slope * lo < _SHARE * p_lo
+        shallow = one_piece and slope * lo < _SHARE * p_lo
         if slope <= 0:
             if hi is None:
                 return self.clamp(2 * lo), None
@@ -302,7 +328,7 @@ class _Search:
             # the curve bends at small sizes
             return lo + math.floor((limit - p_lo) / slope)
 
-        if len(ran) < 3 and hi is None and not self.bracketing:
+        if len(self.ran) < 3 and hi is None and not self.bracketing:
             room = reach(self.capacity)
             if room > 4 * lo:
                 probe = self.clamp(lo + max(1, math.floor(_PROBE_FRACTION * (room - lo))))
@@ -319,21 +345,25 @@ class _Search:
         if self.bracketing and hi is None:
             cand = min(cand, 2 * lo)  # doubling at most, towards a limit not seen yet
         if hi is not None and cand >= hi:
-            close = not shallow and p_lo + slope * (hi - lo) >= (1 - _MISS) * self.capacity
-            if hi == self.oom_hi and close and not self.bracketing and not self.stepped_back:
-                # the line overshoots an OOM by a little, usually: step back once, but at least
-                # halve the bracket; after that, or when the line put the failure well below the
-                # capacity or came from a flat start (it is wrong there), bisect
-                self.stepped_back = True
-                cand = max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
-            elif shallow and not self.bracketing:
-                cand = self.split(lo, hi)
-            else:
-                cand = (lo + hi) // 2
+            cand = self.inside_bracket(hi, p_lo, slope, shallow)
         elif cand - lo < _MIN_GAIN * lo:
             self.stop = "gain"
             return None
         return cand, p_lo + slope * (cand - lo)
+
+    def inside_bracket(self, hi: int, p_lo: int, slope: float, shallow: bool) -> int:
+        """A size below ``hi`` (a failure) when the line points at or past it."""
+        lo = self.lo
+        close = not shallow and p_lo + slope * (hi - lo) >= (1 - _MISS) * self.capacity
+        if hi == self.oom_hi and close and not self.bracketing and not self.stepped_back:
+            # the line overshoots an OOM by a little, usually: step back once, but at least
+            # halve the bracket; after that, or when the line put the failure well below the
+            # capacity or came from a flat start (it is wrong there), bisect
+            self.stepped_back = True
+            return max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
+        if shallow and not self.bracketing:
+            return self.split(lo, hi)
+        return (lo + hi) // 2
 
     @staticmethod
     def split(lo: int, hi: int) -> int:
