@@ -278,7 +278,6 @@ class _SearchPlot:
 
     def __init__(self, result: BatchSearchResult) -> None:
         self.result = result
-        trials = result.trials
         ran = _measured(result)
         rated = [t for t in ran if t.samples_per_second]
         fig = _new_figure(6.0 if rated else 4.4)
@@ -288,20 +287,40 @@ class _SearchPlot:
             ax, tp = fig.subplots(1, 1), None
         self.figure, self.ax, self.tp = fig, ax, tp
 
-        cap = result.capacity_bytes
         rec = result.recommended_batch_size
         rec_peak = result.predicted_peak_bytes
         if rec_peak is None and rec is not None:
             rec_peak = _predicted_peak(result, rec)
-        top = max([cap or 0, rec_peak or 0, *(t.peak_bytes or 0 for t in ran)]) or 1
-        unit, scale = _unit_for(top)
-        self.scale = scale
-        x_right = max([t.batch_size for t in trials] + [rec or 1]) * 1.05
+        top = max([result.capacity_bytes or 0, rec_peak or 0, *(t.peak_bytes or 0 for t in ran)]) or 1
+        unit, self.scale = _unit_for(top)
+        x_right = max([t.batch_size for t in result.trials] + [rec or 1]) * 1.05
         ax.set_xlim(0, x_right)
-        ax.set_ylim(0, top * 1.1 / scale)
-        title = f"Peak memory versus batch size on {result.device}"
-        ax.set_title(title, loc="left", fontsize=11)
+        ax.set_ylim(0, top * 1.1 / self.scale)
+        ax.set_title(f"Peak memory versus batch size on {result.device}", loc="left", fontsize=11)
 
+        self._draw_fit(x_right)
+        self._draw_trials(ran, top, rec, rec_peak)
+        _byte_axis(ax, unit, "peak memory")
+        ax.grid(True, alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:  # nothing to list when no trial ran and the capacity is unknown
+            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        if tp is not None:
+            self._draw_throughput(tp, rated, rec)
+        bottom = tp if tp is not None else ax
+        bottom.set_xlabel("batch size")
+        from matplotlib.ticker import MaxNLocator as _XLocator
+
+        bottom.xaxis.set_major_locator(_XLocator(integer=True))
+
+        self._lines = [a.axvline(0, color=_PURPLE, lw=1.0, ls="--", visible=False)
+                       for a in (ax, tp) if a is not None]
+        (self._dot,) = ax.plot([], [], "o", color=_PURPLE, ms=7, zorder=6)
+        self.selected: int | None = None
+
+    def _draw_fit(self, x_right: float) -> None:
+        """The fitted line with its band, the capacity and the margin."""
+        result, ax, scale = self.result, self.ax, self.scale
+        cap = result.capacity_bytes
         if result.fit is not None:
             import numpy as np
 
@@ -320,6 +339,11 @@ class _SearchPlot:
             if result.margin > 0:
                 ax.axhline(cap * (1 - result.margin) / scale, color=_ORANGE, lw=1.0, ls="--",
                            label=f"capacity − {result.margin:.0%} margin")
+
+    def _draw_trials(self, ran: list[Trial], top: int, rec: int | None, rec_peak: int | None) -> None:
+        """The measured peaks, the trials that ran out of memory and the recommendation."""
+        result, ax, scale = self.result, self.ax, self.scale
+        trials, cap = result.trials, result.capacity_bytes
         if ran:
             ax.plot([t.batch_size for t in ran], [(t.peak_bytes or 0) / scale for t in ran], "o",
                     color=_BLUE, ms=5, label="trial: peak measured", zorder=3)
@@ -335,38 +359,26 @@ class _SearchPlot:
                         label=f"recommended {rec} ({format_bytes(rec_peak)})")
         if not trials:
             ax.text(0.5, 0.5, "no trials ran", transform=ax.transAxes, ha="center", va="center", color=_GREY)
-        _byte_axis(ax, unit, "peak memory")
-        ax.grid(True, alpha=0.25)
-        if ax.get_legend_handles_labels()[0]:  # nothing to list when no trial ran and the capacity is unknown
-            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
 
-        if tp is not None:
-            xs_r = [t.batch_size for t in rated]
-            ys_r = [float(t.samples_per_second or 0) for t in rated]
-            tp.plot(xs_r, ys_r, "o-", color=_BLUE, ms=4, lw=1.2)
-            best = max(range(len(ys_r)), key=ys_r.__getitem__)
-            tp.plot([xs_r[best]], [ys_r[best]], "o", color=_GREEN, ms=8, mfc="none", mew=1.5,
-                    label=f"fastest: {xs_r[best]} ({ys_r[best]:,.0f} samples/s)")
-            if rec is not None:
-                tp.axvline(rec, color=_GREEN, lw=1.2, ls=":")
-            tp.set_ylim(0, max(ys_r) * 1.15)
-            from matplotlib.ticker import FuncFormatter, MaxNLocator
+    @staticmethod
+    def _draw_throughput(tp: Axes, rated: list[Trial], rec: int | None) -> None:
+        """Samples per second against batch size, the fastest marked."""
+        xs_r = [t.batch_size for t in rated]
+        ys_r = [float(t.samples_per_second or 0) for t in rated]
+        tp.plot(xs_r, ys_r, "o-", color=_BLUE, ms=4, lw=1.2)
+        best = max(range(len(ys_r)), key=ys_r.__getitem__)
+        tp.plot([xs_r[best]], [ys_r[best]], "o", color=_GREEN, ms=8, mfc="none", mew=1.5,
+                label=f"fastest: {xs_r[best]} ({ys_r[best]:,.0f} samples/s)")
+        if rec is not None:
+            tp.axvline(rec, color=_GREEN, lw=1.2, ls=":")
+        tp.set_ylim(0, max(ys_r) * 1.15)
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-            tp.yaxis.set_major_locator(MaxNLocator(nbins=4))
-            tp.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
-            tp.set_ylabel("samples/s")
-            tp.grid(True, alpha=0.25)
-            tp.legend(loc="lower right", fontsize=8, framealpha=0.9)
-        bottom = tp if tp is not None else ax
-        bottom.set_xlabel("batch size")
-        from matplotlib.ticker import MaxNLocator as _XLocator
-
-        bottom.xaxis.set_major_locator(_XLocator(integer=True))
-
-        self._lines = [a.axvline(0, color=_PURPLE, lw=1.0, ls="--", visible=False)
-                       for a in (ax, tp) if a is not None]
-        (self._dot,) = ax.plot([], [], "o", color=_PURPLE, ms=7, zorder=6)
-        self.selected: int | None = None
+        tp.yaxis.set_major_locator(MaxNLocator(nbins=4))
+        tp.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        tp.set_ylabel("samples/s")
+        tp.grid(True, alpha=0.25)
+        tp.legend(loc="lower right", fontsize=8, framealpha=0.9)
 
     def select(self, batch_size: int | None) -> None:
         """Mark ``batch_size`` (a slider's value); None or the recommendation hides the marker."""
