@@ -277,7 +277,10 @@ class Tracker:
                 "gpumagic.track() is not supported; remove the inner one"
             )
         self._reset_state()
-        self._session = self._given_session or self.backend.open_session(self.device, self.budget, self._exclude)
+        session = self._given_session
+        if session is None:
+            session = self.backend.open_session(self.device, self.budget, self._exclude)
+        self._session = session
         self._records = _Records(self._max_records)
         _ACTIVE.append(self)
         try:
