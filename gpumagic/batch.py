@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gpumagic import backends
+from gpumagic import backends, heaviest
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
@@ -243,6 +243,9 @@ class _Observed:
     drop_last: bool = False
     loader_batches: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dataset: Any = None
+    collate: Any = None
+    step_inputs: list[heaviest.StepInput] = field(default_factory=list)
 
 
 class TrialRunner:
@@ -259,9 +262,11 @@ class TrialRunner:
         snapshot: StateSnapshot,
         has_optimizer: bool,
         observed: _Observed,
+        evaluation: bool = False,
     ) -> None:
         self.body = body
         self.backend = backend
+        self.evaluation = evaluation
         self.device = device
         self.budget = budget
         self.steps = steps
@@ -271,14 +276,21 @@ class TrialRunner:
 
     def __call__(self, b: int) -> Trial:
         step_secs: list[float] = []
+        records: list[Any] = []
+
+        def on_step(r: Any) -> None:
+            step_secs.append(r.seconds)
+            records.append(r)
+
         tracker = Tracker(
             self.device,
             self.budget,
             backend=self.backend,
             stop_after_steps=self.steps if self.has_optimizer else None,
             stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+            stop_after_forwards=self.steps if self.evaluation else None,
             exclude_storages=self.snapshot.storage_keys,
-            on_step=lambda r: step_secs.append(r.seconds),
+            on_step=on_step,
         )
         self._watch_loader(tracker)
         oom = False
@@ -299,9 +311,12 @@ class TrialRunner:
             seconds = time.perf_counter() - t0
             self.snapshot.restore()
         rep = tracker.report
+        if not oom:
+            self.observed.step_inputs.extend(heaviest.step_inputs(records, b))
         n = rep.total_steps
         note = "no optimizer.step() ran in the trials: each backward() counted as a step"
-        manual = self.has_optimizer and tracker.optimizer_steps == 0 and tracker.backward_calls
+        manual = (self.has_optimizer and not self.evaluation and tracker.optimizer_steps == 0
+                  and tracker.backward_calls)
         if manual and note not in self.observed.notes:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
@@ -323,6 +338,9 @@ def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
     if n is not None:
         obs.dataset_size = n
         obs.drop_last = bool(getattr(it, "_drop_last", False))
+    if ds is not None:
+        obs.dataset = ds
+        obs.collate = getattr(it, "_collate_fn", None)
     if size is not None and len(obs.loader_batches) < 10_000:
         obs.loader_batches.append(size)
 
@@ -399,6 +417,10 @@ def _run_search(
                 raise
             raise BadOptions(str(e)) from None
     notes = notes + runner.observed.notes
+    if runner.evaluation:
+        import dataclasses
+
+        result = dataclasses.replace(result, evaluation=True)
     return _with_notes(result, notes) if notes else result
 
 
@@ -476,6 +498,9 @@ def find_batch(
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
     progress: bool | Callable[[Trial, int], None] = True,
+    loader: Any = None,
+    size_fn: Any = None,
+    eval: bool = False,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -484,34 +509,55 @@ def find_batch(
     schedulers and scalers (``restore``, or found through the optimizers alive in the process)
     and the RNG states are restored afterwards.
 
+    With ``loader`` (a DataLoader), ``trial_fn`` receives a copy of it at the trial's batch size
+    instead of the size, whose every batch holds the heaviest samples of the data set (sizes by
+    ``size_fn``: a sequence per index or a function of the index; default: tensor elements).
+    With ``eval=True`` a trial is ``steps`` forward calls of the outermost model (no backward).
+
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
+    >>> res = find_batch(lambda dl: train(model, dl), loader=train_loader)        # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if loader is not None:
+        from torch.utils.data import DataLoader
+
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+    elif size_fn is not None:
+        raise ValueError("size_fn needs loader: it measures the samples of the loader's data set")
     backend, dev = resolve(device)
     bud = resolve_budget(budget)
     capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
-    has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
+    has_opt = not eval and (any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None)
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
-    runner = TrialRunner(
-        trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-        has_optimizer=has_opt, observed=observed,
-    )
     try:
-        return _run_search(
-            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
-            dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
-            objects=objects, current=None, progress=progress, notes=[note] if note else [],
+        plan = _Heaviest(loader, size_fn, steps) if loader is not None else None
+        body = trial_fn if plan is None else (lambda b: trial_fn(plan.loader_for(b)))
+        if loader is not None and dataset_size is None:
+            with contextlib.suppress(TypeError):
+                dataset_size = len(loader.dataset)
+        runner = TrialRunner(
+            body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+            has_optimizer=has_opt, observed=observed, evaluation=eval,
         )
+        result = _run_search(
+            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+            dataset_size=dataset_size, drop_last=bool(getattr(loader, "drop_last", False)), margin=margin,
+            pick=pick, effective=effective, objects=objects, current=None, progress=progress,
+            notes=[note] if note else [],
+        )
+        return _after_search(result, runner, capacity=capacity, margin=margin, plan=plan)
     finally:
         snapshot.restore()
 
 
-def _rebuild_loader(loader: Any, b: int) -> Any:
-    """A copy of ``loader`` with batch size ``b``: same dataset, sampler, collate_fn and workers."""
+def _rebuild_loader(loader: Any, b: int, sampler: Any = None) -> Any:
+    """A copy of ``loader`` with batch size ``b``: same dataset, sampler (or ``sampler``), collate_fn
+    and workers."""
     from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
     bs = loader.batch_sampler
@@ -536,8 +582,107 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
         kwargs["multiprocessing_context"] = loader.multiprocessing_context
         kwargs["prefetch_factor"] = loader.prefetch_factor
     if not isinstance(loader.dataset, IterableDataset):
-        kwargs["sampler"] = loader.sampler
+        kwargs["sampler"] = loader.sampler if sampler is None else sampler
     return DataLoader(loader.dataset, **kwargs)
+
+
+class _Heaviest:
+    """The trials' view of the data set: the heaviest samples (or, for one trial, those no larger
+    than a size), drawn by a copy of the user's loader."""
+
+    def __init__(self, loader: Any, size_fn: Any, repeats: int, name: str = "train_loader") -> None:
+        self.loader = loader
+        self.name = name
+        self.repeats = repeats
+        self.at_most: float | None = None
+        got = heaviest.measure(loader, size_fn)
+        self.table = got if isinstance(got, heaviest.SizeTable) else None
+        self.why_not = got if isinstance(got, str) else None
+
+    def loader_for(self, b: int) -> Any:
+        if self.table is None:
+            return _rebuild_loader(self.loader, b)
+        idx = self.table.sampler(b, 1, self.at_most)
+        if 0 < len(idx) < b:  # fewer samples than the batch (a restricted sampler): repeat them
+            idx = (idx * (b // len(idx) + 1))[:b]
+        return _rebuild_loader(self.loader, b, sampler=idx * (self.repeats + 1))
+
+    def run_below(self, runner: TrialRunner) -> Callable[[int, float], Trial]:
+        def run(b: int, at_most: float) -> Trial:
+            self.at_most = at_most
+            try:
+                return runner(b)
+            finally:
+                self.at_most = None
+
+        return run
+
+
+def _after_search(
+    result: BatchSearchResult, runner: TrialRunner, *, capacity: int, margin: float, plan: _Heaviest | None,
+) -> BatchSearchResult:
+    """Add what the sizes of the samples mean: the tail advice after heaviest trials, or the fit
+    against the per-step input size when the trials could not choose their samples."""
+    import dataclasses
+
+    notes: list[str] = []
+    changes: dict[str, Any] = {}
+    rec = result.recommended_batch_size
+    fit = result.fit
+    if plan is not None and plan.table is not None:
+        table = plan.table
+        notes.append(f"every trial step drew the heaviest samples of the data set (sizes: {table.measure}; "
+                     f"{table.measured:,} samples measured in {table.seconds:.2f} s)")
+        try:
+            changes["sample_sizes"] = heaviest.tail_advice(
+                table, heaviest_batch=rec or 0, intercept=fit.intercept_bytes if fit else 0.0,
+                per_sample=fit.bytes_per_sample if fit and rec else 0.0, capacity=capacity, margin=margin,
+                run_below=plan.run_below(runner), loader_name=plan.name,
+            )
+        except Exception as e:  # the search's answer stands; only the tail figures are missing
+            notes.append(f"the trial on the lightest 99% failed ({type(e).__name__}: {e}); tail advice omitted")
+            changes["sample_sizes"] = heaviest.tail_advice(
+                table, heaviest_batch=rec or 0, intercept=0.0, per_sample=0.0, capacity=capacity, margin=margin,
+                run_below=plan.run_below(runner))
+    else:
+        obs = runner.observed
+        if plan is not None and plan.why_not:
+            notes.append(f"no heaviest-batch search: {plan.why_not}; the trials drew batches as an epoch would, "
+                         "and the answer allows for inputs 25% larger than the largest seen")
+        try:
+            vi = heaviest.variable_inputs(
+                obs.step_inputs, capacity=capacity, margin=margin,
+                dataset=None if plan is not None else obs.dataset, collate=obs.collate, recommended=rec)
+        except Exception as e:
+            vi = None
+            notes.append(f"could not relate peak memory to input size ({type(e).__name__}: {e})")
+        if vi is not None:
+            changes["variable_inputs"] = vi
+            msg = (f"input sizes varied by more than {heaviest.VARIES:.0%} between trial steps "
+                   f"({vi.smallest_elements:,} to {vi.largest_elements:,} elements): memory follows the largest input")
+            if vi.predicted_peak_bytes is not None and vi.worst_elements is not None:
+                msg += (f"; {vi.worst_source} ({vi.worst_elements:,} elements) would need about "
+                        f"{_fmt(vi.predicted_peak_bytes)}")
+            if (vi.surviving_batch_size is not None and rec is not None and vi.surviving_batch_size < rec
+                    and result.accumulation_steps == 1 and result.effective_batch_size is None):
+                changes["recommended_batch_size"] = vi.surviving_batch_size
+                changes["predicted_peak_bytes"] = vi.surviving_peak_bytes
+                msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
+                        + ("" if plan is not None else "; --loader NAME with a loader built in an earlier cell "
+                           "lets the trials draw the heaviest batches"))
+            elif vi.surviving_batch_size is not None:
+                msg += f"; {vi.surviving_batch_size} survives it"
+            notes.append(msg)
+    if not notes and not changes:
+        return result
+    changes["notes"] = tuple(result.notes) + tuple(notes)
+    return dataclasses.replace(result, **changes)
+
+
+def _fmt(n: int) -> str:
+    from gpumagic._units import format_bytes
+
+    return format_bytes(n)
 
 
 def find_batch_in_namespace(
@@ -558,11 +703,22 @@ def find_batch_in_namespace(
     pick: Pick,
     effective: int | None,
     progress: bool | Callable[[Trial, int], None] = True,
+    evaluation: bool = False,
+    size_fn: str | None = None,
 ) -> BatchSearchResult:
     """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
     ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
-    default device."""
+    default device. ``evaluation``: trials of forward calls (``--eval``); ``size_fn``: an
+    expression (in ``ns``) for the sizes of the loader's samples (``--size-fn``)."""
     _check_namespace_options(ns, var, loader, steps)
+    sizes_given: Any = None
+    if size_fn is not None:
+        if loader is None:
+            raise BadOptions("--size-fn measures the samples of --loader's data set: give --loader NAME too")
+        try:
+            sizes_given = eval(size_fn, ns if isinstance(ns, dict) else dict(ns))
+        except Exception as e:
+            raise BadOptions(f"--size-fn {size_fn!r} could not be evaluated: {type(e).__name__}: {e}") from None
     try:
         backend, dev = resolve(device, hints if device is None else ())
         bud = resolve_budget(budget)
@@ -576,28 +732,38 @@ def find_batch_in_namespace(
     roots = [v for k, v in list(ns.items()) if not k.startswith("_")]
     objects = _reachable_stateful(roots)
     # an optimizer in the namespace, or one made by the code itself
-    has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or "optim" in code or ".step(" in code
+    has_opt = not evaluation and (
+        any(isinstance(o, torch.optim.Optimizer) for o in objects) or "optim" in code or ".step(" in code)
     snapshot = StateSnapshot.take(objects, namespace=ns)
     original_loader = ns.get(loader) if loader is not None else None
     current = ns.get(var) if var is not None else getattr(original_loader, "batch_size", None)
     current_b = current if isinstance(current, int) and not isinstance(current, bool) else None
 
+    plan: _Heaviest | None = None
+
     def body(b: int) -> None:
         if var is not None:
             ns[var] = b
         if loader is not None:
-            ns[loader] = _rebuild_loader(original_loader, b)
+            ns[loader] = plan.loader_for(b) if plan is not None else _rebuild_loader(original_loader, b)
         run()
 
     dataset_size, drop_last = _loader_facts(original_loader)
     runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=_Observed())
+                         has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation)
     try:
-        return _run_search(
+        if original_loader is not None:
+            try:
+                plan = _Heaviest(original_loader, sizes_given, steps, loader or "train_loader")
+            except Exception as e:  # a --size-fn of the wrong length or kind, a sample that fails to load
+                what = f"--size-fn {size_fn!r}" if size_fn else f"measuring the samples of --loader {loader!r}"
+                raise BadOptions(f"{what}: {type(e).__name__}: {e}") from None
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             objects=objects, current=current_b, progress=progress, notes=notes,
         )
+        return _after_search(result, runner, capacity=capacity, margin=margin, plan=plan)
     finally:
         snapshot.restore()
 

@@ -55,6 +55,26 @@ def names_used(shell: InteractiveShell, cell: str | None) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
+def looks_like_evaluation(cell: str | None) -> bool:
+    """A cell that runs the model without gradients and never calls backward or an optimizer step."""
+    if not cell:
+        return False
+    no_grad = any(w in cell for w in ("no_grad", "inference_mode", ".generate(", "set_grad_enabled(False)"))
+    return no_grad and "backward" not in cell and ".step(" not in cell
+
+
+def _batch_variable(shell: InteractiveShell, cell: str | None) -> str | None:
+    """The name the cell reads that holds a positive int batch size (batch_size, bs, ...), if any."""
+    used = names_used(shell, cell)
+    ns = shell.user_ns
+    for name in sorted(used, key=lambda n: ("batch" not in n.lower() and n.lower() not in ("bs", "b"), n)):
+        v = ns.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and (
+                "batch" in name.lower() or name.lower() in ("bs", "b")):
+            return name
+    return None
+
+
 def _user_frame(tb: Any) -> str | None:
     """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
     frames = traceback.extract_tb(tb)
@@ -108,7 +128,13 @@ class OOMPresenter:
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
-            advice = oom.advise(info, self._context(info, report, batch_size, names_used(self.shell, cell)))
+            evaluation = looks_like_evaluation(cell)
+            ctx = self._context(info, report, batch_size, names_used(self.shell, cell), evaluation=evaluation)
+            if evaluation:
+                import dataclasses
+
+                ctx = dataclasses.replace(ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell))
+            advice = oom.advise(info, ctx)
             display(advice)
         finally:
             from gpumagic.devices import release_memory
@@ -118,7 +144,9 @@ class OOMPresenter:
             release_memory(exc)
         return True
 
-    def _context(self, info: Any, report: Any, batch_size: int | None, in_use: set[str]) -> Any:
+    def _context(
+        self, info: Any, report: Any, batch_size: int | None, in_use: set[str], *, evaluation: bool = False
+    ) -> Any:
         from gpumagic import backends, oom
         from gpumagic._batchmath import fit_from_report
         from gpumagic.devices import holders, resolve
@@ -147,6 +175,8 @@ class OOMPresenter:
             pass
         fit = getattr(self.last_search, "fit", None)
         prev = self.last_report
+        if evaluation and not getattr(self.last_search, "evaluation", False):
+            fit = prev = None  # a training measurement says nothing about an evaluation batch
         line = (fit.intercept_bytes, fit.bytes_per_sample) if fit is not None else None
         if line is None:
             # steps that completed before the failure, else the last run that worked at a smaller batch
@@ -339,7 +369,18 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "--loader", default=None,
         help="Name of a DataLoader built earlier: each trial rebinds it to a copy with the trial batch size "
-        "(same dataset, sampler kind, collate_fn, workers, pin_memory, drop_last) and restores it after.",
+        "(same dataset, collate_fn, workers, pin_memory, drop_last) whose every batch holds the heaviest "
+        "samples of the data set, and restores it after.",
+    )
+    @magic_arguments.argument(
+        "--size-fn", dest="size_fn", default=None,
+        help="With --loader: a cheaper measure of sample size than counting tensor elements: an expression "
+        "giving a sequence of sizes per dataset index (a length column) or a function of the index.",
+    )
+    @magic_arguments.argument(
+        "--eval", dest="evaluation", action="store_true",
+        help="Evaluation batch: a trial is --steps forward calls of the outermost model (no backward, no "
+        "optimizer step), for loops under torch.no_grad() or inference_mode.",
     )
     @magic_arguments.argument(
         "-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as for %%%%gpumem)."
@@ -420,6 +461,7 @@ class GPUMagics(Magics):
                 self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                 start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
                 margin=args.margin, pick=args.pick, effective=args.effective,
+                evaluation=args.evaluation, size_fn=args.size_fn,
             )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None

@@ -31,8 +31,10 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "ProcessMemory",
+    "SampleSizes",
     "StepRecord",
     "Trial",
+    "VariableInputs",
 ]
 
 
@@ -69,8 +71,11 @@ class StepRecord:
     """One training step: an optimizer step, or one backward when no optimizer steps.
 
     ``peak_bytes`` is the peak allocated on the device during the step (absolute, like
-    ``torch.cuda.max_memory_allocated``). After downsampling (very long loops) a record stands
-    for ``count`` consecutive steps: peak is their max, seconds their sum, loss their mean.
+    ``torch.cuda.max_memory_allocated``). ``input_elements`` is the number of elements in the
+    tensors the step drew from DataLoaders (``None`` when it drew none): with variable-length
+    data, the step whose input was largest is the one that sets the peak. After downsampling
+    (very long loops) a record stands for ``count`` consecutive steps: peak and input are their
+    max, seconds their sum, loss their mean.
     """
 
     index: int
@@ -79,6 +84,7 @@ class StepRecord:
     seconds: float
     batch_size: int | None
     count: int = 1
+    input_elements: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ class MemoryReport:
             import pandas as pd
         except ImportError as e:
             raise ImportError("MemoryReport.to_dataframe() needs pandas: pip install pandas") from e
-        cols = ["index", "loss", "peak_bytes", "seconds", "batch_size", "count"]
+        cols = ["index", "loss", "peak_bytes", "seconds", "batch_size", "count", "input_elements"]
         return pd.DataFrame([[getattr(s, c) for c in cols] for s in self.steps], columns=cols)
 
     def summary(self) -> str:
@@ -205,6 +211,12 @@ class MemoryReport:
             sizes = {s.batch_size for s in self.steps if s.batch_size is not None}
             if sizes:
                 rows.append(("batch size", ", ".join(str(v) for v in sorted(sizes)[:6])))
+            drawn = [s for s in self.steps if s.input_elements is not None]
+            if drawn:
+                big = max(drawn, key=lambda s: s.input_elements or 0)
+                rows.append(("step input", f"{min(s.input_elements or 0 for s in drawn):,} … "
+                                           f"{big.input_elements:,} elements (largest at step {big.index:,}, "
+                                           f"peak {format_bytes(big.peak_bytes)})"))
         else:
             rows.append(("steps", "none seen (no backward() in the block)"))
         rows.append(("wall time", _seconds(self.wall_seconds)))
@@ -262,6 +274,67 @@ class Fit:
 
 
 @dataclass(frozen=True)
+class SampleSizes:
+    """How big the data set's samples are, and what that means for the batch (``--loader``).
+
+    A sample's size is what ``measure`` says: by default the number of elements in its tensors
+    (after the loader's ``collate_fn``). The search ran on batches of the heaviest samples, so
+    ``heaviest_batch_size`` holds for every batch of an epoch; ``p99_batch_size`` is the size
+    that a trial showed fits batches drawn from the lightest 99% (``None`` if not measured).
+    ``advice`` lists what to do about a long tail, the most useful first.
+    """
+
+    measure: str
+    measured: int
+    """Samples measured (all of them up to 100,000; a random 10,000 beyond)."""
+    total: int
+    seconds: float
+    largest: float
+    median: float
+    p99: float
+    heaviest_batch_size: int | None
+    p99_batch_size: int | None = None
+    per_sample_bytes: float | None = None
+    """Memory per sample at the heaviest batch (the fit's slope)."""
+    advice: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        head = (f"the largest sample ({_number(self.largest)}) limits the batch to {self.heaviest_batch_size}")
+        if self.p99 < self.largest and self.p99_batch_size is not None:
+            head += f"; 99% of samples are <= {_number(self.p99)}, where {self.p99_batch_size} would fit"
+        elif self.p99 < self.largest:
+            head += f"; 99% of samples are <= {_number(self.p99)}"
+        return head
+
+
+@dataclass(frozen=True)
+class VariableInputs:
+    """Per-step input sizes that varied during the trials (``--var``, or an IterableDataset).
+
+    The trials saw inputs from ``smallest_elements`` to ``largest_elements`` (elements of the
+    tensors a step drew); peak ≈ ``intercept_bytes`` + ``bytes_per_element`` · elements, fitted
+    on those steps, predicts ``predicted_peak_bytes`` for the largest input gpumagic could learn
+    of (``worst_elements``, from ``worst_source``), and ``surviving_batch_size`` keeps that under
+    the capacity with the margin.
+    """
+
+    smallest_elements: int
+    largest_elements: int
+    intercept_bytes: float
+    bytes_per_element: float
+    worst_elements: int | None
+    worst_source: str
+    predicted_peak_bytes: int | None
+    surviving_batch_size: int | None
+    surviving_peak_bytes: int | None = None
+    """The fit's peak for the largest input at ``surviving_batch_size``."""
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
+
+
+@dataclass(frozen=True)
 class BatchSearchResult:
     """What :func:`gpumagic.find_batch` / ``%find_batch`` found."""
 
@@ -285,6 +358,12 @@ class BatchSearchResult:
     dataset_size: int | None = None
     device: str = "cpu"
     notes: tuple[str, ...] = ()
+    sample_sizes: SampleSizes | None = None
+    """With ``--loader``: the data set's sample sizes and the advice they lead to."""
+    variable_inputs: VariableInputs | None = None
+    """When the trials' inputs varied in size: the fit against input size and the size that survives the largest."""
+    evaluation: bool = False
+    """The trials were forward passes (``--eval``): no gradients, saved activations or optimizer state."""
 
     @property
     def oom_count(self) -> int:
@@ -313,6 +392,25 @@ class BatchSearchResult:
             ("largest that ran", str(self.max_batch_size)),
             ("why", self.reason),
         ]
+        if self.evaluation:
+            rows.append(("trials", "evaluation: forward calls of the outermost model, no backward or optimizer step"))
+        if self.sample_sizes is not None:
+            ss = self.sample_sizes
+            rows.append(("samples", ss.summary()))
+            rows.append(("sizes", f"{ss.measure}: median {_number(ss.median)}, 99th percentile {_number(ss.p99)}, "
+                                  f"largest {_number(ss.largest)}; {ss.measured:,} of {ss.total:,} samples measured "
+                                  f"in {_seconds(ss.seconds)}"))
+            rows.extend((f"advice {i}", a) for i, a in enumerate(ss.advice, 1))
+        if self.variable_inputs is not None:
+            v = self.variable_inputs
+            line = (f"steps drew {v.smallest_elements:,} to {v.largest_elements:,} elements; peak ≈ "
+                    f"{format_bytes(round(v.intercept_bytes))} + {format_bytes(round(v.bytes_per_element))}/element")
+            if v.worst_elements is not None and v.predicted_peak_bytes is not None:
+                line += (f"; the largest input ({v.worst_source}, {v.worst_elements:,} elements) needs "
+                         f"{format_bytes(v.predicted_peak_bytes)}")
+            if v.surviving_batch_size is not None:
+                line += f"; {v.surviving_batch_size} survives it"
+            rows.append(("input sizes", line))
         if self.lr_note:
             rows.append(("learning rate", self.lr_note))
         if self.capacity_bytes is not None:

@@ -67,6 +67,7 @@ class _Rec:
     seconds: float
     batch: int | None
     count: int = 1
+    inputs: int | None = None
 
     @property
     def loss(self) -> float | None:
@@ -99,6 +100,27 @@ def _divisor(root: torch.Tensor) -> float | None:
     if name.startswith("MulBackward"):
         k = 1.0 / k if k else 0.0
     return k if k and math.isfinite(k) else None
+
+
+def input_elements(batch: Any, depth: int = 0) -> int | None:
+    """Elements in the tensors of a batch (nested in tuples, lists and dicts); None without any."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.numel())
+    if depth > 4:
+        return None
+    values: Iterable[Any]
+    if isinstance(batch, dict):
+        values = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return None
+    total: int | None = None
+    for v in values:
+        n = input_elements(v, depth + 1)
+        if n is not None:
+            total = n if total is None else total + n
+    return total
 
 
 def _first_tensor(batch: Any, depth: int = 0) -> torch.Tensor | None:
@@ -160,6 +182,7 @@ class _Records:
         a.peak = max(a.peak, b.peak)
         a.seconds += b.seconds
         a.batch = None if a.batch is None or b.batch is None else a.batch + b.batch
+        a.inputs = b.inputs if a.inputs is None else a.inputs if b.inputs is None else max(a.inputs, b.inputs)
         a.count = n
 
     def _convert(self) -> None:
@@ -211,6 +234,7 @@ class Tracker:
         max_records: int = MAX_RECORDS,
         stop_after_steps: int | None = None,
         stop_after_backwards: int | None = None,
+        stop_after_forwards: int | None = None,
         exclude_storages: Iterable[int] = (),
         on_step: Callable[[StepRecord], None] | None = None,
         session: MemorySession | None = None,
@@ -223,12 +247,15 @@ class Tracker:
         self.budget = resolve_budget(budget)
         if max_records < 2:
             raise ValueError(f"max_records must be >= 2, got {max_records}")
-        for name, value in (("stop_after_steps", stop_after_steps), ("stop_after_backwards", stop_after_backwards)):
+        for name, value in (("stop_after_steps", stop_after_steps), ("stop_after_backwards", stop_after_backwards),
+                            ("stop_after_forwards", stop_after_forwards)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self._max_records = max_records
         self._stop_steps = stop_after_steps
         self._stop_backwards = stop_after_backwards
+        self._stop_forwards = stop_after_forwards
+        """Evaluation trials: each forward of the outermost module with parameters is a step."""
         self._exclude = tuple(exclude_storages)
         self._on_step = on_step
         self.on_batch: Callable[[Any, int | None], None] | None = None
@@ -317,6 +344,11 @@ class Tracker:
         self._breakdown: MemoryBreakdown | None = None
         self._baseline = 0
         self._notes: list[str] = []
+        self._inputs_since_step: int | None = None
+        self._inputs_since_backward: int | None = None
+        self._fwd_depth = 0
+        self._fwd_lead: int | None = None
+        self._forwards = 0
 
     def _install(self) -> None:
         import torch.optim.optimizer as optmod
@@ -327,6 +359,13 @@ class Tracker:
         h2 = optmod.register_optimizer_step_post_hook(self._step_post)
         self._cleanup.append(h2.remove)
 
+        if self._stop_forwards is not None:
+            import torch.nn.modules.module as modmod
+
+            h3 = modmod.register_module_forward_pre_hook(self._forward_pre)
+            self._cleanup.append(h3.remove)
+            h4 = modmod.register_module_forward_hook(self._forward_post, always_call=True)
+            self._cleanup.append(h4.remove)
         self._patch(torch.autograd, "backward", self._wrap_backward)
         self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
         scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
@@ -378,6 +417,10 @@ class Tracker:
             t = _first_tensor(batch)
             size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
             tracker._last_batch = size
+            n = input_elements(batch)
+            if n is not None:
+                tracker._inputs_since_step = n + (tracker._inputs_since_step or 0)
+                tracker._inputs_since_backward = n + (tracker._inputs_since_backward or 0)
             if tracker.on_batch is not None:
                 tracker.on_batch(it, size)
             return batch
@@ -445,7 +488,8 @@ class Tracker:
             # replaced by optimizer steps as soon as one happens.
             now = time.perf_counter()
             roots = self._pending[-1:]
-            self._record(roots, w, now - self._t_last_backward)
+            inputs, self._inputs_since_backward = self._inputs_since_backward, None
+            self._record(roots, w, now - self._t_last_backward, inputs)
             self._t_last_backward = now
             if self._stop_backwards is not None and self._backwards >= self._stop_backwards:
                 raise StopTrial(f"{self._backwards} backward calls")
@@ -470,7 +514,9 @@ class Tracker:
         now = time.perf_counter()
         peak = max(self._acc_peak, self._session.take_window_peak())
         self._acc_peak = 0
-        rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step)
+        inputs, self._inputs_since_step = self._inputs_since_step, None
+        self._inputs_since_backward = None
+        rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step, inputs)
         self._t_last_step = now
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
@@ -479,7 +525,37 @@ class Tracker:
         if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
             raise StopTrial(f"{self._opt_steps} optimizer steps")
 
-    def _record(self, roots: list[_Root], peak: int, seconds: float) -> _Rec:
+    def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        """Evaluation steps: a forward of the outermost module with parameters (not a loss
+        module, not a submodule of one running) ends the previous step when it starts again."""
+        depth = self._fwd_depth
+        self._fwd_depth += 1
+        if depth or self._backwards or self._opt_steps:
+            return
+        if self._fwd_lead is None:
+            if next(module.parameters(), None) is None:
+                return
+            self._fwd_lead = id(module)
+        if id(module) != self._fwd_lead:
+            return
+        if self._forwards and self._forwards >= (self._stop_forwards or 0):
+            self._fwd_depth -= 1  # this forward does not run
+            raise StopTrial(f"{self._forwards} forward calls")
+
+    def _forward_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._fwd_depth = max(0, self._fwd_depth - 1)
+        if self._fwd_depth or id(module) != self._fwd_lead or self._backwards or self._opt_steps:
+            return
+        if output is None:  # always_call: the forward raised, no step completed
+            return
+        assert self._session is not None
+        self._forwards += 1
+        now = time.perf_counter()
+        inputs, self._inputs_since_step = self._inputs_since_step, None
+        self._record([], self._session.take_window_peak(), now - self._t_last_step, inputs)
+        self._t_last_step = now
+
+    def _record(self, roots: list[_Root], peak: int, seconds: float, inputs: int | None = None) -> _Rec:
         terms: list[tuple[Any, float]] | None = None
         batch: int | None = None
         if roots and all(r.value is not None for r in roots):
@@ -490,10 +566,12 @@ class Tracker:
                 terms = [(r.value, 1.0 / n) for r in roots]
         if roots and all(r.batch is not None for r in roots):
             batch = sum(r.batch or 0 for r in roots)
-        rec = _Rec(self._records.total, terms, peak, seconds, batch)
+        if not roots:
+            batch = self._last_batch
+        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs)
         self._records.add(rec)
         if self._on_step is not None:
-            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch))
+            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs))
         return rec
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
@@ -542,7 +620,7 @@ class Tracker:
             reserved_peak_bytes=session.reserved_peak(),
             capacity_bytes=session.capacity(),
             wall_seconds=time.perf_counter() - self._t0,
-            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count) for r in recs),
+            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs) for r in recs),
             budget_bytes=self.budget,
             breakdown=self._breakdown,
             total_steps=self._records.total,

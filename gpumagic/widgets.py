@@ -471,9 +471,15 @@ def memory_figure(report: MemoryReport) -> Figure:
     if not report.steps:
         return _memory_bars(report, cap, cap_name, title)
 
-    fig = _new_figure(5.6 if losses else 3.8)
+    inputs = _varied_inputs(report)
+    fig = _new_figure((5.6 if losses else 3.8) + (3.0 if inputs else 0.0))
     if losses:
-        lax, ax = fig.subplots(2, 1, sharex=True, height_ratios=[1.0, 1.4])
+        axes = fig.subplots(3 if inputs else 2, 1, height_ratios=[1.0, 1.4, 1.6][: 3 if inputs else 2])
+        lax, ax = axes[0], axes[1]
+        lax.sharex(ax)
+        lax.tick_params(labelbottom=False)
+    elif inputs:
+        lax, (ax, _) = None, fig.subplots(2, 1, height_ratios=[1.4, 1.6])
     else:
         lax, ax = None, fig.subplots(1, 1)
     (lax or ax).set_title(title, loc="left", fontsize=11)
@@ -520,7 +526,34 @@ def memory_figure(report: MemoryReport) -> Figure:
     ax.grid(True, alpha=0.25)
     # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    if inputs:
+        _input_panel(fig.axes[-1], inputs, cap if cap_on_scale else None, cap_name)
     return fig
+
+
+def _varied_inputs(report: MemoryReport) -> list[tuple[int, int, int]]:
+    """(input elements, peak, step) of the steps, when the input size varied by more than 10%."""
+    pts = [(s.input_elements, s.peak_bytes, s.index) for s in report.steps
+           if s.input_elements is not None and s.peak_bytes is not None]
+    if len(pts) < 2 or max(p[0] for p in pts) <= 1.1 * min(p[0] for p in pts):
+        return []
+    return pts
+
+
+def _input_panel(ax: Axes, pts: list[tuple[int, int, int]], cap: int | None, cap_name: str) -> None:
+    """Peak against the input each step drew: why the step with the largest input set the peak."""
+    high = max([p for _, p, _ in pts] + ([cap] if cap is not None else []))
+    unit, scale = _unit_for(max(high, 1))
+    ax.scatter([e for e, _, _ in pts], [p / scale for _, p, _ in pts], s=10, color=_BLUE, alpha=0.7, zorder=3,
+               label="step")
+    e, p, i = max(pts, key=lambda t: t[1])
+    ax.annotate(f"step {i:,}", (e, p / scale), textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=8)
+    if cap is not None:
+        ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"{cap_name} {format_bytes(cap)}")
+    _byte_axis(ax, unit, "peak in the step")
+    ax.set_xlabel("input elements drawn in the step")
+    ax.grid(True, alpha=0.25)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
 
 
 def _memory_bars(report: MemoryReport, cap: int | None, cap_name: str, title: str) -> Figure:

@@ -43,6 +43,10 @@ class AdviceContext:
     processes: tuple[tuple[int, int, str | None], ...] = ()
     mixed_precision: bool | None = None
     activation_bytes: int | None = None
+    evaluation: bool = False
+    """The failing code only evaluates (no backward): no accumulation or checkpointing advice;
+    ``%find_batch --eval`` finds the evaluation batch. ``batch_variable`` names the size it reads."""
+    batch_variable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,19 @@ def _precision_suggestions(
     return out
 
 
+def _evaluation_suggestion(ctx: AdviceContext) -> Suggestion:
+    """Evaluation needs no gradients, saved activations or optimizer state: its own, larger batch."""
+    var = ctx.batch_variable or "batch_size"
+    return Suggestion(
+        "Find the evaluation batch with `%find_batch --eval`",
+        "an evaluation loop holds no gradients, saved activations or optimizer state, so its largest batch is "
+        "not the training one (often several times larger); `--eval` measures forward passes only. Keep the two "
+        "sizes apart: an evaluation OOM is no reason to shrink the training batch",
+        "evaluation",
+        code=f"%%find_batch --eval --var {var}\n# the evaluation cell, reading {var}",
+    )
+
+
 def _generic_batch_suggestion(ctx: AdviceContext) -> Suggestion:
     now = f" (now {ctx.batch_size})" if ctx.batch_size is not None else ""
     return Suggestion(
@@ -535,7 +552,9 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
         ranked.append((70, batch))
     elif not (f.needed is not None and f.usable is not None and f.needed <= f.usable * _MARGIN):
         ranked.append((55, _generic_batch_suggestion(ctx)))
-    if fits is not None:
+    if ctx.evaluation:
+        ranked.append((69, _evaluation_suggestion(ctx)))
+    elif fits is not None:
         acc = _accumulation_suggestion(ctx, fits, torch_code)
         if acc is not None:
             ranked.append((69, acc))
@@ -553,7 +572,14 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     if _is_host(info):
         ranked.append((60, _host_suggestion(info)))
     else:
-        ranked.extend(zip((30, 20), _precision_suggestions(info, ctx, unknown, torch_code), strict=False))
+        precision = _precision_suggestions(info, ctx, unknown, torch_code)
+        if ctx.evaluation:  # no backward: nothing to checkpoint, and autocast wraps the forward alone
+            precision = [
+                Suggestion(p.title, p.detail.replace(", float16 with a GradScaler", ", or float16"), p.kind,
+                           code=p.code.split("\n")[0] + "\n    out = model(x)" if p.code else None)
+                for p in precision if p.kind != "checkpointing"
+            ]
+        ranked.extend(zip((30, 20), precision, strict=False))
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the order above
     return Advice(
         headline=_headline(info),
