@@ -411,7 +411,7 @@ def variable_inputs(
         else:
             hi = mid - 1
     return VariableInputs(smallest, largest, intercept, slope, w, source, peak_at(w), best,
-                          None if best is None else peak_at(worst(best)))
+                          None if best is None else peak_at(worst(best)), recommended)
 
 
 @dataclass

@@ -63,16 +63,17 @@ def looks_like_evaluation(cell: str | None) -> bool:
     return no_grad and "backward" not in cell and ".step(" not in cell
 
 
-def _batch_variable(shell: InteractiveShell, cell: str | None) -> str | None:
-    """The name the cell reads that holds a positive int batch size (batch_size, bs, ...), if any."""
-    used = names_used(shell, cell)
+def _batch_variable(shell: InteractiveShell, cell: str | None, batch_size: int | None) -> str | None:
+    """The name the cell reads that holds the batch size: one whose value is the size the loader
+    drew, else one named like a batch size (batch_size, bs)."""
     ns = shell.user_ns
-    for name in sorted(used, key=lambda n: ("batch" not in n.lower() and n.lower() not in ("bs", "b"), n)):
-        v = ns.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and (
-                "batch" in name.lower() or name.lower() in ("bs", "b")):
-            return name
-    return None
+    ints = {n: v for n in names_used(shell, cell)
+            if isinstance(v := ns.get(n), int) and not isinstance(v, bool) and v > 0}
+    same = sorted(n for n, v in ints.items() if v == batch_size)
+    if len(same) == 1:
+        return same[0]
+    named = sorted(n for n in ints if "batch" in n.lower() or n.lower() in ("bs", "b"))
+    return named[0] if named else None
 
 
 def _user_frame(tb: Any) -> str | None:
@@ -133,7 +134,8 @@ class OOMPresenter:
             if evaluation:
                 import dataclasses
 
-                ctx = dataclasses.replace(ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell))
+                ctx = dataclasses.replace(
+                    ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell, ctx.batch_size))
             advice = oom.advise(info, ctx)
             display(advice)
         finally:

@@ -328,6 +328,8 @@ class VariableInputs:
     surviving_batch_size: int | None
     surviving_peak_bytes: int | None = None
     """The fit's peak for the largest input at ``surviving_batch_size``."""
+    drawn_batch_size: int | None = None
+    """What the trials' own batches alone recommended (before allowing for the largest input)."""
 
 
 def _number(v: float) -> str:
