@@ -49,6 +49,7 @@ from gpumagic.tracking import Tracker
 
 MiB = 2**20
 STEPS = 3
+SEEDS = (0, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,18 +254,24 @@ def run_gpumagic(w: Workload) -> list[Row]:
     if ss is not None:
         heavy.note = ss.summary()
 
-    model, opt = fresh(w)
-    t0 = time.perf_counter()
-    drawn = gpumagic.find_batch(lambda b: train(w, model, opt, shuffled(w, b), None), device="cpu",
-                                budget=w.budget, steps=STEPS, progress=False, restore=[model, opt])
-    secs = time.perf_counter() - t0
-    vi = drawn.variable_inputs
-    before = vi.drawn_batch_size if vi is not None and vi.drawn_batch_size else drawn.recommended_batch_size
-    rows = [heavy, Row("gpumagic drawn batches, before (pick from the batches drawn)", before, len(drawn.trials),
-                       secs)]
-    if vi is not None:
-        rows.append(Row("gpumagic drawn batches, --var fit on input size", drawn.recommended_batch_size,
-                        len(drawn.trials), secs, f"inputs {vi.smallest_elements:,}–{vi.largest_elements:,} elements"))
+    rows = [heavy]
+    for seed in SEEDS:
+        model, opt = fresh(w)
+        t0 = time.perf_counter()
+        drawn = gpumagic.find_batch(lambda b: train(w, model, opt, shuffled(w, b, seed), None),  # noqa: B023
+                                    device="cpu", budget=w.budget, steps=STEPS, progress=False, restore=[model, opt])
+        secs = time.perf_counter() - t0
+        vi = drawn.variable_inputs
+        before = vi.drawn_batch_size if vi is not None and vi.drawn_batch_size else drawn.recommended_batch_size
+        rows.append(Row(f"gpumagic drawn batches (shuffle seed {seed}), before: pick from the batches drawn",
+                        before, len(drawn.trials), secs))
+        if vi is None:
+            rows.append(Row(f"gpumagic drawn batches (shuffle seed {seed}), --var: inputs did not vary by 10%",
+                            drawn.recommended_batch_size, len(drawn.trials), secs))
+        else:
+            rows.append(Row(f"gpumagic drawn batches (shuffle seed {seed}), --var: fit on input size",
+                            drawn.recommended_batch_size, len(drawn.trials), secs,
+                            f"steps drew {vi.smallest_elements:,}–{vi.largest_elements:,} elements"))
     return rows
 
 

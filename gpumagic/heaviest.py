@@ -238,9 +238,9 @@ def tail_advice(
     p99 = table.quantile(_TAIL)
     limit = capacity * (1 - margin)
     base = dict(measure=table.measure, measured=table.measured, total=table.total, seconds=table.seconds,
-                largest=largest, median=median, p99=p99, heaviest_batch_size=heaviest_batch,
+                largest=largest, median=median, p99=p99, heaviest_batch_size=heaviest_batch or None,
                 per_sample_bytes=per_sample)
-    if largest <= 0 or p99 >= 0.9 * largest or per_sample <= 0 or limit <= intercept:
+    if largest <= 0 or p99 >= 0.9 * largest or per_sample <= 0 or limit <= intercept or heaviest_batch < 1:
         return SampleSizes(**base)  # type: ignore[arg-type]
     eligible = sum(1 for i in table.order if table.sizes[i] <= p99)
     # first guess: memory per sample in proportion to its size

@@ -299,7 +299,9 @@ class SampleSizes:
     advice: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        head = (f"the largest sample ({_number(self.largest)}) limits the batch to {self.heaviest_batch_size}")
+        if self.heaviest_batch_size is None:
+            return f"the largest sample ({_number(self.largest)}): no batch of the heaviest samples fit"
+        head = f"the largest sample ({_number(self.largest)}) limits the batch to {self.heaviest_batch_size}"
         if self.p99 < self.largest and self.p99_batch_size is not None:
             head += f"; 99% of samples are <= {_number(self.p99)}, where {self.p99_batch_size} would fit"
         elif self.p99 < self.largest:
