@@ -17,7 +17,7 @@ def html_table(title: str, rows: Iterable[tuple[str, str]], *, kind: str = "repo
     """A two-column key/value table with a caption; every value is escaped."""
     body = "".join(
         f'<tr><th style="text-align:left;padding:1px 10px 1px 0;font-weight:600;vertical-align:top">'
-        f'{escape(k)}</th><td style="text-align:left;padding:1px 0">{escape(v)}</td></tr>'
+        f'{escape(k)}</th><td style="text-align:left;padding:1px 0;white-space:pre-wrap">{escape(v)}</td></tr>'
         for k, v in rows
     )
     return (

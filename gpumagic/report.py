@@ -63,7 +63,8 @@ def _plain(obj: Any) -> Any:
 
 def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
     width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+    indent = "\n" + " " * (width + 4)  # multi-line values (code) stay in their column
+    return "\n".join([title, *(f"  {k:<{width}}  {v.replace(chr(10), indent)}" for k, v in rows)])
 
 
 @dataclass(frozen=True)
