@@ -267,3 +267,23 @@ def test_measure_samples_large_data_sets_and_says_so():
 def test_sample_sizes_lists_every_sample_by_index():
     data = torch.utils.data.TensorDataset(torch.zeros(5, 3))
     assert sample_sizes(torch.utils.data.DataLoader(data)) == [3.0] * 5
+
+
+def test_evaluation_steps_are_outermost_forwards_of_the_model_not_the_loss():
+    from gpumagic.tracking import StopTrial, Tracker
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    crit = torch.nn.CrossEntropyLoss()
+    calls = []
+
+    def evaluate():
+        with tracker, torch.no_grad():
+            for _ in range(5):
+                crit(model(torch.randn(3, 4)), torch.zeros(3, dtype=torch.long))
+                calls.append(1)
+
+    tracker = Tracker("cpu", stop_after_forwards=2)
+    with pytest.raises(StopTrial):
+        evaluate()
+    assert len(calls) == 2
+    assert tracker.report.total_steps == 2
