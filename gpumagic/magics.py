@@ -73,7 +73,9 @@ def _batch_variable(shell: InteractiveShell, cell: str | None, batch_size: int |
     if len(same) == 1:
         return same[0]
     named = sorted(n for n in ints if "batch" in n.lower() or n.lower() in ("bs", "b"))
-    return named[0] if named else None
+    if named:
+        return named[0]
+    return next(iter(ints)) if len(ints) == 1 else None  # the one int the cell reads
 
 
 def _user_frame(tb: Any) -> str | None:
