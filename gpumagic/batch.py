@@ -26,6 +26,7 @@ import torch
 from gpumagic import backends
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
+from gpumagic._progress import text_progress
 from gpumagic.backends import Backend
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
@@ -406,28 +407,17 @@ def _run_search(
 def _progress(
     progress: bool | Callable[[Trial, int], None],
 ) -> Iterator[Callable[[Trial, int], None] | None]:
-    """The per-trial callback: the caller's, or with ``True`` a one-line text bar on stderr."""
+    """The per-trial callback: the caller's, or with ``True`` a bar on a terminal's stderr and one
+    line per trial in a log (closed before the result is shown)."""
     if not isinstance(progress, bool):
         yield progress
         return
     if not progress:
         yield None
         return
-    # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
-    # first frame ("0trial") as its text; this line is rewritten in place and then cleared
-    from tqdm import tqdm
-
-    from gpumagic._units import format_bytes
-
-    bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
-
-    def on_trial(trial: Trial, index: int) -> None:
-        state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
-        bar.set_postfix_str(f"b={trial.batch_size}: {state}")
-        bar.update(1)
-
+    bar = text_progress(sys.stderr)
     try:
-        yield on_trial
+        yield bar
     finally:
         bar.close()
 

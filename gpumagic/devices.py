@@ -13,6 +13,7 @@ import gc
 import re
 import traceback
 from collections.abc import Iterable, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -196,6 +197,13 @@ def release_memory(exc: BaseException | None) -> None:
         ctx: BaseException | None = exc
         while ctx is not None and ctx.__traceback__ is not None:
             traceback.clear_frames(ctx.__traceback__)
+            tb: TracebackType | None = ctx.__traceback__
+            while tb is not None:
+                # a frame whose locals were read (a traceback formatter showing arguments, a
+                # debugger) keeps a snapshot dict that clear() leaves (CPython < 3.13); reading
+                # f_locals again re-syncs it with the now empty locals, dropping the tensors
+                tb.tb_frame.f_locals  # noqa: B018
+                tb = tb.tb_next
             ctx = ctx.__context__
     gc.collect()
     for backend in backends.registry():

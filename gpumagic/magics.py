@@ -11,10 +11,13 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from IPython.core import magic_arguments
@@ -67,22 +70,64 @@ def _user_frame(tb: Any) -> str | None:
     return None
 
 
-def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    where = _user_frame(exc.__traceback__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-    def render() -> list[str]:
-        # one-shot: %tb afterwards shows the full traceback
-        exc.__dict__.pop("_render_traceback_", None)
-        lines = [f"{type(exc).__name__}: {first}"]
+
+def _ipython_dir() -> str:
+    import IPython
+
+    return os.path.dirname(os.path.abspath(IPython.__file__)) + os.sep
+
+
+def user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """A copy of the chain ``tb`` without gpumagic's frames (the magic, the cell runner, the
+    simulated device) nor IPython's leading ones (what runs the cell): the user's frames only."""
+    kept: list[TracebackType] = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    ipython = _ipython_dir()
+    while len(kept) > 1 and os.path.abspath(kept[0].tb_frame.f_code.co_filename).startswith(ipython):
+        kept.pop(0)
+    out: TracebackType | None = None
+    for t in reversed(kept):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
+class TracebackView:
+    """``_render_traceback_`` for a translated OOM: the short form the first time IPython shows
+    the error, and afterwards (``%tb``) the full traceback of the user's frames, formatted before
+    the frames are cleared to free memory, so their arguments still show."""
+
+    def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
+        lines = str(exc).strip().splitlines()
+        self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
+        where = _user_frame(exc.__traceback__)
         if where:
-            lines.append(f"  at {where}")
-        lines.append("  (full traceback: %tb)")
-        return lines
+            self.short.append(f"  at {where}")
+        self.short.append("  (full traceback: %tb)")
+        tb = user_traceback(exc.__traceback__)
+        try:
+            self.full = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
+        except Exception:  # IPython's formatter failed: Python's, without the arguments
+            self.full = traceback.format_exception(type(exc), exc, tb)
+        self.wrap = _text_only(shell)  # a terminal: lines within its width (a notebook wraps by itself)
+        if self.wrap and self.full:
+            from gpumagic._text import wrap_block
 
-    return render
+            self.full[-1] = wrap_block(self.full[-1])  # the message: one line of 300 characters
+        self.shown = False
+
+    def __call__(self) -> list[str]:
+        if not self.shown:
+            self.shown = True
+            from gpumagic._text import wrap_block
+
+            text = "\n".join(self.short)
+            return (wrap_block(text) if self.wrap else text).splitlines()
+        return self.full
 
 
 class OOMPresenter:
@@ -114,7 +159,8 @@ class OOMPresenter:
             from gpumagic.devices import release_memory
 
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
-            exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):  # a nicety: the memory is freed regardless
+                exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
 
@@ -219,6 +265,82 @@ class OOMHandler:
 
 
 # ---------------------------------------------------------------------------------------------
+# displaying results and progress
+
+
+def _kernel_frontend(shell: InteractiveShell) -> bool:
+    """A Jupyter kernel (a notebook, VS Code, Colab, nbclient) rather than terminal IPython."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def _text_only(shell: InteractiveShell) -> bool:
+    """The shell shows plain text only (terminal IPython): results render through ``_repr_pretty_``."""
+    formatter = shell.display_formatter
+    return formatter is not None and "text/html" not in formatter.active_types
+
+
+class _ShownProgress:
+    """A notebook progress widget, and the display it sits in (emptied when the search ends)."""
+
+    def __init__(self, inner: Any, handle: Any) -> None:
+        self.inner = inner
+        self.handle = handle
+
+    def __call__(self, trial: Any, index: int) -> None:
+        self.inner(trial, index)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            # a saved notebook keeps no frame of the bar
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+@contextmanager
+def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
+    """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
+    terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
+    from gpumagic._progress import LineProgress, text_progress
+
+    progress: Any = None
+    if quiet:
+        pass
+    elif _kernel_frontend(shell):
+        try:
+            from gpumagic.widgets import WidgetProgress
+
+            bar = WidgetProgress()
+        except ImportError:  # no ipywidgets: lines in the cell's stderr
+            progress = LineProgress(sys.stderr)
+        else:
+            progress = _ShownProgress(bar, display(bar.widget, display_id=True))
+    else:
+        progress = text_progress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
+    """A mimebundle printer for results: none in a text-only shell (IPython then calls
+    ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
+
+    def printer(obj: Any) -> Any:
+        return None if _text_only(shell) else obj._repr_mimebundle_()
+
+    return printer
+
+
+def _result_types() -> tuple[type, ...]:
+    from gpumagic.report import BatchSearchResult, MemoryReport
+
+    return (MemoryReport, BatchSearchResult)
+
+
+# ---------------------------------------------------------------------------------------------
 # the magics
 
 
@@ -239,6 +361,7 @@ class GPUMagics(Magics):
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
         self.oom_handler = OOMHandler(shell, self.presenter)
+        self.saved_printers: dict[type, Any] = {}  # mimebundle printers ours replaced, restored on unload
 
     # -- %gpumem / %%gpumem --------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -373,7 +496,9 @@ class GPUMagics(Magics):
         "with the learning-rate rule.",
     )
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor the progress of the trials."
+    )
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per trial, after `--`, e.g. "
@@ -416,11 +541,13 @@ class GPUMagics(Magics):
                     "(%find_batch then re-runs it)"
                 )
         try:
-            result = find_batch_in_shell(
-                self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
-                start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                margin=args.margin, pick=args.pick, effective=args.effective,
-            )
+            with search_progress(self.shell, args.quiet) as progress:
+                result = find_batch_in_shell(
+                    self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
+                    start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
+                    margin=args.margin, pick=args.pick, effective=args.effective,
+                    progress=progress,
+                )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
@@ -501,6 +628,10 @@ def load(shell: InteractiveShell) -> None:
         unload(shell)
     magics = GPUMagics(shell)
     shell.register_magics(magics)
+    if shell.display_formatter is not None:
+        bundles = shell.display_formatter.mimebundle_formatter
+        printer = _text_bundle(shell)
+        magics.saved_printers = {t: bundles.for_type(t, printer) for t in _result_types()}
     if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
         magics.oom_handler.install()
 
@@ -511,6 +642,12 @@ def unload(shell: InteractiveShell) -> None:
     try:
         if magics is not None:
             magics.oom_handler.uninstall()
+            if shell.display_formatter is not None:
+                bundles = shell.display_formatter.mimebundle_formatter
+                for t, saved in magics.saved_printers.items():
+                    bundles.pop(t, None)
+                    if saved is not None:
+                        bundles.for_type(t, saved)
     finally:
         table: dict[str, dict[str, Any]] = shell.magics_manager.magics
         for kind, names in _MAGIC_NAMES.items():

@@ -1,7 +1,8 @@
 """Frozen result objects: what a tracked cell and a batch-size search produce.
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
-Objects render themselves: ``repr`` is a one-line summary, ``_repr_html_`` a compact table, and
+Objects render themselves: ``repr`` is a one-line summary, ``_repr_pretty_`` (IPython's
+plain-text display, a terminal) a headline and a short table fitting the terminal, ``_repr_html_`` a compact table, and
 ``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
 from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
+from gpumagic._text import memory_report_text, search_text, use_color
 from gpumagic._units import format_bytes
 
 if TYPE_CHECKING:
@@ -217,6 +219,10 @@ class MemoryReport:
         """The report as an aligned plain-text table (for scripts and terminals)."""
         return _text_table("gpumagic memory report", self._rows())
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
+        p.text(memory_report_text(self, color=use_color()))
+
     def _repr_html_(self) -> str:
         return html_table("gpumagic memory report", self._rows())
 
@@ -333,6 +339,10 @@ class BatchSearchResult:
     def to_text(self) -> str:
         """The result as an aligned plain-text table (for scripts and terminals)."""
         return _text_table("gpumagic batch-size search", self._rows())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the pick, then the trials with the pick marked."""
+        p.text(search_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
         return html_table("gpumagic batch-size search", self._rows())

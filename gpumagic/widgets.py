@@ -703,3 +703,35 @@ def _search_bundle(result: BatchSearchResult) -> dict[str, Any]:
 
 register_renderer(MemoryReport, _memory_bundle)
 register_renderer(BatchSearchResult, _search_bundle)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress of a search in a notebook
+
+
+class WidgetProgress:
+    """A notebook bar for ``%find_batch``: trials done (of at most ``max_trials``) and the last one
+    in words. The IPython layer shows :attr:`widget` and removes it when the search ends.
+
+    >>> progress = WidgetProgress()     # doctest: +SKIP
+    >>> progress(trial, 0); progress.close()   # doctest: +SKIP
+    """
+
+    def __init__(self, label: str = "find_batch", max_trials: int = 12) -> None:
+        import ipywidgets as w  # lazy, like every widget here
+
+        self._bar = w.IntProgress(value=0, min=0, max=max_trials, bar_style="info",
+                                  layout=w.Layout(width="160px"))
+        self._label = label
+        self._text = w.HTML(value=html.escape(f"{label}: first trial running"))
+        self.widget = w.HBox([self._bar, self._text])
+
+    def __call__(self, trial: Trial, index: int) -> None:
+        from gpumagic._text import describe_trial
+
+        self._bar.value = min(index + 1, self._bar.max)
+        done = f"{index + 1} trial{'s' if index else ''} done"
+        self._text.value = html.escape(f"{self._label}: {done}, last {describe_trial(trial)}")
+
+    def close(self) -> None:
+        self.widget.close()
