@@ -702,12 +702,151 @@ else:
 ]
 
 
+# -------------------------------------------------------------------------------------------------
+# 06 plan for a GPU
+
+PLAN_SETUP = """
+import torch, torch.nn as nn, torch.nn.functional as F
+import gpumagic
+from gpumagic import format_bytes
+
+VOCAB, CONTEXT = 50304, 512
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    \"\"\"A GPT-2-style decoder: token and position embeddings, pre-norm blocks, tied output layer.\"\"\"
+
+    def __init__(self, n_layer=12, d_model=768, heads=12):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(VOCAB, d_model), nn.Embedding(CONTEXT, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(n_layer))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln(x))
+        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+
+def train(batch_size, dtype, steps=3):
+    \"\"\"The cell below as a function, for the line form of find_batch.\"\"\"
+    model = GPT().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(steps):
+        idx = torch.randint(0, VOCAB, (batch_size, CONTEXT), device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+batch_size = 8
+"""
+
+PLAN_CELL = """
+model = GPT().cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+for step in range(3):
+    idx = torch.randint(0, VOCAB, (batch_size, CONTEXT), device="cuda")
+    with torch.autocast("cuda", dtype=DTYPE):
+        loss = model(idx, idx)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    print(f"step {step}: loss {loss.item():.3f}")
+"""
+
+PLAN = [
+    (MD, """
+# Plan for a GPU you do not have
+
+Will a GPT-2-small-sized model (12 layers, width 768, 512-token context) train on a free Colab
+T4, and at what batch size? And on an A100? `--dry-run` answers on this machine — no GPU, no
+20 GB of memory — by running the unchanged training cell on *fake tensors*: shapes, dtypes and
+sizes, no data, no compute. The report is a plan and says so.
+"""),
+    (CODE, "%load_ext gpumagic"),
+    (CODE, PLAN_SETUP),
+    (MD, """
+## One cell, planned for a T4
+
+The cell builds the model with `.cuda()` and makes its batches with `device="cuda"`: on a
+machine without CUDA the dry run stands in for it and answers `torch.cuda` questions for the T4.
+The T4 has no bfloat16, so the cell uses float16 autocast. `loss.item()` has no value in a plan:
+it reads a placeholder, and the report names the line.
+"""),
+    (CODE, "DTYPE = torch.float16"),
+    (CODE, "%%gpumem --dry-run --gpu T4\n" + PLAN_CELL.strip("\n")),
+    (MD, """
+## The same cell for an A100 (80 GB), in bfloat16
+
+Nothing in the namespace changed: the dry run fake-copied what it needed and removed what the
+cell created (`model` and `opt` do not exist here).
+"""),
+    (CODE, "print('model' in dir(), 'opt' in dir())\nDTYPE = torch.bfloat16"),
+    (CODE, "%%gpumem --dry-run --gpu A100-80GB\n" + PLAN_CELL.strip("\n")),
+    (MD, """
+## The batch size for each GPU
+
+`%find_batch --dry-run` plans every trial the same way (here on the cell as a function, `train`,
+defined with the model at the top; two steps per trial: AdamW's state exists from the first); the
+result says *planned* and the plot draws planned trials as hollow diamonds.
+"""),
+    (CODE, "res_t4 = %find_batch --dry-run --gpu T4 --var batch_size --steps 2 -o -- "
+           "train(batch_size, torch.float16)"),
+    (CODE, "res_a100 = %find_batch --dry-run --gpu A100-80GB --var batch_size --steps 2 -o -- "
+           "train(batch_size, torch.bfloat16)"),
+    (CODE, """
+for name, res in (("T4", res_t4), ("A100-80GB", res_a100)):
+    print(f"{name}: batch {res.recommended_batch_size} of {CONTEXT} tokens, planned peak "
+          f"{format_bytes(res.predicted_peak_bytes)} of {format_bytes(res.capacity_bytes)} usable")
+"""),
+    (MD, """
+## How far to trust a plan
+
+On the CPU the same cell can be planned and measured; the exact tracker counts every tensor byte.
+A small configuration, one step each:
+"""),
+    (CODE, """
+small = "model = GPT(n_layer=2, d_model=128, heads=4)\\nopt = torch.optim.AdamW(model.parameters())\\n" \\
+        "idx = torch.randint(0, VOCAB, (4, 64))\\nmodel(idx, idx).backward()\\nopt.step()"
+plan = get_ipython().run_cell_magic("gpumem", "--dry-run -d cpu -o -q", small)
+real = get_ipython().run_cell_magic("gpumem", "-d cpu -o -q", small)
+print(f"planned {format_bytes(plan.peak_delta_bytes)}, measured {format_bytes(real.peak_delta_bytes)} "
+      f"({100 * (plan.peak_delta_bytes / real.peak_delta_bytes - 1):+.2f}%)")
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": notebook(QUICKSTART),
     "02_oom_advice.ipynb": notebook(OOM),
     "03_effective_batch.ipynb": notebook(EFFECTIVE),
     "04_loader_built_earlier.ipynb": notebook(LOADER),
     "05_colab_gpu.ipynb": notebook(COLAB, colab=True),
+    "06_plan_for_a_gpu.ipynb": notebook(PLAN),
 }
 
 

@@ -32,11 +32,12 @@ from gpumagic.report import (
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
+    from gpumagic._track import track
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
-    from gpumagic.tracking import Tracker, track
+    from gpumagic.tracking import Tracker
 
 __all__ = [
     "Advice",
@@ -68,7 +69,7 @@ _bundles.add_module("gpumagic.widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
-    "track": "gpumagic.tracking",
+    "track": "gpumagic._track",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "device_status": "gpumagic.devices",

@@ -260,7 +260,10 @@ class TrialRunner:
         snapshot: StateSnapshot,
         has_optimizer: bool,
         observed: _Observed,
+        plan: dict[str, Any] | None = None,
     ) -> None:
+        self.plan = plan
+        """Dry-run settings (namespace, device, gpu, budget) when every trial is planned on fake tensors."""
         self.body = body
         self.backend = backend
         self.device = device
@@ -272,15 +275,23 @@ class TrialRunner:
 
     def __call__(self, b: int) -> Trial:
         step_secs: list[float] = []
-        tracker = Tracker(
-            self.device,
-            self.budget,
-            backend=self.backend,
-            stop_after_steps=self.steps if self.has_optimizer else None,
-            stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
-            exclude_storages=self.snapshot.storage_keys,
-            on_step=lambda r: step_secs.append(r.seconds),
-        )
+        tracker: Tracker
+        if self.plan is not None:
+            from gpumagic.dryrun import DryTracker
+
+            tracker = DryTracker(self.plan["namespace"], device=self.plan["device"], gpu=self.plan["gpu"],
+                                 budget=self.plan["budget"], steps=self.steps,
+                                 exclude_storages=self.snapshot.storage_keys, objects=self.plan.get("objects", ()))
+        else:
+            tracker = Tracker(
+                self.device,
+                self.budget,
+                backend=self.backend,
+                stop_after_steps=self.steps if self.has_optimizer else None,
+                stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+                exclude_storages=self.snapshot.storage_keys,
+                on_step=lambda r: step_secs.append(r.seconds),
+            )
         self._watch_loader(tracker)
         oom = False
         t0 = time.perf_counter()
@@ -307,6 +318,10 @@ class TrialRunner:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
+        if self.plan is not None:  # planned: over the capacity is this trial's out-of-memory
+            cap = self.plan["capacity"]
+            oom = cap is not None and rep.peak_bytes > cap
+            return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
         return trial
 
@@ -422,6 +437,75 @@ def _progress(
         bar.close()
 
 
+_PLAN_AGREES = 0.03
+"""A real trial within this share of the plan verifies it; further off, real trials decide."""
+
+
+def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, **kw: Any) -> BatchSearchResult:
+    """Plan the memory curve on fake tensors, then spend real trials only to verify it.
+
+    The plan is a whole search on fake tensors (seconds, no device memory). Its recommendation is
+    run for real; when the measured peak is within 3% of the plan, one more real trial at the
+    largest size the plan (corrected by that ratio) puts under the capacity settles the maximum:
+    two real trials, and an out-of-memory error only if the plan is off by more than the margin.
+    Otherwise the ordinary search runs on real trials and the result says why.
+    """
+    from gpumagic._units import format_bytes
+    from gpumagic.report import Fit
+
+    if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
+        return _run_search(runner, **kw)
+    try:
+        plan = _run_search(plan_runner, **{**kw, "progress": False})
+    except (KeyboardInterrupt, BadOptions):
+        raise
+    except Exception as e:  # the code cannot run on fake tensors: search as before
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        note = f"no plan on fake tensors ({type(e).__name__}: {first[:200]}): every trial ran for real"
+        return _with_notes(_run_search(runner, **kw), [note])
+    b1, fit = plan.recommended_batch_size, plan.fit
+    planned = {t.batch_size: t.peak_bytes for t in plan.trials if not t.oom and t.peak_bytes}
+    if b1 is None or fit is None:
+        return _with_notes(_run_search(runner, **kw), ["the plan on fake tensors found no size to verify"])
+    expected = planned.get(b1) or fit.predict(b1)
+    first_trial = runner(b1)
+    real = [first_trial]
+    if first_trial.oom or not first_trial.peak_bytes or abs(first_trial.peak_bytes / expected - 1) > _PLAN_AGREES:
+        got = "ran out of memory" if first_trial.oom else f"measured {format_bytes(first_trial.peak_bytes)}"
+        note = (f"the plan on fake tensors was off at batch {b1} (planned {format_bytes(expected)}, {got}): "
+                "the search trusted real trials")
+        return _with_notes(_run_search(runner, **kw), [note])
+    ratio = first_trial.peak_bytes / expected
+    capacity = kw["capacity"]
+    corrected = Fit(fit.intercept_bytes * ratio, fit.bytes_per_sample * ratio, fit.r2, fit.points)
+    # as far under the capacity as the plan was off at b1: an exact plan goes to the planned maximum
+    top = corrected.largest_under(capacity * (1 - abs(ratio - 1))) or b1
+    for bound in (plan.max_batch_size, kw["max_size"], kw["dataset_size"]):
+        if bound is not None:
+            top = min(top, bound)
+    largest = b1
+    how = (f"batch {b1} measured {format_bytes(first_trial.peak_bytes)} against {format_bytes(expected)} "
+           f"planned ({ratio - 1:+.1%})")
+    if top > b1:
+        second = runner(top)
+        real.append(second)
+        if second.oom or not second.peak_bytes:
+            how += f"; batch {top} ran out of memory"
+        else:
+            largest = top
+            how += (f"; batch {top} measured {format_bytes(second.peak_bytes)} against "
+                    f"{format_bytes(corrected.predict(top))}")
+    import dataclasses
+
+    verified = [dataclasses.replace(t, planned=False) for t in real]
+    reason = (f"planned on fake tensors ({len(plan.trials)} planned trials), verified by {len(real)} real "
+              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {kw['margin']:.0%} margin")
+    return dataclasses.replace(
+        plan, trials=(*plan.trials, *verified), max_batch_size=largest, recommended_batch_size=b1, fit=corrected,
+        predicted_peak_bytes=first_trial.peak_bytes, reason=reason,
+    )
+
+
 def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
     import dataclasses
 
@@ -466,6 +550,10 @@ def find_batch(
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
     progress: bool | Callable[[Trial, int], None] = True,
+    dry_run: bool = False,
+    gpu: str | None = None,
+    namespace: MutableMapping[str, Any] | None = None,
+    plan_first: bool = True,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -476,9 +564,33 @@ def find_batch(
 
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
+
+    ``dry_run=True`` plans every trial on fake tensors (see :func:`gpumagic.track`); objects made
+    before are read from ``namespace`` (default: the caller's module globals). ``gpu``: a catalog
+    GPU whose usable memory is the capacity (with or without a dry run). ``plan_first``: a real
+    search first plans on fake tensors and spends real trials only to verify the plan (two when
+    it agrees within 3%; otherwise real trials decide, and the result says so).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if dry_run:
+        if device is not None and not isinstance(device, str):
+            raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+        ns = namespace if namespace is not None else sys._getframe(1).f_globals
+        plan, capacity = _plan(device, gpu, budget, ns)
+        snapshot = StateSnapshot.take([])
+        runner = TrialRunner(trial_fn, device=torch.device("cpu"), budget=None, steps=steps, snapshot=snapshot,
+                             has_optimizer=True, observed=_Observed(), plan=plan)
+        try:
+            return _planned(_run_search(
+                runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+                dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
+                objects=[], current=None, progress=progress, notes=[],
+            ), plan)
+        finally:
+            snapshot.restore()
+    if gpu is not None:
+        budget = _gpu_budget(gpu, budget)
     backend, dev = resolve(device)
     bud = resolve_budget(budget)
     capacity, tracker_budget, note = _capacity(backend, dev, bud)
@@ -490,14 +602,54 @@ def find_batch(
         trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
         has_optimizer=has_opt, observed=observed,
     )
+    plan_runner = None
+    if plan_first and dev.type in ("cpu", "cuda"):
+        # the trial function reaches its objects through a closure: their tensors are swapped in place
+        plan_runner = TrialRunner(
+            trial_fn, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
+            observed=_Observed(), plan={"namespace": None, "device": dev.type, "gpu": None, "budget": capacity,
+                                        "capacity": capacity, "objects": objects},
+        )
     try:
-        return _run_search(
-            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+        return _search_planned_first(
+            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
     finally:
         snapshot.restore()
+
+
+def _gpu_budget(gpu: str, budget: str | int | None) -> int:
+    from gpumagic.gpus import lookup
+
+    if budget is not None:
+        raise ValueError("give either a GPU (--gpu) or a budget (--budget), not both")
+    return lookup(gpu).capacity_bytes
+
+
+def _plan(device: str | None, gpu: str | None, budget: str | int | None,
+          namespace: MutableMapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """Settings of a planned search and its capacity; ValueError when no capacity is known."""
+    from gpumagic.dryrun import plan_target
+
+    kind, g, capacity = plan_target(device, gpu, resolve_budget(budget))
+    if capacity is None:
+        raise ValueError("a planned search needs a capacity: --gpu NAME (e.g. --gpu T4) or --budget SIZE")
+    plan = {"namespace": namespace, "device": device if device is not None else kind, "gpu": g,
+            "budget": resolve_budget(budget), "capacity": capacity}
+    return plan, capacity
+
+
+def _planned(result: BatchSearchResult, plan: dict[str, Any]) -> BatchSearchResult:
+    import dataclasses
+
+    g = plan["gpu"]
+    target = f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+    note = (f"planned on fake tensors for {target}: no trial ran on a device; each trial's peak is a prediction "
+            "and 'OOM' means the plan exceeds the capacity")
+    reason = result.reason.replace(" ran out of memory", " would not fit").replace(" ran (", " planned (")
+    return dataclasses.replace(result, dry_run=True, device=target, reason=reason, notes=(note, *result.notes))
 
 
 def _rebuild_loader(loader: Any, b: int) -> Any:
@@ -548,15 +700,25 @@ def find_batch_in_namespace(
     pick: Pick,
     effective: int | None,
     progress: bool | Callable[[Trial, int], None] = True,
+    dry_run: bool = False,
+    gpu: str | None = None,
 ) -> BatchSearchResult:
     """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
     ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
-    default device."""
+    default device. ``dry_run``: every trial planned on fake tensors; ``gpu``: a catalog GPU."""
     _check_namespace_options(ns, var, loader, steps)
+    plan: dict[str, Any] | None = None
     try:
-        backend, dev = resolve(device, hints if device is None else ())
-        bud = resolve_budget(budget)
-        capacity, tracker_budget, note = _capacity(backend, dev, bud)
+        if dry_run:
+            plan, capacity = _plan(device, gpu, budget, ns)
+            backend, dev = resolve("cpu")
+            tracker_budget, note = None, None
+        else:
+            if gpu is not None:
+                budget = str(_gpu_budget(gpu, budget))
+            backend, dev = resolve(device, hints if device is None else ())
+            bud = resolve_budget(budget)
+            capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None
     notes = [note] if note else []
@@ -581,13 +743,21 @@ def find_batch_in_namespace(
 
     dataset_size, drop_last = _loader_facts(original_loader)
     runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=_Observed())
+                         has_optimizer=has_opt, observed=_Observed(), plan=plan)
+    plan_runner = None
+    if plan is None and dev.type in ("cpu", "cuda"):
+        plan_runner = TrialRunner(
+            body, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
+            observed=_Observed(), plan={"namespace": ns, "device": dev.type, "gpu": None, "budget": capacity,
+                                        "capacity": capacity},
+        )
     try:
-        return _run_search(
-            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+        result = _search_planned_first(
+            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             objects=objects, current=current_b, progress=progress, notes=notes,
         )
+        return _planned(result, plan) if plan is not None else result
     finally:
         snapshot.restore()
 

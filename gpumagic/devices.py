@@ -133,6 +133,8 @@ def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
         return 0
     try:
         st = t.untyped_storage()
+        if st.device.type == "meta":  # a fake tensor (a dry run's): no memory
+            return 0
         key = st.data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # fake, functional, sparse tensors
         return 0

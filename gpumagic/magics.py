@@ -386,6 +386,20 @@ class GPUMagics(Magics):
         "--free", action="store_true",
         help="Line magic only: gc.collect() + empty_cache(), then show the device and the names still holding memory.",
     )
+    @magic_arguments.argument(
+        "--dry-run", action="store_true",
+        help="Plan instead of measuring: run the cell on fake tensors (no data, no compute, no GPU needed), "
+        "stop after --steps optimizer steps and report the predicted peak, breakdown and, on cuda, reserved memory.",
+    )
+    @magic_arguments.argument(
+        "--gpu", default=None,
+        help="A GPU from the catalog (T4, L4, A10G, V100-16GB, V100-32GB, A100-40GB, A100-80GB, H100-80GB, H200, "
+        "RTX-3090, RTX-4090): with --dry-run, plan for it; without, its usable memory is the budget.",
+    )
+    @magic_arguments.argument(
+        "--steps", type=int, default=3,
+        help="With --dry-run: optimizer steps planned before the cell stops (default 3).",
+    )
     @no_var_expand
     @line_cell_magic
     def gpumem(self, line: str = "", cell: str | None = None) -> Any:
@@ -410,6 +424,9 @@ class GPUMagics(Magics):
             %%gpumem -d cpu --budget 64MiB -o
             train()
 
+            %%gpumem --dry-run --gpu T4      # a plan on fake tensors: will it fit a T4?
+            train()
+
             %gpumem            # the device now
             %gpumem --free     # free cached memory and list what still holds some
         """
@@ -417,6 +434,10 @@ class GPUMagics(Magics):
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
+        if cell is not None and (args.dry_run or args.gpu is not None):
+            return self._gpumem_planned(args, cell)
+        if args.steps != 3:
+            raise UsageError("--steps applies to %%gpumem --dry-run")
         try:
             backend, device = resolve(args.device, hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget)
@@ -455,6 +476,51 @@ class GPUMagics(Magics):
         if args.output:
             return report
         return value
+
+    def _gpumem_planned(self, args: Any, cell: str) -> Any:
+        """%%gpumem --dry-run, or --gpu NAME as a budget."""
+        from gpumagic._track import track
+        from gpumagic.dryrun import DryRunError
+
+        if not cell.strip():
+            raise UsageError("%%gpumem needs a cell body to run")
+        if args.free:
+            raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        try:
+            if args.dry_run:
+                tracker = track(args.device, args.budget, dry_run=True, gpu=args.gpu, steps=args.steps,
+                                namespace=self.shell.user_ns)
+            else:
+                if args.budget is not None:
+                    raise ValueError("give either --gpu or --budget, not both")
+                from gpumagic.devices import resolve_device
+
+                device = resolve_device(args.device, hints(self.shell.user_ns) if args.device is None else ())
+                tracker = track(device, gpu=args.gpu)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            with tracker:
+                value = run_cell_source(self.shell, cell)
+        except DryRunError:
+            raise
+        except BaseException as exc:
+            report = getattr(tracker, "_report", None)
+            if not (isinstance(exc, Exception) and self.presenter.present(
+                exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
+            )) and report is not None and not args.quiet:
+                display(report)
+            raise
+        report = tracker.report
+        if not report.dry_run:
+            self.presenter.last_report = report
+        if not args.quiet:
+            display(report)
+        if args.output:
+            return report
+        return None if report.dry_run else value
 
     # -- %find_batch / %%find_batch ----------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -495,6 +561,15 @@ class GPUMagics(Magics):
         help="Target effective batch: returns the micro-batch and gradient-accumulation steps that reach it, "
         "with the learning-rate rule.",
     )
+    @magic_arguments.argument(
+        "--dry-run", action="store_true",
+        help="Plan every trial on fake tensors (no data, no compute, no GPU needed); needs --gpu or --budget "
+        "on a machine without that device. The result says 'planned'.",
+    )
+    @magic_arguments.argument(
+        "--gpu", default=None,
+        help="A GPU from the catalog (see %%%%gpumem): its usable memory is the capacity searched against.",
+    )
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
     @magic_arguments.argument(
         "-q", "--quiet", action="store_true", help="Do not display the result nor the progress of the trials."
@@ -515,6 +590,10 @@ class GPUMagics(Magics):
         the plain values the code changed in the namespace are restored afterwards (files the
         code writes are not). Shows memory versus batch size with the fitted line and the pick.
 
+        On cpu and cuda the search first plans the memory curve on fake tensors (no device
+        memory) and spends real trials only to verify the plan: two when it agrees within 3%;
+        otherwise real trials decide and the result says so. --dry-run plans every trial.
+
         Examples::
 
             %%find_batch --var batch_size --budget 24GiB
@@ -525,6 +604,7 @@ class GPUMagics(Magics):
 
             %find_batch --loader train_loader -- train(model, train_loader)
             %find_batch --var bs --effective 1024 -- train(model, make_loader(bs))
+            %find_batch --dry-run --gpu T4 --var bs -- train(model, make_loader(bs))
         """
         args = _parse(self.find_batch, line)
         from gpumagic import batch
@@ -546,7 +626,7 @@ class GPUMagics(Magics):
                     self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                     start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
                     margin=args.margin, pick=args.pick, effective=args.effective,
-                    progress=progress,
+                    progress=progress, dry_run=args.dry_run, gpu=args.gpu,
                 )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None

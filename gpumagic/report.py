@@ -121,6 +121,8 @@ class MemoryReport:
     error: str | None = None
     """``"OutOfMemoryError: ..."`` when the block raised; the report is then partial."""
     notes: tuple[str, ...] = field(default=())
+    dry_run: bool = False
+    """A plan made on fake tensors (``--dry-run``), not a measurement: no losses, figures predicted."""
 
     @property
     def losses(self) -> tuple[float, ...]:
@@ -171,11 +173,12 @@ class MemoryReport:
         return " ".join(parts)
 
     def __repr__(self) -> str:
-        return f"<MemoryReport {self.summary()}>"
+        return f"<MemoryReport {'PLAN (dry run) ' if self.dry_run else ''}{self.summary()}>"
 
     def _rows(self) -> list[tuple[str, str]]:
         cap = self.budget_bytes or self.capacity_bytes
-        rows = [
+        rows = [("kind", "plan: a dry run on fake tensors, not a measurement")] if self.dry_run else []
+        rows += [
             ("device", f"{self.device} ({self.backend})"),
             ("baseline", format_bytes(self.baseline_bytes)),
             ("peak", f"{format_bytes(self.peak_bytes)} ({format_bytes(self.peak_delta_bytes, signed=True)})"),
@@ -183,7 +186,8 @@ class MemoryReport:
                     f"({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
         ]
         if self.reserved_peak_bytes is not None:
-            rows.append(("peak reserved", format_bytes(self.reserved_peak_bytes)))
+            rows.append(("peak reserved" + (" (predicted)" if self.dry_run else ""),
+                         format_bytes(self.reserved_peak_bytes)))
         if cap is not None:
             label = "budget (simulated capacity)" if self.budget_bytes else "capacity"
             rows.append((label, f"{format_bytes(cap)} ({100 * self.peak_bytes / cap:.1f}% used at peak)"))
@@ -217,14 +221,17 @@ class MemoryReport:
 
     def to_text(self) -> str:
         """The report as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table("gpumagic memory report", self._rows())
+        return _text_table(self._title(), self._rows())
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
         p.text(memory_report_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
-        return html_table("gpumagic memory report", self._rows())
+        return html_table(self._title(), self._rows())
+
+    def _title(self) -> str:
+        return "gpumagic memory plan (dry run)" if self.dry_run else "gpumagic memory report"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return mimebundle(self, include, exclude)
@@ -241,6 +248,8 @@ class Trial:
     seconds: float
     steps: int = 0
     """Optimizer steps (or backward calls without an optimizer) the trial completed."""
+    planned: bool = False
+    """A dry run on fake tensors: ``peak_bytes`` is predicted, and ``oom`` means it would not fit."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +300,8 @@ class BatchSearchResult:
     dataset_size: int | None = None
     device: str = "cpu"
     notes: tuple[str, ...] = ()
+    dry_run: bool = False
+    """Every trial was planned on fake tensors (``--dry-run``): sizes and peaks are predictions."""
 
     @property
     def oom_count(self) -> int:
@@ -306,6 +317,12 @@ class BatchSearchResult:
     def __repr__(self) -> str:
         rec = self.recommended_batch_size
         acc = f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1 else ""
+        if self.dry_run:
+            return (
+                f"<BatchSearchResult PLANNED (dry run) recommended {rec}{acc} (largest planned to fit "
+                f"{self.max_batch_size}); {len(self.trials)} planned trials, {self.oom_count} over capacity; "
+                f"{self.reason}>"
+            )
         return (
             f"<BatchSearchResult recommended {rec}{acc} (max that ran {self.max_batch_size}); "
             f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
@@ -316,9 +333,11 @@ class BatchSearchResult:
             ("recommended", str(self.recommended_batch_size)
              + (f" × {self.accumulation_steps} accumulation steps = {self.effective_batch_size}"
                 if self.effective_batch_size else "")),
-            ("largest that ran", str(self.max_batch_size)),
+            ("largest planned to fit" if self.dry_run else "largest that ran", str(self.max_batch_size)),
             ("why", self.reason),
         ]
+        if self.dry_run:
+            rows.insert(0, ("kind", "planned: every trial a dry run on fake tensors, not a measurement"))
         if self.lr_note:
             rows.append(("learning rate", self.lr_note))
         if self.capacity_bytes is not None:
@@ -329,6 +348,12 @@ class BatchSearchResult:
             rows.append(("fit", self.fit.describe()))
         for t in self.trials:
             sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
+            if t.planned:
+                rows.append((
+                    f"planned b={t.batch_size}",
+                    "would not fit" if t.oom else f"planned peak {format_bytes(t.peak_bytes)}",
+                ))
+                continue
             rows.append((
                 f"trial b={t.batch_size}",
                 "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{sps}",
@@ -338,14 +363,17 @@ class BatchSearchResult:
 
     def to_text(self) -> str:
         """The result as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table("gpumagic batch-size search", self._rows())
+        return _text_table(self._title(), self._rows())
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """IPython's plain-text display (a terminal): the pick, then the trials with the pick marked."""
         p.text(search_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
-        return html_table("gpumagic batch-size search", self._rows())
+        return html_table(self._title(), self._rows())
+
+    def _title(self) -> str:
+        return "gpumagic batch-size plan (dry run)" if self.dry_run else "gpumagic batch-size search"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return mimebundle(self, include, exclude)

@@ -279,7 +279,7 @@ class Tracker:
         self._reset_state()
         session = self._given_session
         if session is None:
-            session = self.backend.open_session(self.device, self.budget, self._exclude)
+            session = self._open_session()
         self._session = session
         self._records = _Records(self._max_records)
         _ACTIVE.append(self)
@@ -317,6 +317,14 @@ class Tracker:
         self._breakdown: MemoryBreakdown | None = None
         self._baseline = 0
         self._notes: list[str] = []
+
+    def _open_session(self) -> MemorySession:
+        """The measuring session; a dry run (:mod:`gpumagic.dryrun`) gives one over fake tensors."""
+        return self.backend.open_session(self.device, self.budget, self._exclude)
+
+    def _nbytes(self, t: Any, seen: set[int]) -> int:
+        """Bytes of ``t``'s storage on the measured device, once per storage (``seen``)."""
+        return storage_bytes(t, self.device, seen)
 
     def _install(self) -> None:
         import torch.optim.optimizer as optmod
@@ -501,7 +509,7 @@ class Tracker:
         seen: set[int] = set()
 
         def nbytes(t: Any) -> int:
-            return storage_bytes(t, self.device, seen)
+            return self._nbytes(t, seen)
 
         params = grads = state = 0
         for opt in list(self._optimizers):

@@ -236,7 +236,8 @@ def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
     lines = [f"batch size {b}" + (" (recommended)" if b == result.recommended_batch_size else "")]
     predicted = _predicted_peak(result, b)
     ran = {t.batch_size: t for t in _measured(result)}
-    measured = f" (measured {format_bytes(ran[b].peak_bytes)})" if b in ran else ""
+    how = "planned" if b in ran and ran[b].planned else "measured"
+    measured = f" ({how} {format_bytes(ran[b].peak_bytes)})" if b in ran else ""
     if predicted is None:
         sizes = sorted(ran)
         where = f", outside the measured sizes {sizes[0]}–{sizes[-1]}" if sizes else ""
@@ -296,7 +297,10 @@ class _SearchPlot:
         x_right = max([t.batch_size for t in result.trials] + [rec or 1]) * 1.05
         ax.set_xlim(0, x_right)
         ax.set_ylim(0, top * 1.1 / self.scale)
-        ax.set_title(f"Peak memory versus batch size on {result.device}", loc="left", fontsize=11)
+        title = f"Peak memory versus batch size on {result.device}"
+        if result.dry_run:
+            title = f"PLANNED peak memory versus batch size for {result.device} (dry run)"
+        ax.set_title(title, loc="left", fontsize=11)
 
         self._draw_fit(x_right)
         self._draw_trials(ran, top, rec, rec_peak)
@@ -341,17 +345,27 @@ class _SearchPlot:
                            label=f"capacity − {result.margin:.0%} margin")
 
     def _draw_trials(self, ran: list[Trial], top: int, rec: int | None, rec_peak: int | None) -> None:
-        """The measured peaks, the trials that ran out of memory and the recommendation."""
+        """The measured (and planned) peaks, the trials that ran out of memory and the recommendation."""
         result, ax, scale = self.result, self.ax, self.scale
         trials, cap = result.trials, result.capacity_bytes
-        if ran:
-            ax.plot([t.batch_size for t in ran], [(t.peak_bytes or 0) / scale for t in ran], "o",
+        measured = [t for t in ran if not t.planned]
+        planned = [t for t in ran if t.planned]
+        if measured:
+            ax.plot([t.batch_size for t in measured], [(t.peak_bytes or 0) / scale for t in measured], "o",
                     color=_BLUE, ms=5, label="trial: peak measured", zorder=3)
-        ooms = [t.batch_size for t in trials if t.oom]
+        if planned:  # a plan is not a measurement: hollow diamonds
+            ax.plot([t.batch_size for t in planned], [(t.peak_bytes or 0) / scale for t in planned], "D",
+                    color=_BLUE, mfc="none", ms=6, mew=1.5, label="planned (dry run): peak predicted", zorder=3)
+        ooms = [t.batch_size for t in trials if t.oom and not t.planned]
         if ooms:
             y_oom = (cap if cap is not None else top) / scale
             ax.plot(ooms, [y_oom] * len(ooms), "x", color=_RED, ms=8, mew=2, label="trial: out of memory",
                     zorder=4)
+        too_big = [t.batch_size for t in trials if t.oom and t.planned]
+        if too_big:
+            y_oom = (cap if cap is not None else top) / scale
+            ax.plot(too_big, [y_oom] * len(too_big), "D", color=_RED, mfc="none", ms=7, mew=1.5,
+                    label="planned: would not fit", zorder=4)
         if rec is not None:
             ax.axvline(rec, color=_GREEN, lw=1.2, ls=":")
             if rec_peak is not None:

@@ -62,6 +62,8 @@ def live_storages(device_type: str = "cpu", exclude: Iterable[int] = ()) -> dict
             if t.device.type != device_type or t.layout != torch.strided:
                 continue
             st = t.untyped_storage()
+            if st.device.type != device_type:  # a fake tensor (a dry run's): its storage is meta, no memory
+                continue
             key = st.data_ptr()
         except Exception:  # sparse, fake and functional tensors, exotic subclasses
             continue
