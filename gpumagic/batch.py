@@ -71,7 +71,9 @@ def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
             with contextlib.suppress(RuntimeError, NotImplementedError):
-                out.add(obj.untyped_storage().data_ptr())
+                st = obj.untyped_storage()
+                if st.device.type == "cpu":  # not a fake tensor's (meta) storage
+                    out.add(st.data_ptr())
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensor_keys(v, out)

@@ -42,6 +42,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import math
 import random
 import sys
@@ -949,6 +950,9 @@ class DryTracker(Tracker):
                 self._dry_undo.pop()()
             except BaseException as e:
                 errors.append(e)
+        # the fake copies live in reference cycles: collect them now, or a later scan of live
+        # objects (find_batch's optimizer discovery) would find fake optimizers and models
+        gc.collect()
         if errors:
             raise errors[0]
 
