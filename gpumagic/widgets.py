@@ -22,7 +22,7 @@ import html
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpumagic._batchmath import interpolate, lr_note
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DPI",
     "MAX_DRAWN_POINTS",
+    "advice_widget",
     "envelope",
     "figure_png",
     "memory_figure",
@@ -436,6 +437,33 @@ def _search_panel(result: BatchSearchResult, plot: _SearchPlot, png: bytes) -> A
     box = w.VBox([image, slider, readout])
     box.add_class("gpumagic-search")
     box.image, box.slider, box.readout, box.result, box.plot = image, slider, readout, result, plot
+    return box
+
+
+def advice_widget(advice: Any, run: Callable[[str], Any]) -> Any:
+    """An ``ipywidgets.VBox`` showing out-of-memory advice, with a button (``.button``) that runs
+    the first measuring command in place (``run(code)``, its output in ``.output``); ``None``
+    when the advice has no command to run. The text form (``advice.text()``) works without it.
+    """
+    code = next((s.code for s in advice.suggestions if s.kind == "measure" and s.code), None)
+    if code is None:
+        return None
+    import ipywidgets as w
+
+    body = w.HTML(value=advice._repr_html_())
+    button = w.Button(description="Measure the batch size that fits", icon="play",
+                      tooltip=code, layout=w.Layout(width="auto"))
+    output = w.Output()
+
+    def on_click(_: Any) -> None:
+        button.disabled = True
+        with output:
+            run(code)
+
+    button.on_click(on_click)
+    box = w.VBox([body, button, output])
+    box.add_class("gpumagic-oom")
+    box.button, box.output, box.code = button, output, code
     return box
 
 
