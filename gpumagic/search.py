@@ -753,6 +753,12 @@ def _result(
     else:
         predicted = _interpolate_at(s.fit_points(lim.largest), rec)
     why = f"{why}; {_evidence(s, lim.largest, final_fit if lim.affine else None)}"
+    if lim.affine and lim.fit is not None and final_fit is not None and final_fit != lim.fit:
+        s.notes.append(
+            f"two lines: the pick above is by the line over every size that ran ({lim.fit.describe()}); "
+            f"`fit` is the line over the sizes past the bend ({final_fit.describe()}), where the batch "
+            "sets the peak rather than a flat part such as the optimizer step: it predicts the peaks near the capacity"
+        )
     _data_notes(s, lim.largest, rec, current, effective)
 
     return BatchSearchResult(
