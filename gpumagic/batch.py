@@ -40,7 +40,10 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         from gpumagic import oom
 
-        return oom.parse(exc) is not None
+        try:
+            return oom.parse(exc) is not None
+        except Exception:  # an exception that cannot be read (its __str__ raises) is the user's
+            return False
     return False
 
 
@@ -570,7 +573,7 @@ def find_batch_in_shell(
         raise BadOptions(f"--steps must be >= 1, got {steps}")
     try:
         dev = resolve_device(device, _hints(ns) if device is None else ())
-        bud = resolve_budget(budget)
+        bud = resolve_budget(budget, name="--budget")
         capacity, tracker_budget, note = _capacity(dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None

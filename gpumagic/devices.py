@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gpumagic._tensors import is_fake, storages
 from gpumagic._units import parse_size
 from gpumagic.backends import MemorySession
 from gpumagic.report import DeviceStatus, ProcessMemory
@@ -44,14 +45,22 @@ def _mps_ok() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def _device_of(obj: Any) -> torch.device | None:
+def _device_of(obj: Any, measurable_only: bool = False) -> torch.device | None:
+    """The device of a tensor or model; with ``measurable_only``, meta and fake tensors (no memory
+    on any device: shapes for tracing, a model not yet materialised) say nothing."""
+
+    def ok(t: torch.Tensor) -> bool:
+        return not measurable_only or (_DEVICE_RE.match(t.device.type) is not None and not is_fake(t))
+
     if isinstance(obj, torch.Tensor):
-        return obj.device
+        return obj.device if ok(obj) else None
     if isinstance(obj, torch.nn.Module):
         for p in obj.parameters():
-            return p.device
+            if ok(p):
+                return p.device
         for b in obj.buffers():
-            return b.device
+            if ok(b):
+                return b.device
     return None
 
 
@@ -60,8 +69,8 @@ def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torc
 
     ``device`` may be a string ("cpu", "cuda", "cuda:1", "mps"), a ``torch.device``, or a
     model/tensor whose device is used. Without one, the device of the first model or tensor in
-    ``hints`` that is not on the CPU wins; then CPU if hints were all on the CPU; then cuda if
-    available, else mps, else cpu.
+    ``hints`` that is not on the CPU wins (meta and fake tensors are ignored); then CPU if hints
+    were all on the CPU; then cuda if available, else mps, else cpu.
 
     >>> resolve_device("cpu")
     device(type='cpu')
@@ -72,7 +81,7 @@ def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torc
     if device is None:
         seen_cpu = False
         for h in hints:
-            d = _device_of(h)
+            d = _device_of(h, measurable_only=True)
             if d is None:
                 continue
             if d.type != "cpu":
@@ -102,8 +111,9 @@ def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torc
     return torch.device("cpu")
 
 
-def resolve_budget(budget: str | int | None) -> int | None:
-    return None if budget is None else parse_size(budget, name="budget")
+def resolve_budget(budget: str | int | None, name: str = "budget") -> int | None:
+    """Bytes of a budget given as "2GiB", "800MB" or bytes; ``name`` is what error messages call it."""
+    return None if budget is None else parse_size(budget, name=name)
 
 
 def open_session(device: torch.device, budget: int | None = None, exclude: Iterable[int] = ()) -> MemorySession:
@@ -122,20 +132,24 @@ def open_session(device: torch.device, budget: int | None = None, exclude: Itera
 
 
 def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
-    """Bytes of ``t``'s storage if it is a tensor on ``device`` not in ``seen`` (then added), else 0."""
+    """Bytes of the buffers of ``t`` (a tensor on ``device``) not in ``seen`` (then added), else 0.
+
+    Sparse tensors count their indices and values; fake and unreadable (opaque) tensors count 0.
+    """
     if not isinstance(t, torch.Tensor):
         return 0
-    if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
-        return 0
     try:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # fake, functional, sparse tensors
+        if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
+            return 0
+        parts = storages(t)
+    except Exception:  # a subclass whose attributes raise
         return 0
-    if not key or key in seen:
-        return 0
-    seen.add(key)
-    return int(st.nbytes())
+    n = 0
+    for key, st in parts or ():
+        if key not in seen:
+            seen.add(key)
+            n += int(st.nbytes())
+    return n
 
 
 def _tensors_in(value: Any, depth: int = 0) -> Iterable[torch.Tensor]:

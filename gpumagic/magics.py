@@ -275,6 +275,13 @@ class OOMHandler:
 # the magics
 
 
+def _asks_for_help(line: str) -> bool:
+    """``-h`` / ``--help`` among the options (not in a statement after ``--``)."""
+    words = line.split()
+    options = words[: words.index("--")] if "--" in words else words
+    return "-h" in options or "--help" in options
+
+
 def _parse(fn: Any, line: str) -> Any:
     try:
         return magic_arguments.parse_argstring(fn, line)
@@ -343,13 +350,16 @@ class GPUMagics(Magics):
             %gpumem            # the device now
             %gpumem --free     # free cached memory and list what still holds some
         """
+        if _asks_for_help(line):  # as `%gpumem?` / `%%gpumem?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
+            return None
         args = _parse(self.gpumem, line)
         from gpumagic.devices import device_status, free_memory, resolve_budget, resolve_device
 
         ns = self.shell.user_ns
         try:
             device = resolve_device(args.device, _hints(ns) if args.device is None else ())
-            budget = resolve_budget(args.budget)
+            budget = resolve_budget(args.budget, name="--budget")
         except ValueError as e:
             raise UsageError(str(e)) from None
         if cell is None:
@@ -372,9 +382,13 @@ class GPUMagics(Magics):
                 value = run_cell_source(self.shell, cell)
         except BaseException as exc:
             report = getattr(tracker, "_report", None)
-            if not (isinstance(exc, Exception) and self.presenter.present(
-                exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
-            )) and report is not None and not args.quiet:
+            try:
+                shown = isinstance(exc, Exception) and self.presenter.present(
+                    exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
+                )
+            except Exception:  # advice must never replace the user's exception
+                shown = False
+            if not shown and report is not None and not args.quiet:
                 display(report)
             raise
         report = tracker.report
@@ -453,6 +467,9 @@ class GPUMagics(Magics):
             %find_batch --loader train_loader -- train(model, train_loader)
             %find_batch --var bs --effective 1024 -- train(model, make_loader(bs))
         """
+        if _asks_for_help(line):  # as `%find_batch?` / `%%find_batch?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%find_batch" if cell is not None else "%find_batch")
+            return None
         args = _parse(self.find_batch, line)
         from gpumagic import batch
 
@@ -499,6 +516,9 @@ class GPUMagics(Magics):
             %gpumon --sidebar        # in JupyterLab's right sidebar
             %gpumon --stop
         """
+        if _asks_for_help(line):  # as `%gpumon?` does
+            self.shell.run_line_magic("pinfo", "%gpumon")
+            return None
         args = _parse(self.gpumon, line)
         from gpumagic import monitor
 

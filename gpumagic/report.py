@@ -65,9 +65,11 @@ def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> di
     bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
     try:
         from gpumagic.widgets import rich_bundle  # lazy: the one edge from the core to the renderers
-    except ImportError:  # a broken or partial install: text and HTML still show
-        return bundle
-    bundle.update(rich_bundle(obj, kind))
+
+        rich = rich_bundle(obj, kind)
+    except Exception:  # a broken install or a renderer's failure: text and HTML still show
+        rich = {}
+    bundle.update(rich)
     if include:
         bundle = {k: v for k, v in bundle.items() if k in include}
     if exclude:
@@ -130,6 +132,9 @@ class MemoryReport:
     error: str | None = None
     """``"OutOfMemoryError: ..."`` when the block raised; the report is then partial."""
     notes: tuple[str, ...] = field(default=())
+    incomplete: str | None = None
+    """Why the figures may miss something: an internal failure of the measurement (a hook, the
+    tracker), which gpumagic kept out of the user's code. ``None`` when the measurement is whole."""
 
     @property
     def losses(self) -> tuple[float, ...]:
@@ -177,6 +182,8 @@ class MemoryReport:
         parts.append(f"· {_seconds(self.wall_seconds)}")
         if self.error:
             parts.append(f"· stopped by {self.error.split(':')[0]}")
+        if self.incomplete:
+            parts.append("· incomplete")
         return " ".join(parts)
 
     def __repr__(self) -> str:
@@ -221,6 +228,8 @@ class MemoryReport:
         rows.append(("wall time", _seconds(self.wall_seconds)))
         if self.error:
             rows.append(("stopped by", self.error))
+        if self.incomplete:
+            rows.append(("incomplete", self.incomplete))
         rows.extend(("note", n) for n in self.notes)
         return rows
 

@@ -18,6 +18,7 @@ stay on the device and are converted in chunks, so recording adds no host-device
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -28,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from gpumagic._safe import describe
+from gpumagic._tensors import is_fake
 from gpumagic.backends import MemorySession
 from gpumagic.devices import DeviceLike, open_session, resolve_budget, resolve_device
 from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
@@ -259,9 +262,18 @@ class Tracker:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
         try:
-            self._finish(ev)
+            try:
+                self._finish(ev)
+            except Exception as e:  # never replace the user's exception, nor fail their cell
+                self._fault("making the report", e)
+                self._report = self._fallback_report(ev)
         finally:
-            self._teardown()
+            try:
+                self._teardown()
+            except Exception as e:
+                self._fault("removing the hooks", e)
+                if self._report is not None:
+                    self._report = dataclasses.replace(self._report, incomplete=self._incomplete)
         return False
 
     # -- setup / teardown ------------------------------------------------------------------
@@ -280,6 +292,7 @@ class Tracker:
         self._breakdown: MemoryBreakdown | None = None
         self._baseline = 0
         self._notes: list[str] = []
+        self._incomplete: str | None = None
 
     def _install(self) -> None:
         import torch.optim.optimizer as optmod
@@ -324,9 +337,15 @@ class Tracker:
         tracker = self
 
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            tracker._backward_begin(tensors)
+            try:
+                tracker._backward_begin(tensors)
+            except Exception as e:
+                tracker._fault("the backward hook", e)
             result = original(tensors, *args, **kwargs)
-            tracker._backward_end()
+            try:
+                tracker._backward_end()
+            except Exception as e:  # StopTrial is a BaseException: it passes
+                tracker._fault("the backward hook", e)
             return result
 
         backward.__wrapped__ = original  # type: ignore[attr-defined]
@@ -338,11 +357,14 @@ class Tracker:
 
         def __next__(it: Any) -> Any:
             batch = original(it)
-            t = _first_tensor(batch)
-            size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
-            tracker._last_batch = size
-            if tracker.on_batch is not None:
-                tracker.on_batch(it, size)
+            try:
+                t = _first_tensor(batch)
+                size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+                tracker._last_batch = size
+                if tracker.on_batch is not None:
+                    tracker.on_batch(it, size)
+            except Exception as e:
+                tracker._fault("the DataLoader hook", e)
             return batch
 
         return __next__
@@ -369,7 +391,10 @@ class Tracker:
                 tracker._scaler_step_depth -= 1
             if not tracker._scaler_stepped and tracker._scaler_step_depth == 0:
                 # inf/NaN gradients: the scaler skipped optimizer.step(), but the user's step happened
-                tracker._end_step(optimizer)
+                try:
+                    tracker._end_step(optimizer)
+                except Exception as e:
+                    tracker._fault("the GradScaler hook", e)
             return result
 
         return step
@@ -384,6 +409,8 @@ class Tracker:
         unscaled = getattr(t, "_gpumagic_unscaled", None)
         if isinstance(unscaled, torch.Tensor) and unscaled.numel() == 1:
             t = unscaled
+        if t.is_meta or is_fake(t):
+            return _Root(None, None, self._last_batch)  # a traced step: there is no value to read
         divisor = _divisor(t)
         value: Any = t.detach().item() if t.device.type == "cpu" else t.detach()
         return _Root(value, divisor, self._last_batch)
@@ -409,7 +436,7 @@ class Tracker:
             now = time.perf_counter()
             roots = self._pending[-1:]
             self._record(roots, w, now - self._t_last_backward)
-            self._t_last_backward = now
+            self._t_last_backward = time.perf_counter()  # the recording itself is no step's time
             if self._stop_backwards is not None and self._backwards >= self._stop_backwards:
                 raise StopTrial(f"{self._backwards} backward calls")
 
@@ -421,7 +448,15 @@ class Tracker:
         if self._scaler_step_depth:
             self._scaler_stepped = True
         if self._depth == 0:
-            self._end_step(optimizer)
+            try:
+                self._end_step(optimizer)
+            except Exception as e:  # StopTrial is a BaseException: it passes
+                self._fault("the optimizer step hook", e)
+
+    def _fault(self, where: str, e: Exception) -> None:
+        """An error of ours: the report says it is incomplete, the user's code goes on."""
+        if self._incomplete is None:
+            self._incomplete = f"{where} failed: {describe(e)}"
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None
@@ -434,11 +469,11 @@ class Tracker:
         peak = max(self._acc_peak, self._session.take_window_peak())
         self._acc_peak = 0
         rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step)
-        self._t_last_step = now
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
             self._best_peak = peak
             self._breakdown = self._breakdown_at(peak, rec.index)
+        self._t_last_step = time.perf_counter()  # recording, merging and the breakdown are no step's time
         if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
             raise StopTrial(f"{self._opt_steps} optimizer steps")
 
@@ -499,7 +534,8 @@ class Tracker:
             notes.append(compiled)
         err = None
         if error is not None and not isinstance(error, StopTrial):
-            err = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+            err = describe(error)
+        incomplete = self._incomplete or getattr(session, "incomplete", None)
         self._report = MemoryReport(
             backend=session.backend,
             device=session.device,
@@ -516,6 +552,29 @@ class Tracker:
             total_steps=self._records.total,
             error=err,
             notes=tuple(notes),
+            incomplete=incomplete,
+        )
+
+    def _fallback_report(self, error: BaseException | None) -> MemoryReport:
+        """What is known when the full report could not be made: the cell's figures, no steps."""
+        session = self._session
+        peak = end = self._baseline
+        with contextlib.suppress(Exception):
+            assert session is not None
+            peak, end = max(session.peak(), self._baseline), session.current()
+        return MemoryReport(
+            backend=getattr(session, "backend", "unknown"),
+            device=str(self.device),
+            baseline_bytes=self._baseline,
+            peak_bytes=peak,
+            peak_delta_bytes=peak - self._baseline,
+            end_bytes=end,
+            reserved_peak_bytes=None,
+            capacity_bytes=None,
+            wall_seconds=time.perf_counter() - self._t0,
+            budget_bytes=self.budget,
+            error=None if error is None or isinstance(error, StopTrial) else describe(error),
+            incomplete=self._incomplete,
         )
 
 

@@ -466,6 +466,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     title += f" · {n:,} step{'s' if n != 1 else ''}" if report.steps else " · no training steps seen"
     if report.error:
         title += f" · partial: stopped by {report.error.split(':')[0]}"
+    elif report.incomplete:
+        title += " · incomplete (see the report)"
 
     if not report.steps:
         return _memory_bars(report, cap, cap_name, title)

@@ -22,6 +22,8 @@ class MemorySession(Protocol):
     """"cuda:0", "mps", "cpu"."""
     budget_bytes: int | None
     notes: list[str]
+    incomplete: str | None
+    """Why the figures may miss something (an internal failure kept out of the user's code), else None."""
 
     def start(self) -> int:
         """Begin measuring; returns the baseline (bytes allocated now)."""

@@ -14,6 +14,8 @@ __all__ = ["CUDASession"]
 class CUDASession:
     backend = "cuda"
 
+    incomplete: str | None = None
+
     def __init__(self, index: int, budget: int | None = None) -> None:
         self.index = index
         self.device = f"cuda:{index}"

@@ -14,6 +14,8 @@ __all__ = ["MPSSession"]
 class MPSSession:
     backend = "mps"
 
+    incomplete: str | None = None
+
     def __init__(self, budget: int | None = None) -> None:
         if budget is not None:
             raise ValueError(
