@@ -76,9 +76,9 @@ def storages(t: torch.Tensor) -> list[tuple[int, Any]] | None:
     for p in parts:
         try:
             st = p.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # a plain-layout subclass that hides its storage
+            key = st.data_ptr()
+        except (NotImplementedError, RuntimeError):  # a wrapper subclass without a storage of its own
             return None
-        key = st.data_ptr()
         if key:
             out.append((key, st))
     return out

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from gpumagic._gcscan import instances_of
+from gpumagic._safe import describe
 from gpumagic.devices import DeviceLike, release_memory, resolve_budget, resolve_device
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
@@ -56,9 +57,16 @@ def _host_copy(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v)) for k, v in obj.items()) if type(obj) is dict else {
-            k: _host_copy(v) for k, v in obj.items()
-        }
+        items = [(k, _host_copy(v)) for k, v in obj.items()]
+        try:
+            out = type(obj)(items)  # an OrderedDict stays one
+        except Exception:
+            out = dict(items)
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:  # state_dict versions: quantized modules load by them
+            with contextlib.suppress(AttributeError, TypeError):
+                out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, list):
         return [_host_copy(v) for v in obj]
     if isinstance(obj, tuple):
@@ -129,7 +137,13 @@ def _discover_stateful() -> list[Any]:
 
 @dataclass
 class StateSnapshot:
-    """Host-memory copies of stateful objects, RNG states and namespace values, restorable."""
+    """Host-memory copies of stateful objects, RNG states and namespace values, restorable.
+
+    Modules also keep which parameter, buffer and submodule objects they held, so a trial that
+    replaced one (``model.fc = nn.Linear(...)``, a weight swapped for a tensor subclass) is undone
+    before the values are loaded back. What cannot be restored is said, never raised:
+    :meth:`restore` returns one message per object, naming it.
+    """
 
     objects: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (obj, state_dict copy, grads)
     rng: dict[str, Any] = field(default_factory=dict)
@@ -137,15 +151,38 @@ class StateSnapshot:
     bindings: dict[str, Any] = field(default_factory=dict)
     plain_copies: dict[str, Any] = field(default_factory=dict)
     storage_keys: set[int] = field(default_factory=set)
+    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Objects that could not be copied before the trials (their state is what the trials leave)."""
+
+    def describe(self, obj: Any) -> str:
+        """"'model' (Sequential)" where the namespace names the object, else "a Sequential"."""
+        name = self.names.get(id(obj))
+        return f"{name!r} ({type(obj).__name__})" if name else f"a {type(obj).__name__}"
 
     @classmethod
     def take(cls, objects: Iterable[Any], namespace: MutableMapping[str, Any] | None = None) -> StateSnapshot:
         snap = cls()
+        objects = list(objects)
+        if namespace is not None:
+            wanted = {id(o) for o in objects}
+            snap.names = {id(v): k for k, v in reversed(list(namespace.items()))
+                          if id(v) in wanted and not k.startswith("_")}
         for obj in objects:
-            state = _host_copy(obj.state_dict())
-            grads = None
-            if isinstance(obj, torch.nn.Module):
-                grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in obj.parameters()]
+            try:
+                state = _host_copy(obj.state_dict())
+                grads = None
+                if isinstance(obj, torch.nn.Module):
+                    grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
+                             for p in obj.parameters()]
+                    snap.members.extend(
+                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in obj.modules()
+                    )
+            except Exception as e:  # a tensor kind that cannot be copied: say so, search anyway
+                snap.problems.append(f"could not copy {snap.describe(obj)} before the trials ({describe(e)}): "
+                                     "its state after the search is what the last trial left")
+                continue
             snap.objects.append((obj, state, grads))
             _tensor_keys(state, snap.storage_keys)
             _tensor_keys(grads or [], snap.storage_keys)
@@ -166,8 +203,14 @@ class StateSnapshot:
                 snap.plain_copies[name] = copy.deepcopy(v)
         return snap
 
-    def restore(self) -> None:
-        errors: list[str] = []
+    def restore(self) -> list[str]:
+        """Put everything back; returns what could not be restored (empty when all was)."""
+        errors = list(self.problems)
+        for m, params, buffers, modules in self.members:
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
+                if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
+                    now.clear()
+                    now.update(saved)
         for obj, state, grads in self.objects:
             try:
                 # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
@@ -177,7 +220,8 @@ class StateSnapshot:
                     for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)
             except Exception as e:  # keep restoring the others
-                errors.append(f"{type(obj).__name__}: {e}")
+                errors.append(f"could not restore {self.describe(obj)}: {describe(e)}; "
+                              "it is left as the last trial left it")
         torch.set_rng_state(self.rng["torch"])
         if "cuda" in self.rng:
             torch.cuda.set_rng_state_all(self.rng["cuda"])
@@ -193,8 +237,7 @@ class StateSnapshot:
                     ns[name] = v
             for name, saved in self.plain_copies.items():
                 _restore_in_place(ns[name], saved)
-        if errors:
-            raise RuntimeError("could not restore: " + "; ".join(errors))
+        return errors
 
 
 _MISSING = object()
@@ -294,7 +337,9 @@ class TrialRunner:
             del e
         finally:
             seconds = time.perf_counter() - t0
-            self.snapshot.restore()
+            for problem in self.snapshot.restore():
+                if problem not in self.observed.notes:
+                    self.observed.notes.append(problem)
         rep = tracker.report
         n = rep.total_steps
         note = "no optimizer.step() ran in the trials: each backward() counted as a step"
@@ -489,13 +534,14 @@ def find_batch(
         has_optimizer=has_opt, observed=observed,
     )
     try:
-        return _run_search(
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
     finally:
-        snapshot.restore()
+        problems = snapshot.restore()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 
 
 def last_gpumem_cell(shell: Any) -> str | None:
@@ -608,11 +654,12 @@ def find_batch_in_shell(
     runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
                          has_optimizer=has_opt, observed=observed)
     try:
-        return _run_search(
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             objects=objects, current=current_b, progress=True, notes=notes,
         )
     finally:
-        snapshot.restore()
+        problems = snapshot.restore()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 

@@ -283,6 +283,7 @@ class CPUSession:
         if parts is None:
             kind = unreadable_kind(t)
             self._unreadable[kind] = self._unreadable.get(kind, 0) + 1
+            self._note_unreadable()
             return False
         new = [(key, st, st.nbytes()) for key, st in parts if key not in self._refs]
         n = sum(nb for _, _, nb in new)
@@ -295,6 +296,14 @@ class CPUSession:
         if self._cur > self._wpeak:
             self._wpeak = self._cur
         return False
+
+    def _note_unreadable(self) -> None:
+        note = unreadable_note(self._unreadable)
+        old = [n for n in self.notes if n.startswith("not counted: ")]
+        if old:
+            self.notes.remove(old[0])
+        if note is not None:
+            self.notes.append(note)
 
     def _fault(self, func: Any, e: Exception) -> None:
         if self.incomplete is None:
@@ -311,6 +320,7 @@ class CPUSession:
             raise RuntimeError("this CPU session is already started")
         for key, st in live_storages("cpu", self._exclude, self._unreadable).items():
             self._watch(st, key, st.nbytes())
+        self._note_unreadable()
         self._wpeak = self._peak = self._cur
         if self.budget_bytes is not None and self._cur > self.budget_bytes:
             self.notes.append(
@@ -354,7 +364,4 @@ class CPUSession:
                 _ACTIVE.remove(self)
             # Dropping the weakrefs also drops their callbacks: nothing of ours outlives the block.
             self._refs = {}
-            note = unreadable_note(self._unreadable)
-            if note is not None and note not in self.notes:
-                self.notes.append(note)
 
