@@ -393,7 +393,7 @@ def _run_search(
     runner: TrialRunner,
     *,
     capacity: int,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     dataset_size: int | None,
@@ -499,7 +499,7 @@ def find_batch(
     *,
     device: DeviceLike = None,
     budget: str | int | None = None,
-    start: int = 2,
+    start: int | None = None,
     max_size: int | None = None,
     steps: int = 3,
     margin: float = 0.05,
@@ -583,6 +583,71 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
     return DataLoader(loader.dataset, **kwargs)
 
 
+def _dataset_size(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)
+    except TypeError:
+        return None
+
+
+def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:
+    """The search's options, in the flags' names (the search itself names its parameters)."""
+    for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
+        if value is not None and value < 1:
+            raise BadOptions(f"{flag} must be >= 1, got {value}")
+    if max_size is not None and min_size > max_size:
+        raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
+    if start is not None and start < min_size:
+        raise BadOptions(f"--start ({start}) is below --min ({min_size})")
+    if start is not None and max_size is not None and start > max_size:
+        raise BadOptions(f"--start ({start}) is above --max ({max_size})")
+    if not 0 <= margin < 0.5:
+        raise BadOptions(f"--margin must be at least 0 and below 0.5, got {margin}")
+
+
+def _globals_read(fn: Any, ns: Any) -> set[str]:
+    """Global names read by a function defined in ``ns`` (the notebook), nested functions included."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__globals__", None) is not ns:
+        return set()
+    out: set[str] = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        out.update(c.co_names)
+        todo.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return out
+
+
+def _check_var_is_read(shell: Any, code: str, var: str, ns: Any) -> None:
+    """Refuse a --var that neither the code nor any function of the notebook reads: a trial would
+    change nothing (a typo, or the loader was built in an earlier cell)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(shell.transform_cell(code))
+    except SyntaxError:
+        return  # the trial will show the user's syntax error
+    in_code = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    if var in in_code or {"globals", "eval", "exec", "get_ipython"} & in_code:
+        return
+    for value in list(ns.values()):
+        try:
+            fns = list(vars(value).values()) if inspect.isclass(value) else [value]
+            if any(var in _globals_read(inspect.unwrap(f) if callable(f) else f, ns) for f in fns):
+                return
+        except Exception:  # an object that cannot be inspected says nothing
+            continue
+    missing = "" if var in ns else ", and no variable of that name exists"
+    ints = sorted(n for n in in_code if isinstance(ns.get(n), int) and not isinstance(ns.get(n), bool))
+    hint = f" (integers it reads: {', '.join(ints)})" if ints else ""
+    raise BadOptions(
+        f"--var {var!r}: the code never reads a variable of that name{missing}; give the name of the "
+        f"batch-size variable the code uses{hint}, or --loader NAME for a DataLoader built earlier"
+    )
+
+
 def find_batch_in_shell(
     shell: Any,
     code: str,
@@ -591,7 +656,7 @@ def find_batch_in_shell(
     loader: str | None,
     device: str | None,
     budget: str | None,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     steps: int,
@@ -615,8 +680,15 @@ def find_batch_in_shell(
 
         if not isinstance(ns[loader], DataLoader):
             raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+    if var is not None:
+        _check_var_is_read(shell, code, var, ns)
     if steps < 1:
         raise BadOptions(f"--steps must be >= 1, got {steps}")
+    _check_bounds(start, min_size, max_size, margin, effective)
+    if loader is not None:
+        n = _dataset_size(ns[loader])
+        if n is not None and min_size > n:
+            raise BadOptions(f"--min ({min_size}) is larger than the data set of --loader {loader!r} ({n} samples)")
     try:
         dev = resolve_device(device, _hints(ns) if device is None else ())
         bud = resolve_budget(budget, name="--budget")
@@ -646,10 +718,7 @@ def find_batch_in_shell(
     observed = _Observed()
     dataset_size, drop_last = None, False
     if original_loader is not None:
-        try:
-            dataset_size = len(original_loader.dataset)
-        except TypeError:
-            dataset_size = None
+        dataset_size = _dataset_size(original_loader)
         drop_last = bool(original_loader.drop_last)
     runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
                          has_optimizer=has_opt, observed=observed)

@@ -413,7 +413,10 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem)."
     )
-    @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
+    @magic_arguments.argument(
+        "--start", type=int, default=None,
+        help="First batch size tried: 2, or the bound nearest to 2 when --min or --max exclude it.",
+    )
     @magic_arguments.argument(
         "--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1)."
     )
