@@ -187,7 +187,7 @@ def _refuse_read_only(path: Path) -> None:
     except FileNotFoundError:
         return
     if not mode & 0o222 or not os.access(target, os.W_OK):
-        raise ConfigError(path, f"the file is read-only (mode {mode & 0o777:o}); make it writable (chmod u+w) to change it")
+        raise ConfigError(path, f"read-only (mode {mode & 0o777:o}); make it writable (chmod u+w) to change it")
 
 
 def _write_atomic(path: Path, text: str) -> None:
