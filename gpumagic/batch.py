@@ -25,6 +25,7 @@ import torch
 
 from gpumagic._gcscan import instances_of
 from gpumagic._safe import describe
+from gpumagic._tensors import storages
 from gpumagic.devices import DeviceLike, release_memory, resolve_budget, resolve_device
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
@@ -77,8 +78,8 @@ def _host_copy(obj: Any) -> Any:
 def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                out.add(obj.untyped_storage().data_ptr())
+            with contextlib.suppress(Exception):
+                out.update(key for key, _ in storages(obj) or ())
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensor_keys(v, out)
