@@ -17,6 +17,7 @@ import copy
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +173,9 @@ class StateSnapshot:
                           if id(v) in wanted and not k.startswith("_")}
         for obj in objects:
             try:
-                state = _host_copy(obj.state_dict())
+                with warnings.catch_warnings():  # torch's warnings about the user's modules are not news here
+                    warnings.simplefilter("ignore")
+                    state = _host_copy(obj.state_dict())
                 grads = None
                 if isinstance(obj, torch.nn.Module):
                     grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
@@ -216,7 +219,9 @@ class StateSnapshot:
             try:
                 # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
                 # do for same-device state), and the next trial would then mutate the snapshot
-                obj.load_state_dict(_host_copy(state))
+                with warnings.catch_warnings():  # e.g. quantized modules warn on every load
+                    warnings.simplefilter("ignore")
+                    obj.load_state_dict(_host_copy(state))
                 if grads is not None:
                     for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)

@@ -251,8 +251,10 @@ class Tracker:
         _ACTIVE.append(self)
         try:
             self._install()
-            self._t0 = self._t_last_step = self._t_last_backward = time.perf_counter()
+            self._t0 = time.perf_counter()
             self._baseline = self._session.start()
+            # the baseline scan is the tracker's time, not the first step's
+            self._t_last_step = self._t_last_backward = time.perf_counter()
         except BaseException:
             self._teardown()
             raise
