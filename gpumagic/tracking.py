@@ -60,6 +60,9 @@ class _Root:
     value: Any
     divisor: float | None
     batch: int | None
+    draw: int = 0
+    """Which DataLoader batch was the last drawn: two backward calls on one batch (a GAN's
+    discriminator on real and fake samples) count its samples once."""
 
 
 @dataclass
@@ -102,6 +105,20 @@ def _divisor(root: torch.Tensor) -> float | None:
     if name.startswith("MulBackward"):
         k = 1.0 / k if k else 0.0
     return k if k and math.isfinite(k) else None
+
+
+def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Remember how many samples the next batch is made of (in-process loading only: with
+    workers, indices are drawn ahead of the batches)."""
+
+    def _next_index(it: Any) -> Any:
+        index = original(it)
+        if not it._num_workers and it._auto_collation:
+            with contextlib.suppress(TypeError):
+                it._gpumagic_indices = len(index)
+        return index
+
+    return _next_index
 
 
 def _first_tensor(batch: Any, depth: int = 0) -> torch.Tensor | None:
@@ -287,6 +304,7 @@ class Tracker:
         self._in_step: list[_Root] = []
         self._acc_peak = 0
         self._last_batch: int | None = None
+        self._draws = 0
         self._scaler_step_depth = 0
         self._scaler_stepped = False
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -307,6 +325,7 @@ class Tracker:
 
         self._patch(torch.autograd, "backward", self._wrap_backward)
         self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patch(dlmod._BaseDataLoaderIter, "_next_index", _wrap_next_index)
         scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
         if scaler_cls is not None:
             self._patch(scaler_cls, "scale", self._wrap_scale)
@@ -360,9 +379,14 @@ class Tracker:
         def __next__(it: Any) -> Any:
             batch = original(it)
             try:
-                t = _first_tensor(batch)
-                size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+                # the indices the batch was made from; else the first tensor's length (a collate_fn
+                # may put tokens first, as text loaders with offsets do: the indices decide then)
+                size = it.__dict__.pop("_gpumagic_indices", None)
+                if size is None:
+                    t = _first_tensor(batch)
+                    size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
                 tracker._last_batch = size
+                tracker._draws += 1
                 if tracker.on_batch is not None:
                     tracker.on_batch(it, size)
             except Exception as e:
@@ -407,15 +431,15 @@ class Tracker:
         if t is None and isinstance(tensors, (list, tuple)) and len(tensors) == 1:
             t = tensors[0] if isinstance(tensors[0], torch.Tensor) else None
         if t is None or t.numel() != 1:
-            return _Root(None, None, self._last_batch)
+            return _Root(None, None, self._last_batch, self._draws)
         unscaled = getattr(t, "_gpumagic_unscaled", None)
         if isinstance(unscaled, torch.Tensor) and unscaled.numel() == 1:
             t = unscaled
         if t.is_meta or is_fake(t):
-            return _Root(None, None, self._last_batch)  # a traced step: there is no value to read
+            return _Root(None, None, self._last_batch, self._draws)  # a traced step: there is no value to read
         divisor = _divisor(t)
         value: Any = t.detach().item() if t.device.type == "cpu" else t.detach()
-        return _Root(value, divisor, self._last_batch)
+        return _Root(value, divisor, self._last_batch, self._draws)
 
     def _backward_begin(self, tensors: Any) -> None:
         root = self._root_value(tensors)
@@ -489,7 +513,7 @@ class Tracker:
             else:
                 terms = [(r.value, 1.0 / n) for r in roots]
         if roots and all(r.batch is not None for r in roots):
-            batch = sum(r.batch or 0 for r in roots)
+            batch = sum({r.draw: r.batch or 0 for r in roots}.values())
         rec = _Rec(self._records.total, terms, peak, seconds, batch)
         self._records.add(rec)
         if self._on_step is not None:
