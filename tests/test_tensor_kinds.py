@@ -138,6 +138,21 @@ def test_a_failing_step_hook_marks_the_report_incomplete_and_the_loop_runs_on(ip
     assert "incomplete" in rep.to_text()
 
 
+def test_a_failing_cpu_tracker_marks_the_report_incomplete_and_the_op_still_runs(ip, clean_ns, monkeypatch):
+    from gpumagic.backends import cpu
+
+    def broken(self, t):
+        raise IndexError("tracker")
+
+    monkeypatch.setattr(cpu.CPUSession, "_add_other", broken)
+    run(ip, "dense = torch.eye(4)")
+    rep = report_of(ip, "s = dense.to_sparse()\ntotal = float(s.to_dense().sum())\n")
+    assert ip.user_ns["total"] == 4.0
+    assert rep.incomplete is not None
+    assert rep.incomplete.startswith("the cpu tracker failed after ")
+    assert rep.incomplete.endswith("IndexError: tracker")
+
+
 def test_a_failing_report_keeps_the_users_exception_and_gives_a_partial_report(ip, clean_ns, monkeypatch):
     def broken(self, error):
         raise ZeroDivisionError("ours")
