@@ -608,7 +608,7 @@ def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin
     if start is not None and max_size is not None and start > max_size:
         raise BadOptions(f"--start ({start}) is above --max ({max_size})")
     if not 0 <= margin < 0.5:
-        raise BadOptions(f"--margin must be at least 0 and below 0.5, got {margin}")
+        raise BadOptions(f"--margin must be in [0, 0.5), got {margin}")
 
 
 def _globals_read(fn: Any, ns: Any) -> set[str]:

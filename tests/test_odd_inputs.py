@@ -67,7 +67,7 @@ def test_max_alone_below_the_default_start_runs_at_max(ip, loop_ns):
         ("--start 2 --min 4", "--start (2) is below --min (4)"),
         ("--start 16 --max 8", "--start (16) is above --max (8)"),
         ("--min 0", "--min must be >= 1, got 0"),
-        ("--margin 0.7", "--margin must be at least 0 and below 0.5, got 0.7"),
+        ("--margin 0.7", "--margin must be in [0, 0.5), got 0.7"),
     ],
 )
 def test_bad_bounds_are_refused_in_the_flags_names_before_any_trial(ip, loop_ns, options, message):
