@@ -318,9 +318,9 @@ class CPUSession:
     def start(self) -> int:
         if self._mode is not None:
             raise RuntimeError("this CPU session is already started")
-        for key, st in live_storages("cpu", self._exclude, self._unreadable).items():
+        # unreadable tensors made before the block are not named: they may be anyone's, anywhere
+        for key, st in live_storages("cpu", self._exclude).items():
             self._watch(st, key, st.nbytes())
-        self._note_unreadable()
         self._wpeak = self._peak = self._cur
         if self.budget_bytes is not None and self._cur > self.budget_bytes:
             self.notes.append(
