@@ -24,6 +24,14 @@ def run(ip, src):
     return ip.run_cell(src, store_history=True)
 
 
+@pytest.fixture(autouse=True)
+def _forget_results(ip):
+    """The searches and reports here are not the notebook story of later tests (OOM advice reads them)."""
+    yield
+    presenter = ip.magics_manager.registry["GPUMagics"].presenter
+    presenter.last_search = presenter.last_report = None
+
+
 @pytest.fixture
 def loop_ns(ip, clean_ns):
     run(ip, """

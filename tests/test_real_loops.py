@@ -20,6 +20,14 @@ def run(ip, src):
     return ip.run_cell(src, store_history=True)
 
 
+@pytest.fixture(autouse=True)
+def _forget_results(ip):
+    """The searches and reports here are not the notebook story of later tests (OOM advice reads them)."""
+    yield
+    presenter = ip.magics_manager.registry["GPUMagics"].presenter
+    presenter.last_search = presenter.last_report = None
+
+
 def setup(ip, src: str) -> None:
     r = run(ip, src)
     assert r.error_in_exec is None, r.error_in_exec
