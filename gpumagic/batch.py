@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from gpumagic.backends import Backend
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
+
+if TYPE_CHECKING:
+    from gpumagic.distributed import TrialAgreement
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
@@ -260,7 +263,10 @@ class TrialRunner:
         snapshot: StateSnapshot,
         has_optimizer: bool,
         observed: _Observed,
+        agreement: TrialAgreement | None = None,
     ) -> None:
+        self.agreement = agreement
+        """Under torch.distributed: makes every rank's trial end the same way."""
         self.body = body
         self.backend = backend
         self.device = device
@@ -280,13 +286,18 @@ class TrialRunner:
             stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
             exclude_storages=self.snapshot.storage_keys,
             on_step=lambda r: step_secs.append(r.seconds),
+            gather_ranks=False,
         )
         self._watch_loader(tracker)
         oom = False
         t0 = time.perf_counter()
         try:
             with tracker:
-                self.body(b)
+                if self.agreement is None:
+                    self.body(b)
+                else:
+                    with self.agreement.trial():
+                        self.body(b)
         except StopTrial:
             pass
         except Exception as e:
@@ -308,6 +319,8 @@ class TrialRunner:
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
+        if self.agreement is not None:
+            trial = self.agreement.agree_trial(trial)
         return trial
 
     def _watch_loader(self, tracker: Tracker) -> None:
@@ -466,6 +479,7 @@ def find_batch(
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
     progress: bool | Callable[[Trial, int], None] = True,
+    timeout_s: float = 600.0,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -473,6 +487,11 @@ def find_batch(
     (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Models, optimizers,
     schedulers and scalers (``restore``, or found through the optimizers alive in the process)
     and the RNG states are restored afterwards.
+
+    Under ``torch.distributed`` call it on every rank with the same arguments: the ranks try the
+    same sizes, agree on every trial (out of memory on one rank is out of memory for all) and
+    return the same result, whose batch sizes are per rank (``global_batch_size`` is the total).
+    ``timeout_s`` bounds how long a rank waits for the others' verdict on a trial.
 
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
@@ -484,20 +503,35 @@ def find_batch(
     capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
     has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
+    agreement = None
+    from gpumagic import _ranks
+
+    if _ranks.initialized():
+        from gpumagic.distributed import TrialAgreement
+
+        agreement = TrialAgreement(objects, _is_oom, timeout_s=timeout_s)
+        capacity = agreement.agree_min(capacity)
+        if agreement.rank != 0:
+            progress = False  # one progress bar for the job
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
     runner = TrialRunner(
         trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-        has_optimizer=has_opt, observed=observed,
+        has_optimizer=has_opt, observed=observed, agreement=agreement,
     )
     try:
-        return _run_search(
+        result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
+        return result if agreement is None else agreement.result(result, objects)
     finally:
-        snapshot.restore()
+        try:
+            snapshot.restore()
+        finally:
+            if agreement is not None:
+                agreement.close()
 
 
 def _rebuild_loader(loader: Any, b: int) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import os
 import sys
 import traceback
@@ -153,7 +154,10 @@ class OOMPresenter:
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
-            advice = oom.advise(info, self._context(info, report, batch_size, names_used(self.shell, cell)))
+            from gpumagic.oom._advice import rank_in_error
+
+            context = self._context(info, report, batch_size, names_used(self.shell, cell))
+            advice = oom.advise(info, dataclasses.replace(context, rank=rank_in_error(exc)))
             display(advice)
         finally:
             from gpumagic.devices import release_memory
@@ -212,6 +216,7 @@ class OOMPresenter:
             intercept_bytes=line[0] if line else None,
             holders=held,
             processes=processes,
+            world_size=getattr(report, "world_size", None),
         )
 
 
@@ -417,8 +422,16 @@ class GPUMagics(Magics):
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
+        from gpumagic import distributed
+
+        launcher = cell is not None and distributed.launches_processes(cell)
         try:
-            backend, device = resolve(args.device, hints(ns) if args.device is None else ())
+            if launcher:
+                # the ranks run in forked children, which cannot use a GPU this process initialised:
+                # this process is measured on the host, the children on their own devices
+                backend, device = resolve("cpu")
+            else:
+                backend, device = resolve(args.device, hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -435,22 +448,34 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if not cell.strip():
             raise UsageError("%%gpumem needs a cell body to run")
+        from gpumagic import _ranks
         from gpumagic.tracking import Tracker
 
         tracker = Tracker(device, budget, backend=backend)
+        children: tuple[Any, ...] = ()
+        shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
-            with tracker:
-                value = run_cell_source(self.shell, cell)
+            # child processes the cell starts (notebook_launcher, start_processes) measure themselves
+            child_device = args.device if launcher else str(device)
+            with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
+                try:
+                    value = run_cell_source(self.shell, cell)
+                finally:
+                    children = distributed.collect_children(reports_dir)
         except BaseException as exc:
             report = tracker.finished_report
+            if report is not None:
+                report = distributed.with_children(report, children)
+            if not shows:
+                raise
             if not (isinstance(exc, Exception) and self.presenter.present(
                 exc, report=report, batch_size=tracker.last_batch_size, cell=cell
             )) and report is not None and not args.quiet:
                 display(report)
             raise
-        report = tracker.report
+        report = distributed.with_children(tracker.report, children)
         self.presenter.last_report = report
-        if not args.quiet:
+        if not args.quiet and shows:
             display(report)
         if args.output:
             return report

@@ -215,6 +215,7 @@ class Tracker:
         on_step: Callable[[StepRecord], None] | None = None,
         session: MemorySession | None = None,
         backend: Backend | None = None,
+        gather_ranks: bool = True,
     ) -> None:
         if backend is not None and isinstance(device, torch.device):
             self.backend, self.device = backend, device
@@ -231,6 +232,7 @@ class Tracker:
         self._stop_backwards = stop_after_backwards
         self._exclude = tuple(exclude_storages)
         self._on_step = on_step
+        self._gather = gather_ranks
         self.on_batch: Callable[[Any, int | None], None] | None = None
         """Called with (DataLoader iterator, batch size) for every batch drawn while tracking."""
         self._report: MemoryReport | None = None
@@ -299,6 +301,12 @@ class Tracker:
             self._finish(ev)
         finally:
             self._teardown()
+        if self._gather and self._report is not None:
+            # after teardown: the gather's own traffic is not the block's memory
+            from gpumagic._ranks import gather_ranks
+
+            ended = ev if ev is not None and not isinstance(ev, StopTrial) else None
+            self._report = gather_ranks(self._report, ended_by=ended)
         return False
 
     # -- setup / teardown ------------------------------------------------------------------
@@ -563,6 +571,10 @@ def track(
     available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
     bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
     past this many steps, records are merged pairwise (peaks keep their max).
+
+    Under ``torch.distributed`` each rank measures its own device, and leaving the block gathers
+    every rank's summary into ``report.ranks`` (one collective on the default group: every rank
+    must leave its block).
 
     >>> with track(device="cpu") as t:              # doctest: +SKIP
     ...     train()
