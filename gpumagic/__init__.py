@@ -14,15 +14,19 @@ initialises CUDA; the heavy parts load on first use.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
+from gpumagic import _bundles
 from gpumagic._units import format_bytes, parse_size
+from gpumagic._version import __version__
 from gpumagic.report import (
     BatchSearchResult,
     DeviceStatus,
     Fit,
     MemoryBreakdown,
     MemoryReport,
+    RankRecord,
     StepRecord,
     Trial,
 )
@@ -36,8 +40,6 @@ if TYPE_CHECKING:
     from gpumagic.oom import parse as parse_oom
     from gpumagic.tracking import Tracker, track
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Advice",
     "AdviceContext",
@@ -47,6 +49,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "OOMInfo",
+    "RankRecord",
     "StepRecord",
     "Tracker",
     "Trial",
@@ -63,6 +66,9 @@ __all__ = [
     "unload_ipython_extension",
 ]
 
+# results render through the registry; the widgets register when the first result renders
+_bundles.add_module("gpumagic.widgets")
+
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
     "track": "gpumagic.tracking",
@@ -78,7 +84,9 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("oom", "tracking", "batch", "search", "devices", "widgets", "monitor", "magics", "autoload")
+_SUBMODULES = (
+    "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics", "autoload",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -99,6 +107,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+if os.environ.get("GPUMAGIC_CHILD_REPORTS"):
+    # started from a %%gpumem cell (like coverage's COVERAGE_PROCESS_START): measure this process
+    from gpumagic.distributed import start_from_environment
+
+    start_from_environment()
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

@@ -7,19 +7,30 @@ Adam-like ones (Malladi et al., 2022). When the effective batch is unchanged, th
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 __all__ = [
+    "PICKS",
     "LRRule",
+    "Pick",
     "accumulation_plan",
+    "fit_from_report",
+    "interpolate",
     "is_power_of_two",
     "lr_note",
     "lr_rule_for",
+    "pow2_floor",
     "round_like",
 ]
 
 LRRule = Literal["linear", "sqrt"]
+Pick = Literal["max", "throughput", "pow2"]
+"""How the search picks its recommendation: the largest that fits with the margin, the smallest
+within 5% of the best throughput, or the largest power of two that fits."""
+PICKS: tuple[Pick, ...] = get_args(Pick)
 
 _ADAM_LIKE = (
     "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb",
@@ -43,6 +54,25 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def pow2_floor(n: int) -> int:
+    """The largest power of two <= n (n >= 1).
+
+    >>> pow2_floor(700)
+    512
+    """
+    return 1 << (n.bit_length() - 1)
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """y at ``x`` on the broken line through ``points`` (sorted by x); None outside their range."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1]
+    return None
+
+
 def round_like(size: float, reference: int | None) -> int:
     """Round a batch size down the way the user's current size is written.
 
@@ -55,7 +85,7 @@ def round_like(size: float, reference: int | None) -> int:
     if reference is None or reference <= 0:
         return b
     if is_power_of_two(reference) and reference >= 2:
-        return 1 << (b.bit_length() - 1)
+        return pow2_floor(b)
     for step in (8, 10):
         if reference % step == 0 and b >= step:
             return b - b % step
@@ -73,6 +103,23 @@ def accumulation_plan(effective: int, micro_max: int) -> tuple[int, int]:
         raise ValueError(f"effective batch and micro-batch must be >= 1, got {effective} and {micro_max}")
     k = math.ceil(effective / micro_max)
     return math.ceil(effective / k), k
+
+
+def fit_from_report(report: Any) -> tuple[float, float] | None:
+    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
+    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
+    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
+    if not steps:
+        return None
+    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
+    fixed = float(report.baseline_bytes)
+    b = report.breakdown
+    if b is not None:
+        fixed += b.gradients_bytes + b.optimizer_state_bytes
+        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
+            fixed += b.parameters_bytes
+    slope = (step.peak_bytes - fixed) / step.batch_size
+    return (fixed, slope) if slope > 0 else None
 
 
 def lr_note(old_effective: int | None, new_effective: int, optimizer: object | str | None = None) -> str:

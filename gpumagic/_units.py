@@ -10,14 +10,33 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "format_size_torch", "parse_size"]
+__all__ = ["format_bytes", "format_size_torch", "parse_size", "unit_bytes"]
 
-_IEC = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
-_SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
-_UNITS = {**_IEC, **_SI, "": 1, "byte": 1, "bytes": 1}
+_PREFIXES = "kmgtpe"
 MAX_SIZE = 2**63 - 1
 """The largest size accepted: torch counts bytes in 64-bit signed integers."""
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
+
+
+def unit_bytes(unit: str, *, si_decimal: bool = True) -> int | None:
+    """Bytes in one ``unit`` (any case), or None when it is not a byte unit. The one unit table.
+
+    IEC units ("GiB") are binary. SI units ("GB") are decimal, or binary with ``si_decimal=False``:
+    allocator messages mean them so (MPS, XLA), and print a bare prefix ("21.95G") too.
+
+    >>> unit_bytes("MiB"), unit_bytes("MB"), unit_bytes("MB", si_decimal=False), unit_bytes("G")
+    (1048576, 1000000, 1048576, None)
+    """
+    u = unit.lower()
+    if u in ("", "b", "byte", "bytes"):
+        return 1
+    if u[0] not in _PREFIXES:
+        return None
+    power = _PREFIXES.index(u[0]) + 1
+    rest = u[1:]
+    if rest == "ib" or (not si_decimal and rest in ("b", "")):
+        return int(1024**power)
+    return int(1000**power) if rest == "b" else None
 
 
 def parse_size(value: str | int, *, name: str = "size") -> int:
@@ -39,12 +58,12 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
             f"{name} must be a size such as '2GiB', '800MB' or a byte count, got {type(value).__name__} {value!r}"
         )
     m = _SIZE_RE.match(value)
-    unit = m.group(3).lower() if m else ""
-    if m is None or unit not in _UNITS:
+    scale = unit_bytes(m.group(3)) if m else None
+    if m is None or scale is None:
         allowed = "B, KiB, MiB, GiB, TiB (binary) or kB, MB, GB, TB (decimal)"
         raise ValueError(f"{name} must be a number with a unit ({allowed}), got {value!r}")
     exponent = int(m.group(2)) if m.group(2) else 0
-    number = float(m.group(1)) * _UNITS[unit]
+    number = float(m.group(1)) * scale
     if number and exponent > 30:  # 1e30 bytes is already far past any device: no float overflow below
         number = math.inf
     else:

@@ -18,20 +18,27 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gpumagic import backends
+from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
+from gpumagic._progress import text_progress
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
-from gpumagic.devices import DeviceLike, release_memory, resolve_budget, resolve_device
+from gpumagic.backends import Backend
+from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
-__all__ = ["StateSnapshot", "find_batch", "find_batch_in_shell", "last_gpumem_cell"]
+if TYPE_CHECKING:
+    from gpumagic.distributed import TrialAgreement
+
+__all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
@@ -190,14 +197,15 @@ class StateSnapshot:
             snap.objects.append((obj, state, grads))
             _tensor_keys(state, snap.storage_keys)
             _tensor_keys(grads or [], snap.storage_keys)
-        snap.rng["torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            snap.rng["cuda"] = torch.cuda.get_rng_state_all()
+        for backend in backends.registry():
+            state = backend.rng_state()
+            if state is not None:
+                snap.rng[backend.name] = state
         snap.rng["random"] = random.getstate()
         np = sys.modules.get("numpy")
         if np is not None:
             snap.rng["numpy"] = np.random.get_state()
-        _tensor_keys(snap.rng.get("torch"), snap.storage_keys)
+        _tensor_keys(list(snap.rng.values()), snap.storage_keys)
         if namespace is not None:
             snap.namespace = namespace
             snap.bindings = dict(namespace)
@@ -228,9 +236,9 @@ class StateSnapshot:
             except Exception as e:  # keep restoring the others
                 errors.append(f"could not restore {self.describe(obj)}: {describe(e)}; "
                               "it is left as the last trial left it")
-        torch.set_rng_state(self.rng["torch"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        for backend in backends.registry():
+            if backend.name in self.rng:
+                backend.set_rng_state(self.rng[backend.name])
         random.setstate(self.rng["random"])
         if "numpy" in self.rng:
             sys.modules["numpy"].random.set_state(self.rng["numpy"])
@@ -301,37 +309,47 @@ class TrialRunner:
         body: Callable[[int], Any],
         *,
         device: torch.device,
+        backend: Backend | None = None,
         budget: int | None,
         steps: int,
         snapshot: StateSnapshot,
         has_optimizer: bool,
         observed: _Observed,
+        agreement: TrialAgreement | None = None,
     ) -> None:
+        self.agreement = agreement
+        """Under torch.distributed: makes every rank's trial end the same way."""
         self.body = body
+        self.backend = backend
         self.device = device
         self.budget = budget
         self.steps = steps
         self.snapshot = snapshot
         self.has_optimizer = has_optimizer
         self.observed = observed
-        self.trials: list[Trial] = []
 
     def __call__(self, b: int) -> Trial:
         step_secs: list[float] = []
         tracker = Tracker(
             self.device,
             self.budget,
+            backend=self.backend,
             stop_after_steps=self.steps if self.has_optimizer else None,
             stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
             exclude_storages=self.snapshot.storage_keys,
             on_step=lambda r: step_secs.append(r.seconds),
+            gather_ranks=False,
         )
         self._watch_loader(tracker)
         oom = False
         t0 = time.perf_counter()
         try:
             with tracker:
-                self.body(b)
+                if self.agreement is None:
+                    self.body(b)
+                else:
+                    with self.agreement.trial():
+                        self.body(b)
         except StopTrial:
             pass
         except Exception as e:
@@ -349,12 +367,14 @@ class TrialRunner:
         rep = tracker.report
         n = rep.total_steps
         note = "no optimizer.step() ran in the trials: each backward() counted as a step"
-        if self.has_optimizer and tracker._opt_steps == 0 and tracker._backwards and note not in self.observed.notes:
+        manual = self.has_optimizer and tracker.optimizer_steps == 0 and tracker.backward_calls
+        if manual and note not in self.observed.notes:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
-        self.trials.append(trial)
+        if self.agreement is not None:
+            trial = self.agreement.agree_trial(trial)
         return trial
 
     def _watch_loader(self, tracker: Tracker) -> None:
@@ -379,20 +399,16 @@ def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
 # the search, both forms
 
 
-def _capacity(device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
+def _capacity(backend: Backend, device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
     """(capacity used by the search, budget for the tracker, note)."""
     if budget is not None:
         return budget, budget, None
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory), None, None
-    if device.type == "mps":
-        return int(torch.mps.recommended_max_memory()), None, None
-    from gpumagic.devices import _host_memory
-
-    _, avail = _host_memory()
-    if avail is None:
-        raise ValueError("on cpu, give --budget (the simulated device capacity), e.g. --budget 4GiB")
-    return avail, avail, f"no --budget on cpu: the capacity is the host memory free now ({avail} bytes)"
+    cap = backend.capacity(device)
+    if cap is None:
+        raise ValueError(f"on {backend.name}, give --budget (the simulated device capacity), e.g. --budget 4GiB")
+    if not backend.session_enforces_capacity:
+        return cap, None, None
+    return cap, cap, f"no --budget on {backend.name}: the capacity is the memory free now ({cap} bytes)"
 
 
 def _run_search(
@@ -405,30 +421,15 @@ def _run_search(
     dataset_size: int | None,
     drop_last: bool,
     margin: float,
-    pick: str,
+    pick: Pick,
     effective: int | None,
     objects: list[Any],
     current: int | None,
-    progress: bool,
+    progress: bool | Callable[[Trial, int], None],
     notes: list[str],
 ) -> BatchSearchResult:
     """Run the search over ``runner``; the result carries ``notes`` and what the trials noticed."""
     from gpumagic import search as search_mod
-    from gpumagic._units import format_bytes
-
-    bar: Any = None
-    if progress:
-        # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
-        # first frame ("0trial") as its text; this line is rewritten in place and then cleared
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
-
-    def on_trial(trial: Trial, index: int) -> None:
-        if bar is not None:
-            state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
-            bar.set_postfix_str(f"b={trial.batch_size}: {state}")
-            bar.update(1)
 
     user_error: list[BaseException] = []
 
@@ -442,33 +443,50 @@ def _run_search(
         _check_loader_follows(runner.observed, b)
         return trial
 
-    try:
-        result: BatchSearchResult = search_mod.search(
-            run_trial,
-            capacity_bytes=capacity,
-            start=start,
-            min_size=min_size,
-            max_size=max_size,
-            dataset_size=dataset_size,
-            drop_last=drop_last,
-            margin=margin,
-            pick=pick,
-            effective=effective,
-            optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
-            current_batch_size=current,
-            progress=on_trial,
-            device=str(runner.device),
-            learn_dataset_size=lambda: runner.observed.dataset_size,
-        )
-    except ValueError as e:
-        if user_error or isinstance(e, BadOptions):
-            raise
-        raise BadOptions(str(e)) from None
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(progress) as on_trial:
+        try:
+            result: BatchSearchResult = search_mod.search(
+                run_trial,
+                capacity_bytes=capacity,
+                start=start,
+                min_size=min_size,
+                max_size=max_size,
+                dataset_size=dataset_size,
+                drop_last=drop_last,
+                margin=margin,
+                pick=pick,
+                effective=effective,
+                optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
+                current_batch_size=current,
+                progress=on_trial,
+                device=device_label(runner.backend, runner.device),
+                learn_dataset_size=lambda: runner.observed.dataset_size,
+            )
+        except ValueError as e:
+            if user_error or isinstance(e, BadOptions):
+                raise
+            raise BadOptions(str(e)) from None
     notes = notes + runner.observed.notes
     return _with_notes(result, notes) if notes else result
+
+
+@contextlib.contextmanager
+def _progress(
+    progress: bool | Callable[[Trial, int], None],
+) -> Iterator[Callable[[Trial, int], None] | None]:
+    """The per-trial callback: the caller's, or with ``True`` a bar on a terminal's stderr and one
+    line per trial in a log (closed before the result is shown)."""
+    if not isinstance(progress, bool):
+        yield progress
+        return
+    if not progress:
+        yield None
+        return
+    bar = text_progress(sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
@@ -509,12 +527,13 @@ def find_batch(
     max_size: int | None = None,
     steps: int = 3,
     margin: float = 0.05,
-    pick: str = "max",
+    pick: Pick = "max",
     effective: int | None = None,
     min_size: int = 1,
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[Trial, int], None] = True,
+    timeout_s: float = 600.0,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -523,21 +542,36 @@ def find_batch(
     schedulers and scalers (``restore``, or found through the optimizers alive in the process)
     and the RNG states are restored afterwards.
 
+    Under ``torch.distributed`` call it on every rank with the same arguments: the ranks try the
+    same sizes, agree on every trial (out of memory on one rank is out of memory for all) and
+    return the same result, whose batch sizes are per rank (``global_batch_size`` is the total).
+    ``timeout_s`` bounds how long a rank waits for the others' verdict on a trial.
+
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    dev = resolve_device(device)
+    backend, dev = resolve(device)
     bud = resolve_budget(budget)
-    capacity, tracker_budget, note = _capacity(dev, bud)
+    capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
     has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
+    agreement = None
+    from gpumagic import _ranks
+
+    if _ranks.initialized():
+        from gpumagic.distributed import TrialAgreement
+
+        agreement = TrialAgreement(objects, _is_oom, timeout_s=timeout_s)
+        capacity = agreement.agree_min(capacity)
+        if agreement.rank != 0:
+            progress = False  # one progress bar for the job
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
     runner = TrialRunner(
-        trial_fn, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-        has_optimizer=has_opt, observed=observed,
+        trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+        has_optimizer=has_opt, observed=observed, agreement=agreement,
     )
     try:
         result = _run_search(
@@ -545,18 +579,14 @@ def find_batch(
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
+        result = result if agreement is None else agreement.result(result, objects)
     finally:
-        problems = snapshot.restore()
+        try:
+            problems = snapshot.restore()
+        finally:
+            if agreement is not None:
+                agreement.close()
     return _with_notes(result, [p for p in problems if p not in result.notes])
-
-
-def last_gpumem_cell(shell: Any) -> str | None:
-    """The body of the most recent ``%%gpumem`` cell in the input history."""
-    for src in reversed(list(getattr(shell.history_manager, "input_hist_raw", []))):
-        lines = src.lstrip().splitlines()
-        if lines and lines[0].startswith("%%gpumem"):
-            return "\n".join(lines[1:])
-    return None
 
 
 def _rebuild_loader(loader: Any, b: int) -> Any:
@@ -589,13 +619,6 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
     return DataLoader(loader.dataset, **kwargs)
 
 
-def _dataset_size(loader: Any) -> int | None:
-    try:
-        return len(loader.dataset)
-    except TypeError:
-        return None
-
-
 def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:
     """The search's options, in the flags' names (the search itself names its parameters)."""
     for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
@@ -625,14 +648,15 @@ def _globals_read(fn: Any, ns: Any) -> set[str]:
     return out
 
 
-def _check_var_is_read(shell: Any, code: str, var: str, ns: Any) -> None:
+def _check_var_is_read(code: str, var: str, ns: Any) -> None:
     """Refuse a --var that neither the code nor any function of the notebook reads: a trial would
-    change nothing (a typo, or the loader was built in an earlier cell)."""
+    change nothing (a typo, or the loader was built in an earlier cell). ``code`` is Python (the
+    IPython layer passes the cell after its transformations)."""
     import ast
     import inspect
 
     try:
-        tree = ast.parse(shell.transform_cell(code))
+        tree = ast.parse(code)
     except SyntaxError:
         return  # the trial will show the user's syntax error
     in_code = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
@@ -654,10 +678,12 @@ def _check_var_is_read(shell: Any, code: str, var: str, ns: Any) -> None:
     )
 
 
-def find_batch_in_shell(
-    shell: Any,
+def find_batch_in_namespace(
+    ns: MutableMapping[str, Any],
+    run: Callable[[], Any],
     code: str,
     *,
+    hints: Iterable[Any] = (),
     var: str | None,
     loader: str | None,
     device: str | None,
@@ -667,38 +693,25 @@ def find_batch_in_shell(
     max_size: int | None,
     steps: int,
     margin: float,
-    pick: str,
+    pick: Pick,
     effective: int | None,
-    presenter: Any = None,
+    progress: bool | Callable[[Trial, int], None] = True,
 ) -> BatchSearchResult:
-    """The magics' form: run ``code`` in the user namespace per trial with ``var``/``loader`` set."""
-    from gpumagic.magics import _hints, run_cell_source
-
-    ns = shell.user_ns
-    if var is None and loader is None:
-        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
-    if var is not None and not var.isidentifier():
-        raise BadOptions(f"--var must be a Python name, got {var!r}")
-    if loader is not None:
-        if loader not in ns:
-            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
-        from torch.utils.data import DataLoader
-
-        if not isinstance(ns[loader], DataLoader):
-            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+    """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
+    ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
+    default device."""
+    _check_namespace_options(ns, var, loader, steps)
     if var is not None:
-        _check_var_is_read(shell, code, var, ns)
-    if steps < 1:
-        raise BadOptions(f"--steps must be >= 1, got {steps}")
+        _check_var_is_read(code, var, ns)
     _check_bounds(start, min_size, max_size, margin, effective)
     if loader is not None:
-        n = _dataset_size(ns[loader])
+        n = _loader_facts(ns[loader])[0]
         if n is not None and min_size > n:
             raise BadOptions(f"--min ({min_size}) is larger than the data set of --loader {loader!r} ({n} samples)")
     try:
-        dev = resolve_device(device, _hints(ns) if device is None else ())
+        backend, dev = resolve(device, hints if device is None else ())
         bud = resolve_budget(budget, name="--budget")
-        capacity, tracker_budget, note = _capacity(dev, bud)
+        capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None
     notes = [note] if note else []
@@ -719,22 +732,45 @@ def find_batch_in_shell(
             ns[var] = b
         if loader is not None:
             ns[loader] = _rebuild_loader(original_loader, b)
-        run_cell_source(shell, code)
+        run()
 
-    observed = _Observed()
-    dataset_size, drop_last = None, False
-    if original_loader is not None:
-        dataset_size = _dataset_size(original_loader)
-        drop_last = bool(original_loader.drop_last)
-    runner = TrialRunner(body, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=observed)
+    dataset_size, drop_last = _loader_facts(original_loader)
+    runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
+                         has_optimizer=has_opt, observed=_Observed())
     try:
         result = _run_search(
             runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
-            objects=objects, current=current_b, progress=True, notes=notes,
+            objects=objects, current=current_b, progress=progress, notes=notes,
         )
     finally:
         problems = snapshot.restore()
     return _with_notes(result, [p for p in problems if p not in result.notes])
 
+
+def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None, steps: int) -> None:
+    """How the batch size reaches the code, checked against the namespace: BadOptions names the fault."""
+    if var is None and loader is None:
+        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
+    if var is not None and not var.isidentifier():
+        raise BadOptions(f"--var must be a Python name, got {var!r}")
+    if loader is not None:
+        if loader not in ns:
+            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
+        from torch.utils.data import DataLoader
+
+        if not isinstance(ns[loader], DataLoader):
+            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
+    if steps < 1:
+        raise BadOptions(f"--steps must be >= 1, got {steps}")
+
+
+def _loader_facts(loader: Any) -> tuple[int | None, bool]:
+    """(data-set size, drop_last) of a DataLoader the trials rebuild; (None, False) without one."""
+    if loader is None:
+        return None, False
+    try:
+        dataset_size: int | None = len(loader.dataset)
+    except TypeError:
+        dataset_size = None
+    return dataset_size, bool(loader.drop_last)

@@ -1,5 +1,7 @@
 """Choosing a device, opening a measuring session on it, and the device's state right now.
 
+Device-specific knowledge lives in :mod:`gpumagic.backends`; this module loops over the registry.
+
 Nothing here initialises CUDA unless a CUDA device is asked for (or is the default because one
 exists and the caller's tensors live there).
 """
@@ -8,41 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import re
 import traceback
 from collections.abc import Iterable, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
 
+from gpumagic import backends
 from gpumagic._tensors import is_fake, storages
-from gpumagic._units import parse_size
-from gpumagic.backends import MemorySession
-from gpumagic.report import DeviceStatus, ProcessMemory
+from gpumagic._units import format_bytes, parse_size
+from gpumagic.backends import Backend, MemorySession
+from gpumagic.report import DeviceStatus
 
 __all__ = [
+    "device_label",
     "device_status",
     "free_memory",
     "holders",
     "open_session",
     "release_memory",
+    "resolve",
     "resolve_budget",
     "resolve_device",
     "storage_bytes",
 ]
 
-_DEVICE_RE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
+_DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 DeviceLike = str | torch.device | torch.nn.Module | torch.Tensor | None
-
-
-def _cuda_ok() -> bool:
-    return bool(torch.cuda.is_available())
-
-
-def _mps_ok() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
 
 
 def _device_of(obj: Any, measurable_only: bool = False) -> torch.device | None:
@@ -64,51 +60,66 @@ def _device_of(obj: Any, measurable_only: bool = False) -> torch.device | None:
     return None
 
 
-def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torch.device:
-    """The device to measure.
+def _owner(device: torch.device) -> Backend | None:
+    return next((b for b in backends.registry() if b.owns(device)), None)
 
-    ``device`` may be a string ("cpu", "cuda", "cuda:1", "mps"), a ``torch.device``, or a
-    model/tensor whose device is used. Without one, the device of the first model or tensor in
-    ``hints`` that is not on the CPU wins (meta and fake tensors are ignored); then CPU if hints
-    were all on the CPU; then cuda if available, else mps, else cpu.
 
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
+def _allowed() -> str:
+    names = ", ".join(repr(b.name) for b in backends.registry())
+    return f"one of {names} (with ':N' for an index)"
+
+
+def resolve(device: DeviceLike = None, hints: Iterable[Any] = ()) -> tuple[Backend, torch.device]:
+    """The backend and device to measure; see :func:`resolve_device`."""
     if isinstance(device, (torch.nn.Module, torch.Tensor)):
         found = _device_of(device)
         device = found if found is not None else torch.device("cpu")
     if device is None:
-        seen_cpu = False
+        order = {b.name: i for i, b in enumerate(backends.registry())}
+        best: tuple[int, Backend, torch.device] | None = None
         for h in hints:
             d = _device_of(h, measurable_only=True)
-            if d is None:
-                continue
-            if d.type != "cpu":
-                device = d
-                break
-            seen_cpu = True
-        else:
-            device = "cpu" if seen_cpu else ("cuda" if _cuda_ok() else "mps" if _mps_ok() else "cpu")
+            owner = None if d is None else _owner(d)
+            if d is not None and owner is not None and (best is None or order[owner.name] < best[0]):
+                best = (order[owner.name], owner, d)
+        if best is not None:
+            return best[1], best[1].parse(best[2].index)
+        for b in backends.registry():
+            if b.available():
+                return b, b.parse(None)
+        raise ValueError("no device is available: no registered backend answers")
+    if isinstance(device, torch.device):
+        owner = _owner(device)
+        if owner is None:
+            raise ValueError(f"device must be {_allowed()}, got {str(device)!r}")
+        return owner, owner.parse(device.index)
     text = str(device)
     m = _DEVICE_RE.match(text)
-    if m is None:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {text!r}")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cuda":
-        if not _cuda_ok():
-            raise ValueError(f"device {text!r} is not available here (torch.cuda.is_available() is False); use 'cpu'")
-        i = int(index) if index is not None else torch.cuda.current_device()
-        if i >= torch.cuda.device_count():
-            raise ValueError(f"device {text!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", i)
-    if kind == "mps":
-        if not _mps_ok():
-            raise ValueError(f"device {text!r} is not available here (torch.backends.mps.is_available() is False)")
-        return torch.device("mps")
-    if index not in (None, "0"):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {text!r}")
-    return torch.device("cpu")
+    backend = backends.get(m.group(1)) if m else None
+    if m is None or backend is None:
+        raise ValueError(f"device must be {_allowed()}, got {text!r}")
+    return backend, backend.parse(None if m.group(2) is None else int(m.group(2)))
+
+
+def resolve_device(device: DeviceLike = None, hints: Iterable[Any] = ()) -> torch.device:
+    """The device to measure.
+
+    ``device`` may be a string ("cpu", "cuda", "cuda:1", "mps", or any registered backend's
+    name), a ``torch.device``, or a model/tensor whose device is used. Without one, the device
+    of the first model or tensor in ``hints`` that is on an accelerator wins; then the CPU if
+    hints were all on the CPU; then the first available backend (cuda, else mps, else cpu).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    return resolve(device, hints)[1]
+
+
+def device_label(backend: Backend | None, device: torch.device) -> str:
+    """How reports name ``device``: "cuda:0", "mps", "cpu", or a registered backend's name."""
+    if backend is None:
+        return str(device)
+    return backend.name if device.index is None else f"{backend.name}:{device.index}"
 
 
 def resolve_budget(budget: str | int | None, name: str = "budget") -> int | None:
@@ -118,17 +129,10 @@ def resolve_budget(budget: str | int | None, name: str = "budget") -> int | None
 
 def open_session(device: torch.device, budget: int | None = None, exclude: Iterable[int] = ()) -> MemorySession:
     """A not-yet-started measuring session for ``device``."""
-    if device.type == "cuda":
-        from gpumagic.backends.cuda import CUDASession
-
-        return CUDASession(device.index or 0, budget)
-    if device.type == "mps":
-        from gpumagic.backends.mps import MPSSession
-
-        return MPSSession(budget)
-    from gpumagic.backends.cpu import CPUSession
-
-    return CPUSession(budget, exclude=exclude)
+    backend = _owner(device)
+    if backend is None:
+        raise ValueError(f"no backend measures {device}")
+    return backend.open_session(device, budget, exclude)
 
 
 def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
@@ -194,47 +198,10 @@ def holders(namespace: Mapping[str, Any], device: torch.device, top: int = 5) ->
     return out[:top]
 
 
-def _host_memory() -> tuple[int | None, int | None]:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        return int(total), int(avail)
-    except (ValueError, OSError, AttributeError):
-        return None, None
-
-
 def device_status(device: DeviceLike = None) -> DeviceStatus:
     """The device now: allocated / reserved / total / free and, through NVML, GPU processes."""
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        from gpumagic.backends import nvml
-
-        i = dev.index or 0
-        free, total = torch.cuda.mem_get_info(i)
-        info = nvml.gpu_info(i)
-        procs = tuple(ProcessMemory(p.pid, p.used_bytes, p.name) for p in info.processes) if info else ()
-        notes = () if info else ("NVML unavailable: no per-process figures",)
-        return DeviceStatus(
-            "cuda", str(dev), int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)),
-            int(total), int(free), torch.cuda.get_device_name(i), procs, notes,
-        )
-    if dev.type == "mps":
-        rec = getattr(torch.mps, "recommended_max_memory", None)
-        total_mps = int(rec()) if rec is not None else None
-        alloc = int(torch.mps.current_allocated_memory())
-        driver = int(torch.mps.driver_allocated_memory())
-        return DeviceStatus(
-            "mps", "mps", alloc, driver, total_mps,
-            None if total_mps is None else total_mps - driver, "Apple GPU",
-        )
-    from gpumagic.backends.cpu import live_storages
-
-    allocated = sum(int(st.nbytes()) for st in live_storages("cpu").values())
-    total_host, avail = _host_memory()
-    return DeviceStatus(
-        "cpu", "cpu", allocated, None, total_host, avail, "host memory",
-        notes=("allocated = live CPU tensor storages reachable from Python; total/free = host RAM",),
-    )
+    backend, dev = resolve(device)
+    return backend.status(dev)
 
 
 def release_memory(exc: BaseException | None) -> None:
@@ -244,12 +211,17 @@ def release_memory(exc: BaseException | None) -> None:
         ctx: BaseException | None = exc
         while ctx is not None and ctx.__traceback__ is not None:
             traceback.clear_frames(ctx.__traceback__)
+            tb: TracebackType | None = ctx.__traceback__
+            while tb is not None:
+                # a frame whose locals were read (a traceback formatter showing arguments, a
+                # debugger) keeps a snapshot dict that clear() leaves (CPython < 3.13); reading
+                # f_locals again re-syncs it with the now empty locals, dropping the tensors
+                tb.tb_frame.f_locals  # noqa: B018
+                tb = tb.tb_next
             ctx = ctx.__context__
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-    if _mps_ok():
-        torch.mps.empty_cache()
+    for backend in backends.registry():
+        backend.empty_cache()
 
 
 def free_memory(namespace: Mapping[str, Any] | None = None, device: DeviceLike = None) -> DeviceStatus:
@@ -257,17 +229,12 @@ def free_memory(namespace: Mapping[str, Any] | None = None, device: DeviceLike =
 
     ``%gpumem --free`` runs this; the names still holding memory are listed in the notes.
     """
-    dev = resolve_device(device)
+    backend, dev = resolve(device)
     gc.collect()
-    if dev.type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-    elif dev.type == "mps":
-        torch.mps.empty_cache()
-    status = device_status(dev)
+    backend.empty_cache()
+    status = backend.status(dev)
     if namespace is not None:
         held = holders(namespace, dev)
-        from gpumagic._units import format_bytes
-
         extra = tuple(f"still held by {name!r}: {format_bytes(n)}" for name, n in held)
         status = dataclasses.replace(status, notes=status.notes + extra)
     return status

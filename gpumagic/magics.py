@@ -11,10 +11,14 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from IPython.core import magic_arguments
@@ -23,41 +27,12 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
+from gpumagic._batchmath import PICKS
+from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
+
 __all__ = ["GPUMagics", "load", "unload"]
 
 _MAGIC_NAMES = {"line": ("gpumem", "find_batch", "gpumon", "gpumagic"), "cell": ("gpumem", "find_batch")}
-
-
-# ---------------------------------------------------------------------------------------------
-# running a cell
-
-
-def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
-    """Execute a cell body in the user namespace; return the value of a final expression."""
-    src = shell.transform_cell(cell)
-    tree = shell.compile.ast_parse(src)
-    assert isinstance(tree, ast.Module)
-    last: ast.Expression | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body[-1].value)
-        tree.body.pop()
-    filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
-    code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
-    exec(code, shell.user_global_ns, shell.user_ns)
-    if last is not None:
-        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)  # type: ignore[arg-type]
-    return None
-
-
-def _hints(ns: Mapping[str, Any]) -> list[Any]:
-    """Models and tensors in the namespace, for choosing the default device."""
-    import torch
-
-    out = []
-    for name, v in list(ns.items()):
-        if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
-            out.append(v)
-    return out
 
 
 def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
@@ -96,39 +71,64 @@ def _user_frame(tb: Any) -> str | None:
     return None
 
 
-def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    where = _user_frame(exc.__traceback__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-    def render() -> list[str]:
-        # one-shot: %tb afterwards shows the full traceback
-        exc.__dict__.pop("_render_traceback_", None)
-        lines = [f"{type(exc).__name__}: {first}"]
+
+def _ipython_dir() -> str:
+    import IPython
+
+    return os.path.dirname(os.path.abspath(IPython.__file__)) + os.sep
+
+
+def user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """A copy of the chain ``tb`` without gpumagic's frames (the magic, the cell runner, the
+    simulated device) nor IPython's leading ones (what runs the cell): the user's frames only."""
+    kept: list[TracebackType] = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    ipython = _ipython_dir()
+    while len(kept) > 1 and os.path.abspath(kept[0].tb_frame.f_code.co_filename).startswith(ipython):
+        kept.pop(0)
+    out: TracebackType | None = None
+    for t in reversed(kept):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
+class TracebackView:
+    """``_render_traceback_`` for a translated OOM: the short form the first time IPython shows
+    the error, and afterwards (``%tb``) the full traceback of the user's frames, formatted before
+    the frames are cleared to free memory, so their arguments still show."""
+
+    def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
+        lines = str(exc).strip().splitlines()
+        self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
+        where = _user_frame(exc.__traceback__)
         if where:
-            lines.append(f"  at {where}")
-        lines.append("  (full traceback: %tb)")
-        return lines
+            self.short.append(f"  at {where}")
+        self.short.append("  (full traceback: %tb)")
+        tb = user_traceback(exc.__traceback__)
+        try:
+            self.full = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
+        except Exception:  # IPython's formatter failed: Python's, without the arguments
+            self.full = traceback.format_exception(type(exc), exc, tb)
+        self.wrap = _text_only(shell)  # a terminal: lines within its width (a notebook wraps by itself)
+        if self.wrap and self.full:
+            from gpumagic._text import wrap_block
 
-    return render
+            self.full[-1] = wrap_block(self.full[-1])  # the message: one line of 300 characters
+        self.shown = False
 
+    def __call__(self) -> list[str]:
+        if not self.shown:
+            self.shown = True
+            from gpumagic._text import wrap_block
 
-def fit_from_report(report: Any) -> tuple[float, float] | None:
-    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
-    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
-    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
-    if not steps:
-        return None
-    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
-    fixed = float(report.baseline_bytes)
-    b = report.breakdown
-    if b is not None:
-        fixed += b.gradients_bytes + b.optimizer_state_bytes
-        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
-            fixed += b.parameters_bytes
-    slope = (step.peak_bytes - fixed) / step.batch_size
-    return (fixed, slope) if slope > 0 else None
+            text = "\n".join(self.short)
+            return (wrap_block(text) if self.wrap else text).splitlines()
+        return self.full
 
 
 class OOMPresenter:
@@ -154,21 +154,24 @@ class OOMPresenter:
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
-            advice = oom.advise(info, self._context(info, report, batch_size, names_used(self.shell, cell)))
+            from gpumagic.oom._advice import rank_in_error
+
+            context = self._context(info, report, batch_size, names_used(self.shell, cell))
+            advice = oom.advise(info, dataclasses.replace(context, rank=rank_in_error(exc)))
             display(advice)
         finally:
             from gpumagic.devices import release_memory
 
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
-            exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):  # a nicety: the memory is freed regardless
+                exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
 
     def _context(self, info: Any, report: Any, batch_size: int | None, in_use: set[str]) -> Any:
-        import torch
-
-        from gpumagic import oom
-        from gpumagic.devices import holders, resolve_device
+        from gpumagic import backends, oom
+        from gpumagic._batchmath import fit_from_report
+        from gpumagic.devices import holders, resolve
 
         ns = self.shell.user_ns
         if batch_size is None and report is not None:
@@ -180,16 +183,18 @@ class OOMPresenter:
                 if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                     batch_size = v
                     break
-        device_type = getattr(info, "device_type", None) or "cpu"
+        # the failing device's backend; a simulated OOM (or an unknown device) is on the CPU
+        simulated = getattr(info, "simulated", False)
+        backend = None if simulated else backends.get(getattr(info, "device_type", None) or "")
+        held: tuple[tuple[str, int], ...] = ()
+        processes: tuple[tuple[int, int, str | None], ...] = ()
         try:
-            if getattr(info, "simulated", False) or device_type not in ("cuda", "mps"):
-                dev = torch.device("cpu")
-            else:
-                dev = resolve_device(device_type)
+            backend, dev = (backend, backend.parse(info.device_index)) if backend is not None else resolve("cpu")
             # memory held by earlier cells: what the failing cell itself uses is not a candidate
             held = tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
+            processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(dev))
         except ValueError:
-            held = ()
+            pass
         fit = getattr(self.last_search, "fit", None)
         prev = self.last_report
         line = (fit.intercept_bytes, fit.bytes_per_sample) if fit is not None else None
@@ -201,14 +206,6 @@ class OOMPresenter:
                     line = fit_from_report(source)
                     if line is not None:
                         break
-        processes: tuple[tuple[int, int, str | None], ...] = ()
-        if device_type == "cuda" and not getattr(info, "simulated", False):
-            from gpumagic.backends import nvml
-
-            gi = nvml.gpu_info(info.device_index or 0)
-            if gi is not None:
-                me = os.getpid()
-                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in gi.processes if p.pid != me)
         return oom.AdviceContext(
             batch_size=batch_size,
             optimizer=_optimizer_name(ns),
@@ -219,6 +216,7 @@ class OOMPresenter:
             intercept_bytes=line[0] if line else None,
             holders=held,
             processes=processes,
+            world_size=getattr(report, "world_size", None),
         )
 
 
@@ -272,6 +270,82 @@ class OOMHandler:
 
 
 # ---------------------------------------------------------------------------------------------
+# displaying results and progress
+
+
+def _kernel_frontend(shell: InteractiveShell) -> bool:
+    """A Jupyter kernel (a notebook, VS Code, Colab, nbclient) rather than terminal IPython."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def _text_only(shell: InteractiveShell) -> bool:
+    """The shell shows plain text only (terminal IPython): results render through ``_repr_pretty_``."""
+    formatter = shell.display_formatter
+    return formatter is not None and "text/html" not in formatter.active_types
+
+
+class _ShownProgress:
+    """A notebook progress widget, and the display it sits in (emptied when the search ends)."""
+
+    def __init__(self, inner: Any, handle: Any) -> None:
+        self.inner = inner
+        self.handle = handle
+
+    def __call__(self, trial: Any, index: int) -> None:
+        self.inner(trial, index)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            # a saved notebook keeps no frame of the bar
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+@contextmanager
+def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
+    """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
+    terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
+    from gpumagic._progress import LineProgress, text_progress
+
+    progress: Any = None
+    if quiet:
+        pass
+    elif _kernel_frontend(shell):
+        try:
+            from gpumagic.widgets import WidgetProgress
+
+            bar = WidgetProgress()
+        except ImportError:  # no ipywidgets: lines in the cell's stderr
+            progress = LineProgress(sys.stderr)
+        else:
+            progress = _ShownProgress(bar, display(bar.widget, display_id=True))
+    else:
+        progress = text_progress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
+    """A mimebundle printer for results: none in a text-only shell (IPython then calls
+    ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
+
+    def printer(obj: Any) -> Any:
+        return None if _text_only(shell) else obj._repr_mimebundle_()
+
+    return printer
+
+
+def _result_types() -> tuple[type, ...]:
+    from gpumagic.report import BatchSearchResult, MemoryReport
+
+    return (MemoryReport, BatchSearchResult)
+
+
+# ---------------------------------------------------------------------------------------------
 # the magics
 
 
@@ -299,6 +373,7 @@ class GPUMagics(Magics):
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
         self.oom_handler = OOMHandler(shell, self.presenter)
+        self.saved_printers: dict[type, Any] = {}  # mimebundle printers ours replaced, restored on unload
 
     # -- %gpumem / %%gpumem --------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -354,18 +429,27 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
             return None
         args = _parse(self.gpumem, line)
-        from gpumagic.devices import device_status, free_memory, resolve_budget, resolve_device
+        from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
+        from gpumagic import distributed
+
+        launcher = cell is not None and distributed.launches_processes(cell)
         try:
-            device = resolve_device(args.device, _hints(ns) if args.device is None else ())
+            if launcher:
+                # the ranks run in forked children, which cannot use a GPU this process initialised:
+                # this process is measured on the host, the children on their own devices
+                backend, device = resolve("cpu")
+            else:
+                backend, device = resolve(args.device, hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget, name="--budget")
         except ValueError as e:
             raise UsageError(str(e)) from None
         if cell is None:
             if args.budget is not None:
                 raise UsageError("--budget applies to the cell magic %%gpumem, not to %gpumem")
-            status = free_memory(ns, device) if args.free else device_status(device)
+            target = args.device if args.device is not None else device  # a name resolves to its backend again
+            status = free_memory(ns, target) if args.free else device_status(target)
             if args.output:
                 return status
             display(status)
@@ -374,26 +458,38 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if not cell.strip():
             raise UsageError("%%gpumem needs a cell body to run")
+        from gpumagic import _ranks
         from gpumagic.tracking import Tracker
 
-        tracker = Tracker(device, budget)
+        tracker = Tracker(device, budget, backend=backend)
+        children: tuple[Any, ...] = ()
+        shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
-            with tracker:
-                value = run_cell_source(self.shell, cell)
+            # child processes the cell starts (notebook_launcher, start_processes) measure themselves
+            child_device = args.device if launcher else str(device)
+            with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
+                try:
+                    value = run_cell_source(self.shell, cell)
+                finally:
+                    children = distributed.collect_children(reports_dir)
         except BaseException as exc:
-            report = getattr(tracker, "_report", None)
+            report = tracker.finished_report
+            if report is not None:
+                report = distributed.with_children(report, children)
+            if not shows:
+                raise
             try:
                 shown = isinstance(exc, Exception) and self.presenter.present(
-                    exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
+                    exc, report=report, batch_size=tracker.last_batch_size, cell=cell
                 )
             except Exception:  # advice must never replace the user's exception
                 shown = False
             if not shown and report is not None and not args.quiet:
                 display(report)
             raise
-        report = tracker.report
+        report = distributed.with_children(tracker.report, children)
         self.presenter.last_report = report
-        if not args.quiet:
+        if not args.quiet and shows:
             display(report)
         if args.output:
             return report
@@ -432,7 +528,7 @@ class GPUMagics(Magics):
         "capacity × (1 − margin).",
     )
     @magic_arguments.argument(
-        "--pick", default="max", choices=("max", "throughput", "pow2"),
+        "--pick", default="max", choices=PICKS,
         help="max: largest that fits with the margin; throughput: smallest within 5%% of the best samples/s; "
         "pow2: largest power of two that fits.",
     )
@@ -442,7 +538,9 @@ class GPUMagics(Magics):
         "with the learning-rate rule.",
     )
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor the progress of the trials."
+    )
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per trial, after `--`, e.g. "
@@ -481,18 +579,20 @@ class GPUMagics(Magics):
             raise UsageError("give the code either as the cell body or after `--` on the line, not both")
         code: str | None = cell if cell is not None else statement
         if code is None or not code.strip():
-            code = batch.last_gpumem_cell(self.shell)
+            code = last_gpumem_cell(self.shell)
             if code is None:
                 raise UsageError(
                     "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
                     "(%find_batch then re-runs it)"
                 )
         try:
-            result = batch.find_batch_in_shell(
-                self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
-                start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                margin=args.margin, pick=args.pick, effective=args.effective, presenter=self.presenter,
-            )
+            with search_progress(self.shell, args.quiet) as progress:
+                result = find_batch_in_shell(
+                    self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
+                    start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
+                    margin=args.margin, pick=args.pick, effective=args.effective,
+                    progress=progress,
+                )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
@@ -529,14 +629,12 @@ class GPUMagics(Magics):
             n = monitor.stop_all()
             print(f"stopped {n} monitor{'s' if n != 1 else ''}")
             return None
-        from gpumagic import widgets
-
         try:
             mon = monitor.Monitor(interval=args.interval)
         except ValueError as e:
             raise UsageError(str(e)) from None
         mon.start()
-        widgets.show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
+        show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
         return None
 
     # -- %gpumagic -----------------------------------------------------------------------------
@@ -554,7 +652,7 @@ class GPUMagics(Magics):
             print(f"gpumagic: out-of-memory translation in every cell is {words[1]}")
             return
         if words == ["status"] or not words:
-            from gpumagic import __version__
+            from gpumagic._version import __version__
 
             state = "on" if self.oom_handler.installed else "off"
             print(f"gpumagic {__version__}: OOM translation in every cell {state}; "
@@ -578,6 +676,10 @@ def load(shell: InteractiveShell) -> None:
         unload(shell)
     magics = GPUMagics(shell)
     shell.register_magics(magics)
+    if shell.display_formatter is not None:
+        bundles = shell.display_formatter.mimebundle_formatter
+        printer = _text_bundle(shell)
+        magics.saved_printers = {t: bundles.for_type(t, printer) for t in _result_types()}
     if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
         magics.oom_handler.install()
 
@@ -588,6 +690,12 @@ def unload(shell: InteractiveShell) -> None:
     try:
         if magics is not None:
             magics.oom_handler.uninstall()
+            if shell.display_formatter is not None:
+                bundles = shell.display_formatter.mimebundle_formatter
+                for t, saved in magics.saved_printers.items():
+                    bundles.pop(t, None)
+                    if saved is not None:
+                        bundles.for_type(t, saved)
     finally:
         table: dict[str, dict[str, Any]] = shell.magics_manager.magics
         for kind, names in _MAGIC_NAMES.items():
@@ -602,5 +710,5 @@ def unload(shell: InteractiveShell) -> None:
         tracking = sys.modules.get("gpumagic.tracking")
         if tracking is not None:
             while (t := tracking.active_tracker()) is not None:
-                t._teardown()
+                t.close()
 

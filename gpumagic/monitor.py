@@ -1,12 +1,13 @@
 """The live monitor behind ``%gpumon``: a background thread sampling device memory into a ring buffer.
 
 A :class:`Monitor` asks a *source* (any callable returning :class:`DeviceSample` s) every
-``interval`` seconds and keeps the last ten minutes. The default source picks what this
-machine has: NVML (every visible NVIDIA GPU, other processes included), else torch's own CUDA
-counters (only when this process has already initialised CUDA: the monitor never does), else
-MPS, else the CPU (this process's resident memory against the machine's, plus the live bytes
-of gpumagic's CPU tracker while one runs). Nothing here imports torch, IPython or ipywidgets;
-the panel is drawn by :func:`gpumagic.widgets.monitor_widget`.
+``interval`` seconds and keeps the last ten minutes. The default source is the first backend
+(:mod:`gpumagic.backends`) that can be sampled now: NVML (every visible NVIDIA GPU, other
+processes included), else torch's own CUDA counters (only when this process has already
+initialised CUDA: the monitor never does), else MPS, else the CPU (this process's resident
+memory against the machine's, plus the live bytes of gpumagic's CPU tracker while one runs).
+Nothing here imports torch, IPython or ipywidgets; the panel is drawn by
+:func:`gpumagic.widgets.monitor_widget`.
 
 >>> mon = Monitor(interval=0.5)   # doctest: +SKIP
 >>> mon.start(); ...; mon.stop()  # doctest: +SKIP
@@ -17,14 +18,16 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
-import os
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+
+from gpumagic import backends
+from gpumagic.backends import SampleSource
+from gpumagic.backends.host import CPUSource
+from gpumagic.report import DeviceSample
 
 __all__ = [
     "MAX_INTERVAL",
@@ -34,7 +37,6 @@ __all__ = [
     "Monitor",
     "Sample",
     "SampleSource",
-    "TorchSource",
     "default_source",
     "nvml_source",
     "running_monitors",
@@ -49,26 +51,6 @@ THREAD_PREFIX = "gpumagic-monitor"
 
 
 @dataclass(frozen=True)
-class DeviceSample:
-    """One device at one moment. Bytes are ints; ``None`` means "not known here"."""
-
-    device: str
-    """"cuda:0", "mps" or "cpu"."""
-    name: str | None
-    used_bytes: int | None
-    """In use on the device by everyone (for the CPU: the machine's RAM in use)."""
-    total_bytes: int | None
-    utilization_percent: float | None
-    """Busy time in the last sampling period (GPU: NVML's utilisation; CPU: this process's CPU time)."""
-    process_bytes: int | None
-    """Used by this process (NVML's count for our pid, else what torch's allocator holds; CPU: RSS)."""
-    other_bytes: int | None
-    """Everything else in use: other processes, the driver, and for NVML the CUDA context overhead."""
-    tracked_bytes: int | None = None
-    """Live tensor bytes counted by gpumagic's CPU tracker while a tracked cell runs."""
-
-
-@dataclass(frozen=True)
 class Sample:
     """Every device at one moment; ``time`` is ``time.time()``."""
 
@@ -77,193 +59,21 @@ class Sample:
     source: str
 
 
-class SampleSource(Protocol):
-    """What a monitor samples: a callable returning one :class:`DeviceSample` per device.
-
-    ``name`` says where the numbers come from ("nvml", "torch.cuda", "mps", "cpu", or a test's).
-    A source is only ever called from one thread at a time.
-    """
-
-    name: str
-
-    def __call__(self) -> Sequence[DeviceSample]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# sources
-
-
-def _visible_count(nvml: Any) -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        parts = [p.strip() for p in visible.split(",") if p.strip()]
-        if all(p.isdigit() for p in parts):
-            return len(parts)  # "" hides every GPU
-    return int(nvml.nvmlDeviceGetCount())
-
-
-def _torch_reserved(index: int) -> int | None:
-    """What torch's caching allocator holds on cuda:index, without ever initialising CUDA."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return None
-    try:
-        return int(torch.cuda.memory_reserved(index))
-    except Exception:  # an index torch cannot see (CUDA_VISIBLE_DEVICES given as UUIDs)
-        return None
-
-
-class NVMLSource:
-    """Every visible NVIDIA GPU through NVML: totals, utilisation, and this process's share."""
-
-    name = "nvml"
-
-    def __init__(self, nvml: Any, count: int) -> None:
-        self._nvml = nvml
-        self.count = count
-
-    def __call__(self) -> list[DeviceSample]:
-        from gpumagic.backends.nvml import gpu_info
-
-        pid = os.getpid()
-        out = []
-        for i in range(self.count):
-            info = gpu_info(i)
-            if info is None:
-                out.append(DeviceSample(f"cuda:{i}", None, None, None, None, None, None))
-                continue
-            mine = [p.used_bytes for p in info.processes if p.pid == pid and p.used_bytes is not None]
-            # In a container NVML reports host pids; then torch's allocator is the best count we have.
-            process = sum(mine) if mine else _torch_reserved(i)
-            other = None if process is None else max(0, info.used_bytes - process)
-            util = None if info.utilization_percent is None else float(info.utilization_percent)
-            out.append(DeviceSample(f"cuda:{i}", info.name, info.used_bytes, info.total_bytes, util, process, other))
-        return out
-
-
-def nvml_source() -> NVMLSource | None:
-    """An NVML source when a driver answers, else None (no library, no driver, no GPU)."""
-    from gpumagic.backends.nvml import gpu_info
-
-    if gpu_info(0) is None:  # initialises NVML once; every failure means "not here"
-        return None
-    import pynvml
-
-    count = _visible_count(pynvml)
-    return NVMLSource(pynvml, count) if count > 0 else None
-
-
-class TorchSource:
-    """torch's counters for CUDA (this process only) or MPS; used when NVML is unavailable.
-
-    Only devices this process already uses are read: asking any other CUDA device for its free
-    memory would create a context there (hundreds of MiB).
-    """
-
-    def __init__(self, kind: str) -> None:
-        if kind not in ("cuda", "mps"):
-            raise ValueError(f"kind must be 'cuda' or 'mps', got {kind!r}")
-        self.name = "torch.cuda" if kind == "cuda" else "mps"
-        self.kind = kind
-
-    def __call__(self) -> list[DeviceSample]:
-        torch = sys.modules["torch"]
-        if self.kind == "mps":
-            mps = torch.mps
-            allocated = int(mps.current_allocated_memory())
-            driver = int(mps.driver_allocated_memory()) if hasattr(mps, "driver_allocated_memory") else None
-            total = int(mps.recommended_max_memory()) if hasattr(mps, "recommended_max_memory") else None
-            used = driver if driver is not None else allocated
-            return [DeviceSample("mps", "Apple MPS", used, total, None, used, None)]
-        cuda = torch.cuda
-        current = int(cuda.current_device())
-        out = []
-        for i in range(int(cuda.device_count())):
-            reserved = int(cuda.memory_reserved(i))
-            name = str(cuda.get_device_name(i))
-            if i != current and reserved == 0:
-                total = int(cuda.get_device_properties(i).total_memory)
-                out.append(DeviceSample(f"cuda:{i}", name, None, total, None, 0, None))
-                continue
-            free, total = (int(v) for v in cuda.mem_get_info(i))
-            used = total - free
-            out.append(DeviceSample(f"cuda:{i}", name, used, total, None, reserved, max(0, used - reserved)))
-        return out
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None  # not Linux: the peak RSS from resource would be mistaken for the current one
-
-
-def _system_memory() -> tuple[int | None, int | None]:
-    """(total, in use) bytes of the machine's RAM; in use is total minus MemAvailable."""
-    try:
-        total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = None
-    used = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:") and total is not None:
-                    used = total - int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    return total, used
-
-
-def _tracker_bytes() -> int | None:
-    # Only when the CPU backend is already imported: a tracker can't be active otherwise, and
-    # importing it would import torch.
-    cpu = sys.modules.get("gpumagic.backends.cpu")
-    fn = getattr(cpu, "live_tracker_bytes", None)
-    if fn is None:
-        return None
-    value = fn()
-    return None if value is None else int(value)
-
-
-class CPUSource:
-    """This process's resident memory against the machine's RAM, and its CPU utilisation."""
-
-    name = "cpu"
-
-    def __init__(self) -> None:
-        self._last: tuple[float, float] | None = None
-        self._cpus = os.cpu_count() or 1
-
-    def _utilization(self) -> float | None:
-        now = (time.monotonic(), time.process_time())
-        last, self._last = self._last, now
-        if last is None or now[0] <= last[0]:
-            return None
-        return min(100.0, 100.0 * (now[1] - last[1]) / (now[0] - last[0]) / self._cpus)
-
-    def __call__(self) -> list[DeviceSample]:
-        rss = _rss_bytes()
-        total, used = _system_memory()
-        other = None if rss is None or used is None else max(0, used - rss)
-        return [DeviceSample("cpu", "CPU RAM", used, total, self._utilization(), rss, other, _tracker_bytes())]
-
-
 def default_source() -> SampleSource:
-    """The best source here: NVML, else torch's CUDA or MPS counters if in use, else the CPU."""
-    nv = nvml_source()
-    if nv is not None:
-        return nv
-    torch = sys.modules.get("torch")  # never imported (nor CUDA initialised) by the monitor
-    if torch is not None:
-        if torch.cuda.is_initialized():
-            return TorchSource("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available() and hasattr(torch, "mps"):
-            return TorchSource("mps")
+    """The first registered backend that can be sampled now: NVML, else torch's CUDA counters
+    if CUDA is in use, else MPS, else the CPU. Never imports torch nor initialises a device."""
+    for backend in backends.registry():
+        source = backend.sample_source()
+        if source is not None:
+            return source
     return CPUSource()
+
+
+def nvml_source() -> SampleSource | None:
+    """An NVML source when a driver answers, else None (no library, no driver, no GPU)."""
+    from gpumagic.backends.cuda import nvml_source as make
+
+    return make()
 
 
 # ---------------------------------------------------------------------------------------------

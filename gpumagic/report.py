@@ -1,9 +1,10 @@
 """Frozen result objects: what a tracked cell and a batch-size search produce.
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
-Objects render themselves: ``repr`` is a one-line summary, ``_repr_html_`` a compact table, and
-``_repr_mimebundle_`` adds the widget and a PNG by importing :mod:`gpumagic.widgets` lazily (the
-only edge from the core to the rendering layer).
+Objects render themselves: ``repr`` is a one-line summary, ``_repr_pretty_`` (IPython's
+plain-text display, a terminal) a headline and a short table fitting the terminal, ``_repr_html_`` a compact table, and
+``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
+from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
 """
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
+from gpumagic._text import memory_report_text, search_text, use_color
 from gpumagic._units import format_bytes
 
 if TYPE_CHECKING:
     import pandas
 
+    from gpumagic._batchmath import LRRule, Pick
+
 __all__ = [
     "BatchSearchResult",
+    "DeviceSample",
     "DeviceStatus",
     "Fit",
     "MemoryBreakdown",
     "MemoryReport",
     "ProcessMemory",
+    "RankRecord",
     "StepRecord",
     "Trial",
 ]
@@ -60,23 +67,6 @@ def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
 
-def _bundle(obj: Any, kind: str, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-    """text/plain + text/html always; widget + PNG where the rendering layer can make them."""
-    bundle: dict[str, Any] = {"text/plain": repr(obj), "text/html": obj._repr_html_()}
-    try:
-        from gpumagic.widgets import rich_bundle  # lazy: the one edge from the core to the renderers
-
-        rich = rich_bundle(obj, kind)
-    except Exception:  # a broken install or a renderer's failure: text and HTML still show
-        rich = {}
-    bundle.update(rich)
-    if include:
-        bundle = {k: v for k, v in bundle.items() if k in include}
-    if exclude:
-        bundle = {k: v for k, v in bundle.items() if k not in exclude}
-    return bundle
-
-
 @dataclass(frozen=True)
 class StepRecord:
     """One training step: an optimizer step, or one backward when no optimizer steps.
@@ -104,6 +94,22 @@ class MemoryBreakdown:
     other_bytes: int
     """Activations, temporaries and anything else alive at the peak (peak minus the three above)."""
     step_index: int | None = None
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank's summary in a data-parallel job (``MemoryReport.ranks``)."""
+
+    rank: int
+    device: str
+    peak_bytes: int
+    peak_delta_bytes: int
+    reserved_peak_bytes: int | None
+    steps: int
+    wall_seconds: float
+    budget_bytes: int | None = None
+    capacity_bytes: int | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,23 @@ class MemoryReport:
     incomplete: str | None = None
     """Why the figures may miss something: an internal failure of the measurement (a hook, the
     tracker), which gpumagic kept out of the user's code. ``None`` when the measurement is whole."""
+    ranks: tuple[RankRecord, ...] = ()
+    """Under torch.distributed (or for the child processes a tracked cell started): every rank's
+    summary, in rank order. Empty for a single process."""
+    world_size: int | None = None
+
+    @property
+    def peak_rank(self) -> RankRecord | None:
+        """The rank with the highest peak (``None`` without ranks)."""
+        return max(self.ranks, key=lambda r: r.peak_bytes) if self.ranks else None
+
+    @property
+    def peak_spread_bytes(self) -> int | None:
+        """Highest minus lowest peak over the ranks (``None`` with fewer than two)."""
+        if len(self.ranks) < 2:
+            return None
+        peaks = [r.peak_bytes for r in self.ranks]
+        return max(peaks) - min(peaks)
 
     @property
     def losses(self) -> tuple[float, ...]:
@@ -184,6 +207,10 @@ class MemoryReport:
             parts.append(f"· stopped by {self.error.split(':')[0]}")
         if self.incomplete:
             parts.append("· incomplete")
+        top = self.peak_rank
+        if top is not None and len(self.ranks) > 1:
+            parts.append(f"· {len(self.ranks)} ranks, rank {top.rank} highest at {format_bytes(top.peak_bytes)}"
+                         f" (spread {format_bytes(self.peak_spread_bytes)})")
         return " ".join(parts)
 
     def __repr__(self) -> str:
@@ -230,18 +257,42 @@ class MemoryReport:
             rows.append(("stopped by", self.error))
         if self.incomplete:
             rows.append(("incomplete", self.incomplete))
+        rows.extend(self._rank_rows())
         rows.extend(("note", n) for n in self.notes)
+        return rows
+
+    def _rank_rows(self) -> list[tuple[str, str]]:
+        top = self.peak_rank
+        if top is None:
+            return []
+        n = self.world_size or len(self.ranks)
+        rows = [("ranks", f"{len(self.ranks)} of {n}; rank {top.rank} peaks highest"
+                          + (f", spread {format_bytes(self.peak_spread_bytes)}" if len(self.ranks) > 1 else ""))]
+        for r in self.ranks:
+            cap = r.budget_bytes or r.capacity_bytes
+            used = f" ({100 * r.peak_bytes / cap:.1f}% of {format_bytes(cap)})" if cap else ""
+            rows.append((
+                f"rank {r.rank} ({r.device})",
+                f"peak {format_bytes(r.peak_bytes)}{used}, "
+                f"{format_bytes(r.peak_delta_bytes, signed=True)} in the block, "
+                f"{r.steps} step{'s' if r.steps != 1 else ''}, {_seconds(r.wall_seconds)}"
+                + (f", stopped by {r.error.split(':')[0]}" if r.error else ""),
+            ))
         return rows
 
     def to_text(self) -> str:
         """The report as an aligned plain-text table (for scripts and terminals)."""
         return _text_table("gpumagic memory report", self._rows())
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
+        p.text(memory_report_text(self, color=use_color()))
+
     def _repr_html_(self) -> str:
         return html_table("gpumagic memory report", self._rows())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundle(self, "memory", include, exclude)
+        return mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -255,6 +306,8 @@ class Trial:
     seconds: float
     steps: int = 0
     """Optimizer steps (or backward calls without an optimizer) the trial completed."""
+    rank_peak_bytes: tuple[int | None, ...] = ()
+    """Under torch.distributed: each rank's peak in this trial (``peak_bytes`` is their max)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +321,11 @@ class Fit:
 
     def predict(self, batch_size: float) -> int:
         return round(self.intercept_bytes + self.bytes_per_sample * batch_size)
+
+    def describe(self, *, r2: bool = True) -> str:
+        """The line as people read it: ``"100.00 MiB + 1.00 MiB/sample, R² 0.9990"``."""
+        text = f"{format_bytes(round(self.intercept_bytes))} + {format_bytes(round(self.bytes_per_sample))}/sample"
+        return f"{text}, R² {self.r2:.4f}" if r2 else text
 
     def largest_under(self, limit_bytes: float) -> int | None:
         """The largest batch size whose predicted peak is <= limit_bytes (None if unbounded)."""
@@ -291,15 +349,25 @@ class BatchSearchResult:
     capacity_bytes: int | None
     predicted_peak_bytes: int | None
     """The fit's prediction at the recommended batch size."""
-    pick: str = "max"
+    pick: Pick = "max"
     margin: float = 0.05
     effective_batch_size: int | None = None
     lr_note: str | None = None
-    lr_rule: str | None = None
+    lr_rule: LRRule | None = None
     """"linear" (SGD-like) or "sqrt" (Adam-like): how the learning rate follows the effective batch."""
     dataset_size: int | None = None
     device: str = "cpu"
     notes: tuple[str, ...] = ()
+    world_size: int | None = None
+    """Under torch.distributed: the ranks that searched together. Batch sizes are per rank; the
+    global batch is ``global_batch_size``."""
+
+    @property
+    def global_batch_size(self) -> int | None:
+        """Samples per optimizer step over all ranks: per-rank batch × accumulation × world size."""
+        if self.world_size is None or self.recommended_batch_size is None:
+            return None
+        return self.recommended_batch_size * self.accumulation_steps * self.world_size
 
     @property
     def oom_count(self) -> int:
@@ -328,6 +396,12 @@ class BatchSearchResult:
             ("largest that ran", str(self.max_batch_size)),
             ("why", self.reason),
         ]
+        if self.world_size is not None:
+            rows[0] = (rows[0][0], rows[0][1] + " per rank")
+            rows[1] = (rows[1][0], rows[1][1] + " per rank, on every rank")
+            rows.insert(1, ("global batch", f"{self.global_batch_size} ({self.recommended_batch_size} per rank"
+                            + (f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1
+                               else "") + f" × {self.world_size} ranks)"))
         if self.lr_note:
             rows.append(("learning rate", self.lr_note))
         if self.capacity_bytes is not None:
@@ -335,16 +409,15 @@ class BatchSearchResult:
         if self.predicted_peak_bytes is not None:
             rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
         if self.fit is not None:
-            rows.append((
-                "fit",
-                f"{format_bytes(round(self.fit.intercept_bytes))} + {format_bytes(round(self.fit.bytes_per_sample))}"
-                f" per sample (R² {self.fit.r2:.4f})",
-            ))
+            rows.append(("fit", self.fit.describe()))
         for t in self.trials:
             sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
+            per_rank = ""
+            if len(t.rank_peak_bytes) > 1 and not t.oom:
+                per_rank = " (ranks: " + ", ".join(format_bytes(p) for p in t.rank_peak_bytes) + ")"
             rows.append((
                 f"trial b={t.batch_size}",
-                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{sps}",
+                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{per_rank}{sps}",
             ))
         rows.extend(("note", n) for n in self.notes)
         return rows
@@ -353,15 +426,21 @@ class BatchSearchResult:
         """The result as an aligned plain-text table (for scripts and terminals)."""
         return _text_table("gpumagic batch-size search", self._rows())
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the pick, then the trials with the pick marked."""
+        p.text(search_text(self, color=use_color()))
+
     def _repr_html_(self) -> str:
         return html_table("gpumagic batch-size search", self._rows())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundle(self, "search", include, exclude)
+        return mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
 class ProcessMemory:
+    """A process holding memory on a device (from NVML); ``used_bytes`` None when the driver hides it."""
+
     pid: int
     used_bytes: int | None
     name: str | None = None
@@ -400,3 +479,23 @@ class DeviceStatus:
                     for p in self.processes)
         rows.extend(("note", n) for n in self.notes)
         return html_table("gpumagic device status", rows)
+
+
+@dataclass(frozen=True)
+class DeviceSample:
+    """One device at one moment, as the live monitor samples it. ``None`` means "not known here"."""
+
+    device: str
+    """"cuda:0", "mps" or "cpu"."""
+    name: str | None
+    used_bytes: int | None
+    """In use on the device by everyone (for the CPU: the machine's RAM in use)."""
+    total_bytes: int | None
+    utilization_percent: float | None
+    """Busy time in the last sampling period (GPU: NVML's utilisation; CPU: this process's CPU time)."""
+    process_bytes: int | None
+    """Used by this process (NVML's count for our pid, else what torch's allocator holds; CPU: RSS)."""
+    other_bytes: int | None
+    """Everything else in use: other processes, the driver, and for NVML the CUDA context overhead."""
+    tracked_bytes: int | None = None
+    """Live tensor bytes counted by gpumagic's CPU tracker while a tracked cell runs."""

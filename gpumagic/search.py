@@ -30,20 +30,23 @@ above it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from gpumagic._batchmath import accumulation_plan, lr_note, lr_rule_for
+from gpumagic._batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, Fit, Trial
 
 __all__ = ["PICKS", "search"]
 
-PICKS = ("max", "throughput", "pow2")
 DEFAULT_START = 2
 """The first batch size tried unless the bounds exclude it."""
+Stop = Literal["", "trials", "nothing", "bracket", "flat", "cap", "ceiling", "fit", "gain", "plateau"]
+"""Why the search stopped ("" while it runs): out of trials, nothing ran, the bracket closed, memory
+flat in the batch size, max_size or the data set reached, the search's ceiling, the fit missed
+twice, too little to gain, or memory stopped growing (the whole data set in one batch)."""
 
 _FIRST_SAFETY = 0.01
 """The first trial near the capacity aims this far below it: an OOM costs a whole trial."""
@@ -89,6 +92,10 @@ _THROUGHPUT_GAP = 1.25
 _FULL_BATCH_BELOW = 2000
 
 
+_Next = tuple[int, float | None] | None
+"""A size to try next and the line's prediction for it (None when the step is a probe), or None to stop."""
+
+
 def _check_int(name: str, value: object, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -116,10 +123,7 @@ def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
 
 
 def _describe_fit(fit: Fit) -> str:
-    return (
-        f"{format_bytes(round(fit.intercept_bytes))} + {format_bytes(round(fit.bytes_per_sample))}/sample, "
-        f"R² {fit.r2:.4f}"
-    )
+    return fit.describe()
 
 
 @dataclass
@@ -129,7 +133,6 @@ class _Search:
     start: int
     min_size: int
     upper: int | None
-    max_size: int | None
     dataset_size: int | None
     drop_last: bool
     margin: float
@@ -148,7 +151,7 @@ class _Search:
     verified: bool = False
     stepped_back: bool = False
     bracketing: bool = False
-    stop: str = ""
+    stop: Stop = ""
     """Why the memory search ended: cap, ceiling, flat, plateau, fit, gain, bracket, trials or nothing."""
     plateau_from: int | None = None
     plateau_confirmed: bool = False
@@ -250,54 +253,76 @@ class _Search:
         if self.misses >= 2:
             self.bracketing = True
 
-    def next_size(self) -> tuple[int, float | None] | None:
+    def next_size(self) -> _Next:
         """The next size to try and the fit's prediction for it, or None (``self.stop`` says why)."""
+        decided, step = self.flat_step()
+        if decided:
+            return step
+        plateau = self.plateau_step()
+        if plateau is not None or self.stop:
+            return plateau
+        if self.stop_before_fit():
+            return None
+        fit = _weighted_fit(self.ran.items())
+        if fit is None:
+            return self.second_size(), None
+        pieces = self.pieces()
+        if len(pieces[-1]) == 1:
+            # only the largest size is on the steeper piece: its slope is unknown yet
+            return self.proportional_step()
+        return self.step_along(self.slope(fit, pieces), one_piece=len(pieces) == 1)
+
+    def flat_step(self) -> tuple[bool, _Next]:
+        """Memory identical at every size so far: stop once the sizes span enough, else jump.
+        Returns (decided, step); not decided when memory is not flat."""
         lo, hi, ran = self.lo, self.hi, self.ran
         sizes = sorted(ran)
         if hi is None and len(ran) >= 2 and all(self.same(ran[b], ran[sizes[0]]) for b in sizes):
             width = sizes[-1] / sizes[0]
             if width >= _FLAT_WIDTH or (lo == self.upper and width >= 4):
                 self.stop = "flat"
-                return None
+                return True, None
             if lo != self.upper and lo < _CEILING:
                 # one long jump, then steps short enough to catch the knee of a hinge on the way
-                return self.clamp(lo * (_FLAT_JUMP if width < _FLAT_JUMP else _PROBE_GROWTH)), None
-        plateau = self.plateau_step()
-        if plateau is not None or self.stop:
-            return plateau
+                return True, (self.clamp(lo * (_FLAT_JUMP if width < _FLAT_JUMP else _PROBE_GROWTH)), None)
+        return False, None
+
+    def stop_before_fit(self) -> bool:
+        """At a bound (max_size or data set, the ceiling) or with the bracket closed: set ``stop``."""
+        lo, hi = self.lo, self.hi
         if lo == self.upper:
             self.stop = "cap"
-            return None
-        if lo >= _CEILING:
+        elif lo >= _CEILING:
             self.stop = "ceiling"
-            return None
-        if hi is not None and (hi - lo <= 1 or hi - lo <= _TIGHT * lo):
+        elif hi is not None and (hi - lo <= 1 or hi - lo <= _TIGHT * lo):
             self.stop = "bracket"
-            return None
-        fit = _weighted_fit(ran.items())
-        if fit is None:
-            # one size ran: a second, well below the failures when there are some, gives a line
-            below = max(self.min_size, lo // _PROBE_GROWTH)
-            if hi is None:
-                return self.second_probe(), None
-            return (below if below < lo else min(self.second_probe(), (lo + hi) // 2)), None
-        pieces = self.pieces()
-        top = pieces[-1]
-        if len(top) == 1:
-            # only the largest size is on the steeper piece: its slope is unknown yet
-            return self.proportional_step()
+        return bool(self.stop)
+
+    def second_size(self) -> int:
+        """One size ran: a second, well below the failures when there are some, gives a line."""
+        lo, hi = self.lo, self.hi
+        below = max(self.min_size, lo // _PROBE_GROWTH)
+        if hi is None:
+            return self.second_probe()
+        return below if below < lo else min(self.second_probe(), (lo + hi) // 2)
+
+    def slope(self, fit: Fit, pieces: list[list[int]]) -> float:
+        """Bytes per sample near the top: local while bracketing, else the top piece's or the fit's."""
         if self.bracketing:
-            slope = self.local_slope()
-        elif len(pieces) > 1:
-            top_fit = _weighted_fit((b, ran[b]) for b in top)
+            return self.local_slope()
+        if len(pieces) > 1:
+            top_fit = _weighted_fit((b, self.ran[b]) for b in pieces[-1])
             assert top_fit is not None
-            slope = top_fit.bytes_per_sample  # the flat start says nothing about the top
-        else:
-            slope = fit.bytes_per_sample
-        p_lo = ran[lo]
+            return top_fit.bytes_per_sample  # the flat start says nothing about the top
+        return fit.bytes_per_sample
+
+    def step_along(self, slope: float, *, one_piece: bool) -> _Next:
+        """The next size along ``slope`` from the largest run, towards the capacity."""
+        lo, hi = self.lo, self.hi
+        p_lo = self.ran[lo]
         # a line through a flat start hides the knee of a hinge: grow by bounded steps until the
         # batch is a fair share of the peak (no bend seen yet, no failure above)
-        shallow = len(pieces) == 1 and slope * lo < _SHARE * p_lo
+        shallow = one_piece and slope * lo < _SHARE * p_lo
         if slope <= 0:
             if hi is None:
                 return self.clamp(2 * lo), None
@@ -309,7 +334,7 @@ class _Search:
             # the curve bends at small sizes
             return lo + math.floor((limit - p_lo) / slope)
 
-        if len(ran) < 3 and hi is None and not self.bracketing:
+        if len(self.ran) < 3 and hi is None and not self.bracketing:
             room = reach(self.capacity)
             if room > 4 * lo:
                 probe = self.clamp(lo + max(1, math.floor(_PROBE_FRACTION * (room - lo))))
@@ -326,21 +351,25 @@ class _Search:
         if self.bracketing and hi is None:
             cand = min(cand, 2 * lo)  # doubling at most, towards a limit not seen yet
         if hi is not None and cand >= hi:
-            close = not shallow and p_lo + slope * (hi - lo) >= (1 - _MISS) * self.capacity
-            if hi == self.oom_hi and close and not self.bracketing and not self.stepped_back:
-                # the line overshoots an OOM by a little, usually: step back once, but at least
-                # halve the bracket; after that, or when the line put the failure well below the
-                # capacity or came from a flat start (it is wrong there), bisect
-                self.stepped_back = True
-                cand = max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
-            elif shallow and not self.bracketing:
-                cand = self.split(lo, hi)
-            else:
-                cand = (lo + hi) // 2
+            cand = self.inside_bracket(hi, p_lo, slope, shallow)
         elif cand - lo < _MIN_GAIN * lo:
             self.stop = "gain"
             return None
         return cand, p_lo + slope * (cand - lo)
+
+    def inside_bracket(self, hi: int, p_lo: int, slope: float, shallow: bool) -> int:
+        """A size below ``hi`` (a failure) when the line points at or past it."""
+        lo = self.lo
+        close = not shallow and p_lo + slope * (hi - lo) >= (1 - _MISS) * self.capacity
+        if hi == self.oom_hi and close and not self.bracketing and not self.stepped_back:
+            # the line overshoots an OOM by a little, usually: step back once, but at least
+            # halve the bracket; after that, or when the line put the failure well below the
+            # capacity or came from a flat start (it is wrong there), bisect
+            self.stepped_back = True
+            return max((lo + hi) // 2, hi - math.ceil(_STEP_BACK * hi))
+        if shallow and not self.bracketing:
+            return self.split(lo, hi)
+        return (lo + hi) // 2
 
     @staticmethod
     def split(lo: int, hi: int) -> int:
@@ -500,7 +529,7 @@ def search(
     dataset_size: int | None = None,
     drop_last: bool = False,
     margin: float = 0.05,
-    pick: str = "max",
+    pick: Pick = "max",
     effective: int | None = None,
     optimizer: str | None = None,
     current_batch_size: int | None = None,
@@ -563,44 +592,36 @@ def search(
         start = upper
     s = _Search(
         run_trial=run_trial, capacity=capacity_bytes, start=start, min_size=min_size, upper=upper,
-        max_size=max_size, dataset_size=dataset_size, drop_last=drop_last, margin=float(margin),
+        dataset_size=dataset_size, drop_last=drop_last, margin=float(margin),
         max_trials=max_trials, progress=progress, notes=notes, learn_dataset_size=learn_dataset_size,
     )
     s.run()
-    return _result(s, pick=pick, effective=effective, optimizer=optimizer, current=current_batch_size,
+    lim = _limit(s)
+    if lim is None:
+        return _no_recommendation(s, pick=pick, device=device)
+    if pick == "throughput":
+        _throughput_trials(s, lim.keep, lim.largest)
+    return _result(s, lim, pick=pick, effective=effective, optimizer=optimizer, current=current_batch_size,
                    device=device)
 
 
-def _result(
-    s: _Search, *, pick: str, effective: int | None, optimizer: str | None, current: int | None, device: str
-) -> BatchSearchResult:
-    cap = s.capacity
+@dataclass(frozen=True)
+class _Limit:
+    """What the trials say about the limit: the largest size that ran, the line through the
+    peaks (when memory is affine in the batch size) and the largest size that keeps the margin."""
+
+    largest: int
+    fit: Fit | None
+    affine: bool
+    keep: int
+
+
+def _limit(s: _Search) -> _Limit | None:
+    """None when there is nothing to recommend (no size ran, or memory ignores the batch size)."""
     largest = s.largest_run()
-
-    def done(reason: str, fit: Fit | None = None) -> BatchSearchResult:
-        return BatchSearchResult(
-            trials=tuple(s.trials), max_batch_size=None, recommended_batch_size=None, accumulation_steps=1,
-            reason=reason, fit=fit, capacity_bytes=cap, predicted_peak_bytes=None, pick=pick, margin=s.margin,
-            dataset_size=s.dataset_size, device=device, notes=tuple(s.notes),
-        )
-
-    if s.stop == "flat":
-        sizes = sorted(s.ran)
-        return done(
-            f"the batch size does not change memory: the peak is {format_bytes(s.ran[sizes[-1]])} at every size "
-            f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
-            "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
-            _weighted_fit(s.ran.items()),
-        )
-    if largest is None:
-        if s.stop == "trials":
-            return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "
-                        "running out of memory")
-        return done(
-            f"even the smallest size {s.trials[-1].batch_size} ran out of memory on {format_bytes(cap)}: "
-            "the model, optimizer state and data already on the device leave no room for a batch"
-        )
-
+    if largest is None or s.stop == "flat":
+        return None
+    cap = s.capacity
     fit = _weighted_fit(s.fit_points(largest))
     affine = s.is_affine(fit, largest)
     limit = cap * (1 - s.margin)
@@ -621,12 +642,46 @@ def _result(
             f"{format_bytes(fit.predict(keep) if fit else s.ran.get(keep))} of {format_bytes(cap)}; "
             "it runs, but with less headroom than asked"
         )
-    basis = (f"by the fit ({_describe_fit(fit)})" if affine and fit is not None
-             else f"by interpolating the measured peaks ({_shape(s, largest)})")
+    return _Limit(largest, fit, affine, keep)
+
+
+def _no_recommendation(s: _Search, *, pick: Pick, device: str) -> BatchSearchResult:
+    """The result when no size can be recommended, with the reason."""
+    cap = s.capacity
+
+    def done(reason: str, fit: Fit | None = None) -> BatchSearchResult:
+        return BatchSearchResult(
+            trials=tuple(s.trials), max_batch_size=None, recommended_batch_size=None, accumulation_steps=1,
+            reason=reason, fit=fit, capacity_bytes=cap, predicted_peak_bytes=None, pick=pick, margin=s.margin,
+            dataset_size=s.dataset_size, device=device, notes=tuple(s.notes),
+        )
+
+    if s.stop == "flat":
+        sizes = sorted(s.ran)
+        return done(
+            f"the batch size does not change memory: the peak is {format_bytes(s.ran[sizes[-1]])} at every size "
+            f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
+            "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
+            _weighted_fit(s.ran.items()),
+        )
+    if s.stop == "trials":
+        return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "
+                    "running out of memory")
+    return done(
+        f"even the smallest size {s.trials[-1].batch_size} ran out of memory on {format_bytes(cap)}: "
+        "the model, optimizer state and data already on the device leave no room for a batch"
+    )
+
+
+def _pick(s: _Search, pick: Pick, lim: _Limit) -> tuple[int, str]:
+    """The recommended size under the ``pick`` rule, and why."""
+    cap, keep, fit = s.capacity, lim.keep, lim.fit
+    basis = (f"by the fit ({_describe_fit(fit)})" if lim.affine and fit is not None
+             else f"by interpolating the measured peaks ({_shape(s, lim.largest)})")
     pct = f"{1 - s.margin:.0%}"
 
     if pick == "pow2":
-        p2 = 1 << (keep.bit_length() - 1)
+        p2 = pow2_floor(keep)
         if p2 >= s.min_size:
             rec = p2
             why = (f"{rec} is the largest power of two within {pct} of {format_bytes(cap)} {basis}"
@@ -636,39 +691,38 @@ def _result(
             why = f"no power of two lies between min_size {s.min_size} and {keep}; {rec} fits {pct} of " \
                   f"{format_bytes(cap)} {basis}"
     elif pick == "throughput":
-        rec, why = _pick_throughput(s, keep, largest)
+        rec, why = _pick_throughput(s, keep, lim.largest)
     else:
         rec = keep
         why = f"{rec} is the largest that fits {pct} of {format_bytes(cap)} {basis}"
+    return rec, why
 
-    steps = 1
-    eff: int | None = None
-    if effective is not None:
-        micro_max = rec
-        rec, steps = accumulation_plan(effective, micro_max)
-        eff = rec * steps
-        if steps == 1:
-            why = f"the effective batch {effective} fits as one batch ({why})"
-        else:
-            why = f"micro-batch {rec} × {steps} accumulation steps = {eff} for the effective batch {effective} " \
-                  f"({why})"
-    lr = None
-    if effective is not None:
-        lr = lr_note(current if current is not None else effective, rec * steps, optimizer)
-    elif current is not None:
-        lr = lr_note(current, rec, optimizer)
 
-    # The reported line: over the top piece when memory bends (a hinge), since that piece is what
-    # sets the peak near the capacity; over every size that ran otherwise.
-    pieces = s.pieces() if s.ran else []
-    top = [(b, s.ran[b]) for b in pieces[-1] if b <= largest] if len(pieces) > 1 else []
-    final_fit = _weighted_fit(top if len(top) >= 2 else s.fit_points(largest))
-    if affine and final_fit is not None:
-        predicted: int | None = final_fit.predict(rec)
+def _accumulate(effective: int | None, rec: int, why: str) -> tuple[int, int, int | None, str]:
+    """(micro-batch, accumulation steps, effective batch, why) for an ``effective`` batch target."""
+    if effective is None:
+        return rec, 1, None, why
+    micro_max = rec
+    rec, steps = accumulation_plan(effective, micro_max)
+    eff = rec * steps
+    if steps == 1:
+        why = f"the effective batch {effective} fits as one batch ({why})"
     else:
-        predicted = _interpolate_at(s.fit_points(largest), rec)
-    why = f"{why}; {_evidence(s, largest, final_fit if affine else None)}"
+        why = f"micro-batch {rec} × {steps} accumulation steps = {eff} for the effective batch {effective} " \
+              f"({why})"
+    return rec, steps, eff, why
 
+
+def _reported_fit(s: _Search, lim: _Limit) -> Fit | None:
+    """The reported line: over the top piece when memory bends (a hinge), since that piece is what
+    sets the peak near the capacity; over every size that ran otherwise."""
+    pieces = s.pieces() if s.ran else []
+    top = [(b, s.ran[b]) for b in pieces[-1] if b <= lim.largest] if len(pieces) > 1 else []
+    return _weighted_fit(top if len(top) >= 2 else s.fit_points(lim.largest))
+
+
+def _data_notes(s: _Search, largest: int, rec: int, current: int | None, effective: int | None) -> None:
+    """Notes on the data set (full-batch training, samples dropped) and on the user's current size."""
     data = s.dataset_size
     if s.stop == "plateau" and s.plateau_confirmed:
         data = largest
@@ -688,14 +742,36 @@ def _result(
     if current is not None and effective is None and rec != current:
         s.notes.append(f"your current batch size is {current}; {rec} is {rec / current:.3g}× that")
 
+
+def _result(
+    s: _Search, lim: _Limit, *, pick: Pick, effective: int | None, optimizer: str | None, current: int | None,
+    device: str,
+) -> BatchSearchResult:
+    """The result from the finished search: no trial runs here."""
+    rec, why = _pick(s, pick, lim)
+    rec, steps, eff, why = _accumulate(effective, rec, why)
+    lr = None
+    if effective is not None:
+        lr = lr_note(current if current is not None else effective, rec * steps, optimizer)
+    elif current is not None:
+        lr = lr_note(current, rec, optimizer)
+
+    final_fit = _reported_fit(s, lim)
+    if lim.affine and final_fit is not None:
+        predicted: int | None = final_fit.predict(rec)
+    else:
+        predicted = _interpolate_at(s.fit_points(lim.largest), rec)
+    why = f"{why}; {_evidence(s, lim.largest, final_fit if lim.affine else None)}"
+    _data_notes(s, lim.largest, rec, current, effective)
+
     return BatchSearchResult(
         trials=tuple(s.trials),
-        max_batch_size=largest,
+        max_batch_size=lim.largest,
         recommended_batch_size=rec,
         accumulation_steps=steps,
         reason=why,
         fit=final_fit,
-        capacity_bytes=cap,
+        capacity_bytes=s.capacity,
         predicted_peak_bytes=predicted,
         pick=pick,
         margin=s.margin,
@@ -741,10 +817,8 @@ def _interpolate_under(points: list[tuple[int, int]], limit: float) -> int | Non
 
 def _interpolate_at(points: list[tuple[int, int]], b: int) -> int | None:
     """The peak at ``b`` on the broken line through the measured peaks (sorted); ``None`` outside."""
-    for (b0, p0), (b1, p1) in itertools.pairwise(points):
-        if b0 <= b <= b1:
-            return round(p0 + (p1 - p0) * (b - b0) / (b1 - b0))
-    return next((p for q, p in points if q == b), None)
+    value = interpolate(points, b)
+    return None if value is None else round(value)
 
 
 def _evidence(s: _Search, largest: int, fit: Fit | None) -> str:
@@ -786,22 +860,18 @@ def _failure(s: _Search) -> str:
     return ", " + " and ".join(parts) if parts else ""
 
 
-def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
-    """The smallest size within 5% of the best measured samples/s, at most ``keep``.
+def _rates(s: _Search, largest: int) -> dict[int, float]:
+    return {b: r for b, r in s.rates.items() if b <= largest and b in s.ran}
 
-    Bigger batches stop paying once the device is saturated. The search's own trials are sparse,
-    so up to two extra trials bisect (geometrically) the gap below the first fast size.
-    """
-    pct = f"{1 - s.margin:.0%}"
 
-    def rates() -> dict[int, float]:
-        return {b: r for b, r in s.rates.items() if b <= largest and b in s.ran}
-
-    if not rates():
-        return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
-                      "its throughput, so pick='throughput' fell back to the largest)")
+def _throughput_trials(s: _Search, keep: int, largest: int) -> None:
+    """The search's last trials for pick='throughput': bigger batches stop paying once the device
+    is saturated, and the search's own trials are sparse, so up to two extra trials bisect
+    (geometrically) the gap below the first size within 5% of the best measured samples/s."""
+    if not _rates(s, largest):
+        return
     for _ in range(_THROUGHPUT_EXTRA):
-        measured = rates()
+        measured = _rates(s, largest)
         best = max(measured.values())
         fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
         top = fast[0] if fast else keep
@@ -817,7 +887,15 @@ def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
         t = s.trial(mid)
         if t.oom or t.samples_per_second is None:
             break
-    measured = rates()
+
+
+def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
+    """The smallest size within 5% of the best measured samples/s, at most ``keep``."""
+    pct = f"{1 - s.margin:.0%}"
+    measured = _rates(s, largest)
+    if not measured:
+        return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
+                      "its throughput, so pick='throughput' fell back to the largest)")
     best_b, best = max(measured.items(), key=lambda kv: (kv[1], -kv[0]))
     fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
     head = f"best measured {best:,.0f} samples/s at {best_b}"

@@ -31,8 +31,8 @@ import torch
 
 from gpumagic._safe import describe
 from gpumagic._tensors import is_fake
-from gpumagic.backends import MemorySession
-from gpumagic.devices import DeviceLike, open_session, resolve_budget, resolve_device
+from gpumagic.backends import Backend, MemorySession
+from gpumagic.devices import DeviceLike, resolve, resolve_budget, storage_bytes
 from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
 
 __all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
@@ -217,6 +217,9 @@ class Tracker:
     """Records memory, loss and time per step while active. Use :func:`track`.
 
     ``report`` is available after the block ends, also when it ended with an exception.
+    ``session``: measure through this :class:`~gpumagic.backends.MemorySession` instead of one
+    the device's backend opens (tests pass a scripted one); ``backend``: the backend that
+    parsed ``device`` (when two backends share a torch device type).
     """
 
     def __init__(
@@ -230,8 +233,14 @@ class Tracker:
         stop_after_backwards: int | None = None,
         exclude_storages: Iterable[int] = (),
         on_step: Callable[[StepRecord], None] | None = None,
+        session: MemorySession | None = None,
+        backend: Backend | None = None,
+        gather_ranks: bool = True,
     ) -> None:
-        self.device = resolve_device(device, hints)
+        if backend is not None and isinstance(device, torch.device):
+            self.backend, self.device = backend, device
+        else:
+            self.backend, self.device = resolve(device, hints)
         self.budget = resolve_budget(budget)
         if max_records < 2:
             raise ValueError(f"max_records must be >= 2, got {max_records}")
@@ -243,11 +252,14 @@ class Tracker:
         self._stop_backwards = stop_after_backwards
         self._exclude = tuple(exclude_storages)
         self._on_step = on_step
+        self._gather = gather_ranks
         self.on_batch: Callable[[Any, int | None], None] | None = None
         """Called with (DataLoader iterator, batch size) for every batch drawn while tracking."""
         self._report: MemoryReport | None = None
+        self._given_session = session
         self._session: MemorySession | None = None
         self._cleanup: list[Callable[[], None]] = []
+        self._reset_state()
 
     # -- public --------------------------------------------------------------------------
     @property
@@ -256,6 +268,30 @@ class Tracker:
             raise RuntimeError("the report is ready when the tracked block has ended")
         return self._report
 
+    @property
+    def finished_report(self) -> MemoryReport | None:
+        """The report once the block has ended (also by an exception), else None."""
+        return self._report
+
+    @property
+    def last_batch_size(self) -> int | None:
+        """The size of the last batch drawn from a DataLoader while tracking (None if none)."""
+        return self._last_batch
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps seen so far in the block."""
+        return self._opt_steps
+
+    @property
+    def backward_calls(self) -> int:
+        """backward() calls seen so far in the block."""
+        return self._backwards
+
+    def close(self) -> None:
+        """Remove every hook and stop measuring now, without a report (``%unload_ext`` mid-block)."""
+        self._teardown()
+
     def __enter__(self) -> Tracker:
         if _ACTIVE:
             raise RuntimeError(
@@ -263,7 +299,10 @@ class Tracker:
                 "gpumagic.track() is not supported; remove the inner one"
             )
         self._reset_state()
-        self._session = open_session(self.device, self.budget, self._exclude)
+        session = self._given_session
+        if session is None:
+            session = self.backend.open_session(self.device, self.budget, self._exclude)
+        self._session = session
         self._records = _Records(self._max_records)
         _ACTIVE.append(self)
         try:
@@ -293,6 +332,12 @@ class Tracker:
                 self._fault("removing the hooks", e)
                 if self._report is not None:
                     self._report = dataclasses.replace(self._report, incomplete=self._incomplete)
+        if self._gather and self._report is not None:
+            # after teardown: the gather's own traffic is not the block's memory
+            from gpumagic._ranks import gather_ranks
+
+            ended = ev if ev is not None and not isinstance(ev, StopTrial) else None
+            self._report = gather_ranks(self._report, ended_by=ended)
         return False
 
     # -- setup / teardown ------------------------------------------------------------------
@@ -522,8 +567,6 @@ class Tracker:
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
         """Parameters, gradients and optimizer state of the optimizers seen; the rest is other."""
-        from gpumagic.devices import storage_bytes
-
         seen: set[int] = set()
 
         def nbytes(t: Any) -> int:
@@ -555,9 +598,6 @@ class Tracker:
             notes.append(f"{self._records.total} steps downsampled to {len(recs)} records of {self._records.stride}")
         if self._pending and self._opt_steps:
             notes.append(f"{len(self._pending)} backward call(s) after the last optimizer step are not in any step")
-        compiled = _compiled_note() if session.backend == "cpu" else None
-        if compiled:
-            notes.append(compiled)
         err = None
         if error is not None and not isinstance(error, StopTrial):
             err = describe(error)
@@ -604,18 +644,6 @@ class Tracker:
         )
 
 
-def _compiled_note() -> str | None:
-    """torch.compile'd code allocates below the dispatcher on cpu: say so instead of guessing."""
-    from gpumagic.backends.cpu import compile_graphs_exist
-
-    if compile_graphs_exist():
-        return (
-            "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
-            "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"
-        )
-    return None
-
-
 def track(
     device: DeviceLike = None,
     budget: str | int | None = None,
@@ -628,6 +656,10 @@ def track(
     available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
     bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
     past this many steps, records are merged pairwise (peaks keep their max).
+
+    Under ``torch.distributed`` each rank measures its own device, and leaving the block gathers
+    every rank's summary into ``report.ranks`` (one collective on the default group: every rank
+    must leave its block).
 
     >>> with track(device="cpu") as t:              # doctest: +SKIP
     ...     train()

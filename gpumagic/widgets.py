@@ -4,9 +4,10 @@ The only module that imports ipywidgets and matplotlib, both inside functions, a
 only through :class:`matplotlib.figure.Figure` and the Agg canvas: the user's pyplot state
 (current figure, backend, ``plt.show()`` queue) is never touched.
 
-A result's ``_repr_mimebundle_`` calls :func:`rich_bundle`, which adds a widget view (an
-interactive panel where a widget manager runs) and a PNG of the same plot (for GitHub, nbviewer,
-nbconvert and frontends without widgets) to the text and HTML the result makes itself.
+Registered with :mod:`gpumagic._bundles` for :class:`MemoryReport` and :class:`BatchSearchResult`:
+:func:`rich_bundle` adds a widget view (an interactive panel where a widget manager runs) and a
+PNG of the same plot (for GitHub, nbviewer, nbconvert and frontends without widgets) to the text
+and HTML the result makes itself. Nothing here displays or prints: the IPython layer does.
 
 >>> fig = search_figure(result)          # doctest: +SKIP
 >>> panel = search_widget(result)        # doctest: +SKIP
@@ -21,12 +22,11 @@ import html
 import io
 import itertools
 import math
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._batchmath import lr_note
+from gpumagic._batchmath import interpolate, lr_note
+from gpumagic._bundles import register as register_renderer
 from gpumagic._units import format_bytes
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gpumagic.monitor import DeviceSample, Monitor, Sample
+    from gpumagic.monitor import Monitor, Sample
+    from gpumagic.report import DeviceSample
 
 __all__ = [
     "DPI",
@@ -48,7 +49,6 @@ __all__ = [
     "search_figure",
     "search_readout",
     "search_widget",
-    "show_monitor",
     "sparkline",
 ]
 
@@ -180,20 +180,10 @@ def _measured(result: BatchSearchResult) -> list[Trial]:
     return [by_size[b] for b in sorted(by_size)]
 
 
-def _interpolate(points: Sequence[tuple[int, float]], b: int) -> float | None:
-    """Linear interpolation on sorted (x, y) points; None outside their range."""
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 <= b <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (b - x0) / (x1 - x0)
-    if len(points) == 1 and points[0][0] == b:
-        return points[0][1]
-    return None
-
-
 def _predicted_peak(result: BatchSearchResult, b: int) -> int | None:
     if result.fit is not None:
         return result.fit.predict(b)
-    value = _interpolate([(t.batch_size, float(t.peak_bytes or 0)) for t in _measured(result)], b)
+    value = interpolate([(t.batch_size, float(t.peak_bytes or 0)) for t in _measured(result)], b)
     return None if value is None else round(value)
 
 
@@ -261,7 +251,7 @@ def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
             room += f" (inside the {result.margin:.0%} safety margin)"
         lines.append(room)
     rates = [(t.batch_size, t.samples_per_second) for t in _measured(result) if t.samples_per_second]
-    rate = _interpolate([(x, float(y)) for x, y in rates if y is not None], b)
+    rate = interpolate([(x, float(y)) for x, y in rates if y is not None], b)
     if rate is None:
         lines.append("throughput not measured at this size")
     else:
@@ -288,7 +278,6 @@ class _SearchPlot:
 
     def __init__(self, result: BatchSearchResult) -> None:
         self.result = result
-        trials = result.trials
         ran = _measured(result)
         rated = [t for t in ran if t.samples_per_second]
         fig = _new_figure(6.0 if rated else 4.4)
@@ -298,20 +287,40 @@ class _SearchPlot:
             ax, tp = fig.subplots(1, 1), None
         self.figure, self.ax, self.tp = fig, ax, tp
 
-        cap = result.capacity_bytes
         rec = result.recommended_batch_size
         rec_peak = result.predicted_peak_bytes
         if rec_peak is None and rec is not None:
             rec_peak = _predicted_peak(result, rec)
-        top = max([cap or 0, rec_peak or 0, *(t.peak_bytes or 0 for t in ran)]) or 1
-        unit, scale = _unit_for(top)
-        self.scale = scale
-        x_right = max([t.batch_size for t in trials] + [rec or 1]) * 1.05
+        top = max([result.capacity_bytes or 0, rec_peak or 0, *(t.peak_bytes or 0 for t in ran)]) or 1
+        unit, self.scale = _unit_for(top)
+        x_right = max([t.batch_size for t in result.trials] + [rec or 1]) * 1.05
         ax.set_xlim(0, x_right)
-        ax.set_ylim(0, top * 1.1 / scale)
-        title = f"Peak memory versus batch size on {result.device}"
-        ax.set_title(title, loc="left", fontsize=11)
+        ax.set_ylim(0, top * 1.1 / self.scale)
+        ax.set_title(f"Peak memory versus batch size on {result.device}", loc="left", fontsize=11)
 
+        self._draw_fit(x_right)
+        self._draw_trials(ran, top, rec, rec_peak)
+        _byte_axis(ax, unit, "peak memory")
+        ax.grid(True, alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:  # nothing to list when no trial ran and the capacity is unknown
+            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+        if tp is not None:
+            self._draw_throughput(tp, rated, rec)
+        bottom = tp if tp is not None else ax
+        bottom.set_xlabel("batch size")
+        from matplotlib.ticker import MaxNLocator as _XLocator
+
+        bottom.xaxis.set_major_locator(_XLocator(integer=True))
+
+        self._lines = [a.axvline(0, color=_PURPLE, lw=1.0, ls="--", visible=False)
+                       for a in (ax, tp) if a is not None]
+        (self._dot,) = ax.plot([], [], "o", color=_PURPLE, ms=7, zorder=6)
+        self.selected: int | None = None
+
+    def _draw_fit(self, x_right: float) -> None:
+        """The fitted line with its band, the capacity and the margin."""
+        result, ax, scale = self.result, self.ax, self.scale
+        cap = result.capacity_bytes
         if result.fit is not None:
             import numpy as np
 
@@ -324,13 +333,17 @@ class _SearchPlot:
             band = _band(result)
             ax.fill_between(xs, ys * (1 - band), ys * (1 + band), color=_GREY, alpha=0.15, lw=0,
                             label=f"fit ± {band:.0%}")
-            ax.plot(xs, ys, color=_GREY, lw=1.2, label=f"fit: {format_bytes(round(result.fit.intercept_bytes))}"
-                    f" + {format_bytes(round(result.fit.bytes_per_sample))}/sample")
+            ax.plot(xs, ys, color=_GREY, lw=1.2, label=f"fit: {result.fit.describe(r2=False)}")
         if cap is not None:
             ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"capacity {format_bytes(cap)}")
             if result.margin > 0:
                 ax.axhline(cap * (1 - result.margin) / scale, color=_ORANGE, lw=1.0, ls="--",
                            label=f"capacity − {result.margin:.0%} margin")
+
+    def _draw_trials(self, ran: list[Trial], top: int, rec: int | None, rec_peak: int | None) -> None:
+        """The measured peaks, the trials that ran out of memory and the recommendation."""
+        result, ax, scale = self.result, self.ax, self.scale
+        trials, cap = result.trials, result.capacity_bytes
         if ran:
             ax.plot([t.batch_size for t in ran], [(t.peak_bytes or 0) / scale for t in ran], "o",
                     color=_BLUE, ms=5, label="trial: peak measured", zorder=3)
@@ -346,38 +359,26 @@ class _SearchPlot:
                         label=f"recommended {rec} ({format_bytes(rec_peak)})")
         if not trials:
             ax.text(0.5, 0.5, "no trials ran", transform=ax.transAxes, ha="center", va="center", color=_GREY)
-        _byte_axis(ax, unit, "peak memory")
-        ax.grid(True, alpha=0.25)
-        if ax.get_legend_handles_labels()[0]:  # nothing to list when no trial ran and the capacity is unknown
-            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
 
-        if tp is not None:
-            xs_r = [t.batch_size for t in rated]
-            ys_r = [float(t.samples_per_second or 0) for t in rated]
-            tp.plot(xs_r, ys_r, "o-", color=_BLUE, ms=4, lw=1.2)
-            best = max(range(len(ys_r)), key=ys_r.__getitem__)
-            tp.plot([xs_r[best]], [ys_r[best]], "o", color=_GREEN, ms=8, mfc="none", mew=1.5,
-                    label=f"fastest: {xs_r[best]} ({ys_r[best]:,.0f} samples/s)")
-            if rec is not None:
-                tp.axvline(rec, color=_GREEN, lw=1.2, ls=":")
-            tp.set_ylim(0, max(ys_r) * 1.15)
-            from matplotlib.ticker import FuncFormatter, MaxNLocator
+    @staticmethod
+    def _draw_throughput(tp: Axes, rated: list[Trial], rec: int | None) -> None:
+        """Samples per second against batch size, the fastest marked."""
+        xs_r = [t.batch_size for t in rated]
+        ys_r = [float(t.samples_per_second or 0) for t in rated]
+        tp.plot(xs_r, ys_r, "o-", color=_BLUE, ms=4, lw=1.2)
+        best = max(range(len(ys_r)), key=ys_r.__getitem__)
+        tp.plot([xs_r[best]], [ys_r[best]], "o", color=_GREEN, ms=8, mfc="none", mew=1.5,
+                label=f"fastest: {xs_r[best]} ({ys_r[best]:,.0f} samples/s)")
+        if rec is not None:
+            tp.axvline(rec, color=_GREEN, lw=1.2, ls=":")
+        tp.set_ylim(0, max(ys_r) * 1.15)
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-            tp.yaxis.set_major_locator(MaxNLocator(nbins=4))
-            tp.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
-            tp.set_ylabel("samples/s")
-            tp.grid(True, alpha=0.25)
-            tp.legend(loc="lower right", fontsize=8, framealpha=0.9)
-        bottom = tp if tp is not None else ax
-        bottom.set_xlabel("batch size")
-        from matplotlib.ticker import MaxNLocator as _XLocator
-
-        bottom.xaxis.set_major_locator(_XLocator(integer=True))
-
-        self._lines = [a.axvline(0, color=_PURPLE, lw=1.0, ls="--", visible=False)
-                       for a in (ax, tp) if a is not None]
-        (self._dot,) = ax.plot([], [], "o", color=_PURPLE, ms=7, zorder=6)
-        self.selected: int | None = None
+        tp.yaxis.set_major_locator(MaxNLocator(nbins=4))
+        tp.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        tp.set_ylabel("samples/s")
+        tp.grid(True, alpha=0.25)
+        tp.legend(loc="lower right", fontsize=8, framealpha=0.9)
 
     def select(self, batch_size: int | None) -> None:
         """Mark ``batch_size`` (a slider's value); None or the recommendation hides the marker."""
@@ -455,6 +456,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     """Loss (top) and peak memory (bottom) per step on a shared step axis, with the cell's
     baseline, peak and capacity (or budget) as lines. Long loops are drawn through
     :func:`envelope` so spikes stay visible; with no steps, bars of baseline, peak and end."""
+    if len(report.ranks) > 1:
+        return _rank_bars(report)
     cap = report.budget_bytes or report.capacity_bytes
     cap_name = "budget" if report.budget_bytes else "capacity"
     title = f"Peak memory per step on {report.device}" if report.steps else f"Memory of the block on {report.device}"
@@ -521,6 +524,38 @@ def memory_figure(report: MemoryReport) -> Figure:
     ax.grid(True, alpha=0.25)
     # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    return fig
+
+
+def _rank_bars(report: MemoryReport) -> Figure:
+    """One bar per rank: its peak, with its budget (or capacity) as a tick on the bar."""
+    ranks = report.ranks
+    top = report.peak_rank
+    title = f"Peak memory per rank · {len(ranks)} ranks"
+    if top is not None:
+        title += f" · rank {top.rank} highest, spread {format_bytes(report.peak_spread_bytes)}"
+    fig = _new_figure(1.2 + 0.42 * len(ranks))
+    ax = fig.subplots(1, 1)
+    ax.set_title(title, loc="left", fontsize=11)
+    names = [f"rank {r.rank}" for r in reversed(ranks)]
+    peaks = [r.peak_bytes for r in reversed(ranks)]
+    caps = [r.budget_bytes or r.capacity_bytes for r in reversed(ranks)]
+    high = max([*peaks, 1])
+    known = [c for c in caps if c is not None and c <= 4 * high]
+    high = max([high, *known])
+    unit, scale = _unit_for(high)
+    colors = [_ORANGE if top is not None and r.rank == top.rank else _BLUE for r in reversed(ranks)]
+    ax.barh(names, [v / scale for v in peaks], color=colors, height=0.6, label="peak")
+    for i, (v, c) in enumerate(zip(peaks, caps, strict=True)):
+        ax.text(v / scale, i, f" {format_bytes(v)}", va="center", fontsize=9)
+        if c is not None and c <= 4 * max(peaks[i], 1):
+            ax.plot([c / scale] * 2, [i - 0.4, i + 0.4], color=_RED, lw=1.4)
+    ax.set_xlim(0, high * 1.25 / scale)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.grid(True, axis="x", alpha=0.25)
     return fig
 
 
@@ -694,37 +729,45 @@ def monitor_widget(monitor: Monitor) -> Any:
     return box
 
 
-def _sidebar_problem() -> str | None:
-    if "google.colab" in sys.modules:
-        return "needs JupyterLab; Google Colab has no sidebar for widgets"
-    if "VSCODE_PID" in os.environ:
-        return "needs JupyterLab; VS Code notebooks have no sidebar for widgets"
-    return None
+def _memory_bundle(report: MemoryReport) -> dict[str, Any]:
+    return rich_bundle(report, "memory")
 
 
-def show_monitor(monitor: Monitor, sidebar: bool = False, *,
-                 display: Callable[[Any], object] | None = None) -> Any:
-    """Display :func:`monitor_widget` inline, or with ``sidebar=True`` in JupyterLab's right
-    sidebar through sidecar (``pip install gpumagic[sidecar]``). Where that cannot work (no
-    sidecar, Colab, VS Code) it says why and shows the panel inline. Returns the panel."""
-    if display is None:
-        from IPython.display import display as ipython_display
+def _search_bundle(result: BatchSearchResult) -> dict[str, Any]:
+    return rich_bundle(result, "search")
 
-        display = ipython_display
-    panel = monitor_widget(monitor)
-    if sidebar:
-        problem = _sidebar_problem()
-        if problem is None:
-            try:
-                from sidecar import Sidecar
-            except ImportError:
-                problem = "needs sidecar: pip install gpumagic[sidecar]"
-        if problem is None:
-            side = Sidecar(title=f"gpumagic monitor {monitor.id}")
-            with side:
-                display(panel)
-            panel.sidecar = side
-            return panel
-        print(f"gpumagic: --sidebar {problem}; showing the monitor here instead")
-    display(panel)
-    return panel
+
+register_renderer(MemoryReport, _memory_bundle)
+register_renderer(BatchSearchResult, _search_bundle)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress of a search in a notebook
+
+
+class WidgetProgress:
+    """A notebook bar for ``%find_batch``: trials done (of at most ``max_trials``) and the last one
+    in words. The IPython layer shows :attr:`widget` and removes it when the search ends.
+
+    >>> progress = WidgetProgress()     # doctest: +SKIP
+    >>> progress(trial, 0); progress.close()   # doctest: +SKIP
+    """
+
+    def __init__(self, label: str = "find_batch", max_trials: int = 12) -> None:
+        import ipywidgets as w  # lazy, like every widget here
+
+        self._bar = w.IntProgress(value=0, min=0, max=max_trials, bar_style="info",
+                                  layout=w.Layout(width="160px"))
+        self._label = label
+        self._text = w.HTML(value=html.escape(f"{label}: first trial running"))
+        self.widget = w.HBox([self._bar, self._text])
+
+    def __call__(self, trial: Trial, index: int) -> None:
+        from gpumagic._text import describe_trial
+
+        self._bar.value = min(index + 1, self._bar.max)
+        done = f"{index + 1} trial{'s' if index else ''} done"
+        self._text.value = html.escape(f"{self._label}: {done}, last {describe_trial(trial)}")
+
+    def close(self) -> None:
+        self.widget.close()

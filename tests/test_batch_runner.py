@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from gpumagic import batch
+from gpumagic import _shell, batch
 from gpumagic.batch import StateSnapshot, TrialRunner, _Observed, _rebuild_loader
 
 MiB = 2**20
@@ -210,6 +210,6 @@ def test_last_gpumem_cell_is_found_in_history():
 
     hist = ["x = 1", "%%gpumem -d cpu\ntrain()\n", "y"]
     shell = SimpleNamespace(history_manager=SimpleNamespace(input_hist_raw=hist))
-    assert batch.last_gpumem_cell(shell) == "train()"
+    assert _shell.last_gpumem_cell(shell) == "train()"
     shell.history_manager.input_hist_raw = ["x = 1"]
-    assert batch.last_gpumem_cell(shell) is None
+    assert _shell.last_gpumem_cell(shell) is None

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gpumagic import widgets
+from gpumagic import _shell, widgets
 from gpumagic._batchmath import lr_note
 from gpumagic._units import format_bytes
 from gpumagic.monitor import DeviceSample, Monitor
@@ -490,7 +490,7 @@ def test_closed_monitor_panel_is_no_longer_fed() -> None:
 def test_show_monitor_inline_displays_the_panel() -> None:
     shown: list[Any] = []
     mon = Monitor(interval=1.0, source=FakeNVML())
-    panel = widgets.show_monitor(mon, sidebar=False, display=shown.append)
+    panel = _shell.show_monitor(mon, sidebar=False, display=shown.append)
     assert shown == [panel]
 
 
@@ -500,7 +500,7 @@ def test_show_monitor_sidebar_without_sidecar_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "sidecar", None)
     monkeypatch.delenv("VSCODE_PID", raising=False)
     shown: list[Any] = []
-    panel = widgets.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
+    panel = _shell.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
     assert "pip install gpumagic[sidecar]" in capsys.readouterr().out
     assert shown == [panel]
 
@@ -510,7 +510,7 @@ def test_show_monitor_sidebar_in_vscode_falls_back_inline(
 ) -> None:
     monkeypatch.setenv("VSCODE_PID", "4242")
     shown: list[Any] = []
-    panel = widgets.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
+    panel = _shell.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
     assert "VS Code" in capsys.readouterr().out
     assert shown == [panel]
 
@@ -521,7 +521,7 @@ def test_show_monitor_sidebar_in_colab_falls_back_inline(
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.delenv("VSCODE_PID", raising=False)
     shown: list[Any] = []
-    widgets.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
+    _shell.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
     assert "Google Colab" in capsys.readouterr().out
 
 
@@ -529,7 +529,7 @@ def test_show_monitor_sidebar_opens_a_sidecar(monkeypatch: pytest.MonkeyPatch) -
     pytest.importorskip("sidecar")
     monkeypatch.delenv("VSCODE_PID", raising=False)
     shown: list[Any] = []
-    panel = widgets.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
+    panel = _shell.show_monitor(Monitor(interval=1.0, source=FakeNVML()), sidebar=True, display=shown.append)
     assert type(panel.sidecar).__name__ == "Sidecar"
     assert panel.sidecar.title == "gpumagic monitor " + str(panel.monitor.id)
     assert shown == [panel]

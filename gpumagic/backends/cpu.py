@@ -1,6 +1,6 @@
 """An exact tracker of live CPU tensor memory, and a simulated device capacity (a *budget*).
 
-How it counts (see ``../shared/FACTS.md``): a ``TorchDispatchMode`` sees every op; each output
+How it counts: a ``TorchDispatchMode`` sees every op; each output
 storage that is new is counted once, keyed by its data pointer, and uncounted when the storage
 is freed (a weakref callback on the storage). Outputs of ops whose schema says they alias an
 input (views, in-place and ``out=`` ops) are skipped without looking at them, which keeps the
@@ -230,7 +230,7 @@ class CPUSession:
     def __init__(self, budget: int | None = None, exclude: Iterable[int] = ()) -> None:
         self.device = "cpu"
         self.budget_bytes = budget
-        self.notes: list[str] = []
+        self._notes: list[str] = []
         self.incomplete: str | None = None
         self._unreadable: dict[str, int] = {}
         self._limit = budget if budget is not None else math.inf
@@ -299,11 +299,11 @@ class CPUSession:
 
     def _note_unreadable(self) -> None:
         note = unreadable_note(self._unreadable)
-        old = [n for n in self.notes if n.startswith("not counted: ")]
+        old = [n for n in self._notes if n.startswith("not counted: ")]
         if old:
-            self.notes.remove(old[0])
+            self._notes.remove(old[0])
         if note is not None:
-            self.notes.append(note)
+            self._notes.append(note)
 
     def _fault(self, func: Any, e: Exception) -> None:
         if self.incomplete is None:
@@ -315,6 +315,16 @@ class CPUSession:
         raise torch.OutOfMemoryError(msg)
 
     # -- MemorySession ----------------------------------------------------------------------
+    @property
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if compile_graphs_exist():  # torch.compile'd code allocates below the dispatcher
+            notes.append(
+                "torch.compile graphs exist in this process: on cpu, memory allocated inside a compiled graph "
+                "(its activations and temporaries) is not seen by the tracker; on cuda the allocator counts it"
+            )
+        return notes
+
     def start(self) -> int:
         if self._mode is not None:
             raise RuntimeError("this CPU session is already started")
@@ -323,7 +333,7 @@ class CPUSession:
             self._watch(st, key, st.nbytes())
         self._wpeak = self._peak = self._cur
         if self.budget_bytes is not None and self._cur > self.budget_bytes:
-            self.notes.append(
+            self._notes.append(
                 f"memory alive before the block ({self._cur} bytes) already exceeds the budget "
                 f"({self.budget_bytes} bytes): the first allocation will fail"
             )

@@ -1,74 +1,237 @@
 """CUDA (and ROCm) through torch's caching-allocator counters; NVML for device-wide figures.
 
 Everything here is host-side bookkeeping of the allocator: reading and resetting peak stats
-does not synchronise the device, so tracking adds no stall to the training loop.
+does not synchronise the device, so tracking adds no stall to the training loop. Nothing here
+initialises CUDA unless a CUDA device is asked for, and importing this module does not import
+torch (the monitor's sources run without it).
 """
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CUDASession"]
+from gpumagic.backends import nvml
+from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BACKEND", "CUDABackend", "CUDASession", "NVMLSource", "TorchCUDASource", "nvml_source"]
+
+
+def _cuda() -> Any:
+    import torch
+
+    return torch.cuda
 
 
 class CUDASession:
+    """Peaks from the caching allocator; a budget through the per-process memory fraction.
+
+    ``api`` is the allocator's counters (``torch.cuda`` by default): tests pass a scripted one,
+    so this code runs in CPU-only CI.
+    """
+
     backend = "cuda"
 
     incomplete: str | None = None
 
-    def __init__(self, index: int, budget: int | None = None) -> None:
+    def __init__(self, index: int, budget: int | None = None, *, api: Any = None) -> None:
         self.index = index
         self.device = f"cuda:{index}"
         self.budget_bytes = budget
         self.notes: list[str] = []
+        self._api = api if api is not None else _cuda()
         self._old_fraction: float | None = None
         self._peak = 0
         self._reserved_peak = 0
-        self._started = False
 
     def start(self) -> int:
-        i = self.index
+        cuda, i = self._api, self.index
         if self.budget_bytes is not None:
-            total = torch.cuda.get_device_properties(i).total_memory
+            total = cuda.get_device_properties(i).total_memory
             if self.budget_bytes > total:
                 self.notes.append(
                     f"the budget ({self.budget_bytes} bytes) is larger than the device ({total} bytes): "
                     "the device is the limit"
                 )
-            getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+            getter = getattr(cuda, "get_per_process_memory_fraction", None)
             self._old_fraction = float(getter(i)) if getter is not None else 1.0
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget_bytes / total), i)
-        torch.cuda.reset_peak_memory_stats(i)
-        self._started = True
-        base = torch.cuda.memory_allocated(i)
+            cuda.set_per_process_memory_fraction(min(1.0, self.budget_bytes / total), i)
+        cuda.reset_peak_memory_stats(i)
+        base = int(cuda.memory_allocated(i))
         self._peak = base
-        self._reserved_peak = torch.cuda.memory_reserved(i)
+        self._reserved_peak = int(cuda.memory_reserved(i))
         return base
 
     def current(self) -> int:
-        return torch.cuda.memory_allocated(self.index)
+        return int(self._api.memory_allocated(self.index))
 
     def take_window_peak(self) -> int:
-        i = self.index
-        p = torch.cuda.max_memory_allocated(i)
-        self._reserved_peak = max(self._reserved_peak, torch.cuda.max_memory_reserved(i))
-        torch.cuda.reset_peak_memory_stats(i)
+        cuda, i = self._api, self.index
+        p = int(cuda.max_memory_allocated(i))
+        self._reserved_peak = max(self._reserved_peak, int(cuda.max_memory_reserved(i)))
+        cuda.reset_peak_memory_stats(i)
         self._peak = max(self._peak, p)
         return p
 
     def peak(self) -> int:
-        return max(self._peak, torch.cuda.max_memory_allocated(self.index))
+        return max(self._peak, int(self._api.max_memory_allocated(self.index)))
 
     def reserved_peak(self) -> int | None:
-        return max(self._reserved_peak, torch.cuda.max_memory_reserved(self.index))
+        return max(self._reserved_peak, int(self._api.max_memory_reserved(self.index)))
 
     def capacity(self) -> int | None:
         if self.budget_bytes is not None:
             return self.budget_bytes
-        return int(torch.cuda.get_device_properties(self.index).total_memory)
+        return int(self._api.get_device_properties(self.index).total_memory)
 
     def stop(self) -> None:
         if self._old_fraction is not None:
             old, self._old_fraction = self._old_fraction, None
-            torch.cuda.set_per_process_memory_fraction(old, self.index)
-        self._started = False
+            self._api.set_per_process_memory_fraction(old, self.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# monitor sources
+
+
+def _torch_reserved(index: int) -> int | None:
+    """What torch's caching allocator holds on cuda:index, without ever initialising CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    try:
+        return int(torch.cuda.memory_reserved(index))
+    except Exception:  # an index torch cannot see (CUDA_VISIBLE_DEVICES given as UUIDs)
+        return None
+
+
+class NVMLSource:
+    """Every visible NVIDIA GPU through NVML: totals, utilisation, and this process's share."""
+
+    name = "nvml"
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self) -> list[DeviceSample]:
+        pid = os.getpid()
+        out = []
+        for i in range(self.count):
+            info = nvml.gpu_info(i)
+            if info is None:
+                out.append(DeviceSample(f"cuda:{i}", None, None, None, None, None, None))
+                continue
+            mine = [p.used_bytes for p in info.processes if p.pid == pid and p.used_bytes is not None]
+            # In a container NVML reports host pids; then torch's allocator is the best count we have.
+            process = sum(mine) if mine else _torch_reserved(i)
+            other = None if process is None else max(0, info.used_bytes - process)
+            util = None if info.utilization_percent is None else float(info.utilization_percent)
+            out.append(DeviceSample(f"cuda:{i}", info.name, info.used_bytes, info.total_bytes, util, process, other))
+        return out
+
+
+def nvml_source() -> NVMLSource | None:
+    """An NVML source when a driver answers, else None (no library, no driver, no GPU)."""
+    count = nvml.device_count()
+    return NVMLSource(count) if count else None
+
+
+class TorchCUDASource:
+    """torch's counters for the CUDA devices (this process only); used when NVML is unavailable.
+
+    Only devices this process already uses are read: asking any other CUDA device for its free
+    memory would create a context there (hundreds of MiB).
+    """
+
+    name = "torch.cuda"
+
+    def __call__(self) -> list[DeviceSample]:
+        cuda = sys.modules["torch"].cuda
+        current = int(cuda.current_device())
+        out = []
+        for i in range(int(cuda.device_count())):
+            reserved = int(cuda.memory_reserved(i))
+            name = str(cuda.get_device_name(i))
+            if i != current and reserved == 0:
+                total = int(cuda.get_device_properties(i).total_memory)
+                out.append(DeviceSample(f"cuda:{i}", name, None, total, None, 0, None))
+                continue
+            free, total = (int(v) for v in cuda.mem_get_info(i))
+            used = total - free
+            out.append(DeviceSample(f"cuda:{i}", name, used, total, None, reserved, max(0, used - reserved)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+
+class CUDABackend:
+    name = "cuda"
+    session_enforces_capacity = False
+
+    def available(self) -> bool:
+        return bool(_cuda().is_available())
+
+    def parse(self, index: int | None) -> torch.device:
+        import torch
+
+        cuda = torch.cuda
+        if not cuda.is_available():
+            text = "cuda" if index is None else f"cuda:{index}"
+            raise ValueError(f"device {text!r} is not available here (torch.cuda.is_available() is False); use 'cpu'")
+        i = index if index is not None else int(cuda.current_device())
+        if i >= cuda.device_count():
+            raise ValueError(f"device 'cuda:{i}' does not exist: {cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", i)
+
+    def owns(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def open_session(self, device: torch.device, budget: int | None, exclude: Iterable[int]) -> CUDASession:
+        return CUDASession(device.index or 0, budget)
+
+    def status(self, device: torch.device) -> DeviceStatus:
+        cuda, i = _cuda(), device.index or 0
+        free, total = cuda.mem_get_info(i)
+        info = nvml.gpu_info(i)
+        return DeviceStatus(
+            "cuda", str(device), int(cuda.memory_allocated(i)), int(cuda.memory_reserved(i)),
+            int(total), int(free), cuda.get_device_name(i), info.processes if info else (),
+            () if info else ("NVML unavailable: no per-process figures",),
+        )
+
+    def capacity(self, device: torch.device) -> int | None:
+        return int(_cuda().get_device_properties(device).total_memory)
+
+    def empty_cache(self) -> None:
+        cuda = _cuda()
+        if cuda.is_available() and cuda.is_initialized():
+            cuda.empty_cache()
+
+    def rng_state(self) -> Any:
+        cuda = _cuda()
+        return cuda.get_rng_state_all() if cuda.is_available() and cuda.is_initialized() else None
+
+    def set_rng_state(self, state: Any) -> None:
+        _cuda().set_rng_state_all(state)
+
+    def sample_source(self) -> NVMLSource | TorchCUDASource | None:
+        nv = nvml_source()
+        if nv is not None:
+            return nv
+        torch = sys.modules.get("torch")  # never imported (nor CUDA initialised) by the monitor
+        return TorchCUDASource() if torch is not None and torch.cuda.is_initialized() else None
+
+    def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
+        info = nvml.gpu_info(device.index or 0)
+        me = os.getpid()
+        return () if info is None else tuple(p for p in info.processes if p.pid != me)
+
+
+BACKEND = CUDABackend()

@@ -2,7 +2,7 @@
 
 Optional by nature: with no driver every function returns None and the caller says so.
 NVML indexes physical GPUs; with ``CUDA_VISIBLE_DEVICES`` set, index i maps to the i-th
-listed device when the list is numeric.
+listed device when the list is numeric (:func:`visible_indices` is the one reader of it).
 """
 
 from __future__ import annotations
@@ -11,16 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GPUInfo", "NVMLProcess", "gpu_info"]
+from gpumagic.report import ProcessMemory
+
+__all__ = ["GPUInfo", "device_count", "gpu_info", "visible_indices"]
 
 _state: dict[str, Any] = {"ok": None, "mod": None}
-
-
-@dataclass(frozen=True)
-class NVMLProcess:
-    pid: int
-    used_bytes: int | None
-    name: str | None
 
 
 @dataclass(frozen=True)
@@ -31,7 +26,7 @@ class GPUInfo:
     used_bytes: int
     free_bytes: int
     utilization_percent: int | None
-    processes: tuple[NVMLProcess, ...]
+    processes: tuple[ProcessMemory, ...]
 
 
 def _nvml() -> Any:
@@ -46,12 +41,19 @@ def _nvml() -> Any:
     return _state["mod"] if _state["ok"] else None
 
 
-def _physical_index(index: int) -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+def visible_indices() -> list[int] | None:
+    """The physical GPUs ``CUDA_VISIBLE_DEVICES`` lists, in order; None when it is unset or not
+    numeric (UUIDs). An empty value hides every GPU: ``[]``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
     parts = [p.strip() for p in visible.split(",") if p.strip()]
-    if parts and all(p.isdigit() for p in parts) and index < len(parts):
-        return int(parts[index])
-    return index
+    return [int(p) for p in parts] if all(p.isdigit() for p in parts) else None
+
+
+def _physical_index(index: int) -> int:
+    visible = visible_indices()
+    return visible[index] if visible and index < len(visible) else index
 
 
 def _proc_name(pid: int) -> str | None:
@@ -80,7 +82,20 @@ def gpu_info(index: int) -> GPUInfo | None:
         procs = []
         for p in nv.nvmlDeviceGetComputeRunningProcesses(h) or ():
             used = getattr(p, "usedGpuMemory", None)
-            procs.append(NVMLProcess(int(p.pid), int(used) if used is not None else None, _proc_name(int(p.pid))))
+            procs.append(ProcessMemory(int(p.pid), int(used) if used is not None else None, _proc_name(int(p.pid))))
         return GPUInfo(index, str(name), int(mem.total), int(mem.used), int(mem.free), util, tuple(procs))
     except Exception:
         return None
+
+
+def device_count() -> int:
+    """How many GPUs NVML can read for this process (the visible ones); 0 without a driver."""
+    if gpu_info(0) is None:  # initialises NVML once; every failure means "not here"
+        return 0
+    visible = visible_indices()
+    if visible is not None:
+        return len(visible)
+    try:
+        return int(_nvml().nvmlDeviceGetCount())
+    except Exception:
+        return 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final, Literal
 
-from gpumagic._units import format_bytes
+from gpumagic._units import format_bytes, unit_bytes
 
 __all__ = ["FIGURES", "OOMInfo", "OOMKind", "parse"]
 
@@ -144,13 +144,6 @@ class OOMInfo:
 # every search below stays linear in the length of the text.
 _SZ: Final = r"(?<![\d.])\d{1,24}(?:\.\d{0,24})?\s?(?:bytes?|[KMGTPE]i?B|B|[KMGTPE](?![A-Za-z]))"
 _NUM_UNIT: Final = re.compile(r"(\d+(?:\.\d*)?)\s?([A-Za-z]*)")
-_UNIT: Final = {
-    "": 1,
-    "b": 1,
-    "byte": 1,
-    "bytes": 1,
-    **{f"{p}{s}": 1024 ** (i + 1) for i, p in enumerate("kmgtpe") for s in ("", "b", "ib")},
-}
 
 
 def _bytes(text: str | None) -> int | None:
@@ -163,10 +156,11 @@ def _bytes(text: str | None) -> int | None:
     if text is None:
         return None
     m = _NUM_UNIT.fullmatch(text.strip())
-    if m is None or m.group(2).lower() not in _UNIT:
+    scale = None if m is None else unit_bytes(m.group(2), si_decimal=False)
+    if m is None or scale is None:
         return None
     try:
-        value = Decimal(m.group(1)) * _UNIT[m.group(2).lower()]
+        value = Decimal(m.group(1)) * scale
     except InvalidOperation:
         return None
     return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))

@@ -1,0 +1,117 @@
+"""The IPython side of running user code: cells run in the user namespace, names guessed from it,
+the live monitor shown. With :mod:`gpumagic.magics`, the only modules that import IPython.
+
+The core never sees a shell: the trial runner and the tracker get plain callables from here.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.interactiveshell import InteractiveShell
+
+if TYPE_CHECKING:
+    from gpumagic.monitor import Monitor
+    from gpumagic.report import BatchSearchResult
+
+__all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "run_cell_source", "show_monitor"]
+
+
+def _cell_number(shell: InteractiveShell, cell: str) -> int:
+    """The number of the cell running now, for tracebacks ("Cell In[7]"): IPython counts a cell
+    it stores in the history before running it, so the counter is then one ahead."""
+    n = shell.execution_count
+    hist = getattr(shell.history_manager, "input_hist_raw", None)
+    if hist and len(hist) == n and cell.strip() and cell.strip() in hist[-1]:
+        return n - 1
+    return n
+
+
+def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
+    """Execute a cell body in the user namespace; return the value of a final expression."""
+    src = shell.transform_cell(cell)
+    tree = shell.compile.ast_parse(src)
+    assert isinstance(tree, ast.Module)
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body[-1].value)
+        tree.body.pop()
+    filename = shell.compile.cache(src, _cell_number(shell, cell), raw_code=cell)
+    code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
+    exec(code, shell.user_global_ns, shell.user_ns)
+    if last is not None:
+        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)  # type: ignore[arg-type]
+    return None
+
+
+def hints(ns: Mapping[str, Any]) -> list[Any]:
+    """Models and tensors in the namespace, for choosing the default device."""
+    import torch
+
+    out = []
+    for name, v in list(ns.items()):
+        if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
+            out.append(v)
+    return out
+
+
+def last_gpumem_cell(shell: InteractiveShell) -> str | None:
+    """The body of the most recent ``%%gpumem`` cell in the input history."""
+    for src in reversed(list(getattr(shell.history_manager, "input_hist_raw", []))):
+        lines = src.lstrip().splitlines()
+        if lines and lines[0].startswith("%%gpumem"):
+            return "\n".join(lines[1:])
+    return None
+
+
+def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> BatchSearchResult:
+    """``%find_batch``: run ``code`` as a cell per trial; ``options`` as for
+    :func:`gpumagic.batch.find_batch_in_namespace`."""
+    from gpumagic.batch import find_batch_in_namespace
+
+    ns = shell.user_ns
+    # the core reads the cell as Python: IPython's syntax (magics, !commands) transformed away
+    python = shell.transform_cell(code)
+    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), python, hints=hints(ns), **options)
+
+
+def _sidebar_problem() -> str | None:
+    if "google.colab" in sys.modules:
+        return "needs JupyterLab; Google Colab has no sidebar for widgets"
+    if "VSCODE_PID" in os.environ:
+        return "needs JupyterLab; VS Code notebooks have no sidebar for widgets"
+    return None
+
+
+def show_monitor(monitor: Monitor, sidebar: bool = False, *,
+                 display: Callable[[Any], object] | None = None) -> Any:
+    """Display :func:`monitor_widget` inline, or with ``sidebar=True`` in JupyterLab's right
+    sidebar through sidecar (``pip install gpumagic[sidecar]``). Where that cannot work (no
+    sidecar, Colab, VS Code) it says why and shows the panel inline. Returns the panel."""
+    if display is None:
+        from IPython.display import display as ipython_display
+
+        display = ipython_display
+    from gpumagic.widgets import monitor_widget
+
+    panel = monitor_widget(monitor)
+    if sidebar:
+        problem = _sidebar_problem()
+        if problem is None:
+            try:
+                from sidecar import Sidecar
+            except ImportError:
+                problem = "needs sidecar: pip install gpumagic[sidecar]"
+        if problem is None:
+            side = Sidecar(title=f"gpumagic monitor {monitor.id}")
+            with side:
+                display(panel)
+            panel.sidecar = side
+            return panel
+        print(f"gpumagic: --sidebar {problem}; showing the monitor here instead")
+    display(panel)
+    return panel
