@@ -36,7 +36,9 @@ for x, y in loader:
 
 
 def _cell(ip: Any, title: str, src: str) -> Any:
-    print(f"\n\033[1m{title}\033[0m")
+    from gpumagic._text import bold
+
+    print(f"\n{bold(title)}")  # escape codes only on a terminal that takes them
     print(textwrap.indent(src.strip("\n"), "  │ "))
     print()
     return ip.run_cell(src, store_history=True)
@@ -44,11 +46,10 @@ def _cell(ip: Any, title: str, src: str) -> Any:
 
 def oom_text(exc: BaseException) -> str:
     """What the shell shows for an out-of-memory error: the advice, then the short traceback."""
-    from gpumagic.magics import _short_traceback
-
     advice = getattr(exc, "advice", None)
     lines = [advice.text()] if advice is not None else []
-    return "\n".join(lines + _short_traceback(exc)())
+    view = getattr(exc, "_render_traceback_", None)  # the magics' TracebackView: its short form
+    return "\n".join(lines + list(getattr(view, "short", [])))
 
 
 def measure_and_fail(ip: Any, title: bool = True) -> BaseException | None:
@@ -58,8 +59,6 @@ def measure_and_fail(ip: Any, title: bool = True) -> BaseException | None:
     r = run(ip, "1. Measure a training cell: one epoch at batch 64", "%%gpumem -d cpu -q -o" + TRAIN)
     if r.error_in_exec is not None:
         return None
-    if title and r.result is not None:
-        print(r.result.to_text())
     ip.user_ns["batch_size"] = 4096
     r = run(ip, "2. batch_size = 4096 on a simulated 16 MiB device: out of memory, explained",
             "%%gpumem -d cpu --budget 16MiB" + TRAIN)
@@ -89,7 +88,6 @@ def main() -> int:
         ok &= r.error_in_exec is None and res is not None and res.recommended_batch_size is not None
         if res is None or res.recommended_batch_size is None:
             return 1
-        print(res.to_text())
         size = res.recommended_batch_size
     else:
         size = first.batch_size
@@ -98,8 +96,6 @@ def main() -> int:
     r = _cell(ip, f"4. The epoch again at the recommended batch size ({size}), same device",
               "%%gpumem -d cpu --budget 16MiB -q -o" + TRAIN)
     ok &= r.error_in_exec is None
-    if r.result is not None:
-        print(r.result.to_text())
     print("\ndemo " + ("finished: every step behaved as described" if ok else "FAILED: see above"))
     return 0 if ok else 1
 

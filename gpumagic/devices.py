@@ -14,11 +14,13 @@ import re
 import traceback
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
+from types import TracebackType
 from typing import Any
 
 import torch
 
 from gpumagic import backends
+from gpumagic._tensors import is_fake, storages
 from gpumagic._units import format_bytes, parse_size
 from gpumagic.backends import Backend, MemorySession
 from gpumagic.report import DeviceStatus
@@ -42,14 +44,22 @@ _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 DeviceLike = str | torch.device | torch.nn.Module | torch.Tensor | None
 
 
-def _device_of(obj: Any) -> torch.device | None:
+def _device_of(obj: Any, measurable_only: bool = False) -> torch.device | None:
+    """The device of a tensor or model; with ``measurable_only``, meta and fake tensors (no memory
+    on any device: shapes for tracing, a model not yet materialised) say nothing."""
+
+    def ok(t: torch.Tensor) -> bool:
+        return not measurable_only or (_DEVICE_RE.match(t.device.type) is not None and not is_fake(t))
+
     if isinstance(obj, torch.Tensor):
-        return obj.device
+        return obj.device if ok(obj) else None
     if isinstance(obj, torch.nn.Module):
         for p in obj.parameters():
-            return p.device
+            if ok(p):
+                return p.device
         for b in obj.buffers():
-            return b.device
+            if ok(b):
+                return b.device
     return None
 
 
@@ -71,7 +81,7 @@ def resolve(device: DeviceLike = None, hints: Iterable[Any] = ()) -> tuple[Backe
         order = {b.name: i for i, b in enumerate(backends.registry())}
         best: tuple[int, Backend, torch.device] | None = None
         for h in hints:
-            d = _device_of(h)
+            d = _device_of(h, measurable_only=True)
             owner = None if d is None else _owner(d)
             if d is not None and owner is not None and (best is None or order[owner.name] < best[0]):
                 best = (order[owner.name], owner, d)
@@ -115,8 +125,9 @@ def device_label(backend: Backend | None, device: torch.device) -> str:
     return backend.name if device.index is None else f"{backend.name}:{device.index}"
 
 
-def resolve_budget(budget: str | int | None) -> int | None:
-    return None if budget is None else parse_size(budget, name="budget")
+def resolve_budget(budget: str | int | None, name: str = "budget") -> int | None:
+    """Bytes of a budget given as "2GiB", "800MB" or bytes; ``name`` is what error messages call it."""
+    return None if budget is None else parse_size(budget, name=name)
 
 
 def open_session(device: torch.device, budget: int | None = None, exclude: Iterable[int] = ()) -> MemorySession:
@@ -128,20 +139,24 @@ def open_session(device: torch.device, budget: int | None = None, exclude: Itera
 
 
 def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
-    """Bytes of ``t``'s storage if it is a tensor on ``device`` not in ``seen`` (then added), else 0."""
+    """Bytes of the buffers of ``t`` (a tensor on ``device``) not in ``seen`` (then added), else 0.
+
+    Sparse tensors count their indices and values; fake and unreadable (opaque) tensors count 0.
+    """
     if not isinstance(t, torch.Tensor):
         return 0
-    if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
-        return 0
     try:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # fake, functional, sparse tensors
+        if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
+            return 0
+        parts = storages(t)
+    except Exception:  # a subclass whose attributes raise
         return 0
-    if not key or key in seen:
-        return 0
-    seen.add(key)
-    return int(st.nbytes())
+    n = 0
+    for key, st in parts or ():
+        if key not in seen:
+            seen.add(key)
+            n += int(st.nbytes())
+    return n
 
 
 def _tensors_in(value: Any, depth: int = 0) -> Iterable[torch.Tensor]:
@@ -199,6 +214,13 @@ def release_memory(exc: BaseException | None) -> None:
         ctx: BaseException | None = exc
         while ctx is not None and ctx.__traceback__ is not None:
             traceback.clear_frames(ctx.__traceback__)
+            tb: TracebackType | None = ctx.__traceback__
+            while tb is not None:
+                # a frame whose locals were read (a traceback formatter showing arguments, a
+                # debugger) keeps a snapshot dict that clear() leaves (CPython < 3.13); reading
+                # f_locals again re-syncs it with the now empty locals, dropping the tensors
+                tb.tb_frame.f_locals  # noqa: B018
+                tb = tb.tb_next
             ctx = ctx.__context__
     gc.collect()
     for backend in backends.registry():

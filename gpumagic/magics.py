@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import os
 import re
 import sys
 import traceback
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from IPython.core import magic_arguments
@@ -145,22 +148,64 @@ def _user_frame(tb: Any) -> str | None:
     return None
 
 
-def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    where = _user_frame(exc.__traceback__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-    def render() -> list[str]:
-        # one-shot: %tb afterwards shows the full traceback
-        exc.__dict__.pop("_render_traceback_", None)
-        lines = [f"{type(exc).__name__}: {first}"]
+
+def _ipython_dir() -> str:
+    import IPython
+
+    return os.path.dirname(os.path.abspath(IPython.__file__)) + os.sep
+
+
+def user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """A copy of the chain ``tb`` without gpumagic's frames (the magic, the cell runner, the
+    simulated device) nor IPython's leading ones (what runs the cell): the user's frames only."""
+    kept: list[TracebackType] = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    ipython = _ipython_dir()
+    while len(kept) > 1 and os.path.abspath(kept[0].tb_frame.f_code.co_filename).startswith(ipython):
+        kept.pop(0)
+    out: TracebackType | None = None
+    for t in reversed(kept):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
+class TracebackView:
+    """``_render_traceback_`` for a translated OOM: the short form the first time IPython shows
+    the error, and afterwards (``%tb``) the full traceback of the user's frames, formatted before
+    the frames are cleared to free memory, so their arguments still show."""
+
+    def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
+        lines = str(exc).strip().splitlines()
+        self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
+        where = _user_frame(exc.__traceback__)
         if where:
-            lines.append(f"  at {where}")
-        lines.append("  (full traceback: %tb)")
-        return lines
+            self.short.append(f"  at {where}")
+        self.short.append("  (full traceback: %tb)")
+        tb = user_traceback(exc.__traceback__)
+        try:
+            self.full = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
+        except Exception:  # IPython's formatter failed: Python's, without the arguments
+            self.full = traceback.format_exception(type(exc), exc, tb)
+        self.wrap = _text_only(shell)  # a terminal: lines within its width (a notebook wraps by itself)
+        if self.wrap and self.full:
+            from gpumagic._text import wrap_block
 
-    return render
+            self.full[-1] = wrap_block(self.full[-1])  # the message: one line of 300 characters
+        self.shown = False
+
+    def __call__(self) -> list[str]:
+        if not self.shown:
+            self.shown = True
+            from gpumagic._text import wrap_block
+
+            text = "\n".join(self.short)
+            return (wrap_block(text) if self.wrap else text).splitlines()
+        return self.full
 
 
 def fit_from_report(
@@ -242,6 +287,8 @@ class OOMPresenter:
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
+            from gpumagic.oom import _advice
+
             self.last_oom_cell = cell
             released: tuple[tuple[str, int], ...] = ()
             before = bindings if bindings is not None else self.pre_cell
@@ -255,11 +302,10 @@ class OOMPresenter:
                 measure = self._measure_options(info)
             try:
                 ctx = self._context(info, report, batch_size, cell, dev, released, measure, exc)
+                ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
             except Exception:  # advice with less context, never an error of gpumagic's in the cell
                 ctx = oom.AdviceContext(released=released)
             advice = oom.advise(info, ctx)
-            from gpumagic.oom import _advice
-
             _advice.remember(advice)
             with contextlib.suppress(AttributeError):  # an exception type with __slots__
                 exc.advice = advice  # type: ignore[attr-defined]
@@ -268,7 +314,8 @@ class OOMPresenter:
             from gpumagic.devices import release_memory
 
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
-            exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):  # a nicety: the memory is freed regardless
+                exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
 
@@ -384,6 +431,7 @@ class OOMPresenter:
             measure_code=code,
             released=released,
             where=_user_frame(exc.__traceback__),
+            world_size=getattr(report, "world_size", None),
         )
 
     def completed(self, report: Any, cell: str, rebound_bytes: int = 0) -> None:
@@ -479,7 +527,90 @@ class OOMHandler:
 
 
 # ---------------------------------------------------------------------------------------------
+# displaying results and progress
+
+
+def _kernel_frontend(shell: InteractiveShell) -> bool:
+    """A Jupyter kernel (a notebook, VS Code, Colab, nbclient) rather than terminal IPython."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def _text_only(shell: InteractiveShell) -> bool:
+    """The shell shows plain text only (terminal IPython): results render through ``_repr_pretty_``."""
+    formatter = shell.display_formatter
+    return formatter is not None and "text/html" not in formatter.active_types
+
+
+class _ShownProgress:
+    """A notebook progress widget, and the display it sits in (emptied when the search ends)."""
+
+    def __init__(self, inner: Any, handle: Any) -> None:
+        self.inner = inner
+        self.handle = handle
+
+    def __call__(self, trial: Any, index: int) -> None:
+        self.inner(trial, index)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            # a saved notebook keeps no frame of the bar
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+@contextmanager
+def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
+    """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
+    terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
+    from gpumagic._progress import LineProgress, text_progress
+
+    progress: Any = None
+    if quiet:
+        pass
+    elif _kernel_frontend(shell):
+        try:
+            from gpumagic.widgets import WidgetProgress
+
+            bar = WidgetProgress()
+        except ImportError:  # no ipywidgets: lines in the cell's stderr
+            progress = LineProgress(sys.stderr)
+        else:
+            progress = _ShownProgress(bar, display(bar.widget, display_id=True))
+    else:
+        progress = text_progress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
+    """A mimebundle printer for results: none in a text-only shell (IPython then calls
+    ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
+
+    def printer(obj: Any) -> Any:
+        return None if _text_only(shell) else obj._repr_mimebundle_()
+
+    return printer
+
+
+def _result_types() -> tuple[type, ...]:
+    from gpumagic.report import BatchSearchResult, MemoryReport
+
+    return (MemoryReport, BatchSearchResult)
+
+
+# ---------------------------------------------------------------------------------------------
 # the magics
+
+
+def _asks_for_help(line: str) -> bool:
+    """``-h`` / ``--help`` among the options (not in a statement after ``--``)."""
+    words = line.split()
+    options = words[: words.index("--")] if "--" in words else words
+    return "-h" in options or "--help" in options
 
 
 def _parse(fn: Any, line: str) -> Any:
@@ -499,6 +630,7 @@ class GPUMagics(Magics):
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
         self.oom_handler = OOMHandler(shell, self.presenter)
+        self.saved_printers: dict[type, Any] = {}  # mimebundle printers ours replaced, restored on unload
 
     # -- %gpumem / %%gpumem --------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -550,13 +682,24 @@ class GPUMagics(Magics):
             %gpumem            # the device now
             %gpumem --free     # free cached memory and list what still holds some
         """
+        if _asks_for_help(line):  # as `%gpumem?` / `%%gpumem?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
+            return None
         args = _parse(self.gpumem, line)
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
+        from gpumagic import distributed
+
+        launcher = cell is not None and distributed.launches_processes(cell)
         try:
-            backend, device = resolve(args.device, hints(ns) if args.device is None else ())
-            budget = resolve_budget(args.budget)
+            if launcher:
+                # the ranks run in forked children, which cannot use a GPU this process initialised:
+                # this process is measured on the host, the children on their own devices
+                backend, device = resolve("cpu")
+            else:
+                backend, device = resolve(args.device, hints(ns) if args.device is None else ())
+            budget = resolve_budget(args.budget, name="--budget")
         except ValueError as e:
             raise UsageError(str(e)) from None
         if cell is None:
@@ -572,30 +715,46 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if not cell.strip():
             raise UsageError("%%gpumem needs a cell body to run")
+        from gpumagic import _ranks
         from gpumagic.devices import Bindings
         from gpumagic.tracking import Tracker
 
         measure = f"-d {device}" + (f" --budget {_size_arg(budget)}" if budget is not None else "")
         tracker = Tracker(device, budget, backend=backend)
+        children: tuple[Any, ...] = ()
+        shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
             before: Bindings | None = Bindings(ns)
             rebound = _rebound_bytes(self.shell, cell, device)
         except Exception:  # measuring must not break the cell: no release, a cruder estimate
             before, rebound = None, 0
         try:
-            with tracker:
-                value = run_cell_source(self.shell, cell)
+            # child processes the cell starts (notebook_launcher, start_processes) measure themselves
+            child_device = args.device if launcher else str(device)
+            with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
+                try:
+                    value = run_cell_source(self.shell, cell)
+                finally:
+                    children = distributed.collect_children(reports_dir)
         except BaseException as exc:
             report = tracker.finished_report
-            if not (isinstance(exc, Exception) and self.presenter.present(
-                exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
-                bindings=before, measure=measure,
-            )) and report is not None and not args.quiet:
+            if report is not None:
+                report = distributed.with_children(report, children)
+            if not shows:
+                raise
+            try:
+                shown = isinstance(exc, Exception) and self.presenter.present(
+                    exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
+                    bindings=before, measure=measure,
+                )
+            except Exception:  # advice must never replace the user's exception
+                shown = False
+            if not shown and report is not None and not args.quiet:
                 display(report)
             raise
-        report = tracker.report
+        report = distributed.with_children(tracker.report, children)
         self.presenter.completed(report, cell, rebound)
-        if not args.quiet:
+        if not args.quiet and shows:
             display(report)
         if args.output:
             return report
@@ -615,7 +774,10 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem)."
     )
-    @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
+    @magic_arguments.argument(
+        "--start", type=int, default=None,
+        help="First batch size tried: 2, or the bound nearest to 2 when --min or --max exclude it.",
+    )
     @magic_arguments.argument(
         "--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1)."
     )
@@ -641,7 +803,9 @@ class GPUMagics(Magics):
         "with the learning-rate rule.",
     )
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor the progress of the trials."
+    )
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per trial, after `--`, e.g. "
@@ -670,6 +834,9 @@ class GPUMagics(Magics):
             %find_batch --loader train_loader -- train(model, train_loader)
             %find_batch --var bs --effective 1024 -- train(model, make_loader(bs))
         """
+        if _asks_for_help(line):  # as `%find_batch?` / `%%find_batch?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%find_batch" if cell is not None else "%find_batch")
+            return None
         args = _parse(self.find_batch, line)
         from gpumagic import batch
 
@@ -685,11 +852,13 @@ class GPUMagics(Magics):
                     "(%find_batch then re-runs it, or the last cell that ran out of memory)"
                 )
         try:
-            result = find_batch_in_shell(
-                self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
-                start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                margin=args.margin, pick=args.pick, effective=args.effective,
-            )
+            with search_progress(self.shell, args.quiet) as progress:
+                result = find_batch_in_shell(
+                    self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
+                    start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
+                    margin=args.margin, pick=args.pick, effective=args.effective,
+                    progress=progress,
+                )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
@@ -717,6 +886,9 @@ class GPUMagics(Magics):
             %gpumon --sidebar        # in JupyterLab's right sidebar
             %gpumon --stop
         """
+        if _asks_for_help(line):  # as `%gpumon?` does
+            self.shell.run_line_magic("pinfo", "%gpumon")
+            return None
         args = _parse(self.gpumon, line)
         from gpumagic import monitor
 
@@ -772,6 +944,10 @@ def load(shell: InteractiveShell) -> None:
     magics = GPUMagics(shell)
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.presenter.before_cell)
+    if shell.display_formatter is not None:
+        bundles = shell.display_formatter.mimebundle_formatter
+        printer = _text_bundle(shell)
+        magics.saved_printers = {t: bundles.for_type(t, printer) for t in _result_types()}
     if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
         magics.oom_handler.install()
 
@@ -784,6 +960,12 @@ def unload(shell: InteractiveShell) -> None:
             magics.oom_handler.uninstall()
             with contextlib.suppress(ValueError):  # not registered
                 shell.events.unregister("pre_run_cell", magics.presenter.before_cell)
+            if shell.display_formatter is not None:
+                bundles = shell.display_formatter.mimebundle_formatter
+                for t, saved in magics.saved_printers.items():
+                    bundles.pop(t, None)
+                    if saved is not None:
+                        bundles.for_type(t, saved)
     finally:
         table: dict[str, dict[str, Any]] = shell.magics_manager.magics
         for kind, names in _MAGIC_NAMES.items():

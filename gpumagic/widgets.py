@@ -484,6 +484,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     """Loss (top) and peak memory (bottom) per step on a shared step axis, with the cell's
     baseline, peak and capacity (or budget) as lines. Long loops are drawn through
     :func:`envelope` so spikes stay visible; with no steps, bars of baseline, peak and end."""
+    if len(report.ranks) > 1:
+        return _rank_bars(report)
     cap = report.budget_bytes or report.capacity_bytes
     cap_name = "budget" if report.budget_bytes else "capacity"
     title = f"Peak memory per step on {report.device}" if report.steps else f"Memory of the block on {report.device}"
@@ -495,6 +497,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     title += f" · {n:,} step{'s' if n != 1 else ''}" if report.steps else " · no training steps seen"
     if report.error:
         title += f" · partial: stopped by {report.error.split(':')[0]}"
+    elif report.incomplete:
+        title += " · incomplete (see the report)"
 
     if not report.steps:
         return _memory_bars(report, cap, cap_name, title)
@@ -548,6 +552,38 @@ def memory_figure(report: MemoryReport) -> Figure:
     ax.grid(True, alpha=0.25)
     # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    return fig
+
+
+def _rank_bars(report: MemoryReport) -> Figure:
+    """One bar per rank: its peak, with its budget (or capacity) as a tick on the bar."""
+    ranks = report.ranks
+    top = report.peak_rank
+    title = f"Peak memory per rank · {len(ranks)} ranks"
+    if top is not None:
+        title += f" · rank {top.rank} highest, spread {format_bytes(report.peak_spread_bytes)}"
+    fig = _new_figure(1.2 + 0.42 * len(ranks))
+    ax = fig.subplots(1, 1)
+    ax.set_title(title, loc="left", fontsize=11)
+    names = [f"rank {r.rank}" for r in reversed(ranks)]
+    peaks = [r.peak_bytes for r in reversed(ranks)]
+    caps = [r.budget_bytes or r.capacity_bytes for r in reversed(ranks)]
+    high = max([*peaks, 1])
+    known = [c for c in caps if c is not None and c <= 4 * high]
+    high = max([high, *known])
+    unit, scale = _unit_for(high)
+    colors = [_ORANGE if top is not None and r.rank == top.rank else _BLUE for r in reversed(ranks)]
+    ax.barh(names, [v / scale for v in peaks], color=colors, height=0.6, label="peak")
+    for i, (v, c) in enumerate(zip(peaks, caps, strict=True)):
+        ax.text(v / scale, i, f" {format_bytes(v)}", va="center", fontsize=9)
+        if c is not None and c <= 4 * max(peaks[i], 1):
+            ax.plot([c / scale] * 2, [i - 0.4, i + 0.4], color=_RED, lw=1.4)
+    ax.set_xlim(0, high * 1.25 / scale)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.grid(True, axis="x", alpha=0.25)
     return fig
 
 
@@ -731,3 +767,35 @@ def _search_bundle(result: BatchSearchResult) -> dict[str, Any]:
 
 register_renderer(MemoryReport, _memory_bundle)
 register_renderer(BatchSearchResult, _search_bundle)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress of a search in a notebook
+
+
+class WidgetProgress:
+    """A notebook bar for ``%find_batch``: trials done (of at most ``max_trials``) and the last one
+    in words. The IPython layer shows :attr:`widget` and removes it when the search ends.
+
+    >>> progress = WidgetProgress()     # doctest: +SKIP
+    >>> progress(trial, 0); progress.close()   # doctest: +SKIP
+    """
+
+    def __init__(self, label: str = "find_batch", max_trials: int = 12) -> None:
+        import ipywidgets as w  # lazy, like every widget here
+
+        self._bar = w.IntProgress(value=0, min=0, max=max_trials, bar_style="info",
+                                  layout=w.Layout(width="160px"))
+        self._label = label
+        self._text = w.HTML(value=html.escape(f"{label}: first trial running"))
+        self.widget = w.HBox([self._bar, self._text])
+
+    def __call__(self, trial: Trial, index: int) -> None:
+        from gpumagic._text import describe_trial
+
+        self._bar.value = min(index + 1, self._bar.max)
+        done = f"{index + 1} trial{'s' if index else ''} done"
+        self._text.value = html.escape(f"{self._label}: {done}, last {describe_trial(trial)}")
+
+    def close(self) -> None:
+        self.widget.close()

@@ -495,7 +495,7 @@ def test_effective_batch_not_divisible_pads_as_little_as_possible():
         ({"margin": -0.1}, "margin must be in [0, 0.5), got -0.1"),
         ({"start": 2, "min_size": 4}, "start must be >= min_size (4), got 2"),
         ({"start": 16, "max_size": 8}, "start must be <= max_size (8), got 16"),
-        ({"min_size": 8, "max_size": 4, "start": 8}, "max_size must be >= min_size (8), got 4"),
+        ({"min_size": 8, "max_size": 4, "start": 8}, "min_size (8) is larger than max_size (4)"),
         ({"min_size": 64, "start": 64, "dataset_size": 50}, "min_size must be <= dataset_size (50), got 64"),
         ({"start": 0}, "start must be >= 1, got 0"),
         ({"capacity_bytes": 0}, "capacity_bytes must be >= 1, got 0"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -58,6 +60,12 @@ class AdviceContext:
     measure_code: str | None = None
     released: tuple[tuple[str, int], ...] = ()
     where: str | None = None
+    rank: int | None = None
+    """The data-parallel rank that ran out of memory; by default this process's rank under
+    torch.distributed, or the rank a launcher's error message names."""
+    world_size: int | None = None
+    """Ranks training together (data parallel): batch sizes are per rank, the global batch is
+    per-rank size × world_size; by default torch.distributed's world size."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,9 @@ class Advice:
         return f"<Advice: {self.headline} ({len(self.suggestions)} suggestions)>"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.text())
+        from gpumagic._text import wrap_block
+
+        p.text(wrap_block(self.text(), code_indent=5))  # a terminal: prose within its width, code whole
 
     def _repr_html_(self) -> str:
         items = []
@@ -757,7 +767,7 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
     if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
-    return Advice(
+    advice = Advice(
         headline=_headline(info),
         suggestions=tuple(s for _, s in ranked),
         unknown=tuple(dict.fromkeys(unknown)),
@@ -765,3 +775,42 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
         info=info,
         released=ctx.released,
     )
+    return _per_rank(advice, ctx)
+
+
+# "-- Process 1 terminated with the following error" (torch.multiprocessing), "rank : 1" (torchelastic)
+_RANK_IN_MESSAGE: Final = re.compile(r"Process (\d+) terminated with the following error|\brank\s*:\s*(\d+)")
+
+
+def rank_in_error(error: BaseException | str) -> int | None:
+    """The rank a launcher's error names (a child process's failure re-raised in the parent)."""
+    m = _RANK_IN_MESSAGE.search(str(error))
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def _per_rank(advice: Advice, ctx: AdviceContext) -> Advice:
+    """Under data parallelism: name the rank, and state batch sizes per rank and for all ranks."""
+    from gpumagic import _ranks
+
+    rank = ctx.rank if ctx.rank is not None else _ranks.rank()
+    world = ctx.world_size if ctx.world_size is not None else _ranks.world_size()
+    if rank is None and (world is None or world < 2):
+        return advice
+    suggestions = list(advice.suggestions)
+    if world is not None and world > 1:
+        for i, s in enumerate(suggestions):
+            if s.kind not in ("batch_size", "accumulation") or s.batch_size is None:
+                continue
+            k = s.accumulation_steps or 1
+            was = ""
+            if ctx.batch_size is not None:
+                old_k = ctx.accumulation_steps or 1
+                was = f", was {ctx.batch_size}{f' × {old_k}' if old_k > 1 else ''} × {world} = " \
+                      f"{ctx.batch_size * old_k * world}"
+            glob = f"{s.batch_size}{f' × {k}' if k > 1 else ''} × {world} ranks = {s.batch_size * k * world}"
+            suggestions[i] = dataclasses.replace(
+                s, detail=f"{s.detail}; the size is per rank (set it on every rank): global batch {glob}{was}"
+            )
+    who = f"Rank {rank}" if rank is not None else "One rank"
+    of = f" of {world}" if world is not None and world > 1 else ""
+    return dataclasses.replace(advice, headline=f"{who}{of}: {advice.headline}", suggestions=tuple(suggestions))
