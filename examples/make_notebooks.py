@@ -166,23 +166,28 @@ print(f"tensor memory before training: {format_bytes(before.allocated_bytes)}")
 ## The cell that fails
 
 The error below is shortened to one line and the place in your code (`%tb` shows the full
-traceback). Above it is the advice: the headline repeats the figures of the error; the first
-suggestion is a batch size computed from them; the accumulation suggestion keeps the effective
-batch of 4096, so the learning rate can stay; "Unknown" lists what could not be derived.
+traceback). Above it is the advice: the headline repeats the figures of the error, and the line
+under it says which of the cell's names gpumagic released. The first suggestion is what to do
+next, and it works when done literally: here the error's figures only bound the batch size (the
+step failed part-way, so it needed more than they show), so the first suggestion is the command
+that measures it for this cell, on this device and budget. The accumulation suggestion keeps the
+effective batch of 4096; "Unknown" lists what could not be derived.
 """),
     (CODE, "%%gpumem -d cpu --budget 24MiB" + EPOCH, RAISES),
     (MD, """
 ## The memory came back
 
 After an OOM, the traceback's frames keep the failed step's activations alive, which is why
-`torch.cuda.empty_cache()` alone often frees nothing. gpumagic clears those frames (the traceback
-itself stays usable) and collects them. `%gpumem --free` shows the device now and which names
-still hold memory: the data `X`, the model, and `x` and `y`, the batch the loop had drawn when it
-failed. Those two are variables of the cell, not a leak: the loop bound them.
+`torch.cuda.empty_cache()` alone often frees nothing; and the names the failed cell bound (`x`,
+`y`, `loss`) keep the batch and, after a failure in `backward()`, the whole autograd graph.
+gpumagic clears those frames (the traceback itself stays usable) and releases those names: put
+back to their values from before the cell, or deleted when the cell created them. `%gpumem --free`
+shows the device now and which names still hold memory: the data `X` and the model, which the
+cell only used and which are left alone.
 """),
     (CODE, "%gpumem -d cpu --free"),
     (CODE, """
-del x, y                                   # the failed cell's last batch
+print("x" in globals(), "y" in globals())   # released with the failed cell
 after = gpumagic.device_status("cpu")
 print(f"tensor memory before the failing cell {format_bytes(before.allocated_bytes)}, "
       f"now {format_bytes(after.allocated_bytes)}: "
@@ -191,32 +196,33 @@ print(f"tensor memory before the failing cell {format_bytes(before.allocated_byt
     (MD, """
 ## The advice as an object
 
-The same advice is there from Python: `gpumagic.parse_oom` reads every figure in the error
-(`sys.last_value` is the last exception IPython showed) and `gpumagic.advise` ranks the
-suggestions. `fits_batch_size` is the batch size the first suggestion names.
+The same advice is there from Python: `gpumagic.oom.last_advice()` is the advice last shown (the
+exception carries it too, as `sys.last_value.advice`), and `gpumagic.parse_oom` reads every figure
+in the error.
 """),
     (CODE, """
 import sys
 
 info = gpumagic.parse_oom(sys.last_value)
-advice = gpumagic.advise(info, gpumagic.oom.AdviceContext(batch_size=4096, optimizer="Adam"))
+advice = gpumagic.oom.last_advice()
 print(f"from the error: tried to allocate {format_bytes(info.tried_to_allocate)}, "
       f"{format_bytes(info.free)} free of {format_bytes(info.total_capacity)}")
-print(f"advice: batch size {advice.fits_batch_size} or less")
+first = advice.suggestions[0]
+print(f"suggestion 1 ({first.kind}): {first.title}")
+print(first.code)
 """),
     (MD, """
 ## Follow the advice
 
-That number is an estimate from the error's figures alone, which cannot know how much the
-gradients and the optimizer state will add once a step completes. `%find_batch`, which the advice
-points to, measures instead: it re-runs the cell that failed (the last `%%gpumem` cell) at a few
-batch sizes, fits memory against batch size, and tries the largest size that fits before
-recommending it. Its out-of-memory trials are part of the search, not errors.
+Suggestion 1 is a command: run it as it is (here with `-o` to keep the result). `%find_batch`
+without code re-runs the cell that failed at a few batch sizes, fits memory against batch size,
+and tries the largest size that fits before recommending it. Its out-of-memory trials are part of
+the search, not errors.
 """),
     (CODE, "res = %find_batch --var batch_size -d cpu --budget 24MiB -o"),
     (CODE, """
 print(f"measured: batch size {res.recommended_batch_size} fits (largest that ran {res.max_batch_size}, "
-      f"{len(res.trials)} trials); the estimate from the error alone was {advice.fits_batch_size}")
+      f"{len(res.trials)} trials)")
 batch_size = res.recommended_batch_size
 """),
     (CODE, "%%gpumem -d cpu --budget 24MiB" + EPOCH),

@@ -14,6 +14,7 @@ initialises CUDA; the heavy parts load on first use.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from gpumagic import _bundles
@@ -25,6 +26,7 @@ from gpumagic.report import (
     Fit,
     MemoryBreakdown,
     MemoryReport,
+    RankRecord,
     StepRecord,
     Trial,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "OOMInfo",
+    "RankRecord",
     "StepRecord",
     "Tracker",
     "Trial",
@@ -82,7 +85,9 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("oom", "tracking", "batch", "search", "devices", "widgets", "monitor", "magics", "autoload")
+_SUBMODULES = (
+    "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics", "autoload",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -103,6 +108,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+if os.environ.get("GPUMAGIC_CHILD_REPORTS"):
+    # started from a %%gpumem cell (like coverage's COVERAGE_PROCESS_START): measure this process
+    from gpumagic.distributed import start_from_environment
+
+    start_from_environment()
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

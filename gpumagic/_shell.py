@@ -74,7 +74,9 @@ def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> B
     from gpumagic.batch import find_batch_in_namespace
 
     ns = shell.user_ns
-    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), code, hints=hints(ns), **options)
+    # the core reads the cell as Python: IPython's syntax (magics, !commands) transformed away
+    python = shell.transform_cell(code)
+    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), python, hints=hints(ns), **options)
 
 
 def _sidebar_problem() -> str | None:

@@ -17,9 +17,10 @@ import copy
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,10 +28,15 @@ from gpumagic import backends
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic._progress import text_progress
+from gpumagic._safe import describe
+from gpumagic._tensors import storages
 from gpumagic.backends import Backend
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
+
+if TYPE_CHECKING:
+    from gpumagic.distributed import TrialAgreement
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
@@ -44,7 +50,10 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         from gpumagic import oom
 
-        return oom.parse(exc) is not None
+        try:
+            return oom.parse(exc) is not None
+        except Exception:  # an exception that cannot be read (its __str__ raises) is the user's
+            return False
     return False
 
 
@@ -57,9 +66,16 @@ def _host_copy(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v)) for k, v in obj.items()) if type(obj) is dict else {
-            k: _host_copy(v) for k, v in obj.items()
-        }
+        items = [(k, _host_copy(v)) for k, v in obj.items()]
+        try:
+            out = type(obj)(items)  # an OrderedDict stays one
+        except Exception:
+            out = dict(items)
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:  # state_dict versions: quantized modules load by them
+            with contextlib.suppress(AttributeError, TypeError):
+                out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, list):
         return [_host_copy(v) for v in obj]
     if isinstance(obj, tuple):
@@ -70,10 +86,8 @@ def _host_copy(obj: Any) -> Any:
 def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                st = obj.untyped_storage()
-                if st.device.type == "cpu":  # not a fake tensor's (meta) storage
-                    out.add(st.data_ptr())
+            with contextlib.suppress(Exception):
+                out.update(key for key, _ in storages(obj) or ())
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensor_keys(v, out)
@@ -132,7 +146,13 @@ def _discover_stateful() -> list[Any]:
 
 @dataclass
 class StateSnapshot:
-    """Host-memory copies of stateful objects, RNG states and namespace values, restorable."""
+    """Host-memory copies of stateful objects, RNG states and namespace values, restorable.
+
+    Modules also keep which parameter, buffer and submodule objects they held, so a trial that
+    replaced one (``model.fc = nn.Linear(...)``, a weight swapped for a tensor subclass) is undone
+    before the values are loaded back. What cannot be restored is said, never raised:
+    :meth:`restore` returns one message per object, naming it.
+    """
 
     objects: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (obj, state_dict copy, grads)
     rng: dict[str, Any] = field(default_factory=dict)
@@ -140,15 +160,40 @@ class StateSnapshot:
     bindings: dict[str, Any] = field(default_factory=dict)
     plain_copies: dict[str, Any] = field(default_factory=dict)
     storage_keys: set[int] = field(default_factory=set)
+    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Objects that could not be copied before the trials (their state is what the trials leave)."""
+
+    def describe(self, obj: Any) -> str:
+        """"'model' (Sequential)" where the namespace names the object, else "a Sequential"."""
+        name = self.names.get(id(obj))
+        return f"{name!r} ({type(obj).__name__})" if name else f"a {type(obj).__name__}"
 
     @classmethod
     def take(cls, objects: Iterable[Any], namespace: MutableMapping[str, Any] | None = None) -> StateSnapshot:
         snap = cls()
+        objects = list(objects)
+        if namespace is not None:
+            wanted = {id(o) for o in objects}
+            snap.names = {id(v): k for k, v in reversed(list(namespace.items()))
+                          if id(v) in wanted and not k.startswith("_")}
         for obj in objects:
-            state = _host_copy(obj.state_dict())
-            grads = None
-            if isinstance(obj, torch.nn.Module):
-                grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in obj.parameters()]
+            try:
+                with warnings.catch_warnings():  # torch's warnings about the user's modules are not news here
+                    warnings.simplefilter("ignore")
+                    state = _host_copy(obj.state_dict())
+                grads = None
+                if isinstance(obj, torch.nn.Module):
+                    grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
+                             for p in obj.parameters()]
+                    snap.members.extend(
+                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in obj.modules()
+                    )
+            except Exception as e:  # a tensor kind that cannot be copied: say so, search anyway
+                snap.problems.append(f"could not copy {snap.describe(obj)} before the trials ({describe(e)}): "
+                                     "its state after the search is what the last trial left")
+                continue
             snap.objects.append((obj, state, grads))
             _tensor_keys(state, snap.storage_keys)
             _tensor_keys(grads or [], snap.storage_keys)
@@ -170,18 +215,27 @@ class StateSnapshot:
                 snap.plain_copies[name] = copy.deepcopy(v)
         return snap
 
-    def restore(self) -> None:
-        errors: list[str] = []
+    def restore(self) -> list[str]:
+        """Put everything back; returns what could not be restored (empty when all was)."""
+        errors = list(self.problems)
+        for m, params, buffers, modules in self.members:
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
+                if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
+                    now.clear()
+                    now.update(saved)
         for obj, state, grads in self.objects:
             try:
                 # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
                 # do for same-device state), and the next trial would then mutate the snapshot
-                obj.load_state_dict(_host_copy(state))
+                with warnings.catch_warnings():  # e.g. quantized modules warn on every load
+                    warnings.simplefilter("ignore")
+                    obj.load_state_dict(_host_copy(state))
                 if grads is not None:
                     for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)
             except Exception as e:  # keep restoring the others
-                errors.append(f"{type(obj).__name__}: {e}")
+                errors.append(f"could not restore {self.describe(obj)}: {describe(e)}; "
+                              "it is left as the last trial left it")
         for backend in backends.registry():
             if backend.name in self.rng:
                 backend.set_rng_state(self.rng[backend.name])
@@ -197,8 +251,7 @@ class StateSnapshot:
                     ns[name] = v
             for name, saved in self.plain_copies.items():
                 _restore_in_place(ns[name], saved)
-        if errors:
-            raise RuntimeError("could not restore: " + "; ".join(errors))
+        return errors
 
 
 _MISSING = object()
@@ -263,9 +316,12 @@ class TrialRunner:
         has_optimizer: bool,
         observed: _Observed,
         plan: dict[str, Any] | None = None,
+        agreement: TrialAgreement | None = None,
     ) -> None:
         self.plan = plan
         """Dry-run settings (namespace, device, gpu, budget) when every trial is planned on fake tensors."""
+        self.agreement = agreement
+        """Under torch.distributed: makes every rank's trial end the same way."""
         self.body = body
         self.backend = backend
         self.device = device
@@ -293,13 +349,18 @@ class TrialRunner:
                 stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
                 exclude_storages=self.snapshot.storage_keys,
                 on_step=lambda r: step_secs.append(r.seconds),
+                gather_ranks=False,
             )
         self._watch_loader(tracker)
         oom = False
         t0 = time.perf_counter()
         try:
             with tracker:
-                self.body(b)
+                if self.agreement is None:
+                    self.body(b)
+                else:
+                    with self.agreement.trial():
+                        self.body(b)
         except StopTrial:
             pass
         except Exception as e:
@@ -311,7 +372,9 @@ class TrialRunner:
             del e
         finally:
             seconds = time.perf_counter() - t0
-            self.snapshot.restore()
+            for problem in self.snapshot.restore():
+                if problem not in self.observed.notes:
+                    self.observed.notes.append(problem)
         rep = tracker.report
         n = rep.total_steps
         note = "no optimizer.step() ran in the trials: each backward() counted as a step"
@@ -325,6 +388,8 @@ class TrialRunner:
             oom = cap is not None and rep.peak_bytes > cap
             return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
+        if self.agreement is not None:
+            trial = self.agreement.agree_trial(trial)
         return trial
 
     def _watch_loader(self, tracker: Tracker) -> None:
@@ -365,7 +430,7 @@ def _run_search(
     runner: TrialRunner,
     *,
     capacity: int,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     dataset_size: int | None,
@@ -542,7 +607,7 @@ def find_batch(
     *,
     device: DeviceLike = None,
     budget: str | int | None = None,
-    start: int = 2,
+    start: int | None = None,
     max_size: int | None = None,
     steps: int = 3,
     margin: float = 0.05,
@@ -556,6 +621,7 @@ def find_batch(
     gpu: str | None = None,
     namespace: MutableMapping[str, Any] | None = None,
     plan_first: bool = True,
+    timeout_s: float = 600.0,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -563,6 +629,11 @@ def find_batch(
     (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Models, optimizers,
     schedulers and scalers (``restore``, or found through the optimizers alive in the process)
     and the RNG states are restored afterwards.
+
+    Under ``torch.distributed`` call it on every rank with the same arguments: the ranks try the
+    same sizes, agree on every trial (out of memory on one rank is out of memory for all) and
+    return the same result, whose batch sizes are per rank (``global_batch_size`` is the total).
+    ``timeout_s`` bounds how long a rank waits for the others' verdict on a trial.
 
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
@@ -598,14 +669,24 @@ def find_batch(
     capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
     has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None
+    agreement = None
+    from gpumagic import _ranks
+
+    if _ranks.initialized():
+        from gpumagic.distributed import TrialAgreement
+
+        agreement = TrialAgreement(objects, _is_oom, timeout_s=timeout_s)
+        capacity = agreement.agree_min(capacity)
+        if agreement.rank != 0:
+            progress = False  # one progress bar for the job
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
     runner = TrialRunner(
         trial_fn, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-        has_optimizer=has_opt, observed=observed,
+        has_optimizer=has_opt, observed=observed, agreement=agreement,
     )
     plan_runner = None
-    if plan_first and dev.type in ("cpu", "cuda"):
+    if plan_first and agreement is None and dev.type in ("cpu", "cuda"):  # ranks would plan apart
         # the trial function reaches its objects through a closure: their tensors are swapped in place
         plan_runner = TrialRunner(
             trial_fn, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
@@ -613,13 +694,19 @@ def find_batch(
                                         "capacity": capacity, "objects": objects},
         )
     try:
-        return _search_planned_first(
+        result = _search_planned_first(
             runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
             objects=objects, current=None, progress=progress, notes=[note] if note else [],
         )
+        result = result if agreement is None else agreement.result(result, objects)
     finally:
-        snapshot.restore()
+        try:
+            problems = snapshot.restore()
+        finally:
+            if agreement is not None:
+                agreement.close()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 
 
 def _gpu_budget(gpu: str, budget: str | int | None) -> int:
@@ -684,6 +771,65 @@ def _rebuild_loader(loader: Any, b: int) -> Any:
     return DataLoader(loader.dataset, **kwargs)
 
 
+def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:
+    """The search's options, in the flags' names (the search itself names its parameters)."""
+    for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
+        if value is not None and value < 1:
+            raise BadOptions(f"{flag} must be >= 1, got {value}")
+    if max_size is not None and min_size > max_size:
+        raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
+    if start is not None and start < min_size:
+        raise BadOptions(f"--start ({start}) is below --min ({min_size})")
+    if start is not None and max_size is not None and start > max_size:
+        raise BadOptions(f"--start ({start}) is above --max ({max_size})")
+    if not 0 <= margin < 0.5:
+        raise BadOptions(f"--margin must be in [0, 0.5), got {margin}")
+
+
+def _globals_read(fn: Any, ns: Any) -> set[str]:
+    """Global names read by a function defined in ``ns`` (the notebook), nested functions included."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__globals__", None) is not ns:
+        return set()
+    out: set[str] = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        out.update(c.co_names)
+        todo.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return out
+
+
+def _check_var_is_read(code: str, var: str, ns: Any) -> None:
+    """Refuse a --var that neither the code nor any function of the notebook reads: a trial would
+    change nothing (a typo, or the loader was built in an earlier cell). ``code`` is Python (the
+    IPython layer passes the cell after its transformations)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return  # the trial will show the user's syntax error
+    in_code = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    if var in in_code or {"globals", "eval", "exec", "get_ipython"} & in_code:
+        return
+    for value in list(ns.values()):
+        try:
+            fns = list(vars(value).values()) if inspect.isclass(value) else [value]
+            if any(var in _globals_read(inspect.unwrap(f) if callable(f) else f, ns) for f in fns):
+                return
+        except Exception:  # an object that cannot be inspected says nothing
+            continue
+    missing = "" if var in ns else ", and no variable of that name exists"
+    ints = sorted(n for n in in_code if isinstance(ns.get(n), int) and not isinstance(ns.get(n), bool))
+    hint = f" (integers it reads: {', '.join(ints)})" if ints else ""
+    raise BadOptions(
+        f"--var {var!r}: the code never reads a variable of that name{missing}; give the name of the "
+        f"batch-size variable the code uses{hint}, or --loader NAME for a DataLoader built earlier"
+    )
+
+
 def find_batch_in_namespace(
     ns: MutableMapping[str, Any],
     run: Callable[[], Any],
@@ -694,7 +840,7 @@ def find_batch_in_namespace(
     loader: str | None,
     device: str | None,
     budget: str | None,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     steps: int,
@@ -710,6 +856,13 @@ def find_batch_in_namespace(
     default device. ``dry_run``: every trial planned on fake tensors; ``gpu``: a catalog GPU."""
     _check_namespace_options(ns, var, loader, steps)
     plan: dict[str, Any] | None = None
+    if var is not None:
+        _check_var_is_read(code, var, ns)
+    _check_bounds(start, min_size, max_size, margin, effective)
+    if loader is not None:
+        n = _loader_facts(ns[loader])[0]
+        if n is not None and min_size > n:
+            raise BadOptions(f"--min ({min_size}) is larger than the data set of --loader {loader!r} ({n} samples)")
     try:
         if dry_run:
             plan, capacity = _plan(device, gpu, budget, ns)
@@ -719,7 +872,7 @@ def find_batch_in_namespace(
             if gpu is not None:
                 budget = str(_gpu_budget(gpu, budget))
             backend, dev = resolve(device, hints if device is None else ())
-            bud = resolve_budget(budget)
+            bud = resolve_budget(budget, name="--budget")
             capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None
@@ -759,9 +912,10 @@ def find_batch_in_namespace(
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             objects=objects, current=current_b, progress=progress, notes=notes,
         )
-        return _planned(result, plan) if plan is not None else result
+        result = _planned(result, plan) if plan is not None else result
     finally:
-        snapshot.restore()
+        problems = snapshot.restore()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 
 
 def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None, steps: int) -> None:

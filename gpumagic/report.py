@@ -33,6 +33,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "ProcessMemory",
+    "RankRecord",
     "StepRecord",
     "Trial",
 ]
@@ -96,6 +97,22 @@ class MemoryBreakdown:
 
 
 @dataclass(frozen=True)
+class RankRecord:
+    """One rank's summary in a data-parallel job (``MemoryReport.ranks``)."""
+
+    rank: int
+    device: str
+    peak_bytes: int
+    peak_delta_bytes: int
+    reserved_peak_bytes: int | None
+    steps: int
+    wall_seconds: float
+    budget_bytes: int | None = None
+    capacity_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class MemoryReport:
     """What ``%%gpumem`` / :func:`gpumagic.track` measured for one cell or block.
 
@@ -123,6 +140,26 @@ class MemoryReport:
     notes: tuple[str, ...] = field(default=())
     dry_run: bool = False
     """A plan made on fake tensors (``--dry-run``), not a measurement: no losses, figures predicted."""
+    incomplete: str | None = None
+    """Why the figures may miss something: an internal failure of the measurement (a hook, the
+    tracker), which gpumagic kept out of the user's code. ``None`` when the measurement is whole."""
+    ranks: tuple[RankRecord, ...] = ()
+    """Under torch.distributed (or for the child processes a tracked cell started): every rank's
+    summary, in rank order. Empty for a single process."""
+    world_size: int | None = None
+
+    @property
+    def peak_rank(self) -> RankRecord | None:
+        """The rank with the highest peak (``None`` without ranks)."""
+        return max(self.ranks, key=lambda r: r.peak_bytes) if self.ranks else None
+
+    @property
+    def peak_spread_bytes(self) -> int | None:
+        """Highest minus lowest peak over the ranks (``None`` with fewer than two)."""
+        if len(self.ranks) < 2:
+            return None
+        peaks = [r.peak_bytes for r in self.ranks]
+        return max(peaks) - min(peaks)
 
     @property
     def losses(self) -> tuple[float, ...]:
@@ -170,6 +207,12 @@ class MemoryReport:
         parts.append(f"· {_seconds(self.wall_seconds)}")
         if self.error:
             parts.append(f"· stopped by {self.error.split(':')[0]}")
+        if self.incomplete:
+            parts.append("· incomplete")
+        top = self.peak_rank
+        if top is not None and len(self.ranks) > 1:
+            parts.append(f"· {len(self.ranks)} ranks, rank {top.rank} highest at {format_bytes(top.peak_bytes)}"
+                         f" (spread {format_bytes(self.peak_spread_bytes)})")
         return " ".join(parts)
 
     def __repr__(self) -> str:
@@ -216,7 +259,29 @@ class MemoryReport:
         rows.append(("wall time", _seconds(self.wall_seconds)))
         if self.error:
             rows.append(("stopped by", self.error))
+        if self.incomplete:
+            rows.append(("incomplete", self.incomplete))
+        rows.extend(self._rank_rows())
         rows.extend(("note", n) for n in self.notes)
+        return rows
+
+    def _rank_rows(self) -> list[tuple[str, str]]:
+        top = self.peak_rank
+        if top is None:
+            return []
+        n = self.world_size or len(self.ranks)
+        rows = [("ranks", f"{len(self.ranks)} of {n}; rank {top.rank} peaks highest"
+                          + (f", spread {format_bytes(self.peak_spread_bytes)}" if len(self.ranks) > 1 else ""))]
+        for r in self.ranks:
+            cap = r.budget_bytes or r.capacity_bytes
+            used = f" ({100 * r.peak_bytes / cap:.1f}% of {format_bytes(cap)})" if cap else ""
+            rows.append((
+                f"rank {r.rank} ({r.device})",
+                f"peak {format_bytes(r.peak_bytes)}{used}, "
+                f"{format_bytes(r.peak_delta_bytes, signed=True)} in the block, "
+                f"{r.steps} step{'s' if r.steps != 1 else ''}, {_seconds(r.wall_seconds)}"
+                + (f", stopped by {r.error.split(':')[0]}" if r.error else ""),
+            ))
         return rows
 
     def to_text(self) -> str:
@@ -250,6 +315,8 @@ class Trial:
     """Optimizer steps (or backward calls without an optimizer) the trial completed."""
     planned: bool = False
     """A dry run on fake tensors: ``peak_bytes`` is predicted, and ``oom`` means it would not fit."""
+    rank_peak_bytes: tuple[int | None, ...] = ()
+    """Under torch.distributed: each rank's peak in this trial (``peak_bytes`` is their max)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +369,16 @@ class BatchSearchResult:
     notes: tuple[str, ...] = ()
     dry_run: bool = False
     """Every trial was planned on fake tensors (``--dry-run``): sizes and peaks are predictions."""
+    world_size: int | None = None
+    """Under torch.distributed: the ranks that searched together. Batch sizes are per rank; the
+    global batch is ``global_batch_size``."""
+
+    @property
+    def global_batch_size(self) -> int | None:
+        """Samples per optimizer step over all ranks: per-rank batch × accumulation × world size."""
+        if self.world_size is None or self.recommended_batch_size is None:
+            return None
+        return self.recommended_batch_size * self.accumulation_steps * self.world_size
 
     @property
     def oom_count(self) -> int:
@@ -336,6 +413,12 @@ class BatchSearchResult:
             ("largest planned to fit" if self.dry_run else "largest that ran", str(self.max_batch_size)),
             ("why", self.reason),
         ]
+        if self.world_size is not None:
+            rows[0] = (rows[0][0], rows[0][1] + " per rank")
+            rows[1] = (rows[1][0], rows[1][1] + " per rank, on every rank")
+            rows.insert(1, ("global batch", f"{self.global_batch_size} ({self.recommended_batch_size} per rank"
+                            + (f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1
+                               else "") + f" × {self.world_size} ranks)"))
         if self.dry_run:
             rows.insert(0, ("kind", "planned: every trial a dry run on fake tensors, not a measurement"))
         if self.lr_note:
@@ -354,9 +437,12 @@ class BatchSearchResult:
                     "would not fit" if t.oom else f"planned peak {format_bytes(t.peak_bytes)}",
                 ))
                 continue
+            per_rank = ""
+            if len(t.rank_peak_bytes) > 1 and not t.oom:
+                per_rank = " (ranks: " + ", ".join(format_bytes(p) for p in t.rank_peak_bytes) + ")"
             rows.append((
                 f"trial b={t.batch_size}",
-                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{sps}",
+                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{per_rank}{sps}",
             ))
         rows.extend(("note", n) for n in self.notes)
         return rows

@@ -22,7 +22,7 @@ import html
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpumagic._batchmath import interpolate, lr_note
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DPI",
     "MAX_DRAWN_POINTS",
+    "advice_widget",
     "envelope",
     "figure_png",
     "memory_figure",
@@ -453,6 +454,33 @@ def _search_panel(result: BatchSearchResult, plot: _SearchPlot, png: bytes) -> A
     return box
 
 
+def advice_widget(advice: Any, run: Callable[[str], Any]) -> Any:
+    """An ``ipywidgets.VBox`` showing out-of-memory advice, with a button (``.button``) that runs
+    the first measuring command in place (``run(code)``, its output in ``.output``); ``None``
+    when the advice has no command to run. The text form (``advice.text()``) works without it.
+    """
+    code = next((s.code for s in advice.suggestions if s.kind == "measure" and s.code), None)
+    if code is None:
+        return None
+    import ipywidgets as w
+
+    body = w.HTML(value=advice._repr_html_())
+    button = w.Button(description="Measure the batch size that fits", icon="play",
+                      tooltip=code, layout=w.Layout(width="auto"))
+    output = w.Output()
+
+    def on_click(_: Any) -> None:
+        button.disabled = True
+        with output:
+            run(code)
+
+    button.on_click(on_click)
+    box = w.VBox([body, button, output])
+    box.add_class("gpumagic-oom")
+    box.button, box.output, box.code = button, output, code
+    return box
+
+
 def search_widget(result: BatchSearchResult) -> Any:
     """An ``ipywidgets.VBox``: the plot (``.image``), a batch-size slider limited to sizes that fit
     (``.slider``, starting at the recommendation) and a readout for the chosen size (``.readout``):
@@ -470,6 +498,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     """Loss (top) and peak memory (bottom) per step on a shared step axis, with the cell's
     baseline, peak and capacity (or budget) as lines. Long loops are drawn through
     :func:`envelope` so spikes stay visible; with no steps, bars of baseline, peak and end."""
+    if len(report.ranks) > 1:
+        return _rank_bars(report)
     cap = report.budget_bytes or report.capacity_bytes
     cap_name = "budget" if report.budget_bytes else "capacity"
     title = f"Peak memory per step on {report.device}" if report.steps else f"Memory of the block on {report.device}"
@@ -481,6 +511,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     title += f" · {n:,} step{'s' if n != 1 else ''}" if report.steps else " · no training steps seen"
     if report.error:
         title += f" · partial: stopped by {report.error.split(':')[0]}"
+    elif report.incomplete:
+        title += " · incomplete (see the report)"
 
     if not report.steps:
         return _memory_bars(report, cap, cap_name, title)
@@ -534,6 +566,38 @@ def memory_figure(report: MemoryReport) -> Figure:
     ax.grid(True, alpha=0.25)
     # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    return fig
+
+
+def _rank_bars(report: MemoryReport) -> Figure:
+    """One bar per rank: its peak, with its budget (or capacity) as a tick on the bar."""
+    ranks = report.ranks
+    top = report.peak_rank
+    title = f"Peak memory per rank · {len(ranks)} ranks"
+    if top is not None:
+        title += f" · rank {top.rank} highest, spread {format_bytes(report.peak_spread_bytes)}"
+    fig = _new_figure(1.2 + 0.42 * len(ranks))
+    ax = fig.subplots(1, 1)
+    ax.set_title(title, loc="left", fontsize=11)
+    names = [f"rank {r.rank}" for r in reversed(ranks)]
+    peaks = [r.peak_bytes for r in reversed(ranks)]
+    caps = [r.budget_bytes or r.capacity_bytes for r in reversed(ranks)]
+    high = max([*peaks, 1])
+    known = [c for c in caps if c is not None and c <= 4 * high]
+    high = max([high, *known])
+    unit, scale = _unit_for(high)
+    colors = [_ORANGE if top is not None and r.rank == top.rank else _BLUE for r in reversed(ranks)]
+    ax.barh(names, [v / scale for v in peaks], color=colors, height=0.6, label="peak")
+    for i, (v, c) in enumerate(zip(peaks, caps, strict=True)):
+        ax.text(v / scale, i, f" {format_bytes(v)}", va="center", fontsize=9)
+        if c is not None and c <= 4 * max(peaks[i], 1):
+            ax.plot([c / scale] * 2, [i - 0.4, i + 0.4], color=_RED, lw=1.4)
+    ax.set_xlim(0, high * 1.25 / scale)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.grid(True, axis="x", alpha=0.25)
     return fig
 
 

@@ -202,7 +202,8 @@ def test_oom_cell_shows_the_advice_and_a_short_error(executed: Callable[[str], N
     advice = [html(o) for o in cell.outputs if "gpumagic-oom" in html(o)]
     assert error.ename == "OutOfMemoryError"
     assert len(advice) == 1
-    assert "Use batch size" in advice[0]
+    assert "Measure the batch size that fits" in advice[0]
+    assert "%find_batch --var batch_size -d cpu --budget 24MiB" in advice[0]
     assert "accumulation" in advice[0]
     assert "(full traceback: %tb)" in "\n".join(error.traceback)
 
@@ -213,7 +214,7 @@ def test_oom_notebook_returns_tensor_memory_to_the_baseline(executed: Callable[[
 
     held = re.search(r"still held by 'x'", "\n".join(html(o) for c in code_cells(nb) for o in c.outputs))
     difference = re.search(r"difference (-?\d+) bytes", text_of(nb))
-    assert held, "%gpumem --free names the batch the failed loop left in x"
+    assert not held, "the batch the failed loop bound to x is released"
     assert difference
     assert int(difference.group(1)) == 0
 
