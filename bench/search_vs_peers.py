@@ -126,12 +126,17 @@ def run_gpumagic(w: Workload) -> Row:
     res = gpumagic.find_batch(trial, device="cpu", budget=w.budget, start=2, steps=STEPS, progress=False,
                               dataset_size=len(w.data) if w.data is not None else None)
     row.seconds = time.perf_counter() - t0
-    row.ooms = res.oom_count
+    # planned trials (fake tensors) call the code too but use no device: only real trials count
+    row.sizes = [t.batch_size for t in res.trials if not t.planned]
+    row.ooms = sum(t.oom for t in res.trials if not t.planned)
     row.returned = res.max_batch_size
+    planned = sum(t.planned for t in res.trials)
     measured = next((t.peak_bytes for t in res.trials if t.batch_size == res.max_batch_size and not t.oom), None)
     if res.fit is not None and measured and res.max_batch_size:
         err = (res.fit.predict(res.max_batch_size) - measured) / measured
         row.extra = f"recommended {res.recommended_batch_size}; fit error at max {err:+.2%}"
+    if planned:
+        row.extra += f"; {planned} planned trials first ({res.reason.split(':')[0]})"
     return row
 
 

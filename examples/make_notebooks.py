@@ -166,23 +166,28 @@ print(f"tensor memory before training: {format_bytes(before.allocated_bytes)}")
 ## The cell that fails
 
 The error below is shortened to one line and the place in your code (`%tb` shows the full
-traceback). Above it is the advice: the headline repeats the figures of the error; the first
-suggestion is a batch size computed from them; the accumulation suggestion keeps the effective
-batch of 4096, so the learning rate can stay; "Unknown" lists what could not be derived.
+traceback). Above it is the advice: the headline repeats the figures of the error, and the line
+under it says which of the cell's names gpumagic released. The first suggestion is what to do
+next, and it works when done literally: here the error's figures only bound the batch size (the
+step failed part-way, so it needed more than they show), so the first suggestion is the command
+that measures it for this cell, on this device and budget. The accumulation suggestion keeps the
+effective batch of 4096; "Unknown" lists what could not be derived.
 """),
     (CODE, "%%gpumem -d cpu --budget 24MiB" + EPOCH, RAISES),
     (MD, """
 ## The memory came back
 
 After an OOM, the traceback's frames keep the failed step's activations alive, which is why
-`torch.cuda.empty_cache()` alone often frees nothing. gpumagic clears those frames (the traceback
-itself stays usable) and collects them. `%gpumem --free` shows the device now and which names
-still hold memory: the data `X`, the model, and `x` and `y`, the batch the loop had drawn when it
-failed. Those two are variables of the cell, not a leak: the loop bound them.
+`torch.cuda.empty_cache()` alone often frees nothing; and the names the failed cell bound (`x`,
+`y`, `loss`) keep the batch and, after a failure in `backward()`, the whole autograd graph.
+gpumagic clears those frames (the traceback itself stays usable) and releases those names: put
+back to their values from before the cell, or deleted when the cell created them. `%gpumem --free`
+shows the device now and which names still hold memory: the data `X` and the model, which the
+cell only used and which are left alone.
 """),
     (CODE, "%gpumem -d cpu --free"),
     (CODE, """
-del x, y                                   # the failed cell's last batch
+print("x" in globals(), "y" in globals())   # released with the failed cell
 after = gpumagic.device_status("cpu")
 print(f"tensor memory before the failing cell {format_bytes(before.allocated_bytes)}, "
       f"now {format_bytes(after.allocated_bytes)}: "
@@ -191,32 +196,33 @@ print(f"tensor memory before the failing cell {format_bytes(before.allocated_byt
     (MD, """
 ## The advice as an object
 
-The same advice is there from Python: `gpumagic.parse_oom` reads every figure in the error
-(`sys.last_value` is the last exception IPython showed) and `gpumagic.advise` ranks the
-suggestions. `fits_batch_size` is the batch size the first suggestion names.
+The same advice is there from Python: `gpumagic.oom.last_advice()` is the advice last shown (the
+exception carries it too, as `sys.last_value.advice`), and `gpumagic.parse_oom` reads every figure
+in the error.
 """),
     (CODE, """
 import sys
 
 info = gpumagic.parse_oom(sys.last_value)
-advice = gpumagic.advise(info, gpumagic.oom.AdviceContext(batch_size=4096, optimizer="Adam"))
+advice = gpumagic.oom.last_advice()
 print(f"from the error: tried to allocate {format_bytes(info.tried_to_allocate)}, "
       f"{format_bytes(info.free)} free of {format_bytes(info.total_capacity)}")
-print(f"advice: batch size {advice.fits_batch_size} or less")
+first = advice.suggestions[0]
+print(f"suggestion 1 ({first.kind}): {first.title}")
+print(first.code)
 """),
     (MD, """
 ## Follow the advice
 
-That number is an estimate from the error's figures alone, which cannot know how much the
-gradients and the optimizer state will add once a step completes. `%find_batch`, which the advice
-points to, measures instead: it re-runs the cell that failed (the last `%%gpumem` cell) at a few
-batch sizes, fits memory against batch size, and tries the largest size that fits before
-recommending it. Its out-of-memory trials are part of the search, not errors.
+Suggestion 1 is a command: run it as it is (here with `-o` to keep the result). `%find_batch`
+without code re-runs the cell that failed at a few batch sizes, fits memory against batch size,
+and tries the largest size that fits before recommending it. Its out-of-memory trials are part of
+the search, not errors.
 """),
     (CODE, "res = %find_batch --var batch_size -d cpu --budget 24MiB -o"),
     (CODE, """
 print(f"measured: batch size {res.recommended_batch_size} fits (largest that ran {res.max_batch_size}, "
-      f"{len(res.trials)} trials); the estimate from the error alone was {advice.fits_batch_size}")
+      f"{len(res.trials)} trials)")
 batch_size = res.recommended_batch_size
 """),
     (CODE, "%%gpumem -d cpu --budget 24MiB" + EPOCH),
@@ -702,12 +708,151 @@ else:
 ]
 
 
+# -------------------------------------------------------------------------------------------------
+# 06 plan for a GPU
+
+PLAN_SETUP = """
+import torch, torch.nn as nn, torch.nn.functional as F
+import gpumagic
+from gpumagic import format_bytes
+
+VOCAB, CONTEXT = 50304, 512
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    \"\"\"A GPT-2-style decoder: token and position embeddings, pre-norm blocks, tied output layer.\"\"\"
+
+    def __init__(self, n_layer=12, d_model=768, heads=12):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(VOCAB, d_model), nn.Embedding(CONTEXT, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(n_layer))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln(x))
+        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+
+def train(batch_size, dtype, steps=3):
+    \"\"\"The cell below as a function, for the line form of find_batch.\"\"\"
+    model = GPT().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(steps):
+        idx = torch.randint(0, VOCAB, (batch_size, CONTEXT), device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+batch_size = 8
+"""
+
+PLAN_CELL = """
+model = GPT().cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+for step in range(3):
+    idx = torch.randint(0, VOCAB, (batch_size, CONTEXT), device="cuda")
+    with torch.autocast("cuda", dtype=DTYPE):
+        loss = model(idx, idx)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    print(f"step {step}: loss {loss.item():.3f}")
+"""
+
+PLAN = [
+    (MD, """
+# Plan for a GPU you do not have
+
+Will a GPT-2-small-sized model (12 layers, width 768, 512-token context) train on a free Colab
+T4, and at what batch size? And on an A100? `--dry-run` answers on this machine — no GPU, no
+20 GB of memory — by running the unchanged training cell on *fake tensors*: shapes, dtypes and
+sizes, no data, no compute. The report is a plan and says so.
+"""),
+    (CODE, "%load_ext gpumagic"),
+    (CODE, PLAN_SETUP),
+    (MD, """
+## One cell, planned for a T4
+
+The cell builds the model with `.cuda()` and makes its batches with `device="cuda"`: on a
+machine without CUDA the dry run stands in for it and answers `torch.cuda` questions for the T4.
+The T4 has no bfloat16, so the cell uses float16 autocast. `loss.item()` has no value in a plan:
+it reads a placeholder, and the report names the line.
+"""),
+    (CODE, "DTYPE = torch.float16"),
+    (CODE, "%%gpumem --dry-run --gpu T4\n" + PLAN_CELL.strip("\n")),
+    (MD, """
+## The same cell for an A100 (80 GB), in bfloat16
+
+Nothing in the namespace changed: the dry run fake-copied what it needed and removed what the
+cell created (`model` and `opt` do not exist here).
+"""),
+    (CODE, "print('model' in dir(), 'opt' in dir())\nDTYPE = torch.bfloat16"),
+    (CODE, "%%gpumem --dry-run --gpu A100-80GB\n" + PLAN_CELL.strip("\n")),
+    (MD, """
+## The batch size for each GPU
+
+`%find_batch --dry-run` plans every trial the same way (here on the cell as a function, `train`,
+defined with the model at the top; two steps per trial: AdamW's state exists from the first); the
+result says *planned* and the plot draws planned trials as hollow diamonds.
+"""),
+    (CODE, "res_t4 = %find_batch --dry-run --gpu T4 --var batch_size --steps 2 -o -- "
+           "train(batch_size, torch.float16)"),
+    (CODE, "res_a100 = %find_batch --dry-run --gpu A100-80GB --var batch_size --steps 2 -o -- "
+           "train(batch_size, torch.bfloat16)"),
+    (CODE, """
+for name, res in (("T4", res_t4), ("A100-80GB", res_a100)):
+    print(f"{name}: batch {res.recommended_batch_size} of {CONTEXT} tokens, planned peak "
+          f"{format_bytes(res.predicted_peak_bytes)} of {format_bytes(res.capacity_bytes)} usable")
+"""),
+    (MD, """
+## How far to trust a plan
+
+On the CPU the same cell can be planned and measured; the exact tracker counts every tensor byte.
+A small configuration, one step each:
+"""),
+    (CODE, """
+small = "model = GPT(n_layer=2, d_model=128, heads=4)\\nopt = torch.optim.AdamW(model.parameters())\\n" \\
+        "idx = torch.randint(0, VOCAB, (4, 64))\\nmodel(idx, idx).backward()\\nopt.step()"
+plan = get_ipython().run_cell_magic("gpumem", "--dry-run -d cpu -o -q", small)
+real = get_ipython().run_cell_magic("gpumem", "-d cpu -o -q", small)
+print(f"planned {format_bytes(plan.peak_delta_bytes)}, measured {format_bytes(real.peak_delta_bytes)} "
+      f"({100 * (plan.peak_delta_bytes / real.peak_delta_bytes - 1):+.2f}%)")
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": notebook(QUICKSTART),
     "02_oom_advice.ipynb": notebook(OOM),
     "03_effective_batch.ipynb": notebook(EFFECTIVE),
     "04_loader_built_earlier.ipynb": notebook(LOADER),
     "05_colab_gpu.ipynb": notebook(COLAB, colab=True),
+    "06_plan_for_a_gpu.ipynb": notebook(PLAN),
 }
 
 

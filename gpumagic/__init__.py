@@ -14,6 +14,7 @@ initialises CUDA; the heavy parts load on first use.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from gpumagic import _bundles
@@ -25,6 +26,7 @@ from gpumagic.report import (
     Fit,
     MemoryBreakdown,
     MemoryReport,
+    RankRecord,
     StepRecord,
     Trial,
 )
@@ -32,11 +34,12 @@ from gpumagic.report import (
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
+    from gpumagic._track import track
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
-    from gpumagic.tracking import Tracker, track
+    from gpumagic.tracking import Tracker
 
 __all__ = [
     "Advice",
@@ -47,6 +50,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "OOMInfo",
+    "RankRecord",
     "StepRecord",
     "Tracker",
     "Trial",
@@ -68,7 +72,7 @@ _bundles.add_module("gpumagic.widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
-    "track": "gpumagic.tracking",
+    "track": "gpumagic._track",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "device_status": "gpumagic.devices",
@@ -81,7 +85,9 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("oom", "tracking", "batch", "search", "devices", "widgets", "monitor", "magics", "autoload")
+_SUBMODULES = (
+    "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics", "autoload",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -102,6 +108,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+if os.environ.get("GPUMAGIC_CHILD_REPORTS"):
+    # started from a %%gpumem cell (like coverage's COVERAGE_PROCESS_START): measure this process
+    from gpumagic.distributed import start_from_environment
+
+    start_from_environment()
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 __all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "run_cell_source", "show_monitor"]
 
 
+def _cell_number(shell: InteractiveShell, cell: str) -> int:
+    """The number of the cell running now, for tracebacks ("Cell In[7]"): IPython counts a cell
+    it stores in the history before running it, so the counter is then one ahead."""
+    n = shell.execution_count
+    hist = getattr(shell.history_manager, "input_hist_raw", None)
+    if hist and len(hist) == n and cell.strip() and cell.strip() in hist[-1]:
+        return n - 1
+    return n
+
+
 def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
     """Execute a cell body in the user namespace; return the value of a final expression."""
     src = shell.transform_cell(cell)
@@ -30,7 +40,7 @@ def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body[-1].value)
         tree.body.pop()
-    filename = shell.compile.cache(src, shell.execution_count, raw_code=cell)
+    filename = shell.compile.cache(src, _cell_number(shell, cell), raw_code=cell)
     code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
     exec(code, shell.user_global_ns, shell.user_ns)
     if last is not None:
@@ -64,7 +74,9 @@ def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> B
     from gpumagic.batch import find_batch_in_namespace
 
     ns = shell.user_ns
-    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), code, hints=hints(ns), **options)
+    # the core reads the cell as Python: IPython's syntax (magics, !commands) transformed away
+    python = shell.transform_cell(code)
+    return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), python, hints=hints(ns), **options)
 
 
 def _sidebar_problem() -> str | None:

@@ -13,6 +13,8 @@ import re
 __all__ = ["format_bytes", "format_size_torch", "parse_size", "unit_bytes"]
 
 _PREFIXES = "kmgtpe"
+MAX_SIZE = 2**63 - 1
+"""The largest size accepted: torch counts bytes in 64-bit signed integers."""
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
 
 
@@ -48,6 +50,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"{name} must be > 0 bytes, got {value}")
+        if value > MAX_SIZE:
+            raise ValueError(f"{name} must be between 1 byte and 8 EiB (2**63 - 1 bytes), got {value}")
         return value
     if not isinstance(value, str):
         raise ValueError(
@@ -58,8 +62,15 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     if m is None or scale is None:
         allowed = "B, KiB, MiB, GiB, TiB (binary) or kB, MB, GB, TB (decimal)"
         raise ValueError(f"{name} must be a number with a unit ({allowed}), got {value!r}")
-    number = float(m.group(1)) * (10 ** int(m.group(2)) if m.group(2) else 1)
-    result = math.floor(number * scale + 0.5)
+    exponent = int(m.group(2)) if m.group(2) else 0
+    number = float(m.group(1)) * scale
+    if number and exponent > 30:  # 1e30 bytes is already far past any device: no float overflow below
+        number = math.inf
+    else:
+        number *= 10.0**exponent
+    if not math.isfinite(number) or number > MAX_SIZE:
+        raise ValueError(f"{name} must be between 1 byte and 8 EiB (2**63 - 1 bytes), got {value!r}")
+    result = math.floor(number + 0.5)
     if result <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
     return result

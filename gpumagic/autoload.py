@@ -173,8 +173,21 @@ def _edit(path: Path, *, add: bool) -> bool:
             del section[KEY]
         if not section:
             del config[SECTION]
+    _refuse_read_only(path)
     _write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return True
+
+
+def _refuse_read_only(path: Path) -> None:
+    """A file its owner made read-only is a decision, not an obstacle: replacing it (a rename in a
+    writable folder would succeed, even for root) would undo that decision silently."""
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not mode & 0o222 or not os.access(target, os.W_OK):
+        raise ConfigError(path, f"read-only (mode {mode & 0o777:o}); make it writable (chmod u+w) to change it")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -17,19 +17,26 @@ import copy
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpumagic import backends, heaviest
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
+from gpumagic._progress import text_progress
+from gpumagic._safe import describe
+from gpumagic._tensors import storages
 from gpumagic.backends import Backend
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
+
+if TYPE_CHECKING:
+    from gpumagic.distributed import TrialAgreement
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
@@ -43,7 +50,10 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         from gpumagic import oom
 
-        return oom.parse(exc) is not None
+        try:
+            return oom.parse(exc) is not None
+        except Exception:  # an exception that cannot be read (its __str__ raises) is the user's
+            return False
     return False
 
 
@@ -56,9 +66,16 @@ def _host_copy(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v)) for k, v in obj.items()) if type(obj) is dict else {
-            k: _host_copy(v) for k, v in obj.items()
-        }
+        items = [(k, _host_copy(v)) for k, v in obj.items()]
+        try:
+            out = type(obj)(items)  # an OrderedDict stays one
+        except Exception:
+            out = dict(items)
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:  # state_dict versions: quantized modules load by them
+            with contextlib.suppress(AttributeError, TypeError):
+                out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
     if isinstance(obj, list):
         return [_host_copy(v) for v in obj]
     if isinstance(obj, tuple):
@@ -69,8 +86,8 @@ def _host_copy(obj: Any) -> Any:
 def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "cpu":
-            with contextlib.suppress(RuntimeError, NotImplementedError):
-                out.add(obj.untyped_storage().data_ptr())
+            with contextlib.suppress(Exception):
+                out.update(key for key, _ in storages(obj) or ())
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensor_keys(v, out)
@@ -129,7 +146,13 @@ def _discover_stateful() -> list[Any]:
 
 @dataclass
 class StateSnapshot:
-    """Host-memory copies of stateful objects, RNG states and namespace values, restorable."""
+    """Host-memory copies of stateful objects, RNG states and namespace values, restorable.
+
+    Modules also keep which parameter, buffer and submodule objects they held, so a trial that
+    replaced one (``model.fc = nn.Linear(...)``, a weight swapped for a tensor subclass) is undone
+    before the values are loaded back. What cannot be restored is said, never raised:
+    :meth:`restore` returns one message per object, naming it.
+    """
 
     objects: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (obj, state_dict copy, grads)
     rng: dict[str, Any] = field(default_factory=dict)
@@ -137,15 +160,40 @@ class StateSnapshot:
     bindings: dict[str, Any] = field(default_factory=dict)
     plain_copies: dict[str, Any] = field(default_factory=dict)
     storage_keys: set[int] = field(default_factory=set)
+    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Objects that could not be copied before the trials (their state is what the trials leave)."""
+
+    def describe(self, obj: Any) -> str:
+        """"'model' (Sequential)" where the namespace names the object, else "a Sequential"."""
+        name = self.names.get(id(obj))
+        return f"{name!r} ({type(obj).__name__})" if name else f"a {type(obj).__name__}"
 
     @classmethod
     def take(cls, objects: Iterable[Any], namespace: MutableMapping[str, Any] | None = None) -> StateSnapshot:
         snap = cls()
+        objects = list(objects)
+        if namespace is not None:
+            wanted = {id(o) for o in objects}
+            snap.names = {id(v): k for k, v in reversed(list(namespace.items()))
+                          if id(v) in wanted and not k.startswith("_")}
         for obj in objects:
-            state = _host_copy(obj.state_dict())
-            grads = None
-            if isinstance(obj, torch.nn.Module):
-                grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in obj.parameters()]
+            try:
+                with warnings.catch_warnings():  # torch's warnings about the user's modules are not news here
+                    warnings.simplefilter("ignore")
+                    state = _host_copy(obj.state_dict())
+                grads = None
+                if isinstance(obj, torch.nn.Module):
+                    grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
+                             for p in obj.parameters()]
+                    snap.members.extend(
+                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in obj.modules()
+                    )
+            except Exception as e:  # a tensor kind that cannot be copied: say so, search anyway
+                snap.problems.append(f"could not copy {snap.describe(obj)} before the trials ({describe(e)}): "
+                                     "its state after the search is what the last trial left")
+                continue
             snap.objects.append((obj, state, grads))
             _tensor_keys(state, snap.storage_keys)
             _tensor_keys(grads or [], snap.storage_keys)
@@ -167,18 +215,27 @@ class StateSnapshot:
                 snap.plain_copies[name] = copy.deepcopy(v)
         return snap
 
-    def restore(self) -> None:
-        errors: list[str] = []
+    def restore(self) -> list[str]:
+        """Put everything back; returns what could not be restored (empty when all was)."""
+        errors = list(self.problems)
+        for m, params, buffers, modules in self.members:
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
+                if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
+                    now.clear()
+                    now.update(saved)
         for obj, state, grads in self.objects:
             try:
                 # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
                 # do for same-device state), and the next trial would then mutate the snapshot
-                obj.load_state_dict(_host_copy(state))
+                with warnings.catch_warnings():  # e.g. quantized modules warn on every load
+                    warnings.simplefilter("ignore")
+                    obj.load_state_dict(_host_copy(state))
                 if grads is not None:
                     for p, g in zip(obj.parameters(), grads, strict=False):
                         p.grad = None if g is None else g.to(p.device, copy=True)
             except Exception as e:  # keep restoring the others
-                errors.append(f"{type(obj).__name__}: {e}")
+                errors.append(f"could not restore {self.describe(obj)}: {describe(e)}; "
+                              "it is left as the last trial left it")
         for backend in backends.registry():
             if backend.name in self.rng:
                 backend.set_rng_state(self.rng[backend.name])
@@ -194,8 +251,7 @@ class StateSnapshot:
                     ns[name] = v
             for name, saved in self.plain_copies.items():
                 _restore_in_place(ns[name], saved)
-        if errors:
-            raise RuntimeError("could not restore: " + "; ".join(errors))
+        return errors
 
 
 _MISSING = object()
@@ -263,7 +319,13 @@ class TrialRunner:
         has_optimizer: bool,
         observed: _Observed,
         evaluation: bool = False,
+        plan: dict[str, Any] | None = None,
+        agreement: TrialAgreement | None = None,
     ) -> None:
+        self.plan = plan
+        """Dry-run settings (namespace, device, gpu, budget) when every trial is planned on fake tensors."""
+        self.agreement = agreement
+        """Under torch.distributed: makes every rank's trial end the same way."""
         self.body = body
         self.backend = backend
         self.evaluation = evaluation
@@ -282,22 +344,35 @@ class TrialRunner:
             step_secs.append(r.seconds)
             records.append(r)
 
-        tracker = Tracker(
-            self.device,
-            self.budget,
-            backend=self.backend,
-            stop_after_steps=self.steps if self.has_optimizer else None,
-            stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
-            stop_after_forwards=self.steps if self.evaluation else None,
-            exclude_storages=self.snapshot.storage_keys,
-            on_step=on_step,
-        )
+        tracker: Tracker
+        if self.plan is not None:
+            from gpumagic.dryrun import DryTracker
+
+            tracker = DryTracker(self.plan["namespace"], device=self.plan["device"], gpu=self.plan["gpu"],
+                                 budget=self.plan["budget"], steps=self.steps,
+                                 exclude_storages=self.snapshot.storage_keys, objects=self.plan.get("objects", ()))
+        else:
+            tracker = Tracker(
+                self.device,
+                self.budget,
+                backend=self.backend,
+                stop_after_steps=self.steps if self.has_optimizer else None,
+                stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+                stop_after_forwards=self.steps if self.evaluation else None,
+                exclude_storages=self.snapshot.storage_keys,
+                on_step=on_step,
+                gather_ranks=False,
+            )
         self._watch_loader(tracker)
         oom = False
         t0 = time.perf_counter()
         try:
             with tracker:
-                self.body(b)
+                if self.agreement is None:
+                    self.body(b)
+                else:
+                    with self.agreement.trial():
+                        self.body(b)
         except StopTrial:
             pass
         except Exception as e:
@@ -309,7 +384,9 @@ class TrialRunner:
             del e
         finally:
             seconds = time.perf_counter() - t0
-            self.snapshot.restore()
+            for problem in self.snapshot.restore():
+                if problem not in self.observed.notes:
+                    self.observed.notes.append(problem)
         rep = tracker.report
         if not oom:
             self.observed.step_inputs.extend(heaviest.step_inputs(records, b))
@@ -321,7 +398,13 @@ class TrialRunner:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
+        if self.plan is not None:  # planned: over the capacity is this trial's out-of-memory
+            cap = self.plan["capacity"]
+            oom = cap is not None and rep.peak_bytes > cap
+            return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
+        if self.agreement is not None:
+            trial = self.agreement.agree_trial(trial)
         return trial
 
     def _watch_loader(self, tracker: Tracker) -> None:
@@ -365,7 +448,7 @@ def _run_search(
     runner: TrialRunner,
     *,
     capacity: int,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     dataset_size: int | None,
@@ -428,30 +511,88 @@ def _run_search(
 def _progress(
     progress: bool | Callable[[Trial, int], None],
 ) -> Iterator[Callable[[Trial, int], None] | None]:
-    """The per-trial callback: the caller's, or with ``True`` a one-line text bar on stderr."""
+    """The per-trial callback: the caller's, or with ``True`` a bar on a terminal's stderr and one
+    line per trial in a log (closed before the result is shown)."""
     if not isinstance(progress, bool):
         yield progress
         return
     if not progress:
         yield None
         return
-    # tqdm's text bar, not its notebook widget: a saved notebook would keep the widget's
-    # first frame ("0trial") as its text; this line is rewritten in place and then cleared
-    from tqdm import tqdm
-
-    from gpumagic._units import format_bytes
-
-    bar = tqdm(total=None, desc="find_batch", unit="trial", leave=False, file=sys.stderr)
-
-    def on_trial(trial: Trial, index: int) -> None:
-        state = "OOM" if trial.oom else format_bytes(trial.peak_bytes)
-        bar.set_postfix_str(f"b={trial.batch_size}: {state}")
-        bar.update(1)
-
+    bar = text_progress(sys.stderr)
     try:
-        yield on_trial
+        yield bar
     finally:
         bar.close()
+
+
+_PLAN_AGREES = 0.03
+"""A real trial within this share of the plan verifies it; further off, real trials decide."""
+
+
+def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, **kw: Any) -> BatchSearchResult:
+    """Plan the memory curve on fake tensors, then spend real trials only to verify it.
+
+    The plan is a whole search on fake tensors (seconds, no device memory). Its recommendation is
+    run for real; when the measured peak is within 3% of the plan, one more real trial at the
+    largest size the plan (corrected by that ratio) puts under the capacity settles the maximum:
+    two real trials, and an out-of-memory error only if the plan is off by more than the margin.
+    Otherwise the ordinary search runs on real trials and the result says why.
+    """
+    from gpumagic._units import format_bytes
+    from gpumagic.report import Fit
+
+    if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
+        return _run_search(runner, **kw)
+    try:
+        plan = _run_search(plan_runner, **{**kw, "progress": False})
+    except (KeyboardInterrupt, BadOptions):
+        raise
+    except Exception as e:  # the code cannot run on fake tensors: search as before
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        note = f"no plan on fake tensors ({type(e).__name__}: {first[:200]}): every trial ran for real"
+        return _with_notes(_run_search(runner, **kw), [note])
+    b1, fit = plan.recommended_batch_size, plan.fit
+    planned = {t.batch_size: t.peak_bytes for t in plan.trials if not t.oom and t.peak_bytes}
+    if b1 is None or fit is None:
+        return _with_notes(_run_search(runner, **kw), ["the plan on fake tensors found no size to verify"])
+    expected = planned.get(b1) or fit.predict(b1)
+    first_trial = runner(b1)
+    real = [first_trial]
+    if first_trial.oom or not first_trial.peak_bytes or abs(first_trial.peak_bytes / expected - 1) > _PLAN_AGREES:
+        got = "ran out of memory" if first_trial.oom else f"measured {format_bytes(first_trial.peak_bytes)}"
+        note = (f"the plan on fake tensors was off at batch {b1} (planned {format_bytes(expected)}, {got}): "
+                "the search trusted real trials")
+        return _with_notes(_run_search(runner, **kw), [note])
+    ratio = first_trial.peak_bytes / expected
+    capacity = kw["capacity"]
+    corrected = Fit(fit.intercept_bytes * ratio, fit.bytes_per_sample * ratio, fit.r2, fit.points)
+    # as far under the capacity as the plan was off at b1: an exact plan goes to the planned maximum
+    top = corrected.largest_under(capacity * (1 - abs(ratio - 1))) or b1
+    for bound in (plan.max_batch_size, kw["max_size"], kw["dataset_size"]):
+        if bound is not None:
+            top = min(top, bound)
+    largest = b1
+    how = (f"batch {b1} measured {format_bytes(first_trial.peak_bytes)} against {format_bytes(expected)} "
+           f"planned ({ratio - 1:+.1%})")
+    if top > b1:
+        second = runner(top)
+        real.append(second)
+        if second.oom or not second.peak_bytes:
+            how += f"; batch {top} ran out of memory"
+        else:
+            largest = top
+            how += (f"; batch {top} measured {format_bytes(second.peak_bytes)} against "
+                    f"{format_bytes(corrected.predict(top))}")
+    import dataclasses
+
+    verified = [dataclasses.replace(t, planned=False) for t in real]
+    reason = (f"planned on fake tensors ({len(plan.trials)} planned trials), verified by {len(real)} real "
+              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {kw['margin']:.0%} margin")
+    return dataclasses.replace(
+        plan, trials=(*plan.trials, *verified), max_batch_size=largest, recommended_batch_size=b1, fit=corrected,
+        predicted_peak_bytes=first_trial.peak_bytes, reason=reason,
+    )
 
 
 def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchResult:
@@ -488,7 +629,7 @@ def find_batch(
     *,
     device: DeviceLike = None,
     budget: str | int | None = None,
-    start: int = 2,
+    start: int | None = None,
     max_size: int | None = None,
     steps: int = 3,
     margin: float = 0.05,
@@ -501,6 +642,11 @@ def find_batch(
     loader: Any = None,
     size_fn: Any = None,
     eval: bool = False,
+    dry_run: bool = False,
+    gpu: str | None = None,
+    namespace: MutableMapping[str, Any] | None = None,
+    plan_first: bool = True,
+    timeout_s: float = 600.0,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
 
@@ -514,9 +660,20 @@ def find_batch(
     ``size_fn``: a sequence per index or a function of the index; default: tensor elements).
     With ``eval=True`` a trial is ``steps`` forward calls of the outermost model (no backward).
 
+    Under ``torch.distributed`` call it on every rank with the same arguments: the ranks try the
+    same sizes, agree on every trial (out of memory on one rank is out of memory for all) and
+    return the same result, whose batch sizes are per rank (``global_batch_size`` is the total).
+    ``timeout_s`` bounds how long a rank waits for the others' verdict on a trial.
+
     >>> res = find_batch(lambda b: train(model, make_loader(b)), budget="8GiB")   # doctest: +SKIP
     >>> res = find_batch(lambda dl: train(model, dl), loader=train_loader)        # doctest: +SKIP
     >>> res.recommended_batch_size                                                # doctest: +SKIP
+
+    ``dry_run=True`` plans every trial on fake tensors (see :func:`gpumagic.track`); objects made
+    before are read from ``namespace`` (default: the caller's module globals). ``gpu``: a catalog
+    GPU whose usable memory is the capacity (with or without a dry run). ``plan_first``: a real
+    search first plans on fake tensors and spends real trials only to verify the plan (two when
+    it agrees within 3%; otherwise real trials decide, and the result says so).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -527,32 +684,107 @@ def find_batch(
             raise ValueError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
     elif size_fn is not None:
         raise ValueError("size_fn needs loader: it measures the samples of the loader's data set")
+    if dry_run:
+        if device is not None and not isinstance(device, str):
+            raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+        ns = namespace if namespace is not None else sys._getframe(1).f_globals
+        plan, capacity = _plan(device, gpu, budget, ns)
+        snapshot = StateSnapshot.take([])
+        runner = TrialRunner(trial_fn, device=torch.device("cpu"), budget=None, steps=steps, snapshot=snapshot,
+                             has_optimizer=True, observed=_Observed(), plan=plan)
+        try:
+            return _planned(_run_search(
+                runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+                dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
+                objects=[], current=None, progress=progress, notes=[],
+            ), plan)
+        finally:
+            snapshot.restore()
+    if gpu is not None:
+        budget = _gpu_budget(gpu, budget)
     backend, dev = resolve(device)
     bud = resolve_budget(budget)
     capacity, tracker_budget, note = _capacity(backend, dev, bud)
     objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
     has_opt = not eval and (any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None)
+    agreement = None
+    from gpumagic import _ranks
+
+    if _ranks.initialized():
+        from gpumagic.distributed import TrialAgreement
+
+        agreement = TrialAgreement(objects, _is_oom, timeout_s=timeout_s)
+        capacity = agreement.agree_min(capacity)
+        if agreement.rank != 0:
+            progress = False  # one progress bar for the job
     snapshot = StateSnapshot.take(objects)
     observed = _Observed()
     try:
-        plan = _Heaviest(loader, size_fn, steps) if loader is not None else None
-        body = trial_fn if plan is None else (lambda b: trial_fn(plan.loader_for(b)))
+        heavy = _Heaviest(loader, size_fn, steps) if loader is not None else None
+        body = trial_fn if heavy is None else (lambda b: trial_fn(heavy.loader_for(b)))
         if loader is not None and dataset_size is None:
             with contextlib.suppress(TypeError):
                 dataset_size = len(loader.dataset)
         runner = TrialRunner(
             body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-            has_optimizer=has_opt, observed=observed, evaluation=eval,
+            has_optimizer=has_opt, observed=observed, evaluation=eval, agreement=agreement,
         )
-        result = _run_search(
-            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+        plan_runner = None
+        # ranks would plan apart; heaviest batches and forward-only trials are not planned
+        if plan_first and agreement is None and heavy is None and not eval and dev.type in ("cpu", "cuda"):
+            # the trial function reaches its objects through a closure: their tensors are swapped in place
+            plan_runner = TrialRunner(
+                trial_fn, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
+                observed=_Observed(), plan={"namespace": None, "device": dev.type, "gpu": None, "budget": capacity,
+                                            "capacity": capacity, "objects": objects},
+            )
+        result = _search_planned_first(
+            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=bool(getattr(loader, "drop_last", False)), margin=margin,
             pick=pick, effective=effective, objects=objects, current=None, progress=progress,
             notes=[note] if note else [],
         )
-        return _after_search(result, runner, capacity=capacity, margin=margin, plan=plan)
+        result = _after_search(result, runner, capacity=capacity, margin=margin, plan=heavy)
+        result = result if agreement is None else agreement.result(result, objects)
     finally:
-        snapshot.restore()
+        try:
+            problems = snapshot.restore()
+        finally:
+            if agreement is not None:
+                agreement.close()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
+
+
+def _gpu_budget(gpu: str, budget: str | int | None) -> int:
+    from gpumagic.gpus import lookup
+
+    if budget is not None:
+        raise ValueError("give either a GPU (--gpu) or a budget (--budget), not both")
+    return lookup(gpu).capacity_bytes
+
+
+def _plan(device: str | None, gpu: str | None, budget: str | int | None,
+          namespace: MutableMapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """Settings of a planned search and its capacity; ValueError when no capacity is known."""
+    from gpumagic.dryrun import plan_target
+
+    kind, g, capacity = plan_target(device, gpu, resolve_budget(budget))
+    if capacity is None:
+        raise ValueError("a planned search needs a capacity: --gpu NAME (e.g. --gpu T4) or --budget SIZE")
+    plan = {"namespace": namespace, "device": device if device is not None else kind, "gpu": g,
+            "budget": resolve_budget(budget), "capacity": capacity}
+    return plan, capacity
+
+
+def _planned(result: BatchSearchResult, plan: dict[str, Any]) -> BatchSearchResult:
+    import dataclasses
+
+    g = plan["gpu"]
+    target = f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+    note = (f"planned on fake tensors for {target}: no trial ran on a device; each trial's peak is a prediction "
+            "and 'OOM' means the plan exceeds the capacity")
+    reason = result.reason.replace(" ran out of memory", " would not fit").replace(" ran (", " planned (")
+    return dataclasses.replace(result, dry_run=True, device=target, reason=reason, notes=(note, *result.notes))
 
 
 def _rebuild_loader(loader: Any, b: int, sampler: Any = None) -> Any:
@@ -685,6 +917,65 @@ def _fmt(n: int) -> str:
     return format_bytes(n)
 
 
+def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:
+    """The search's options, in the flags' names (the search itself names its parameters)."""
+    for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
+        if value is not None and value < 1:
+            raise BadOptions(f"{flag} must be >= 1, got {value}")
+    if max_size is not None and min_size > max_size:
+        raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
+    if start is not None and start < min_size:
+        raise BadOptions(f"--start ({start}) is below --min ({min_size})")
+    if start is not None and max_size is not None and start > max_size:
+        raise BadOptions(f"--start ({start}) is above --max ({max_size})")
+    if not 0 <= margin < 0.5:
+        raise BadOptions(f"--margin must be in [0, 0.5), got {margin}")
+
+
+def _globals_read(fn: Any, ns: Any) -> set[str]:
+    """Global names read by a function defined in ``ns`` (the notebook), nested functions included."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__globals__", None) is not ns:
+        return set()
+    out: set[str] = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        out.update(c.co_names)
+        todo.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return out
+
+
+def _check_var_is_read(code: str, var: str, ns: Any) -> None:
+    """Refuse a --var that neither the code nor any function of the notebook reads: a trial would
+    change nothing (a typo, or the loader was built in an earlier cell). ``code`` is Python (the
+    IPython layer passes the cell after its transformations)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return  # the trial will show the user's syntax error
+    in_code = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    if var in in_code or {"globals", "eval", "exec", "get_ipython"} & in_code:
+        return
+    for value in list(ns.values()):
+        try:
+            fns = list(vars(value).values()) if inspect.isclass(value) else [value]
+            if any(var in _globals_read(inspect.unwrap(f) if callable(f) else f, ns) for f in fns):
+                return
+        except Exception:  # an object that cannot be inspected says nothing
+            continue
+    missing = "" if var in ns else ", and no variable of that name exists"
+    ints = sorted(n for n in in_code if isinstance(ns.get(n), int) and not isinstance(ns.get(n), bool))
+    hint = f" (integers it reads: {', '.join(ints)})" if ints else ""
+    raise BadOptions(
+        f"--var {var!r}: the code never reads a variable of that name{missing}; give the name of the "
+        f"batch-size variable the code uses{hint}, or --loader NAME for a DataLoader built earlier"
+    )
+
+
 def find_batch_in_namespace(
     ns: MutableMapping[str, Any],
     run: Callable[[], Any],
@@ -695,7 +986,7 @@ def find_batch_in_namespace(
     loader: str | None,
     device: str | None,
     budget: str | None,
-    start: int,
+    start: int | None,
     min_size: int,
     max_size: int | None,
     steps: int,
@@ -705,12 +996,23 @@ def find_batch_in_namespace(
     progress: bool | Callable[[Trial, int], None] = True,
     evaluation: bool = False,
     size_fn: str | None = None,
+    dry_run: bool = False,
+    gpu: str | None = None,
 ) -> BatchSearchResult:
     """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
     ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
     default device. ``evaluation``: trials of forward calls (``--eval``); ``size_fn``: an
-    expression (in ``ns``) for the sizes of the loader's samples (``--size-fn``)."""
+    expression (in ``ns``) for the sizes of the loader's samples (``--size-fn``). ``dry_run``: every
+    trial planned on fake tensors; ``gpu``: a catalog GPU."""
     _check_namespace_options(ns, var, loader, steps)
+    plan: dict[str, Any] | None = None
+    if var is not None:
+        _check_var_is_read(code, var, ns)
+    _check_bounds(start, min_size, max_size, margin, effective)
+    if loader is not None:
+        n = _loader_facts(ns[loader])[0]
+        if n is not None and min_size > n:
+            raise BadOptions(f"--min ({min_size}) is larger than the data set of --loader {loader!r} ({n} samples)")
     sizes_given: Any = None
     if size_fn is not None:
         if loader is None:
@@ -720,9 +1022,16 @@ def find_batch_in_namespace(
         except Exception as e:
             raise BadOptions(f"--size-fn {size_fn!r} could not be evaluated: {type(e).__name__}: {e}") from None
     try:
-        backend, dev = resolve(device, hints if device is None else ())
-        bud = resolve_budget(budget)
-        capacity, tracker_budget, note = _capacity(backend, dev, bud)
+        if dry_run:
+            plan, capacity = _plan(device, gpu, budget, ns)
+            backend, dev = resolve("cpu")
+            tracker_budget, note = None, None
+        else:
+            if gpu is not None:
+                budget = str(_gpu_budget(gpu, budget))
+            backend, dev = resolve(device, hints if device is None else ())
+            bud = resolve_budget(budget, name="--budget")
+            capacity, tracker_budget, note = _capacity(backend, dev, bud)
     except ValueError as e:
         raise BadOptions(str(e)) from None
     notes = [note] if note else []
@@ -739,33 +1048,43 @@ def find_batch_in_namespace(
     current = ns.get(var) if var is not None else getattr(original_loader, "batch_size", None)
     current_b = current if isinstance(current, int) and not isinstance(current, bool) else None
 
-    plan: _Heaviest | None = None
+    heavy: _Heaviest | None = None
 
     def body(b: int) -> None:
         if var is not None:
             ns[var] = b
         if loader is not None:
-            ns[loader] = plan.loader_for(b) if plan is not None else _rebuild_loader(original_loader, b)
+            ns[loader] = heavy.loader_for(b) if heavy is not None else _rebuild_loader(original_loader, b)
         run()
 
     dataset_size, drop_last = _loader_facts(original_loader)
     runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation)
+                         has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation, plan=plan)
+    plan_runner = None
+    # forward-only trials and heaviest batches (--loader) are not planned
+    if plan is None and loader is None and not evaluation and dev.type in ("cpu", "cuda"):
+        plan_runner = TrialRunner(
+            body, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
+            observed=_Observed(), plan={"namespace": ns, "device": dev.type, "gpu": None, "budget": capacity,
+                                        "capacity": capacity},
+        )
     try:
         if original_loader is not None:
             try:
-                plan = _Heaviest(original_loader, sizes_given, steps, loader or "train_loader")
+                heavy = _Heaviest(original_loader, sizes_given, steps, loader or "train_loader")
             except Exception as e:  # a --size-fn of the wrong length or kind, a sample that fails to load
                 what = f"--size-fn {size_fn!r}" if size_fn else f"measuring the samples of --loader {loader!r}"
                 raise BadOptions(f"{what}: {type(e).__name__}: {e}") from None
-        result = _run_search(
-            runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
+        result = _search_planned_first(
+            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
             dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
             objects=objects, current=current_b, progress=progress, notes=notes,
         )
-        return _after_search(result, runner, capacity=capacity, margin=margin, plan=plan)
+        result = _after_search(result, runner, capacity=capacity, margin=margin, plan=heavy)
+        result = _planned(result, plan) if plan is not None else result
     finally:
-        snapshot.restore()
+        problems = snapshot.restore()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 
 
 def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None, steps: int) -> None:

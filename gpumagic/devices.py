@@ -12,23 +12,28 @@ import dataclasses
 import gc
 import re
 import traceback
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping, MutableMapping
+from types import TracebackType
 from typing import Any
 
 import torch
 
 from gpumagic import backends
+from gpumagic._tensors import is_fake, storages
 from gpumagic._units import format_bytes, parse_size
 from gpumagic.backends import Backend, MemorySession
 from gpumagic.report import DeviceStatus
 
 __all__ = [
+    "Bindings",
     "device_label",
     "device_status",
     "free_memory",
     "holders",
     "open_session",
     "release_memory",
+    "release_names",
     "resolve",
     "resolve_budget",
     "resolve_device",
@@ -39,14 +44,22 @@ _DEVICE_RE = re.compile(r"^([a-z_]+)(?::(\d+))?$")
 DeviceLike = str | torch.device | torch.nn.Module | torch.Tensor | None
 
 
-def _device_of(obj: Any) -> torch.device | None:
+def _device_of(obj: Any, measurable_only: bool = False) -> torch.device | None:
+    """The device of a tensor or model; with ``measurable_only``, meta and fake tensors (no memory
+    on any device: shapes for tracing, a model not yet materialised) say nothing."""
+
+    def ok(t: torch.Tensor) -> bool:
+        return not measurable_only or (_DEVICE_RE.match(t.device.type) is not None and not is_fake(t))
+
     if isinstance(obj, torch.Tensor):
-        return obj.device
+        return obj.device if ok(obj) else None
     if isinstance(obj, torch.nn.Module):
         for p in obj.parameters():
-            return p.device
+            if ok(p):
+                return p.device
         for b in obj.buffers():
-            return b.device
+            if ok(b):
+                return b.device
     return None
 
 
@@ -68,7 +81,7 @@ def resolve(device: DeviceLike = None, hints: Iterable[Any] = ()) -> tuple[Backe
         order = {b.name: i for i, b in enumerate(backends.registry())}
         best: tuple[int, Backend, torch.device] | None = None
         for h in hints:
-            d = _device_of(h)
+            d = _device_of(h, measurable_only=True)
             owner = None if d is None else _owner(d)
             if d is not None and owner is not None and (best is None or order[owner.name] < best[0]):
                 best = (order[owner.name], owner, d)
@@ -112,8 +125,9 @@ def device_label(backend: Backend | None, device: torch.device) -> str:
     return backend.name if device.index is None else f"{backend.name}:{device.index}"
 
 
-def resolve_budget(budget: str | int | None) -> int | None:
-    return None if budget is None else parse_size(budget, name="budget")
+def resolve_budget(budget: str | int | None, name: str = "budget") -> int | None:
+    """Bytes of a budget given as "2GiB", "800MB" or bytes; ``name`` is what error messages call it."""
+    return None if budget is None else parse_size(budget, name=name)
 
 
 def open_session(device: torch.device, budget: int | None = None, exclude: Iterable[int] = ()) -> MemorySession:
@@ -125,20 +139,24 @@ def open_session(device: torch.device, budget: int | None = None, exclude: Itera
 
 
 def storage_bytes(t: Any, device: torch.device, seen: set[int]) -> int:
-    """Bytes of ``t``'s storage if it is a tensor on ``device`` not in ``seen`` (then added), else 0."""
+    """Bytes of the buffers of ``t`` (a tensor on ``device``) not in ``seen`` (then added), else 0.
+
+    Sparse tensors count their indices and values; fake and unreadable (opaque) tensors count 0.
+    """
     if not isinstance(t, torch.Tensor):
         return 0
-    if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
-        return 0
     try:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # fake, functional, sparse tensors
+        if t.device.type != device.type or (device.index is not None and t.device.index not in (None, device.index)):
+            return 0
+        parts = storages(t)
+    except Exception:  # a subclass whose attributes raise
         return 0
-    if not key or key in seen:
-        return 0
-    seen.add(key)
-    return int(st.nbytes())
+    n = 0
+    for key, st in parts or ():
+        if key not in seen:
+            seen.add(key)
+            n += int(st.nbytes())
+    return n
 
 
 def _tensors_in(value: Any, depth: int = 0) -> Iterable[torch.Tensor]:
@@ -196,10 +214,183 @@ def release_memory(exc: BaseException | None) -> None:
         ctx: BaseException | None = exc
         while ctx is not None and ctx.__traceback__ is not None:
             traceback.clear_frames(ctx.__traceback__)
+            tb: TracebackType | None = ctx.__traceback__
+            while tb is not None:
+                # a frame whose locals were read (a traceback formatter showing arguments, a
+                # debugger) keeps a snapshot dict that clear() leaves (CPython < 3.13); reading
+                # f_locals again re-syncs it with the now empty locals, dropping the tensors
+                tb.tb_frame.f_locals  # noqa: B018
+                tb = tb.tb_next
             ctx = ctx.__context__
     gc.collect()
     for backend in backends.registry():
         backend.empty_cache()
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_SHELL_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
+
+
+class Bindings:
+    """Which object each name of a namespace is bound to, without keeping the objects alive.
+
+    Taken before a cell runs, it tells which names the cell bound or rebound (also from inside
+    functions, through ``global``) and what they were bound to before, when that still exists.
+    Plain values (numbers, strings) are kept, objects by weak reference, the rest by identity.
+
+    >>> b = Bindings({"x": 1}); b.same("x", 1), b.same("y", 2)
+    (True, False)
+    """
+
+    __slots__ = ("_no_grad", "_refs", "_stateful")
+
+    def __init__(self, namespace: Mapping[str, Any]) -> None:
+        self._refs: dict[str, tuple[int, Any, bool]] = {}  # name -> (id, weakref or plain value, plain)
+        self._no_grad: dict[str, frozenset[int]] = {}  # model name -> parameters without a gradient
+        self._stateful: dict[str, frozenset[int]] = {}  # optimizer name -> parameters with state
+        for name, value in list(namespace.items()):
+            if name.startswith("_"):
+                continue
+            if isinstance(value, torch.nn.Module):
+                self._no_grad[name] = frozenset(id(p) for p in value.parameters() if p.grad is None)
+            elif isinstance(value, torch.optim.Optimizer):
+                self._stateful[name] = frozenset(id(p) for p in value.state)
+            if isinstance(value, _PLAIN):  # plain values hold no device memory: keep them
+                self._refs[name] = (id(value), value, True)
+                continue
+            try:
+                ref: Any = weakref.ref(value)
+            except TypeError:  # lists, dicts, tuples: identity only
+                ref = None
+            self._refs[name] = (id(value), ref, False)
+
+    def same(self, name: str, value: Any) -> bool:
+        """Whether ``name`` is still bound to the object it was bound to before."""
+        entry = self._refs.get(name)
+        if entry is None:
+            return False
+        ident, ref, plain = entry
+        if plain:
+            return ref is value
+        if ref is not None:
+            return bool(ref() is value)
+        return ident == id(value)
+
+    def previous(self, name: str) -> tuple[bool, Any]:
+        """(True, the value before) when the name was bound to an object that still exists."""
+        entry = self._refs.get(name)
+        if entry is None:
+            return False, None
+        _, ref, plain = entry
+        if plain:
+            return True, ref
+        value = ref() if ref is not None else None
+        return value is not None, value
+
+
+def _graph_tensors(t: torch.Tensor, limit: int = 100_000) -> Iterable[torch.Tensor]:
+    """Tensors an autograd graph saved for backward (activations), reached from ``t``'s grad_fn."""
+    fn = t.grad_fn
+    if fn is None:
+        return
+    seen: set[int] = set()
+    todo = [fn]
+    while todo and len(seen) < limit:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                saved = getattr(node, attr)
+            except Exception:  # freed by a backward that ran, or not a tensor
+                continue
+            for v in saved if isinstance(saved, (tuple, list)) else (saved,):
+                if isinstance(v, torch.Tensor):
+                    yield v
+        todo.extend(nxt for nxt, _ in getattr(node, "next_functions", ()))
+
+
+def release_names(
+    namespace: MutableMapping[str, Any], before: Bindings, device: torch.device
+) -> tuple[tuple[str, int], ...]:
+    """After an out-of-memory error: release the names a failed cell bound that hold memory on ``device``.
+
+    A name the cell bound or rebound (``out``, ``loss``, a batch, a list of outputs) whose value
+    holds tensors on the device is put back to its value from before the cell when that still
+    exists, and deleted otherwise; its autograd graph goes with it. Names the cell only used (the
+    model, the data, the optimizer) are left alone. Returns ``(name, bytes)`` per released name:
+    the bytes only it held (tensors and saved activations), not counting what kept names share.
+    """
+    changed = [
+        n for n, v in list(namespace.items())
+        if not n.startswith("_") and n not in _SHELL_NAMES and not before.same(n, v)
+    ]
+    holding: list[tuple[str, list[torch.Tensor]]] = []
+    for name in changed:
+        tensors = [t for t in _tensors_in(namespace[name]) if _on(t, device)]
+        if tensors:
+            holding.append((name, tensors))
+    added = _drop_added_state(namespace, before, device)
+    if not holding:
+        return added
+    released = {n for n, _ in holding}
+    seen: set[int] = set()
+    for name, value in list(namespace.items()):  # what kept names hold is not freed by releasing
+        if name not in released and not name.startswith("_"):
+            for t in _tensors_in(value):
+                storage_bytes(t, device, seen)
+    out = []
+    for name, tensors in holding:
+        n = 0
+        for t in tensors:
+            n += storage_bytes(t, device, seen)
+            n += sum(storage_bytes(s, device, seen) for s in _graph_tensors(t))
+        out.append((name, n))
+        found, value = before.previous(name)
+        if found:
+            namespace[name] = value
+        else:
+            del namespace[name]
+    return tuple(out) + added
+
+
+def _drop_added_state(
+    namespace: MutableMapping[str, Any], before: Bindings, device: torch.device
+) -> tuple[tuple[str, int], ...]:
+    """Gradients and optimizer state that a failed cell added to the models and optimizers it used.
+
+    They did not exist before the cell (an OOM in the first ``backward()`` or in Adam's first
+    ``step()`` leaves some): dropping them puts the memory back; what existed before stays.
+    """
+    out = []
+    for name, value in list(namespace.items()):
+        if not before.same(name, value):
+            continue
+        seen: set[int] = set()
+        n = 0
+        if isinstance(value, torch.nn.Module) and name in before._no_grad:
+            had_none = before._no_grad[name]
+            for p in value.parameters():
+                if p.grad is not None and id(p) in had_none and _on(p.grad, device):
+                    n += storage_bytes(p.grad, device, seen)
+                    p.grad = None
+            what = "gradients"
+        elif isinstance(value, torch.optim.Optimizer) and name in before._stateful:
+            had_state = before._stateful[name]
+            for key in [k for k in value.state if id(k) not in had_state]:
+                n += sum(storage_bytes(t, device, seen) for t in value.state[key].values())
+                del value.state[key]
+            what = "state"
+        if n:
+            out.append((f"{name} ({what})", n))
+    return tuple(out)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
 
 
 def free_memory(namespace: Mapping[str, Any] | None = None, device: DeviceLike = None) -> DeviceStatus:

@@ -11,10 +11,16 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import os
+import re
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from IPython.core import magic_arguments
@@ -45,14 +51,89 @@ def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
 
 
 def names_used(shell: InteractiveShell, cell: str | None) -> set[str]:
-    """Names a cell reads or binds: advice must not suggest deleting what the cell works with."""
+    """Names a cell reads or binds, and the globals that the functions it calls read (two levels
+    deep): advice must not suggest deleting what the cell works with, and a batch size read
+    inside ``get_batch()`` is still the cell's batch size."""
     if not cell:
         return set()
     try:
         tree = ast.parse(shell.transform_cell(cell))
     except SyntaxError:
         return set()
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    ns = shell.user_ns
+    todo = [(n, 0) for n in names]
+    while todo:
+        name, depth = todo.pop()
+        code = getattr(ns.get(name), "__code__", None)
+        if code is None or depth >= 2 or not isinstance(code, types.CodeType):
+            continue
+        for inner in _code_names(code):
+            if inner not in names:
+                names.add(inner)
+                todo.append((inner, depth + 1))
+    return names
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    out = set(code.co_names)
+    for const in code.co_consts:  # nested functions, comprehensions
+        if isinstance(const, types.CodeType):
+            out |= _code_names(const)
+    return out
+
+
+_BATCH_NAME = re.compile(r"^(bs|mbs|batch|.*batch_?size.*|.*_bs|batch_?sz)$", re.IGNORECASE)
+
+
+def batch_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """The batch-size variable the code reads, by its name (``batch_size``, ``bs``, ``BATCH_SIZE``,
+    ``train_batch_size``...): a positive int in the namespace. None when the code reads none."""
+    found = []
+    for name in used:
+        v = ns.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and _BATCH_NAME.match(name):
+            found.append((0 if name.lower() in ("batch_size", "bs") else 1, name, v))
+    if not found:
+        return None
+    _, name, v = min(found)
+    return name, v
+
+
+def _loader_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """A DataLoader from an earlier cell that the code iterates: its name and batch size."""
+    from torch.utils.data import DataLoader
+
+    for name in sorted(used):
+        v = ns.get(name)
+        if isinstance(v, DataLoader) and isinstance(v.batch_size, int):
+            return name, v.batch_size
+    return None
+
+
+def _prebuilt_batches(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """A list of batches built earlier that the code iterates (``[(x, y), ...]`` or ``[x, ...]``):
+    its name and the leading dimension its first batch's tensors share."""
+    import torch
+
+    for name in sorted(used):
+        v = ns.get(name)
+        if not isinstance(v, (list, tuple)) or not v or isinstance(v, str):
+            continue
+        first = v[0]
+        parts = first if isinstance(first, (list, tuple)) else (first,)
+        dims = {t.shape[0] for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(dims) == 1 and all(isinstance(t, torch.Tensor) for t in parts):
+            return name, dims.pop()
+    return None
+
+
+def _size_arg(n: int) -> str:
+    """A size as a --budget argument: 96MiB, 2GiB, or bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def looks_like_evaluation(cell: str | None) -> bool:
@@ -90,36 +171,133 @@ def _user_frame(tb: Any) -> str | None:
     return None
 
 
-def _short_traceback(exc: BaseException) -> Callable[[], list[str]]:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    where = _user_frame(exc.__traceback__)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-    def render() -> list[str]:
-        # one-shot: %tb afterwards shows the full traceback
-        exc.__dict__.pop("_render_traceback_", None)
-        lines = [f"{type(exc).__name__}: {first}"]
+
+def _ipython_dir() -> str:
+    import IPython
+
+    return os.path.dirname(os.path.abspath(IPython.__file__)) + os.sep
+
+
+def user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """A copy of the chain ``tb`` without gpumagic's frames (the magic, the cell runner, the
+    simulated device) nor IPython's leading ones (what runs the cell): the user's frames only."""
+    kept: list[TracebackType] = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    ipython = _ipython_dir()
+    while len(kept) > 1 and os.path.abspath(kept[0].tb_frame.f_code.co_filename).startswith(ipython):
+        kept.pop(0)
+    out: TracebackType | None = None
+    for t in reversed(kept):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
+class TracebackView:
+    """``_render_traceback_`` for a translated OOM: the short form the first time IPython shows
+    the error, and afterwards (``%tb``) the full traceback of the user's frames, formatted before
+    the frames are cleared to free memory, so their arguments still show."""
+
+    def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
+        lines = str(exc).strip().splitlines()
+        self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
+        where = _user_frame(exc.__traceback__)
         if where:
-            lines.append(f"  at {where}")
-        lines.append("  (full traceback: %tb)")
-        return lines
+            self.short.append(f"  at {where}")
+        self.short.append("  (full traceback: %tb)")
+        tb = user_traceback(exc.__traceback__)
+        try:
+            self.full = list(shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0))
+        except Exception:  # IPython's formatter failed: Python's, without the arguments
+            self.full = traceback.format_exception(type(exc), exc, tb)
+        self.wrap = _text_only(shell)  # a terminal: lines within its width (a notebook wraps by itself)
+        if self.wrap and self.full:
+            from gpumagic._text import wrap_block
 
-    return render
+            self.full[-1] = wrap_block(self.full[-1])  # the message: one line of 300 characters
+        self.shown = False
+
+    def __call__(self) -> list[str]:
+        if not self.shown:
+            self.shown = True
+            from gpumagic._text import wrap_block
+
+            text = "\n".join(self.short)
+            return (wrap_block(text) if self.wrap else text).splitlines()
+        return self.full
+
+
+def fit_from_report(
+    report: Any, batch_size: int | None = None, rebound_bytes: int = 0
+) -> tuple[float, float] | None:
+    """(intercept, bytes per sample) of a line that over-counts memory per sample, from a run that
+    worked: through its largest-batch step's peak and the memory before the cell.
+
+    Everything at the peak beyond the memory before the cell is charged to the batch (gradients,
+    optimizer state, temporaries of the optimizer step): the slope can only be too steep, so the
+    size the line says fits is a lower bound. ``batch_size`` stands for the steps' size when the
+    loop does not use a DataLoader. ``rebound_bytes``: what the names the cell rebinds held
+    before it (the previous run's batch and outputs, freed during the run): not part of the
+    memory that stays, so the line starts below it.
+    """
+    steps = [s for s in getattr(report, "steps", ()) if (s.batch_size or batch_size) and s.peak_bytes
+             and s.count == 1]
+    if not steps:
+        return None
+    step = max(steps, key=lambda s: (s.batch_size or batch_size, s.peak_bytes))
+    size = step.batch_size or batch_size
+    fixed = float(max(0, report.baseline_bytes - rebound_bytes))
+    slope = (step.peak_bytes - fixed) / size
+    return (fixed, slope) if slope > 0 else None
 
 
 class OOMPresenter:
-    """Turns an out-of-memory exception into advice, a short traceback and freed memory."""
+    """Turns an out-of-memory exception into advice, a short traceback and freed memory.
+
+    After an OOM, the names the failed cell bound that hold device memory (its outputs, the loss
+    and their autograd graph) are released (:func:`gpumagic.devices.release_names`): otherwise
+    the next run at a size that fits runs out of memory too.
+    """
 
     def __init__(self, shell: InteractiveShell) -> None:
         self.shell = shell
         self.last_report: Any = None  # the last MemoryReport that completed
+        self.last_report_batch: int | None = None  # the batch variable's value during that run
+        self.last_report_rebound = 0  # bytes the names that run rebound held before it
         self.last_search: Any = None  # the last BatchSearchResult
+        self.last_search_code: str | None = None  # the code it searched over
+        self.last_oom_cell: str | None = None  # the code of the last cell that ran out of memory
+        self.pre_cell: Any = None  # Bindings of the namespace before the running cell
+
+    def before_cell(self, *_: Any) -> None:
+        """``pre_run_cell`` event: remember what every name is bound to (no objects kept alive)."""
+        from gpumagic.devices import Bindings
+
+        try:
+            self.pre_cell = Bindings(self.shell.user_ns)
+        except Exception:  # an odd object in the namespace: no release after an OOM, never a broken cell
+            self.pre_cell = None
 
     def present(
-        self, exc: BaseException, *, report: Any = None, batch_size: int | None = None, cell: str | None = None
+        self,
+        exc: BaseException,
+        *,
+        report: Any = None,
+        batch_size: int | None = None,
+        cell: str | None = None,
+        bindings: Any = None,
+        measure: str | None = None,
     ) -> bool:
-        """Show advice for ``exc`` if it is an OOM; returns whether it was one."""
+        """Show advice for ``exc`` if it is an OOM; returns whether it was one.
+
+        ``bindings``: the namespace before the cell (default: as the ``pre_run_cell`` event saw
+        it); ``measure``: the magic's options that reproduce the device and budget (``-d cpu
+        --budget 96MiB``).
+        """
         if getattr(exc, "_gpumagic_handled", False):
             return True
         from gpumagic import oom
@@ -128,79 +306,204 @@ class OOMPresenter:
         if info is None:
             return False
         try:
+            from_history = cell is None
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
-            evaluation = looks_like_evaluation(cell)
-            ctx = self._context(info, report, batch_size, names_used(self.shell, cell), evaluation=evaluation)
-            if evaluation:
-                import dataclasses
+            from gpumagic.oom import _advice
 
-                ctx = dataclasses.replace(
-                    ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell, ctx.batch_size))
+            self.last_oom_cell = cell
+            released: tuple[tuple[str, int], ...] = ()
+            before = bindings if bindings is not None else self.pre_cell
+            dev = self._device(info)
+            if before is not None and dev is not None:
+                from gpumagic.devices import release_names
+
+                with contextlib.suppress(Exception):  # an odd value: the frames are still released below
+                    released = release_names(self.shell.user_ns, before, dev)
+            if measure is None and from_history:
+                measure = self._measure_options(info)
+            try:
+                evaluation = cell is not None and looks_like_evaluation(cell)
+                ctx = self._context(info, report, batch_size, cell, dev, released, measure, exc, evaluation=evaluation)
+                ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
+                if evaluation:
+                    ctx = dataclasses.replace(
+                        ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell, ctx.batch_size))
+            except Exception:  # advice with less context, never an error of gpumagic's in the cell
+                ctx = oom.AdviceContext(released=released)
             advice = oom.advise(info, ctx)
-            display(advice)
+            _advice.remember(advice)
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__
+                exc.advice = advice  # type: ignore[attr-defined]
+            self._show(advice)
         finally:
             from gpumagic.devices import release_memory
 
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
-            exc._render_traceback_ = _short_traceback(exc)  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):  # a nicety: the memory is freed regardless
+                exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
 
+    def _show(self, advice: Any) -> None:
+        """The advice as text/HTML, and in a kernel with widgets a button that runs its measuring command."""
+        widget = None
+        if getattr(self.shell, "kernel", None) is not None:  # a Jupyter kernel: a widget manager may render it
+            try:
+                from gpumagic.widgets import advice_widget
+
+                widget = advice_widget(advice, lambda code: self.shell.run_cell(code, store_history=True))
+            except Exception:  # no ipywidgets, or it failed: the text and HTML still show
+                widget = None
+        if widget is None:
+            display(advice)
+            return
+        bundle = {"text/plain": advice.text(), "text/html": advice._repr_html_(),
+                  "application/vnd.jupyter.widget-view+json": {
+                      "version_major": 2, "version_minor": 0, "model_id": widget.model_id}}
+        display(bundle, raw=True)
+
+    @staticmethod
+    def _device(info: Any) -> Any:
+        import torch
+
+        from gpumagic.devices import resolve_device
+
+        device_type = getattr(info, "device_type", None) or "cpu"
+        try:
+            if getattr(info, "simulated", False) or device_type not in ("cuda", "mps"):
+                return torch.device("cpu")
+            index = getattr(info, "device_index", None)
+            return resolve_device(device_type if index is None else f"{device_type}:{index}")
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _measure_options(info: Any) -> str:
+        """-d/--budget for a cell the global handler saw: the device the message names."""
+        if getattr(info, "simulated", False):
+            cap = getattr(info, "total_capacity", None)
+            return "-d cpu" + (f" --budget {_size_arg(cap)}" if cap else "")
+        device_type = getattr(info, "device_type", None)
+        if device_type in ("cuda", "mps"):
+            index = getattr(info, "device_index", None)
+            return f"-d {device_type}" + (f":{index}" if device_type == "cuda" and index is not None else "")
+        return ""
+
     def _context(
-        self, info: Any, report: Any, batch_size: int | None, in_use: set[str], *, evaluation: bool = False
+        self, info: Any, report: Any, batch_size: int | None, cell: str | None, dev: Any,
+        released: tuple[tuple[str, int], ...], measure: str | None, exc: BaseException, *, evaluation: bool = False,
     ) -> Any:
-        from gpumagic import backends, oom
-        from gpumagic._batchmath import fit_from_report
-        from gpumagic.devices import holders, resolve
+        from gpumagic import oom
+        from gpumagic.devices import holders
 
         ns = self.shell.user_ns
+        in_use = names_used(self.shell, cell)
+        var = batch_variable(ns, in_use)
+        loader = _loader_variable(ns, in_use) if var is None else None
+        prebuilt = _prebuilt_batches(ns, in_use) if var is None and loader is None else None
+        tracked = batch_size
         if batch_size is None and report is not None:
             sizes = [s.batch_size for s in report.steps if s.batch_size]
-            batch_size = sizes[-1] if sizes else None
-        if batch_size is None:
-            for name in ("batch_size", "bs", "BATCH_SIZE"):
-                v = ns.get(name)
-                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                    batch_size = v
-                    break
-        # the failing device's backend; a simulated OOM (or an unknown device) is on the CPU
-        simulated = getattr(info, "simulated", False)
-        backend = None if simulated else backends.get(getattr(info, "device_type", None) or "")
-        held: tuple[tuple[str, int], ...] = ()
-        processes: tuple[tuple[int, int, str | None], ...] = ()
-        try:
-            backend, dev = (backend, backend.parse(info.device_index)) if backend is not None else resolve("cpu")
-            # memory held by earlier cells: what the failing cell itself uses is not a candidate
-            held = tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
-            processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(dev))
-        except ValueError:
-            pass
+            tracked = sizes[-1] if sizes else None
+        if var is not None:
+            batch_size = var[1]
+        elif tracked is not None:
+            batch_size = tracked
+        elif loader is not None:
+            batch_size = loader[1]
+        elif prebuilt is not None:
+            batch_size = prebuilt[1]
+        dependent = var is not None or loader is not None or tracked is not None or prebuilt is not None
+        # memory held by earlier cells: what the failing cell itself uses is not a candidate
+        held = () if dev is None else tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
+        line: tuple[float, float] | None = None
+        source = None
         fit = getattr(self.last_search, "fit", None)
-        prev = self.last_report
         if evaluation and not getattr(self.last_search, "evaluation", False):
-            fit = prev = None  # a training measurement says nothing about an evaluation batch
-        line = (fit.intercept_bytes, fit.bytes_per_sample) if fit is not None else None
-        if line is None:
-            # steps that completed before the failure, else the last run that worked at a smaller batch
-            for source in (report, prev):
-                sizes = [s.batch_size for s in getattr(source, "steps", ()) if s.batch_size]
-                if sizes and (batch_size is None or max(sizes) < batch_size or source is report):
-                    line = fit_from_report(source)
-                    if line is not None:
-                        break
+            fit = None  # a training measurement says nothing about an evaluation batch
+        if fit is not None and self.last_search_code is not None and _same_code(self.last_search_code, cell):
+            line, source = (fit.intercept_bytes, fit.bytes_per_sample), "search"
+        if line is None and not evaluation:
+            # the last run that worked at a smaller batch (steps that completed at the failing size
+            # say little: later steps hold more, gradients and optimizer state from the first)
+            prev, prev_b = self.last_report, self.last_report_batch
+            sizes = [s.batch_size or prev_b for s in getattr(prev, "steps", ()) if s.batch_size or prev_b]
+            if sizes and batch_size is not None and max(sizes) < batch_size:
+                line = fit_from_report(prev, prev_b, self.last_report_rebound)
+                source = "run" if line is not None else None
+        code = None
+        if measure is not None and (var is not None or loader is not None):
+            what = f"--var {var[0]}" if var is not None else f"--loader {loader[0]}" if loader else ""
+            code = f"%find_batch {what}{' --eval' if evaluation else ''} {measure}".strip()
+        processes: tuple[tuple[int, int, str | None], ...] = ()
+        if getattr(info, "device_type", None) == "cuda" and not getattr(info, "simulated", False):
+            from gpumagic.backends import nvml
+
+            gi = nvml.gpu_info(info.device_index or 0)
+            if gi is not None:
+                me = os.getpid()
+                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in gi.processes if p.pid != me)
         return oom.AdviceContext(
-            batch_size=batch_size,
+            batch_size=batch_size if dependent else None,
             optimizer=_optimizer_name(ns),
-            peak_bytes=getattr(prev, "peak_bytes", None),
+            peak_bytes=getattr(self.last_report, "peak_bytes", None),
             baseline_bytes=getattr(report, "baseline_bytes", None),
             capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
             bytes_per_sample=line[1] if line else None,
             intercept_bytes=line[0] if line else None,
             holders=held,
             processes=processes,
+            fit_source=source,
+            batch_dependent=dependent,
+            measure_code=code,
+            released=released,
+            where=_user_frame(exc.__traceback__),
+            world_size=getattr(report, "world_size", None),
         )
+
+    def completed(self, report: Any, cell: str, rebound_bytes: int = 0) -> None:
+        """A ``%%gpumem`` cell finished: keep its report (and batch size) for advice after a later OOM."""
+        self.last_report = report
+        self.last_report_rebound = rebound_bytes
+        var = batch_variable(self.shell.user_ns, names_used(self.shell, cell))
+        self.last_report_batch = var[1] if var is not None else None
+        self.last_oom_cell = None  # `%find_batch` alone now re-runs this cell
+
+
+def _rebound_bytes(shell: InteractiveShell, cell: str, device: Any) -> int:
+    """Device bytes held now by the names a cell assigns at its top level (its last run's outputs)."""
+    from gpumagic.devices import holders
+
+    try:
+        tree = ast.parse(shell.transform_cell(cell))
+    except SyntaxError:
+        return 0
+    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    ns = shell.user_ns
+    return sum(n for _, n in holders({k: ns[k] for k in stored if k in ns}, device, top=len(stored)))
+
+
+def _cell_body(cell: str | None) -> str | None:
+    """A cell without its ``%%gpumem`` line (a failed cell, to re-run under ``%find_batch``)."""
+    if cell is None:
+        return None
+    lines = cell.strip("\n").splitlines()
+    if lines and lines[0].lstrip().startswith("%%gpumem"):
+        lines = lines[1:]
+    body = "\n".join(lines)
+    return body if body.strip() else None
+
+
+def _same_code(a: str | None, b: str | None) -> bool:
+    def norm(c: str | None) -> str:
+        lines = (c or "").strip().splitlines()
+        if lines and lines[0].lstrip().startswith("%%"):
+            lines = lines[1:]
+        return "\n".join(line.rstrip() for line in lines if line.strip())
+
+    return norm(a) == norm(b)
 
 
 class OOMHandler:
@@ -253,7 +556,90 @@ class OOMHandler:
 
 
 # ---------------------------------------------------------------------------------------------
+# displaying results and progress
+
+
+def _kernel_frontend(shell: InteractiveShell) -> bool:
+    """A Jupyter kernel (a notebook, VS Code, Colab, nbclient) rather than terminal IPython."""
+    return getattr(shell, "kernel", None) is not None
+
+
+def _text_only(shell: InteractiveShell) -> bool:
+    """The shell shows plain text only (terminal IPython): results render through ``_repr_pretty_``."""
+    formatter = shell.display_formatter
+    return formatter is not None and "text/html" not in formatter.active_types
+
+
+class _ShownProgress:
+    """A notebook progress widget, and the display it sits in (emptied when the search ends)."""
+
+    def __init__(self, inner: Any, handle: Any) -> None:
+        self.inner = inner
+        self.handle = handle
+
+    def __call__(self, trial: Any, index: int) -> None:
+        self.inner(trial, index)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            # a saved notebook keeps no frame of the bar
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+@contextmanager
+def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
+    """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
+    terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
+    from gpumagic._progress import LineProgress, text_progress
+
+    progress: Any = None
+    if quiet:
+        pass
+    elif _kernel_frontend(shell):
+        try:
+            from gpumagic.widgets import WidgetProgress
+
+            bar = WidgetProgress()
+        except ImportError:  # no ipywidgets: lines in the cell's stderr
+            progress = LineProgress(sys.stderr)
+        else:
+            progress = _ShownProgress(bar, display(bar.widget, display_id=True))
+    else:
+        progress = text_progress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
+    """A mimebundle printer for results: none in a text-only shell (IPython then calls
+    ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
+
+    def printer(obj: Any) -> Any:
+        return None if _text_only(shell) else obj._repr_mimebundle_()
+
+    return printer
+
+
+def _result_types() -> tuple[type, ...]:
+    from gpumagic.report import BatchSearchResult, MemoryReport
+
+    return (MemoryReport, BatchSearchResult)
+
+
+# ---------------------------------------------------------------------------------------------
 # the magics
+
+
+def _asks_for_help(line: str) -> bool:
+    """``-h`` / ``--help`` among the options (not in a statement after ``--``)."""
+    words = line.split()
+    options = words[: words.index("--")] if "--" in words else words
+    return "-h" in options or "--help" in options
 
 
 def _parse(fn: Any, line: str) -> Any:
@@ -273,6 +659,7 @@ class GPUMagics(Magics):
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
         self.oom_handler = OOMHandler(shell, self.presenter)
+        self.saved_printers: dict[type, Any] = {}  # mimebundle printers ours replaced, restored on unload
 
     # -- %gpumem / %%gpumem --------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -296,6 +683,20 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "--free", action="store_true",
         help="Line magic only: gc.collect() + empty_cache(), then show the device and the names still holding memory.",
+    )
+    @magic_arguments.argument(
+        "--dry-run", action="store_true",
+        help="Plan instead of measuring: run the cell on fake tensors (no data, no compute, no GPU needed), "
+        "stop after --steps optimizer steps and report the predicted peak, breakdown and, on cuda, reserved memory.",
+    )
+    @magic_arguments.argument(
+        "--gpu", default=None,
+        help="A GPU from the catalog (T4, L4, A10G, V100-16GB, V100-32GB, A100-40GB, A100-80GB, H100-80GB, H200, "
+        "RTX-3090, RTX-4090): with --dry-run, plan for it; without, its usable memory is the budget.",
+    )
+    @magic_arguments.argument(
+        "--steps", type=int, default=3,
+        help="With --dry-run: optimizer steps planned before the cell stops (default 3).",
     )
     @no_var_expand
     @line_cell_magic
@@ -321,16 +722,34 @@ class GPUMagics(Magics):
             %%gpumem -d cpu --budget 64MiB -o
             train()
 
+            %%gpumem --dry-run --gpu T4      # a plan on fake tensors: will it fit a T4?
+            train()
+
             %gpumem            # the device now
             %gpumem --free     # free cached memory and list what still holds some
         """
+        if _asks_for_help(line):  # as `%gpumem?` / `%%gpumem?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
+            return None
         args = _parse(self.gpumem, line)
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
+        if cell is not None and (args.dry_run or args.gpu is not None):
+            return self._gpumem_planned(args, cell)
+        if args.steps != 3:
+            raise UsageError("--steps applies to %%gpumem --dry-run")
+        from gpumagic import distributed
+
+        launcher = cell is not None and distributed.launches_processes(cell)
         try:
-            backend, device = resolve(args.device, hints(ns) if args.device is None else ())
-            budget = resolve_budget(args.budget)
+            if launcher:
+                # the ranks run in forked children, which cannot use a GPU this process initialised:
+                # this process is measured on the host, the children on their own devices
+                backend, device = resolve("cpu")
+            else:
+                backend, device = resolve(args.device, hints(ns) if args.device is None else ())
+            budget = resolve_budget(args.budget, name="--budget")
         except ValueError as e:
             raise UsageError(str(e)) from None
         if cell is None:
@@ -346,26 +765,95 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if not cell.strip():
             raise UsageError("%%gpumem needs a cell body to run")
+        from gpumagic import _ranks
+        from gpumagic.devices import Bindings
         from gpumagic.tracking import Tracker
 
+        measure = f"-d {device}" + (f" --budget {_size_arg(budget)}" if budget is not None else "")
         tracker = Tracker(device, budget, backend=backend)
+        children: tuple[Any, ...] = ()
+        shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
-            with tracker:
-                value = run_cell_source(self.shell, cell)
+            before: Bindings | None = Bindings(ns)
+            rebound = _rebound_bytes(self.shell, cell, device)
+        except Exception:  # measuring must not break the cell: no release, a cruder estimate
+            before, rebound = None, 0
+        try:
+            # child processes the cell starts (notebook_launcher, start_processes) measure themselves
+            child_device = args.device if launcher else str(device)
+            with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
+                try:
+                    value = run_cell_source(self.shell, cell)
+                finally:
+                    children = distributed.collect_children(reports_dir)
         except BaseException as exc:
             report = tracker.finished_report
-            if not (isinstance(exc, Exception) and self.presenter.present(
-                exc, report=report, batch_size=tracker.last_batch_size, cell=cell
-            )) and report is not None and not args.quiet:
+            if report is not None:
+                report = distributed.with_children(report, children)
+            if not shows:
+                raise
+            try:
+                shown = isinstance(exc, Exception) and self.presenter.present(
+                    exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
+                    bindings=before, measure=measure,
+                )
+            except Exception:  # advice must never replace the user's exception
+                shown = False
+            if not shown and report is not None and not args.quiet:
                 display(report)
             raise
-        report = tracker.report
-        self.presenter.last_report = report
-        if not args.quiet:
+        report = distributed.with_children(tracker.report, children)
+        self.presenter.completed(report, cell, rebound)
+        if not args.quiet and shows:
             display(report)
         if args.output:
             return report
         return value
+
+    def _gpumem_planned(self, args: Any, cell: str) -> Any:
+        """%%gpumem --dry-run, or --gpu NAME as a budget."""
+        from gpumagic._track import track
+        from gpumagic.dryrun import DryRunError
+
+        if not cell.strip():
+            raise UsageError("%%gpumem needs a cell body to run")
+        if args.free:
+            raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        try:
+            if args.dry_run:
+                tracker = track(args.device, args.budget, dry_run=True, gpu=args.gpu, steps=args.steps,
+                                namespace=self.shell.user_ns)
+            else:
+                if args.budget is not None:
+                    raise ValueError("give either --gpu or --budget, not both")
+                from gpumagic.devices import resolve_device
+
+                device = resolve_device(args.device, hints(self.shell.user_ns) if args.device is None else ())
+                tracker = track(device, gpu=args.gpu)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            with tracker:
+                value = run_cell_source(self.shell, cell)
+        except DryRunError:
+            raise
+        except BaseException as exc:
+            report = getattr(tracker, "_report", None)
+            if not (isinstance(exc, Exception) and self.presenter.present(
+                exc, report=report, batch_size=getattr(tracker, "_last_batch", None), cell=cell
+            )) and report is not None and not args.quiet:
+                display(report)
+            raise
+        report = tracker.report
+        if not report.dry_run:
+            self.presenter.last_report = report
+        if not args.quiet:
+            display(report)
+        if args.output:
+            return report
+        return None if report.dry_run else value
 
     # -- %find_batch / %%find_batch ----------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -392,7 +880,10 @@ class GPUMagics(Magics):
     @magic_arguments.argument(
         "--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem)."
     )
-    @magic_arguments.argument("--start", type=int, default=2, help="First batch size tried (default 2).")
+    @magic_arguments.argument(
+        "--start", type=int, default=None,
+        help="First batch size tried: 2, or the bound nearest to 2 when --min or --max exclude it.",
+    )
     @magic_arguments.argument(
         "--min", dest="min_size", type=int, default=1, help="Smallest batch size allowed (default 1)."
     )
@@ -417,12 +908,24 @@ class GPUMagics(Magics):
         help="Target effective batch: returns the micro-batch and gradient-accumulation steps that reach it, "
         "with the learning-rate rule.",
     )
+    @magic_arguments.argument(
+        "--dry-run", action="store_true",
+        help="Plan every trial on fake tensors (no data, no compute, no GPU needed); needs --gpu or --budget "
+        "on a machine without that device. The result says 'planned'.",
+    )
+    @magic_arguments.argument(
+        "--gpu", default=None,
+        help="A GPU from the catalog (see %%%%gpumem): its usable memory is the capacity searched against.",
+    )
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the BatchSearchResult.")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor the progress of the trials."
+    )
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per trial, after `--`, e.g. "
-        "%%find_batch --var bs -- train(model, make_loader(bs)). Without one, the last %%%%gpumem cell is re-run.",
+        "%%find_batch --var bs -- train(model, make_loader(bs)). Without one, the cell that last ran out of "
+        "memory is re-run if no %%%%gpumem cell ran after it, else the last %%%%gpumem cell.",
     )
     @no_var_expand
     @line_cell_magic
@@ -435,6 +938,10 @@ class GPUMagics(Magics):
         the plain values the code changed in the namespace are restored afterwards (files the
         code writes are not). Shows memory versus batch size with the fitted line and the pick.
 
+        On cpu and cuda the search first plans the memory curve on fake tensors (no device
+        memory) and spends real trials only to verify the plan: two when it agrees within 3%;
+        otherwise real trials decide and the result says so. --dry-run plans every trial.
+
         Examples::
 
             %%find_batch --var batch_size --budget 24GiB
@@ -445,7 +952,11 @@ class GPUMagics(Magics):
 
             %find_batch --loader train_loader -- train(model, train_loader)
             %find_batch --var bs --effective 1024 -- train(model, make_loader(bs))
+            %find_batch --dry-run --gpu T4 --var bs -- train(model, make_loader(bs))
         """
+        if _asks_for_help(line):  # as `%find_batch?` / `%%find_batch?` do; the cell does not run
+            self.shell.run_line_magic("pinfo", "%%find_batch" if cell is not None else "%find_batch")
+            return None
         args = _parse(self.find_batch, line)
         from gpumagic import batch
 
@@ -454,22 +965,25 @@ class GPUMagics(Magics):
             raise UsageError("give the code either as the cell body or after `--` on the line, not both")
         code: str | None = cell if cell is not None else statement
         if code is None or not code.strip():
-            code = last_gpumem_cell(self.shell)
+            code = _cell_body(self.presenter.last_oom_cell) or last_gpumem_cell(self.shell)
             if code is None:
                 raise UsageError(
                     "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
-                    "(%find_batch then re-runs it)"
+                    "(%find_batch then re-runs it, or the last cell that ran out of memory)"
                 )
         try:
-            result = find_batch_in_shell(
-                self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
-                start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                margin=args.margin, pick=args.pick, effective=args.effective,
-                evaluation=args.evaluation, size_fn=args.size_fn,
-            )
+            with search_progress(self.shell, args.quiet) as progress:
+                result = find_batch_in_shell(
+                    self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
+                    start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
+                    margin=args.margin, pick=args.pick, effective=args.effective,
+                    progress=progress, dry_run=args.dry_run, gpu=args.gpu,
+                    evaluation=args.evaluation, size_fn=args.size_fn,
+                )
         except batch.BadOptions as e:
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
+        self.presenter.last_search_code = code
         if not args.quiet:
             display(result)
         return result if args.output else None
@@ -493,6 +1007,9 @@ class GPUMagics(Magics):
             %gpumon --sidebar        # in JupyterLab's right sidebar
             %gpumon --stop
         """
+        if _asks_for_help(line):  # as `%gpumon?` does
+            self.shell.run_line_magic("pinfo", "%gpumon")
+            return None
         args = _parse(self.gpumon, line)
         from gpumagic import monitor
 
@@ -547,6 +1064,11 @@ def load(shell: InteractiveShell) -> None:
         unload(shell)
     magics = GPUMagics(shell)
     shell.register_magics(magics)
+    shell.events.register("pre_run_cell", magics.presenter.before_cell)
+    if shell.display_formatter is not None:
+        bundles = shell.display_formatter.mimebundle_formatter
+        printer = _text_bundle(shell)
+        magics.saved_printers = {t: bundles.for_type(t, printer) for t in _result_types()}
     if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
         magics.oom_handler.install()
 
@@ -557,6 +1079,14 @@ def unload(shell: InteractiveShell) -> None:
     try:
         if magics is not None:
             magics.oom_handler.uninstall()
+            with contextlib.suppress(ValueError):  # not registered
+                shell.events.unregister("pre_run_cell", magics.presenter.before_cell)
+            if shell.display_formatter is not None:
+                bundles = shell.display_formatter.mimebundle_formatter
+                for t, saved in magics.saved_printers.items():
+                    bundles.pop(t, None)
+                    if saved is not None:
+                        bundles.for_type(t, saved)
     finally:
         table: dict[str, dict[str, Any]] = shell.magics_manager.magics
         for kind, names in _MAGIC_NAMES.items():

@@ -1,7 +1,8 @@
 """Frozen result objects: what a tracked cell and a batch-size search produce.
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
-Objects render themselves: ``repr`` is a one-line summary, ``_repr_html_`` a compact table, and
+Objects render themselves: ``repr`` is a one-line summary, ``_repr_pretty_`` (IPython's
+plain-text display, a terminal) a headline and a short table fitting the terminal, ``_repr_html_`` a compact table, and
 ``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
 from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
+from gpumagic._text import memory_report_text, search_text, use_color
 from gpumagic._units import format_bytes
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "ProcessMemory",
+    "RankRecord",
     "SampleSizes",
     "StepRecord",
     "Trial",
@@ -101,6 +104,22 @@ class MemoryBreakdown:
 
 
 @dataclass(frozen=True)
+class RankRecord:
+    """One rank's summary in a data-parallel job (``MemoryReport.ranks``)."""
+
+    rank: int
+    device: str
+    peak_bytes: int
+    peak_delta_bytes: int
+    reserved_peak_bytes: int | None
+    steps: int
+    wall_seconds: float
+    budget_bytes: int | None = None
+    capacity_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class MemoryReport:
     """What ``%%gpumem`` / :func:`gpumagic.track` measured for one cell or block.
 
@@ -126,6 +145,28 @@ class MemoryReport:
     error: str | None = None
     """``"OutOfMemoryError: ..."`` when the block raised; the report is then partial."""
     notes: tuple[str, ...] = field(default=())
+    dry_run: bool = False
+    """A plan made on fake tensors (``--dry-run``), not a measurement: no losses, figures predicted."""
+    incomplete: str | None = None
+    """Why the figures may miss something: an internal failure of the measurement (a hook, the
+    tracker), which gpumagic kept out of the user's code. ``None`` when the measurement is whole."""
+    ranks: tuple[RankRecord, ...] = ()
+    """Under torch.distributed (or for the child processes a tracked cell started): every rank's
+    summary, in rank order. Empty for a single process."""
+    world_size: int | None = None
+
+    @property
+    def peak_rank(self) -> RankRecord | None:
+        """The rank with the highest peak (``None`` without ranks)."""
+        return max(self.ranks, key=lambda r: r.peak_bytes) if self.ranks else None
+
+    @property
+    def peak_spread_bytes(self) -> int | None:
+        """Highest minus lowest peak over the ranks (``None`` with fewer than two)."""
+        if len(self.ranks) < 2:
+            return None
+        peaks = [r.peak_bytes for r in self.ranks]
+        return max(peaks) - min(peaks)
 
     @property
     def losses(self) -> tuple[float, ...]:
@@ -173,14 +214,21 @@ class MemoryReport:
         parts.append(f"· {_seconds(self.wall_seconds)}")
         if self.error:
             parts.append(f"· stopped by {self.error.split(':')[0]}")
+        if self.incomplete:
+            parts.append("· incomplete")
+        top = self.peak_rank
+        if top is not None and len(self.ranks) > 1:
+            parts.append(f"· {len(self.ranks)} ranks, rank {top.rank} highest at {format_bytes(top.peak_bytes)}"
+                         f" (spread {format_bytes(self.peak_spread_bytes)})")
         return " ".join(parts)
 
     def __repr__(self) -> str:
-        return f"<MemoryReport {self.summary()}>"
+        return f"<MemoryReport {'PLAN (dry run) ' if self.dry_run else ''}{self.summary()}>"
 
     def _rows(self) -> list[tuple[str, str]]:
         cap = self.budget_bytes or self.capacity_bytes
-        rows = [
+        rows = [("kind", "plan: a dry run on fake tensors, not a measurement")] if self.dry_run else []
+        rows += [
             ("device", f"{self.device} ({self.backend})"),
             ("baseline", format_bytes(self.baseline_bytes)),
             ("peak", f"{format_bytes(self.peak_bytes)} ({format_bytes(self.peak_delta_bytes, signed=True)})"),
@@ -188,7 +236,8 @@ class MemoryReport:
                     f"({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
         ]
         if self.reserved_peak_bytes is not None:
-            rows.append(("peak reserved", format_bytes(self.reserved_peak_bytes)))
+            rows.append(("peak reserved" + (" (predicted)" if self.dry_run else ""),
+                         format_bytes(self.reserved_peak_bytes)))
         if cap is not None:
             label = "budget (simulated capacity)" if self.budget_bytes else "capacity"
             rows.append((label, f"{format_bytes(cap)} ({100 * self.peak_bytes / cap:.1f}% used at peak)"))
@@ -223,15 +272,44 @@ class MemoryReport:
         rows.append(("wall time", _seconds(self.wall_seconds)))
         if self.error:
             rows.append(("stopped by", self.error))
+        if self.incomplete:
+            rows.append(("incomplete", self.incomplete))
+        rows.extend(self._rank_rows())
         rows.extend(("note", n) for n in self.notes)
+        return rows
+
+    def _rank_rows(self) -> list[tuple[str, str]]:
+        top = self.peak_rank
+        if top is None:
+            return []
+        n = self.world_size or len(self.ranks)
+        rows = [("ranks", f"{len(self.ranks)} of {n}; rank {top.rank} peaks highest"
+                          + (f", spread {format_bytes(self.peak_spread_bytes)}" if len(self.ranks) > 1 else ""))]
+        for r in self.ranks:
+            cap = r.budget_bytes or r.capacity_bytes
+            used = f" ({100 * r.peak_bytes / cap:.1f}% of {format_bytes(cap)})" if cap else ""
+            rows.append((
+                f"rank {r.rank} ({r.device})",
+                f"peak {format_bytes(r.peak_bytes)}{used}, "
+                f"{format_bytes(r.peak_delta_bytes, signed=True)} in the block, "
+                f"{r.steps} step{'s' if r.steps != 1 else ''}, {_seconds(r.wall_seconds)}"
+                + (f", stopped by {r.error.split(':')[0]}" if r.error else ""),
+            ))
         return rows
 
     def to_text(self) -> str:
         """The report as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table("gpumagic memory report", self._rows())
+        return _text_table(self._title(), self._rows())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
+        p.text(memory_report_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
-        return html_table("gpumagic memory report", self._rows())
+        return html_table(self._title(), self._rows())
+
+    def _title(self) -> str:
+        return "gpumagic memory plan (dry run)" if self.dry_run else "gpumagic memory report"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return mimebundle(self, include, exclude)
@@ -248,6 +326,10 @@ class Trial:
     seconds: float
     steps: int = 0
     """Optimizer steps (or backward calls without an optimizer) the trial completed."""
+    planned: bool = False
+    """A dry run on fake tensors: ``peak_bytes`` is predicted, and ``oom`` means it would not fit."""
+    rank_peak_bytes: tuple[int | None, ...] = ()
+    """Under torch.distributed: each rank's peak in this trial (``peak_bytes`` is their max)."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +451,18 @@ class BatchSearchResult:
     """When the trials' inputs varied in size: the fit against input size and the size that survives the largest."""
     evaluation: bool = False
     """The trials were forward passes (``--eval``): no gradients, saved activations or optimizer state."""
+    dry_run: bool = False
+    """Every trial was planned on fake tensors (``--dry-run``): sizes and peaks are predictions."""
+    world_size: int | None = None
+    """Under torch.distributed: the ranks that searched together. Batch sizes are per rank; the
+    global batch is ``global_batch_size``."""
+
+    @property
+    def global_batch_size(self) -> int | None:
+        """Samples per optimizer step over all ranks: per-rank batch × accumulation × world size."""
+        if self.world_size is None or self.recommended_batch_size is None:
+            return None
+        return self.recommended_batch_size * self.accumulation_steps * self.world_size
 
     @property
     def oom_count(self) -> int:
@@ -384,6 +478,12 @@ class BatchSearchResult:
     def __repr__(self) -> str:
         rec = self.recommended_batch_size
         acc = f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1 else ""
+        if self.dry_run:
+            return (
+                f"<BatchSearchResult PLANNED (dry run) recommended {rec}{acc} (largest planned to fit "
+                f"{self.max_batch_size}); {len(self.trials)} planned trials, {self.oom_count} over capacity; "
+                f"{self.reason}>"
+            )
         return (
             f"<BatchSearchResult recommended {rec}{acc} (max that ran {self.max_batch_size}); "
             f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
@@ -394,7 +494,7 @@ class BatchSearchResult:
             ("recommended", str(self.recommended_batch_size)
              + (f" × {self.accumulation_steps} accumulation steps = {self.effective_batch_size}"
                 if self.effective_batch_size else "")),
-            ("largest that ran", str(self.max_batch_size)),
+            ("largest planned to fit" if self.dry_run else "largest that ran", str(self.max_batch_size)),
             ("why", self.reason),
         ]
         if self.evaluation:
@@ -416,6 +516,14 @@ class BatchSearchResult:
             if v.surviving_batch_size is not None:
                 line += f"; {v.surviving_batch_size} survives it"
             rows.append(("input sizes", line))
+        if self.world_size is not None:
+            rows[0] = (rows[0][0], rows[0][1] + " per rank")
+            rows[1] = (rows[1][0], rows[1][1] + " per rank, on every rank")
+            rows.insert(1, ("global batch", f"{self.global_batch_size} ({self.recommended_batch_size} per rank"
+                            + (f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1
+                               else "") + f" × {self.world_size} ranks)"))
+        if self.dry_run:
+            rows.insert(0, ("kind", "planned: every trial a dry run on fake tensors, not a measurement"))
         if self.lr_note:
             rows.append(("learning rate", self.lr_note))
         if self.capacity_bytes is not None:
@@ -426,19 +534,35 @@ class BatchSearchResult:
             rows.append(("fit", self.fit.describe()))
         for t in self.trials:
             sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
+            if t.planned:
+                rows.append((
+                    f"planned b={t.batch_size}",
+                    "would not fit" if t.oom else f"planned peak {format_bytes(t.peak_bytes)}",
+                ))
+                continue
+            per_rank = ""
+            if len(t.rank_peak_bytes) > 1 and not t.oom:
+                per_rank = " (ranks: " + ", ".join(format_bytes(p) for p in t.rank_peak_bytes) + ")"
             rows.append((
                 f"trial b={t.batch_size}",
-                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{sps}",
+                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{per_rank}{sps}",
             ))
         rows.extend(("note", n) for n in self.notes)
         return rows
 
     def to_text(self) -> str:
         """The result as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table("gpumagic batch-size search", self._rows())
+        return _text_table(self._title(), self._rows())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython's plain-text display (a terminal): the pick, then the trials with the pick marked."""
+        p.text(search_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
-        return html_table("gpumagic batch-size search", self._rows())
+        return html_table(self._title(), self._rows())
+
+    def _title(self) -> str:
+        return "gpumagic batch-size plan (dry run)" if self.dry_run else "gpumagic batch-size search"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return mimebundle(self, include, exclude)

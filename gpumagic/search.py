@@ -41,6 +41,8 @@ from gpumagic.report import BatchSearchResult, Fit, Trial
 
 __all__ = ["PICKS", "search"]
 
+DEFAULT_START = 2
+"""The first batch size tried unless the bounds exclude it."""
 Stop = Literal["", "trials", "nothing", "bracket", "flat", "cap", "ceiling", "fit", "gain", "plateau"]
 """Why the search stopped ("" while it runs): out of trials, nothing ran, the bracket closed, memory
 flat in the batch size, max_size or the data set reached, the search's ceiling, the fit missed
@@ -64,6 +66,10 @@ _FLAT_WIDTH = 512
 (over a narrower span they may be the flat start of a hinge, see _SHARE)."""
 _SAME_BYTES_ABS = 16384
 _SAME_BYTES_REL = 1e-5
+_SAME_SHARE_SMALL = 0.01
+"""Two peaks are the same within max(1e-5 of the peak, 16 KiB) — allocator granularity and
+workspaces — but never within more than this share of the peak: a tiny model's peaks of 1.35,
+4.41 and 14.91 KiB differ, although by less than 16 KiB."""
 _SHARE = 0.05
 """While the batch holds less than this share of the peak, fixed costs set it (Adam's step, say),
 and a steeper per-sample term (activations) may be hidden below it: no trial grows more than
@@ -195,7 +201,7 @@ class _Search:
         return min(bounds) if bounds else None
 
     def noise(self, p: int) -> float:
-        return max(_SAME_BYTES_ABS, _SAME_BYTES_REL * p)
+        return max(min(_SAME_BYTES_ABS, _SAME_SHARE_SMALL * p), _SAME_BYTES_REL * p)
 
     def same(self, p: int, q: int) -> bool:
         return abs(p - q) <= self.noise(max(p, q))
@@ -459,7 +465,7 @@ class _Search:
         # have shown a clear rise: near-equal peaks of two close sizes are just a small slope.
         fit = _weighted_fit((b, self.ran[b]) for b in sizes[: i + 1])
         rise = fit.bytes_per_sample * (sizes[-1] - sizes[i]) if fit is not None else 0.0
-        if rise < 10 * max(_SAME_BYTES_ABS, _SAME_BYTES_REL * top):
+        if rise < 10 * self.noise(top):
             return None
         return sizes[i], sizes[:i]
 
@@ -517,7 +523,7 @@ def search(
     run_trial: Callable[[int], Trial],
     *,
     capacity_bytes: int,
-    start: int = 2,
+    start: int | None = None,
     min_size: int = 1,
     max_size: int | None = None,
     dataset_size: int | None = None,
@@ -535,7 +541,8 @@ def search(
     """Find the largest batch size that fits ``capacity_bytes``, then pick one to recommend.
 
     ``run_trial(b)`` runs the training code at batch size ``b`` and returns a :class:`Trial`;
-    every call is one trial. ``progress(trial, index)`` is called after each, ``index`` counting
+    every call is one trial. ``start`` (default 2, moved inside ``min_size``/``max_size`` when
+    they exclude it) is the first size tried. ``progress(trial, index)`` is called after each, ``index`` counting
     from 0. Exceptions from ``run_trial`` other than the out-of-memory it reports propagate.
     ``learn_dataset_size()``, when given, is asked after each trial for a data set size the trials
     revealed (a DataLoader built inside the trial code); once known it bounds the search.
@@ -552,15 +559,17 @@ def search(
         raise ValueError(f"run_trial must be a callable taking a batch size, got {run_trial!r}")
     _check_int("capacity_bytes", capacity_bytes, 1)
     _check_int("min_size", min_size, 1)
-    _check_int("start", start, 1)
-    if start < min_size:
-        raise ValueError(f"start must be >= min_size ({min_size}), got {start}")
     if max_size is not None:
         _check_int("max_size", max_size, 1)
         if max_size < min_size:
-            raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
-        if start > max_size:
-            raise ValueError(f"start must be <= max_size ({max_size}), got {start}")
+            raise ValueError(f"min_size ({min_size}) is larger than max_size ({max_size})")
+    if start is None:  # 2, moved inside the bounds
+        start = max(min_size, DEFAULT_START if max_size is None else min(DEFAULT_START, max_size))
+    _check_int("start", start, 1)
+    if start < min_size:
+        raise ValueError(f"start must be >= min_size ({min_size}), got {start}")
+    if max_size is not None and start > max_size:
+        raise ValueError(f"start must be <= max_size ({max_size}), got {start}")
     if dataset_size is not None:
         _check_int("dataset_size", dataset_size, 1)
         if dataset_size < min_size:
@@ -753,6 +762,12 @@ def _result(
     else:
         predicted = _interpolate_at(s.fit_points(lim.largest), rec)
     why = f"{why}; {_evidence(s, lim.largest, final_fit if lim.affine else None)}"
+    if lim.affine and lim.fit is not None and final_fit is not None and final_fit != lim.fit:
+        s.notes.append(
+            f"two lines: the pick above is by the line over every size that ran ({lim.fit.describe()}); "
+            f"`fit` is the line over the sizes past the bend ({final_fit.describe()}), where the batch "
+            "sets the peak rather than a flat part such as the optimizer step: it predicts the peaks near the capacity"
+        )
     _data_notes(s, lim.largest, rec, current, effective)
 
     return BatchSearchResult(

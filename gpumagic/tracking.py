@@ -18,6 +18,7 @@ stay on the device and are converted in chunks, so recording adds no host-device
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -28,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from gpumagic._safe import describe
+from gpumagic._tensors import is_fake
 from gpumagic.backends import Backend, MemorySession
 from gpumagic.devices import DeviceLike, resolve, resolve_budget, storage_bytes
 from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
@@ -57,6 +60,9 @@ class _Root:
     value: Any
     divisor: float | None
     batch: int | None
+    draw: int = 0
+    """Which DataLoader batch was the last drawn: two backward calls on one batch (a GAN's
+    discriminator on real and fake samples) count its samples once."""
 
 
 @dataclass
@@ -121,6 +127,20 @@ def input_elements(batch: Any, depth: int = 0) -> int | None:
         if n is not None:
             total = n if total is None else total + n
     return total
+
+
+def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Remember how many samples the next batch is made of (in-process loading only: with
+    workers, indices are drawn ahead of the batches)."""
+
+    def _next_index(it: Any) -> Any:
+        index = original(it)
+        if not it._num_workers and it._auto_collation:
+            with contextlib.suppress(TypeError):
+                it._gpumagic_indices = len(index)
+        return index
+
+    return _next_index
 
 
 def _first_tensor(batch: Any, depth: int = 0) -> torch.Tensor | None:
@@ -239,6 +259,7 @@ class Tracker:
         on_step: Callable[[StepRecord], None] | None = None,
         session: MemorySession | None = None,
         backend: Backend | None = None,
+        gather_ranks: bool = True,
     ) -> None:
         if backend is not None and isinstance(device, torch.device):
             self.backend, self.device = backend, device
@@ -258,6 +279,7 @@ class Tracker:
         """Evaluation trials: each forward of the outermost module with parameters is a step."""
         self._exclude = tuple(exclude_storages)
         self._on_step = on_step
+        self._gather = gather_ranks
         self.on_batch: Callable[[Any, int | None], None] | None = None
         """Called with (DataLoader iterator, batch size) for every batch drawn while tracking."""
         self._report: MemoryReport | None = None
@@ -306,14 +328,16 @@ class Tracker:
         self._reset_state()
         session = self._given_session
         if session is None:
-            session = self.backend.open_session(self.device, self.budget, self._exclude)
+            session = self._open_session()
         self._session = session
         self._records = _Records(self._max_records)
         _ACTIVE.append(self)
         try:
             self._install()
-            self._t0 = self._t_last_step = self._t_last_backward = time.perf_counter()
+            self._t0 = time.perf_counter()
             self._baseline = self._session.start()
+            # the baseline scan is the tracker's time, not the first step's
+            self._t_last_step = self._t_last_backward = time.perf_counter()
         except BaseException:
             self._teardown()
             raise
@@ -323,9 +347,24 @@ class Tracker:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
         try:
-            self._finish(ev)
+            try:
+                self._finish(ev)
+            except Exception as e:  # never replace the user's exception, nor fail their cell
+                self._fault("making the report", e)
+                self._report = self._fallback_report(ev)
         finally:
-            self._teardown()
+            try:
+                self._teardown()
+            except Exception as e:
+                self._fault("removing the hooks", e)
+                if self._report is not None:
+                    self._report = dataclasses.replace(self._report, incomplete=self._incomplete)
+        if self._gather and self._report is not None:
+            # after teardown: the gather's own traffic is not the block's memory
+            from gpumagic._ranks import gather_ranks
+
+            ended = ev if ev is not None and not isinstance(ev, StopTrial) else None
+            self._report = gather_ranks(self._report, ended_by=ended)
         return False
 
     # -- setup / teardown ------------------------------------------------------------------
@@ -337,6 +376,7 @@ class Tracker:
         self._in_step: list[_Root] = []
         self._acc_peak = 0
         self._last_batch: int | None = None
+        self._draws = 0
         self._scaler_step_depth = 0
         self._scaler_stepped = False
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -349,6 +389,15 @@ class Tracker:
         self._fwd_depth = 0
         self._fwd_lead: int | None = None
         self._forwards = 0
+        self._incomplete: str | None = None
+
+    def _open_session(self) -> MemorySession:
+        """The measuring session; a dry run (:mod:`gpumagic.dryrun`) gives one over fake tensors."""
+        return self.backend.open_session(self.device, self.budget, self._exclude)
+
+    def _nbytes(self, t: Any, seen: set[int]) -> int:
+        """Bytes of ``t``'s storage on the measured device, once per storage (``seen``)."""
+        return storage_bytes(t, self.device, seen)
 
     def _install(self) -> None:
         import torch.optim.optimizer as optmod
@@ -368,6 +417,7 @@ class Tracker:
             self._cleanup.append(h4.remove)
         self._patch(torch.autograd, "backward", self._wrap_backward)
         self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
+        self._patch(dlmod._BaseDataLoaderIter, "_next_index", _wrap_next_index)
         scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
         if scaler_cls is not None:
             self._patch(scaler_cls, "scale", self._wrap_scale)
@@ -400,9 +450,15 @@ class Tracker:
         tracker = self
 
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            tracker._backward_begin(tensors)
+            try:
+                tracker._backward_begin(tensors)
+            except Exception as e:
+                tracker._fault("the backward hook", e)
             result = original(tensors, *args, **kwargs)
-            tracker._backward_end()
+            try:
+                tracker._backward_end()
+            except Exception as e:  # StopTrial is a BaseException: it passes
+                tracker._fault("the backward hook", e)
             return result
 
         backward.__wrapped__ = original  # type: ignore[attr-defined]
@@ -414,15 +470,23 @@ class Tracker:
 
         def __next__(it: Any) -> Any:
             batch = original(it)
-            t = _first_tensor(batch)
-            size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
-            tracker._last_batch = size
-            n = input_elements(batch)
-            if n is not None:
-                tracker._inputs_since_step = n + (tracker._inputs_since_step or 0)
-                tracker._inputs_since_backward = n + (tracker._inputs_since_backward or 0)
-            if tracker.on_batch is not None:
-                tracker.on_batch(it, size)
+            try:
+                # the indices the batch was made from; else the first tensor's length (a collate_fn
+                # may put tokens first, as text loaders with offsets do: the indices decide then)
+                size = it.__dict__.pop("_gpumagic_indices", None)
+                if size is None:
+                    t = _first_tensor(batch)
+                    size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+                tracker._last_batch = size
+                tracker._draws += 1
+                n = input_elements(batch)
+                if n is not None:
+                    tracker._inputs_since_step = n + (tracker._inputs_since_step or 0)
+                    tracker._inputs_since_backward = n + (tracker._inputs_since_backward or 0)
+                if tracker.on_batch is not None:
+                    tracker.on_batch(it, size)
+            except Exception as e:
+                tracker._fault("the DataLoader hook", e)
             return batch
 
         return __next__
@@ -449,7 +513,10 @@ class Tracker:
                 tracker._scaler_step_depth -= 1
             if not tracker._scaler_stepped and tracker._scaler_step_depth == 0:
                 # inf/NaN gradients: the scaler skipped optimizer.step(), but the user's step happened
-                tracker._end_step(optimizer)
+                try:
+                    tracker._end_step(optimizer)
+                except Exception as e:
+                    tracker._fault("the GradScaler hook", e)
             return result
 
         return step
@@ -460,13 +527,15 @@ class Tracker:
         if t is None and isinstance(tensors, (list, tuple)) and len(tensors) == 1:
             t = tensors[0] if isinstance(tensors[0], torch.Tensor) else None
         if t is None or t.numel() != 1:
-            return _Root(None, None, self._last_batch)
+            return _Root(None, None, self._last_batch, self._draws)
         unscaled = getattr(t, "_gpumagic_unscaled", None)
         if isinstance(unscaled, torch.Tensor) and unscaled.numel() == 1:
             t = unscaled
+        if t.is_meta or is_fake(t):
+            return _Root(None, None, self._last_batch, self._draws)  # a traced step: there is no value to read
         divisor = _divisor(t)
         value: Any = t.detach().item() if t.device.type == "cpu" else t.detach()
-        return _Root(value, divisor, self._last_batch)
+        return _Root(value, divisor, self._last_batch, self._draws)
 
     def _backward_begin(self, tensors: Any) -> None:
         root = self._root_value(tensors)
@@ -490,7 +559,7 @@ class Tracker:
             roots = self._pending[-1:]
             inputs, self._inputs_since_backward = self._inputs_since_backward, None
             self._record(roots, w, now - self._t_last_backward, inputs)
-            self._t_last_backward = now
+            self._t_last_backward = time.perf_counter()  # the recording itself is no step's time
             if self._stop_backwards is not None and self._backwards >= self._stop_backwards:
                 raise StopTrial(f"{self._backwards} backward calls")
 
@@ -502,7 +571,15 @@ class Tracker:
         if self._scaler_step_depth:
             self._scaler_stepped = True
         if self._depth == 0:
-            self._end_step(optimizer)
+            try:
+                self._end_step(optimizer)
+            except Exception as e:  # StopTrial is a BaseException: it passes
+                self._fault("the optimizer step hook", e)
+
+    def _fault(self, where: str, e: Exception) -> None:
+        """An error of ours: the report says it is incomplete, the user's code goes on."""
+        if self._incomplete is None:
+            self._incomplete = f"{where} failed: {describe(e)}"
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None
@@ -517,11 +594,11 @@ class Tracker:
         inputs, self._inputs_since_step = self._inputs_since_step, None
         self._inputs_since_backward = None
         rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step, inputs)
-        self._t_last_step = now
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
             self._best_peak = peak
             self._breakdown = self._breakdown_at(peak, rec.index)
+        self._t_last_step = time.perf_counter()  # recording, merging and the breakdown are no step's time
         if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
             raise StopTrial(f"{self._opt_steps} optimizer steps")
 
@@ -553,7 +630,7 @@ class Tracker:
         now = time.perf_counter()
         inputs, self._inputs_since_step = self._inputs_since_step, None
         self._record([], self._session.take_window_peak(), now - self._t_last_step, inputs)
-        self._t_last_step = now
+        self._t_last_step = time.perf_counter()  # the recording itself is no step's time
 
     def _record(self, roots: list[_Root], peak: int, seconds: float, inputs: int | None = None) -> _Rec:
         terms: list[tuple[Any, float]] | None = None
@@ -565,7 +642,7 @@ class Tracker:
             else:
                 terms = [(r.value, 1.0 / n) for r in roots]
         if roots and all(r.batch is not None for r in roots):
-            batch = sum(r.batch or 0 for r in roots)
+            batch = sum({r.draw: r.batch or 0 for r in roots}.values())
         if not roots:
             batch = self._last_batch
         rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs)
@@ -579,7 +656,7 @@ class Tracker:
         seen: set[int] = set()
 
         def nbytes(t: Any) -> int:
-            return storage_bytes(t, self.device, seen)
+            return self._nbytes(t, seen)
 
         params = grads = state = 0
         for opt in list(self._optimizers):
@@ -609,7 +686,8 @@ class Tracker:
             notes.append(f"{len(self._pending)} backward call(s) after the last optimizer step are not in any step")
         err = None
         if error is not None and not isinstance(error, StopTrial):
-            err = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+            err = describe(error)
+        incomplete = self._incomplete or getattr(session, "incomplete", None)
         self._report = MemoryReport(
             backend=session.backend,
             device=session.device,
@@ -626,6 +704,29 @@ class Tracker:
             total_steps=self._records.total,
             error=err,
             notes=tuple(notes),
+            incomplete=incomplete,
+        )
+
+    def _fallback_report(self, error: BaseException | None) -> MemoryReport:
+        """What is known when the full report could not be made: the cell's figures, no steps."""
+        session = self._session
+        peak = end = self._baseline
+        with contextlib.suppress(Exception):
+            assert session is not None
+            peak, end = max(session.peak(), self._baseline), session.current()
+        return MemoryReport(
+            backend=getattr(session, "backend", "unknown"),
+            device=str(self.device),
+            baseline_bytes=self._baseline,
+            peak_bytes=peak,
+            peak_delta_bytes=peak - self._baseline,
+            end_bytes=end,
+            reserved_peak_bytes=None,
+            capacity_bytes=None,
+            wall_seconds=time.perf_counter() - self._t0,
+            budget_bytes=self.budget,
+            error=None if error is None or isinstance(error, StopTrial) else describe(error),
+            incomplete=self._incomplete,
         )
 
 
@@ -641,6 +742,10 @@ def track(
     available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
     bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
     past this many steps, records are merged pairwise (peaks keep their max).
+
+    Under ``torch.distributed`` each rank measures its own device, and leaving the block gathers
+    every rank's summary into ``report.ranks`` (one collective on the default group: every rank
+    must leave its block).
 
     >>> with track(device="cpu") as t:              # doctest: +SKIP
     ...     train()

@@ -22,7 +22,7 @@ import html
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpumagic._batchmath import interpolate, lr_note
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DPI",
     "MAX_DRAWN_POINTS",
+    "advice_widget",
     "envelope",
     "figure_png",
     "memory_figure",
@@ -236,7 +237,8 @@ def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
     lines = [f"batch size {b}" + (" (recommended)" if b == result.recommended_batch_size else "")]
     predicted = _predicted_peak(result, b)
     ran = {t.batch_size: t for t in _measured(result)}
-    measured = f" (measured {format_bytes(ran[b].peak_bytes)})" if b in ran else ""
+    how = "planned" if b in ran and ran[b].planned else "measured"
+    measured = f" ({how} {format_bytes(ran[b].peak_bytes)})" if b in ran else ""
     if predicted is None:
         sizes = sorted(ran)
         where = f", outside the measured sizes {sizes[0]}–{sizes[-1]}" if sizes else ""
@@ -296,7 +298,10 @@ class _SearchPlot:
         x_right = max([t.batch_size for t in result.trials] + [rec or 1]) * 1.05
         ax.set_xlim(0, x_right)
         ax.set_ylim(0, top * 1.1 / self.scale)
-        ax.set_title(f"Peak memory versus batch size on {result.device}", loc="left", fontsize=11)
+        title = f"Peak memory versus batch size on {result.device}"
+        if result.dry_run:
+            title = f"PLANNED peak memory versus batch size for {result.device} (dry run)"
+        ax.set_title(title, loc="left", fontsize=11)
 
         self._draw_fit(x_right)
         self._draw_trials(ran, top, rec, rec_peak)
@@ -341,17 +346,27 @@ class _SearchPlot:
                            label=f"capacity − {result.margin:.0%} margin")
 
     def _draw_trials(self, ran: list[Trial], top: int, rec: int | None, rec_peak: int | None) -> None:
-        """The measured peaks, the trials that ran out of memory and the recommendation."""
+        """The measured (and planned) peaks, the trials that ran out of memory and the recommendation."""
         result, ax, scale = self.result, self.ax, self.scale
         trials, cap = result.trials, result.capacity_bytes
-        if ran:
-            ax.plot([t.batch_size for t in ran], [(t.peak_bytes or 0) / scale for t in ran], "o",
+        measured = [t for t in ran if not t.planned]
+        planned = [t for t in ran if t.planned]
+        if measured:
+            ax.plot([t.batch_size for t in measured], [(t.peak_bytes or 0) / scale for t in measured], "o",
                     color=_BLUE, ms=5, label="trial: peak measured", zorder=3)
-        ooms = [t.batch_size for t in trials if t.oom]
+        if planned:  # a plan is not a measurement: hollow diamonds
+            ax.plot([t.batch_size for t in planned], [(t.peak_bytes or 0) / scale for t in planned], "D",
+                    color=_BLUE, mfc="none", ms=6, mew=1.5, label="planned (dry run): peak predicted", zorder=3)
+        ooms = [t.batch_size for t in trials if t.oom and not t.planned]
         if ooms:
             y_oom = (cap if cap is not None else top) / scale
             ax.plot(ooms, [y_oom] * len(ooms), "x", color=_RED, ms=8, mew=2, label="trial: out of memory",
                     zorder=4)
+        too_big = [t.batch_size for t in trials if t.oom and t.planned]
+        if too_big:
+            y_oom = (cap if cap is not None else top) / scale
+            ax.plot(too_big, [y_oom] * len(too_big), "D", color=_RED, mfc="none", ms=7, mew=1.5,
+                    label="planned: would not fit", zorder=4)
         if rec is not None:
             ax.axvline(rec, color=_GREEN, lw=1.2, ls=":")
             if rec_peak is not None:
@@ -439,6 +454,33 @@ def _search_panel(result: BatchSearchResult, plot: _SearchPlot, png: bytes) -> A
     return box
 
 
+def advice_widget(advice: Any, run: Callable[[str], Any]) -> Any:
+    """An ``ipywidgets.VBox`` showing out-of-memory advice, with a button (``.button``) that runs
+    the first measuring command in place (``run(code)``, its output in ``.output``); ``None``
+    when the advice has no command to run. The text form (``advice.text()``) works without it.
+    """
+    code = next((s.code for s in advice.suggestions if s.kind == "measure" and s.code), None)
+    if code is None:
+        return None
+    import ipywidgets as w
+
+    body = w.HTML(value=advice._repr_html_())
+    button = w.Button(description="Measure the batch size that fits", icon="play",
+                      tooltip=code, layout=w.Layout(width="auto"))
+    output = w.Output()
+
+    def on_click(_: Any) -> None:
+        button.disabled = True
+        with output:
+            run(code)
+
+    button.on_click(on_click)
+    box = w.VBox([body, button, output])
+    box.add_class("gpumagic-oom")
+    box.button, box.output, box.code = button, output, code
+    return box
+
+
 def search_widget(result: BatchSearchResult) -> Any:
     """An ``ipywidgets.VBox``: the plot (``.image``), a batch-size slider limited to sizes that fit
     (``.slider``, starting at the recommendation) and a readout for the chosen size (``.readout``):
@@ -456,6 +498,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     """Loss (top) and peak memory (bottom) per step on a shared step axis, with the cell's
     baseline, peak and capacity (or budget) as lines. Long loops are drawn through
     :func:`envelope` so spikes stay visible; with no steps, bars of baseline, peak and end."""
+    if len(report.ranks) > 1:
+        return _rank_bars(report)
     cap = report.budget_bytes or report.capacity_bytes
     cap_name = "budget" if report.budget_bytes else "capacity"
     title = f"Peak memory per step on {report.device}" if report.steps else f"Memory of the block on {report.device}"
@@ -467,6 +511,8 @@ def memory_figure(report: MemoryReport) -> Figure:
     title += f" · {n:,} step{'s' if n != 1 else ''}" if report.steps else " · no training steps seen"
     if report.error:
         title += f" · partial: stopped by {report.error.split(':')[0]}"
+    elif report.incomplete:
+        title += " · incomplete (see the report)"
 
     if not report.steps:
         return _memory_bars(report, cap, cap_name, title)
@@ -554,6 +600,38 @@ def _input_panel(ax: Axes, pts: list[tuple[int, int, int]], cap: int | None, cap
     ax.set_xlabel("input elements drawn in the step")
     ax.grid(True, alpha=0.25)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
+
+
+def _rank_bars(report: MemoryReport) -> Figure:
+    """One bar per rank: its peak, with its budget (or capacity) as a tick on the bar."""
+    ranks = report.ranks
+    top = report.peak_rank
+    title = f"Peak memory per rank · {len(ranks)} ranks"
+    if top is not None:
+        title += f" · rank {top.rank} highest, spread {format_bytes(report.peak_spread_bytes)}"
+    fig = _new_figure(1.2 + 0.42 * len(ranks))
+    ax = fig.subplots(1, 1)
+    ax.set_title(title, loc="left", fontsize=11)
+    names = [f"rank {r.rank}" for r in reversed(ranks)]
+    peaks = [r.peak_bytes for r in reversed(ranks)]
+    caps = [r.budget_bytes or r.capacity_bytes for r in reversed(ranks)]
+    high = max([*peaks, 1])
+    known = [c for c in caps if c is not None and c <= 4 * high]
+    high = max([high, *known])
+    unit, scale = _unit_for(high)
+    colors = [_ORANGE if top is not None and r.rank == top.rank else _BLUE for r in reversed(ranks)]
+    ax.barh(names, [v / scale for v in peaks], color=colors, height=0.6, label="peak")
+    for i, (v, c) in enumerate(zip(peaks, caps, strict=True)):
+        ax.text(v / scale, i, f" {format_bytes(v)}", va="center", fontsize=9)
+        if c is not None and c <= 4 * max(peaks[i], 1):
+            ax.plot([c / scale] * 2, [i - 0.4, i + 0.4], color=_RED, lw=1.4)
+    ax.set_xlim(0, high * 1.25 / scale)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.grid(True, axis="x", alpha=0.25)
+    return fig
 
 
 def _memory_bars(report: MemoryReport, cap: int | None, cap_name: str, title: str) -> Figure:
@@ -736,3 +814,35 @@ def _search_bundle(result: BatchSearchResult) -> dict[str, Any]:
 
 register_renderer(MemoryReport, _memory_bundle)
 register_renderer(BatchSearchResult, _search_bundle)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress of a search in a notebook
+
+
+class WidgetProgress:
+    """A notebook bar for ``%find_batch``: trials done (of at most ``max_trials``) and the last one
+    in words. The IPython layer shows :attr:`widget` and removes it when the search ends.
+
+    >>> progress = WidgetProgress()     # doctest: +SKIP
+    >>> progress(trial, 0); progress.close()   # doctest: +SKIP
+    """
+
+    def __init__(self, label: str = "find_batch", max_trials: int = 12) -> None:
+        import ipywidgets as w  # lazy, like every widget here
+
+        self._bar = w.IntProgress(value=0, min=0, max=max_trials, bar_style="info",
+                                  layout=w.Layout(width="160px"))
+        self._label = label
+        self._text = w.HTML(value=html.escape(f"{label}: first trial running"))
+        self.widget = w.HBox([self._bar, self._text])
+
+    def __call__(self, trial: Trial, index: int) -> None:
+        from gpumagic._text import describe_trial
+
+        self._bar.value = min(index + 1, self._bar.max)
+        done = f"{index + 1} trial{'s' if index else ''} done"
+        self._text.value = html.escape(f"{self._label}: {done}, last {describe_trial(trial)}")
+
+    def close(self) -> None:
+        self.widget.close()

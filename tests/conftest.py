@@ -33,7 +33,8 @@ def ip(_private_ipython_dir: Path) -> InteractiveShell:
     """The real IPython shell of the test session, with ``%load_ext gpumagic`` done.
 
     ``torch``, ``nn`` and ``F`` are in its namespace, as in a notebook. Use ``clean_ns`` too
-    when a test defines names.
+    when a test defines names. It displays every format, as a notebook's kernel does (a terminal
+    shell shows plain text only: tests/test_terminal.py drives a real one).
     """
     import torch
     import torch.nn.functional as F
@@ -41,6 +42,7 @@ def ip(_private_ipython_dir: Path) -> InteractiveShell:
     from torch import nn
 
     shell: InteractiveShell = globalipapp.start_ipython() or globalipapp.get_ipython()  # None on a second call
+    shell.display_formatter.active_types = list(shell.display_formatter.format_types)
     shell.run_line_magic("load_ext", "gpumagic")
     shell.push({"torch": torch, "nn": nn, "F": F})
     return shell

@@ -36,6 +36,7 @@ def test_the_examples_are_there() -> None:
         "03_effective_batch.ipynb",
         "04_loader_built_earlier.ipynb",
         "05_colab_gpu.ipynb",
+        "06_plan_for_a_gpu.ipynb",
     ]
 
 
@@ -165,7 +166,8 @@ def test_every_gpumem_cell_shows_the_report(executed: Callable[[str], NotebookNo
 
     assert cells
     for cell in cells:
-        assert any("gpumagic memory report" in html(o) for o in cell.outputs), cell.source.splitlines()[0]
+        title = "gpumagic memory plan (dry run)" if "--dry-run" in cell.source else "gpumagic memory report"
+        assert any(title in html(o) for o in cell.outputs), cell.source.splitlines()[0]
 
 
 @pytest.mark.slow
@@ -177,7 +179,8 @@ def test_every_find_batch_cell_shows_the_widget_and_a_png(executed: Callable[[st
     assert cells
     for cell in cells:
         # the result's own bundle: tqdm's progress bar is a widget too, in an output of its own
-        bundles = [o.data for o in cell.outputs if "gpumagic batch-size search" in html(o)]
+        title = "gpumagic batch-size plan (dry run)" if "--dry-run" in cell.source else "gpumagic batch-size search"
+        bundles = [o.data for o in cell.outputs if title in html(o)]
         assert len(bundles) == 1, cell.source
         assert WIDGET in bundles[0]
         assert "image/png" in bundles[0]
@@ -199,7 +202,8 @@ def test_oom_cell_shows_the_advice_and_a_short_error(executed: Callable[[str], N
     advice = [html(o) for o in cell.outputs if "gpumagic-oom" in html(o)]
     assert error.ename == "OutOfMemoryError"
     assert len(advice) == 1
-    assert "Use batch size" in advice[0]
+    assert "Measure the batch size that fits" in advice[0]
+    assert "%find_batch --var batch_size -d cpu --budget 24MiB" in advice[0]
     assert "accumulation" in advice[0]
     assert "(full traceback: %tb)" in "\n".join(error.traceback)
 
@@ -210,7 +214,7 @@ def test_oom_notebook_returns_tensor_memory_to_the_baseline(executed: Callable[[
 
     held = re.search(r"still held by 'x'", "\n".join(html(o) for c in code_cells(nb) for o in c.outputs))
     difference = re.search(r"difference (-?\d+) bytes", text_of(nb))
-    assert held, "%gpumem --free names the batch the failed loop left in x"
+    assert not held, "the batch the failed loop bound to x is released"
     assert difference
     assert int(difference.group(1)) == 0
 
@@ -277,3 +281,19 @@ def test_colab_notebook_shows_a_real_oom_on_a_gpu(executed: Callable[[str], Note
     (error,) = errors(cell)
     assert "OutOfMemoryError" in error.ename
     assert any("gpumagic-oom" in html(o) for o in cell.outputs)
+
+
+@pytest.mark.slow
+def test_plan_notebook_picks_a_batch_for_each_gpu_and_leaves_the_namespace(
+    executed: Callable[[str], NotebookNode],
+) -> None:
+    nb = executed("06_plan_for_a_gpu.ipynb")
+    text = text_of(nb)
+    picks = re.findall(r"^(T4|A100-80GB): batch (\d+) of 512 tokens, planned peak", text, re.MULTILINE)
+
+    assert len(picks) == 2
+    assert 0 < int(picks[0][1]) < int(picks[1][1])
+    assert "False False" in text  # the planned cell's model and optimizer are not left behind
+    m = re.search(r"planned .+, measured .+ \(([+-][0-9.]+)%\)", text)
+    assert m is not None
+    assert abs(float(m.group(1))) <= 3.0

@@ -1,5 +1,7 @@
 """Checks that need a real accelerator; skipped cleanly without one (see conftest.py)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,3 +76,19 @@ def test_device_status_lists_totals_and_processes():
     assert st.total_bytes
     assert st.free_bytes is not None
     assert st.name
+
+
+def test_nccl_ranks_gather_their_reports_and_agree_on_a_batch_size(tmp_path):
+    from test_distributed import _run
+
+    n = torch.cuda.device_count()
+    if n < 1:
+        pytest.skip("needs CUDA for NCCL")
+    (tmp_path / "track").mkdir()
+    tracked = _run("track_mlp", ["2GiB"] * n, tmp_path / "track", device="cuda")
+    assert [r["rank"] for r in tracked[0]["report"]["ranks"]] == list(range(n))
+    assert all(r["device"] == f"cuda:{i}" for i, r in enumerate(tracked[0]["report"]["ranks"]))
+    found = _run("find_mlp", ["256MiB"] * n, tmp_path, device="cuda")
+    assert all("error" not in r for r in found), found
+    assert len({json.dumps(r["result"]["trials"]) for r in found}) == 1
+    assert all(r["restored"] and r["trained_after"] and r["grads_equal_across_ranks"] for r in found)

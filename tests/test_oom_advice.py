@@ -82,23 +82,49 @@ def first_batch(advice: Advice) -> int:
 # --- the batch size that fits ----------------------------------------------------------------------
 
 
-def test_fit_suggests_the_power_of_two_below_the_true_max() -> None:
+def test_fit_suggests_the_largest_size_within_the_margin_and_names_the_power_of_two_below() -> None:
     advice = advise(DEVICE.oom(1024), DEVICE.fit_context(batch_size=1024))
     assert advice.suggestions[0].kind == "batch_size"
-    assert first_batch(advice) == pow2_floor(DEVICE.true_max()) == 512
+    assert first_batch(advice) == 660  # 95% of 800 MiB: (760 - 100) / 1
     assert DEVICE.fits(first_batch(advice))
+    assert "the power of two below is 512" in advice.suggestions[0].detail
 
 
-def test_message_alone_suggests_a_batch_that_fits() -> None:
+def test_message_alone_gives_a_bound_never_a_size_to_use() -> None:
     advice = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024))
-    assert advice.fits_batch_size == pow2_floor(DEVICE.true_max())
-    assert DEVICE.fits(advice.fits_batch_size)
+    assert advice.fits_batch_size is None
+    first = advice.suggestions[0]
+    assert first.kind == "batch_size"
+    assert first.batch_size is None
+    assert "at most" in first.title
 
 
-def test_message_with_baseline_suggests_a_batch_that_fits() -> None:
-    advice = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024, baseline_bytes=DEVICE.fixed))
-    assert advice.fits_batch_size == 512
-    assert DEVICE.fits(advice.fits_batch_size)
+def test_message_with_a_measuring_command_suggests_measuring_first() -> None:
+    code = "%find_batch --var batch_size -d cpu --budget 800MiB"
+    advice = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024, baseline_bytes=DEVICE.fixed, measure_code=code))
+    first = advice.suggestions[0]
+    assert (first.kind, first.code, first.batch_size) == ("measure", code, None)
+    assert "at most" in first.detail
+    assert advice.fits_batch_size is None
+
+
+def test_a_lower_bound_close_to_the_upper_bound_is_the_size_to_use() -> None:
+    # a run that worked charged everything above the baseline to the batch: 1.05 MiB per sample
+    ctx = AdviceContext(batch_size=720, bytes_per_sample=1.05 * MiB, intercept_bytes=float(DEVICE.fixed),
+                        capacity_bytes=DEVICE.capacity, fit_source="run", measure_code="%find_batch --var b")
+    advice = advise(DEVICE.oom(720), ctx)  # failed in its last layer: at most 660 fit
+    first = advice.suggestions[0]
+    assert first.kind == "batch_size"
+    assert first.batch_size == 628
+    assert DEVICE.fits(628)
+
+
+def test_a_lower_bound_far_below_the_upper_bound_suggests_measuring() -> None:
+    ctx = AdviceContext(batch_size=1024, bytes_per_sample=3 * MiB, intercept_bytes=float(DEVICE.fixed),
+                        capacity_bytes=DEVICE.capacity, fit_source="run", measure_code="%find_batch --var b")
+    first = advise(DEVICE.oom(1024), ctx).suggestions[0]
+    assert first.kind == "measure"
+    assert "at least 220" in first.detail
 
 
 @pytest.mark.parametrize(
@@ -118,15 +144,10 @@ def test_fit_suggestion_fits_and_is_the_largest_power_of_two(device: Device) -> 
     assert not device.fits(2 * pick)
 
 
-def test_multiple_of_eight_stays_a_multiple_of_eight() -> None:
-    advice = advise(DEVICE.oom(1000), DEVICE.fit_context(batch_size=1000))
-    assert first_batch(advice) == 656  # 95% of 800 MiB fits 660 samples
-    assert DEVICE.fits(656)
-
-
 def test_step_that_failed_part_way_says_the_size_is_an_upper_bound() -> None:
     title = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024)).suggestions[0].title
-    assert title == "Use batch size 512 or less (now 1024)"
+    assert title.startswith("Use a smaller batch size: at most ")
+    assert title.endswith(" fit (now 1024)")
 
 
 def test_fixed_part_larger_than_the_device_says_no_batch_fits() -> None:
@@ -168,7 +189,7 @@ def test_real_training_under_a_budget_gets_a_batch_that_fits() -> None:
     assert info.simulated
     ctx = AdviceContext(batch_size=4096, bytes_per_sample=slope, intercept_bytes=intercept, capacity_bytes=budget)
     pick = first_batch(advise(info, ctx))
-    assert pick == 1024
+    assert 1024 < pick < 1400
     train(pick, budget)  # fits
     with pytest.raises(torch.OutOfMemoryError):
         train(2 * pick, budget)
@@ -190,8 +211,10 @@ def test_accumulation_counts_the_steps_already_used() -> None:
     device = Device(fixed=100 * MiB, per_sample=4 * MiB, capacity=800 * MiB)  # fits 165 -> 128
     advice = advise(device.oom(256), device.fit_context(batch_size=256, accumulation_steps=4))
     acc = next(s for s in advice.suggestions if s.kind == "accumulation")
-    assert (acc.batch_size, acc.accumulation_steps) == (128, 8)
-    assert "effective batch stays 1024" in acc.detail
+    assert acc.batch_size is not None
+    assert acc.accumulation_steps is not None
+    assert device.fits(acc.batch_size)
+    assert acc.batch_size * acc.accumulation_steps >= 1024
 
 
 @pytest.mark.parametrize(("optimizer", "rule"), [("AdamW", "square-root scaling"), ("SGD", "linear scaling")])
@@ -362,7 +385,7 @@ def test_holders_that_cover_the_shortfall_rank_first_with_code_to_free_them() ->
     advice = advise(DEVICE.oom(1024), ctx)
     top = advice.suggestions[0]
     assert top.kind == "holders"
-    assert top.title == "Free memory held by notebook variables (320.00 MiB)"
+    assert top.title == "Free memory held by notebook variables this cell does not use (320.00 MiB)"
     assert top.code is not None
     assert top.code.splitlines()[:2] == ["del old_model, cache  # keep what you still need", "import gc; gc.collect()"]
 
@@ -390,7 +413,7 @@ def test_host_memory_error_gets_host_advice_not_autocast() -> None:
 
 def test_jax_error_gets_no_torch_code() -> None:
     advice = advise(corpus("089"), AdviceContext(batch_size=32))  # XLA:TPU compile, 21.95G of 15.48G
-    assert advice.fits_batch_size == 16
+    assert advice.fits_batch_size == 21  # the figures state the whole need: 32 x 95% of 15.48G / 21.95G
     assert all(s.code is None for s in advice.suggestions)
 
 

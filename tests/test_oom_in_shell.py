@@ -93,24 +93,80 @@ def outer():
     assert all(r() is None for r in ip.user_ns["refs"])
 
 
-def test_following_the_suggested_batch_size_runs_without_oom(ip, setup):
+def test_following_suggestion_one_literally_runs_without_oom(ip, setup):
     # the usual notebook story: it ran at a small batch, then a large one ran out of memory
     ip.user_ns["batch_size"] = 128
     with capture_output():
         assert run(ip, "%%gpumem -d cpu --budget 6MiB -q\n" + LOOP).error_in_exec is None
     ip.user_ns["batch_size"] = 4096
-    with capture_output() as cap:
-        run(ip, "%%gpumem -d cpu --budget 6MiB\n" + LOOP)
-    import re
-
-    m = re.search(r"Use batch size (\d+)", shown(cap))
-    assert m, shown(cap)
-    b = int(m.group(1))
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 6MiB\n" + LOOP)
+    first = r.error_in_exec.advice.suggestions[0]
+    assert first.kind in ("batch_size", "measure")
+    if first.kind == "measure":
+        assert first.code == "%find_batch --var batch_size -d cpu --budget 6MiB"
+        with capture_output():
+            assert run(ip, first.code).error_in_exec is None
+        b = ip.magics_manager.registry["GPUMagics"].presenter.last_search.recommended_batch_size
+    else:
+        b = first.batch_size
     assert 128 < b < 4096
     ip.user_ns["batch_size"] = b
     with capture_output():
         r = run(ip, "%%gpumem -d cpu --budget 6MiB -q\n" + LOOP)
     assert r.error_in_exec is None, r.error_in_exec
+
+
+def test_the_measuring_command_reruns_the_failed_cell_from_a_plain_find_batch(ip, setup):
+    with capture_output():
+        run(ip, "%%gpumem -d cpu --budget 6MiB\n" + LOOP)
+        r = run(ip, "%find_batch --var batch_size -d cpu --budget 6MiB -o -q")
+    assert r.error_in_exec is None
+    assert r.result.recommended_batch_size is not None
+    assert ip.user_ns["batch_size"] == 4096  # the search put the namespace back
+
+
+def test_an_allocation_the_batch_does_not_drive_gets_advice_about_it_not_batch_advice(ip, clean_ns):
+    ip.user_ns["bs"] = 16
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 2MiB\nbig = torch.randn(4096, 4096)\n")
+    advice = r.error_in_exec.advice
+    first = advice.suggestions[0]
+    assert first.kind == "allocation"
+    assert "64.00 MiB" in first.title
+    assert "big = torch.randn(4096, 4096)" in first.detail
+    assert all(s.kind not in ("batch_size", "measure", "accumulation") for s in advice.suggestions)
+    assert "(now 16)" not in advice.text()
+
+
+def test_memory_held_by_names_the_cell_does_not_use_ranks_first_and_is_named(ip, setup):
+    run(ip, "old_cache = torch.empty(3 * 2**20, dtype=torch.uint8)")
+    ip.user_ns["batch_size"] = 600  # fits 6 MiB without old_cache
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 6MiB\n" + LOOP)
+    first = r.error_in_exec.advice.suggestions[0]
+    assert first.kind == "holders"
+    assert "old_cache" in first.detail
+
+
+def test_memory_held_by_names_the_cell_uses_never_ranks_first(ip, setup):
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 6MiB\n" + LOOP)
+    advice = r.error_in_exec.advice
+    assert advice.suggestions[0].kind != "holders"
+    assert "del data" not in advice.text()
+    assert "del model" not in advice.text()
+
+
+def test_a_batch_size_read_inside_a_function_from_an_earlier_cell_is_found(ip, setup):
+    run(ip, "def get_batch():\n    i = torch.randint(0, 4096, (batch_size,))\n"
+            "    return data.tensors[0][i], data.tensors[1][i]")
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 6MiB\nfor _ in range(2):\n    x, y = get_batch()\n"
+                    "    loss = F.cross_entropy(model(x), y)\n    opt.zero_grad(); loss.backward(); opt.step()\n")
+    first = r.error_in_exec.advice.suggestions[0]
+    assert first.kind == "measure"
+    assert first.code == "%find_batch --var batch_size -d cpu --budget 6MiB"
 
 
 def test_oom_in_a_plain_cell_is_translated_by_the_global_handler(ip, setup):
@@ -161,3 +217,13 @@ def test_advice_never_suggests_deleting_what_the_failing_cell_uses(ip, setup):
     assert "old_cache" in out
     assert "del model" not in out
     assert "del x" not in out
+
+
+def test_a_list_of_batches_built_earlier_gets_batch_advice_with_its_leading_dimension(ip, setup):
+    run(ip, "batches = list(zip(data.tensors[0].split(4096), data.tensors[1].split(4096)))")
+    with capture_output():
+        r = run(ip, "%%gpumem -d cpu --budget 6MiB\nfor x, y in batches:\n"
+                    "    loss = F.cross_entropy(model(x), y)\n    opt.zero_grad(); loss.backward(); opt.step()\n")
+    advice = r.error_in_exec.advice
+    assert advice.suggestions[0].kind == "batch_size"
+    assert "(now 4096)" in advice.suggestions[0].title

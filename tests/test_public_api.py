@@ -9,7 +9,7 @@ import gpumagic
 
 EXPECTED = {
     "Advice", "AdviceContext", "BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport",
-    "OOMInfo", "StepRecord", "Tracker", "Trial", "__version__", "advise", "device_status", "find_batch",
+    "OOMInfo", "RankRecord", "StepRecord", "Tracker", "Trial", "__version__", "advise", "device_status", "find_batch",
     "format_bytes", "free_memory", "load_ipython_extension", "parse_oom", "parse_size", "track",
     "unload_ipython_extension",
 }
@@ -33,14 +33,15 @@ def test_result_classes_are_frozen():
     import dataclasses
 
     for cls in (gpumagic.MemoryReport, gpumagic.StepRecord, gpumagic.BatchSearchResult, gpumagic.Trial,
-                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus):
+                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus, gpumagic.RankRecord):
         assert dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen, cls
 
 
 def test_core_modules_never_import_ipython():
     code = (
-        "import sys, gpumagic, gpumagic.tracking, gpumagic.batch, gpumagic.search, gpumagic.oom, gpumagic.devices;"
+        "import sys, gpumagic, gpumagic.tracking, gpumagic.batch, gpumagic.search, gpumagic.oom, gpumagic.devices,"
+        " gpumagic.distributed;"
         "print(sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

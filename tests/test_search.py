@@ -495,7 +495,7 @@ def test_effective_batch_not_divisible_pads_as_little_as_possible():
         ({"margin": -0.1}, "margin must be in [0, 0.5), got -0.1"),
         ({"start": 2, "min_size": 4}, "start must be >= min_size (4), got 2"),
         ({"start": 16, "max_size": 8}, "start must be <= max_size (8), got 16"),
-        ({"min_size": 8, "max_size": 4, "start": 8}, "max_size must be >= min_size (8), got 4"),
+        ({"min_size": 8, "max_size": 4, "start": 8}, "min_size (8) is larger than max_size (4)"),
         ({"min_size": 64, "start": 64, "dataset_size": 50}, "min_size must be <= dataset_size (50), got 64"),
         ({"start": 0}, "start must be >= 1, got 0"),
         ({"capacity_bytes": 0}, "capacity_bytes must be >= 1, got 0"),
@@ -556,3 +556,14 @@ def test_a_data_set_size_learned_during_the_trials_bounds_the_search():
     res = search(run, capacity_bytes=2**40, learn_dataset_size=lambda: learned[-1] if learned else None)
     assert res.max_batch_size == n
     assert all(t.batch_size <= n for t in res.trials)
+
+
+def test_when_the_reported_fit_differs_from_the_picks_line_a_note_says_why():
+    # the demo's MLP with Adam on 16 MiB: flat at small sizes, affine past a bend near 200
+    dev = Device(16 * MiB, hinge(5.92 * MiB, 5.11 * MiB, 4.26 * KiB), dataset=16384)
+    res = search(dev, capacity_bytes=16 * MiB, dataset_size=16384)
+    assert res.fit is not None
+    assert f"R² {res.fit.r2:.4f}" not in res.reason  # the pick's line is not `fit`
+    note = next(n for n in res.notes if n.startswith("two lines:"))
+    assert "past the bend" in note
+    assert "4.26 KiB/sample" in note

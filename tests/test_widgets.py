@@ -548,3 +548,24 @@ def test_readout_uses_square_root_scaling_for_adam_even_when_the_effective_batch
     )
     text = " ".join(search_readout(res, 300))
     assert "square-root" in text
+
+
+def test_the_advice_button_runs_the_measuring_command_in_place():
+    from gpumagic.oom import Advice, Suggestion
+    from gpumagic.widgets import advice_widget
+
+    code = "%find_batch --var batch_size -d cpu --budget 96MiB"
+    advice = Advice("Out of memory", (Suggestion("Measure the batch size that fits", "", "measure", code=code),))
+    ran = []
+    panel = advice_widget(advice, ran.append)
+    panel.button.click()
+    assert ran == [code]
+    assert panel.button.disabled
+
+
+def test_advice_without_a_measuring_command_has_no_button():
+    from gpumagic.oom import Advice, Suggestion
+    from gpumagic.widgets import advice_widget
+
+    advice = Advice("Out of memory", (Suggestion("Checkpoint activations", "", "checkpointing"),))
+    assert advice_widget(advice, print) is None

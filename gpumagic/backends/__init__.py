@@ -38,6 +38,8 @@ class MemorySession(Protocol):
     device: str
     """"cuda:0", "mps", "cpu"."""
     budget_bytes: int | None
+    incomplete: str | None
+    """Why the figures may miss something (an internal failure kept out of the user's code), else None."""
 
     @property
     def notes(self) -> list[str]:

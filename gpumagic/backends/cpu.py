@@ -27,9 +27,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpumagic._gcscan import instances_of
+from gpumagic._safe import describe
+from gpumagic._tensors import storages, unreadable_kind
 from gpumagic._units import format_size_torch
 
-__all__ = ["CPUSession", "compile_graphs_exist", "live_storages", "live_tracker_bytes", "simulated_oom_message"]
+__all__ = [
+    "CPUSession",
+    "compile_graphs_exist",
+    "live_storages",
+    "live_tracker_bytes",
+    "simulated_oom_message",
+    "unreadable_note",
+]
 
 _Tensor = torch.Tensor
 _SEQ = (tuple, list)
@@ -50,24 +59,41 @@ class _Ref(weakref.ref):  # type: ignore[type-arg]
     nbytes: int
 
 
-def live_storages(device_type: str = "cpu", exclude: Iterable[int] = ()) -> dict[int, Any]:
+def live_storages(
+    device_type: str = "cpu", exclude: Iterable[int] = (), unreadable: dict[str, int] | None = None
+) -> dict[int, Any]:
     """Every live tensor storage on ``device_type`` reachable as a Python tensor: data_ptr -> storage.
 
     One fast pass over the garbage collector's objects (:func:`gpumagic._gcscan.instances_of`).
+    Sparse tensors give their index and value storages; tensors whose memory cannot be read
+    (opaque, some subclasses) are counted by kind in ``unreadable`` when it is given.
     """
     excluded = set(exclude)
     found: dict[int, Any] = {}
     for t in instances_of((_Tensor,)):
         try:
-            if t.device.type != device_type or t.layout != torch.strided:
+            if t.device.type != device_type:
                 continue
-            st = t.untyped_storage()
-            key = st.data_ptr()
-        except Exception:  # sparse, fake and functional tensors, exotic subclasses
+            parts = storages(t)
+        except Exception:  # a subclass whose attributes raise: it cannot be read
+            parts = None
+        if parts is None:
+            if unreadable is not None:
+                kind = unreadable_kind(t)
+                unreadable[kind] = unreadable.get(kind, 0) + 1
             continue
-        if key and key not in excluded and key not in found and st.nbytes():
-            found[key] = st
+        for key, st in parts:
+            if key not in excluded and key not in found and st.nbytes():
+                found[key] = st
     return found
+
+
+def unreadable_note(counts: dict[str, int]) -> str | None:
+    """"not counted: 2 mkldnn tensors, 1 MyTensor tensor" (None when nothing was skipped)."""
+    if not counts:
+        return None
+    parts = [f"{n} {kind} tensor{'s' if n != 1 else ''}" for kind, n in sorted(counts.items())]
+    return "not counted: " + ", ".join(parts) + " (their memory cannot be read on cpu)"
 
 
 def simulated_oom_message(requested: int, allocated: int, budget: int) -> str:
@@ -131,15 +157,25 @@ class _Mode(TorchDispatchMode):
         if alias:
             return out
         s = self.s
-        if type(out) is _Tensor:
-            if out.is_cpu and s._add(out):
-                del out
-                s._raise_oom()
-        elif type(out) in _SEQ:
-            for o in out:
-                if type(o) is _Tensor and o.is_cpu and s._add(o):
-                    del o, out
-                    s._raise_oom()
+        try:  # free unless it raises: any error of ours degrades the report, never the user's op
+            if type(out) is _Tensor:
+                over = out.is_cpu and s._add(out)
+            elif type(out) in _SEQ:
+                over = False
+                for o in out:
+                    if isinstance(o, _Tensor) and o.is_cpu and (s._add(o) if type(o) is _Tensor else s._add_other(o)):
+                        over = True
+                        break
+            elif isinstance(out, _Tensor):  # a subclass: fake, a wrapper, ...
+                over = out.is_cpu and s._add_other(out)
+            else:
+                return out
+        except Exception as e:
+            s._fault(func, e)
+            return out
+        if over:
+            out = o = None  # the traceback keeps this frame: let the failed op's outputs go
+            s._raise_oom()
         return out
 
 
@@ -174,7 +210,8 @@ def _register_dynamo_skips() -> bool:
     except ImportError:
         return False
     strategy = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
-    for fn in (_Mode.__torch_dispatch__, CPUSession._add, CPUSession._free, CPUSession._raise_oom):
+    for fn in (_Mode.__torch_dispatch__, CPUSession._add, CPUSession._add_other, CPUSession._free,
+               CPUSession._raise_oom):
         set_code_exec_strategy(fn.__code__, strategy)
     return True
 
@@ -194,6 +231,8 @@ class CPUSession:
         self.device = "cpu"
         self.budget_bytes = budget
         self._notes: list[str] = []
+        self.incomplete: str | None = None
+        self._unreadable: dict[str, int] = {}
         self._limit = budget if budget is not None else math.inf
         self._exclude = set(exclude)
         self._refs: dict[int, _Ref] = {}
@@ -217,7 +256,10 @@ class CPUSession:
 
     def _add(self, t: torch.Tensor) -> bool:
         """Count t's storage if new. Returns True when it would exceed the budget."""
-        st = t.untyped_storage()
+        try:
+            st = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse, opaque: several buffers or none readable
+            return self._add_other(t)
         key = st.data_ptr()
         if key in self._refs or not key:
             return False
@@ -234,6 +276,38 @@ class CPUSession:
         if cur > self._wpeak:
             self._wpeak = cur
         return False
+
+    def _add_other(self, t: torch.Tensor) -> bool:
+        """Sparse tensors, subclasses and opaque tensors: count the buffers that can be read."""
+        parts = storages(t)
+        if parts is None:
+            kind = unreadable_kind(t)
+            self._unreadable[kind] = self._unreadable.get(kind, 0) + 1
+            self._note_unreadable()
+            return False
+        new = [(key, st, st.nbytes()) for key, st in parts if key not in self._refs]
+        n = sum(nb for _, _, nb in new)
+        if self._cur + n > self._limit:
+            self._pending = n
+            return True
+        for key, st, nb in new:
+            if key not in self._refs:  # two parts may share a buffer
+                self._watch(st, key, nb)
+        if self._cur > self._wpeak:
+            self._wpeak = self._cur
+        return False
+
+    def _note_unreadable(self) -> None:
+        note = unreadable_note(self._unreadable)
+        old = [n for n in self._notes if n.startswith("not counted: ")]
+        if old:
+            self._notes.remove(old[0])
+        if note is not None:
+            self._notes.append(note)
+
+    def _fault(self, func: Any, e: Exception) -> None:
+        if self.incomplete is None:
+            self.incomplete = f"the cpu tracker failed after {getattr(func, '__name__', func)}: {describe(e)}"
 
     def _raise_oom(self) -> None:
         assert self.budget_bytes is not None
@@ -254,6 +328,7 @@ class CPUSession:
     def start(self) -> int:
         if self._mode is not None:
             raise RuntimeError("this CPU session is already started")
+        # unreadable tensors made before the block are not named: they may be anyone's, anywhere
         for key, st in live_storages("cpu", self._exclude).items():
             self._watch(st, key, st.nbytes())
         self._wpeak = self._peak = self._cur

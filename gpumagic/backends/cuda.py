@@ -37,6 +37,8 @@ class CUDASession:
 
     backend = "cuda"
 
+    incomplete: str | None = None
+
     def __init__(self, index: int, budget: int | None = None, *, api: Any = None) -> None:
         self.index = index
         self.device = f"cuda:{index}"

@@ -35,6 +35,8 @@ class MPSSession:
 
     backend = "mps"
 
+    incomplete: str | None = None
+
     def __init__(self, budget: int | None = None, *, api: Any = None) -> None:
         if budget is not None:
             raise ValueError(

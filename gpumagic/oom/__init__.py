@@ -8,7 +8,8 @@ failures, also when wrapped by a terminal, quoted in an issue, or cut short.
 
 ``advise`` turns an ``OOMInfo`` and what the notebook knows (:class:`AdviceContext`) into an
 :class:`Advice`: ranked suggestions whose numbers are derived from those figures, and a list of
-what could not be derived.
+what could not be derived. ``last_advice()`` is the advice last shown after an error (the
+exception carries it too, as ``exc.advice``).
 
     >>> info = parse("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total "
     ...              "capacity; 6.64 GiB already allocated; 21.00 MiB free; 150.86 MiB cached)")
@@ -21,7 +22,7 @@ library and gpumagic's private modules are imported: no torch needed.
 
 from __future__ import annotations
 
-from gpumagic.oom._advice import Advice, AdviceContext, Suggestion, advise
+from gpumagic.oom._advice import Advice, AdviceContext, Suggestion, advise, last_advice
 from gpumagic.oom._parse import FIGURES, OOMInfo, parse
 
-__all__ = ["FIGURES", "Advice", "AdviceContext", "OOMInfo", "Suggestion", "advise", "parse"]
+__all__ = ["FIGURES", "Advice", "AdviceContext", "OOMInfo", "Suggestion", "advise", "last_advice", "parse"]

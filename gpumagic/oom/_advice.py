@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Final
 
-from gpumagic._batchmath import accumulation_plan, lr_note, round_like
+from gpumagic._batchmath import accumulation_plan, lr_note
 from gpumagic._units import format_bytes
 from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
 
-__all__ = ["Advice", "AdviceContext", "Suggestion", "advise"]
+__all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
 
 # ---------------------------------------------------------------------------------------------
 # Advice
@@ -28,6 +31,15 @@ class AdviceContext:
     ``bytes_per_sample``/``intercept_bytes``: a batch-size fit, peak(b) ≈ intercept + slope·b.
     ``holders``: names in the user namespace holding the most device memory. ``processes``: other
     processes on the GPU (pid, bytes, name).
+
+    ``fit_source`` says where the fit comes from: ``"search"`` (a batch-size search: its line is
+    trusted) or ``"run"`` (one run that worked: the line through its peak over-counts the bytes
+    per sample, so what it says fits is a lower bound); ``None`` trusts the fit as given.
+    ``batch_dependent``: False when the failing code reads no batch size (then no batch advice);
+    None when unknown. ``measure_code``: the command that measures the batch size that fits for
+    the failing code (``%find_batch --var batch_size -d cpu --budget 96MiB``), offered when no
+    size can be derived with confidence. ``released``: (name, bytes) of the names gpumagic
+    released after the error. ``where``: the failing line ("line 3 in the cell: x = ...").
     """
 
     batch_size: int | None = None
@@ -47,11 +59,26 @@ class AdviceContext:
     """The failing code only evaluates (no backward): no accumulation or checkpointing advice;
     ``%find_batch --eval`` finds the evaluation batch. ``batch_variable`` names the size it reads."""
     batch_variable: str | None = None
+    fit_source: str | None = None
+    batch_dependent: bool | None = None
+    measure_code: str | None = None
+    released: tuple[tuple[str, int], ...] = ()
+    where: str | None = None
+    rank: int | None = None
+    """The data-parallel rank that ran out of memory; by default this process's rank under
+    torch.distributed, or the rank a launcher's error message names."""
+    world_size: int | None = None
+    """Ranks training together (data parallel): batch sizes are per rank, the global batch is
+    per-rank size × world_size; by default torch.distributed's world size."""
 
 
 @dataclass(frozen=True)
 class Suggestion:
-    """One thing to try. ``kind`` names it for code ("batch_size", "fragmentation", ...)."""
+    """One thing to try. ``kind`` names it for code ("batch_size", "measure", "fragmentation", ...).
+
+    ``batch_size`` is set only on a size to use (never on an upper bound); a ``"measure"``
+    suggestion's ``code`` is the command that measures it.
+    """
 
     title: str
     detail: str
@@ -75,10 +102,26 @@ class Advice:
     unknown: tuple[str, ...] = ()
     fits_batch_size: int | None = None
     info: OOMInfo | None = field(default=None, repr=False, compare=False)
+    released: tuple[tuple[str, int], ...] = ()
+    """(name, bytes) of the names the failed cell bound that gpumagic released after the error."""
+
+    @property
+    def released_note(self) -> str | None:
+        """One line saying which names were released and how much they held, or None."""
+        if not self.released:
+            return None
+        names = ", ".join(f"`{n}`" for n, _ in self.released)
+        total = format_bytes(sum(b for _, b in self.released))
+        return (
+            f"Released {names} ({total}): names this cell bound that held device memory (outputs, the loss "
+            "and their autograd graph) are put back to their values before the cell, or deleted if they are new"
+        )
 
     def text(self) -> str:
         """Plain text: the headline, one line per suggestion (code for the first two), what is unknown."""
         lines = [self.headline]
+        if self.released_note:
+            lines.append(self.released_note)
         shown = 0
         for i, s in enumerate(self.suggestions, 1):
             lines.append(f"{i}. {s.title}: {s.detail}")
@@ -96,7 +139,9 @@ class Advice:
         return f"<Advice: {self.headline} ({len(self.suggestions)} suggestions)>"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.text())
+        from gpumagic._text import wrap_block
+
+        p.text(wrap_block(self.text(), code_indent=5))  # a terminal: prose within its width, code whole
 
     def _repr_html_(self) -> str:
         items = []
@@ -104,9 +149,10 @@ class Advice:
             code = f'<pre style="margin:2px 0 4px 0">{escape(s.code)}</pre>' if s.code else ""
             items.append(f"<li><b>{escape(s.title)}</b>: {escape(s.detail)}{code}</li>")
         unknown = f'<div style="opacity:0.7">Unknown: {escape("; ".join(self.unknown))}.</div>' if self.unknown else ""
+        released = f"<div>{escape(self.released_note)}</div>" if self.released_note else ""
         return (
             '<div class="gpumagic-oom" style="font-size:13px">'
-            f"<div><b>{escape(self.headline)}</b></div>"
+            f"<div><b>{escape(self.headline)}</b></div>{released}"
             f'<ol style="margin:4px 0;padding-left:22px">{"".join(items)}</ol>{unknown}</div>'
         )
 
@@ -174,79 +220,129 @@ def _facts(info: OOMInfo | None, ctx: AdviceContext) -> _Facts:
     return f
 
 
-def _form_note(b: int | None, exact: int, pick: int) -> str:
-    if b is None or pick == exact:
-        return ""
-    if b & (b - 1) == 0:
-        return f"; {pick} is the power of two below"
-    return f"; {pick} keeps the form of {b}"
+_TIGHT: Final = 0.8
+"""A lower bound within this share of the upper bound is close enough to be the size to use."""
 
 
-def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Suggestion | None:
-    """The batch size that should fit: from the batch-size fit when there is one, else in proportion."""
+def _exact_fit(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> tuple[int | None, str, Suggestion | None]:
+    """(largest batch the fit says fits, how, or a suggestion when even batch 1 does not fit)."""
+    fb = format_bytes
+    slope, intercept = ctx.bytes_per_sample, ctx.intercept_bytes
+    if slope is None or intercept is None or slope <= 0:
+        return None, "", None
+    if f.usable is None:
+        unknown.append("the capacity to fit the batch into (no figure in the error; pass capacity_bytes)")
+        return None, "", None
+    room = f.usable * _MARGIN
+    if room - intercept < slope:
+        return None, "", Suggestion(
+            "Even batch 1 does not fit",
+            f"the fit's fixed part, {fb(round(intercept))}, plus {fb(round(slope))} per sample exceeds "
+            f"{fb(round(room))} (95% of {f.usable_how}): free memory first",
+            "batch_size",
+        )
+    exact = int((room - intercept) // slope)
+    how = f"peak ≈ {fb(round(intercept))} + {fb(round(slope))} per sample, so up to {exact} samples fit in " \
+          f"{fb(round(room))} (95% of {f.usable_how})"
+    return exact, how, None
+
+
+def _upper_bound(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> tuple[int | None, str, Suggestion | None]:
+    """(batch size from the error's figures, scaled in proportion, how; or a no-batch-fits suggestion)."""
     fb = format_bytes
     b = ctx.batch_size
-    now = f" (now {b})" if b is not None else ""
-    slope, intercept = ctx.bytes_per_sample, ctx.intercept_bytes
-    if slope is not None and intercept is not None and slope > 0:
-        if f.usable is None:
-            unknown.append("the capacity to fit the batch into (no figure in the error; pass capacity_bytes)")
-            return None
-        room = f.usable * _MARGIN
-        if room - intercept < slope:
-            return Suggestion(
-                "Even batch 1 does not fit",
-                f"the fit's fixed part, {fb(round(intercept))}, plus {fb(round(slope))} per sample exceeds "
-                f"{fb(round(room))} (95% of {f.usable_how}): free memory first",
-                "batch_size",
-            )
-        exact = int((room - intercept) // slope)
-        pick = round_like(exact, b)
-        return Suggestion(
-            f"Use batch size {pick}{now}",
-            f"peak ≈ {fb(round(intercept))} + {fb(round(slope))} per sample, so up to {exact} samples fit in "
-            f"{fb(round(room))} (95% of {f.usable_how}){_form_note(b, exact, pick)}",
-            "batch_size",
-            batch_size=pick,
-        )
     if b is None:
         unknown.append("the batch size in use (pass batch_size, or name it `batch_size` in the notebook)")
-        return None
+        return None, "", None
     if f.needed is None:
         unknown.append("how much the failing step needed (the error gives no allocated or requested figure)")
     if f.usable is None:
         unknown.append("how much memory is usable (the error gives no capacity or free figure)")
     if f.needed is None or f.usable is None:
-        return None
+        return None, "", None
     fixed = f.fixed if f.fixed is not None else 0.0
     room = f.usable * _MARGIN
     if room <= fixed:
-        return Suggestion(
+        return None, "", Suggestion(
             "Free memory first: no batch size fits",
             f"{f.fixed_how} ({fb(round(fixed))}) already fills 95% of {f.usable_how} ({fb(round(room))})",
             "batch_size",
         )
     if f.needed <= room:
-        return None  # the figures say this batch fits: the cause is elsewhere (fragmentation, others)
+        return None, "", None  # the figures say this batch fits: the cause is elsewhere
     exact = max(1, math.floor(b * (room - fixed) / (f.needed - fixed)))
-    pick = round_like(exact, b)
     more = "more than " if f.needed_is_lower_bound else ""
     if f.fixed is None:
         unknown.append("how much memory does not grow with the batch (no baseline or fit)")
         assume = " if all memory grows with the batch"
     else:
         assume = f", keeping {f.fixed_how} ({fb(round(fixed))}) fixed"
-    bound = "at most " if f.needed_is_lower_bound else ""
-    detail = (
+    how = (
         f"batch {b} needed {more}{fb(f.needed)} ({f.needed_how}) of {fb(f.usable)} usable ({f.usable_how}); "
-        f"scaled to 95% of that: {bound}{exact} samples{assume}{_form_note(b, exact, pick)}"
+        f"scaled to 95% of that: {exact} samples{assume}"
     )
-    title = f"Use batch size {pick}{now}"
-    if f.needed_is_lower_bound:
-        # The step failed part-way: what it needed in all is more than the figures show.
-        title = f"Use batch size {pick} or less{now}"
-        detail += "; `%find_batch` measures the exact size"
-    return Suggestion(title, detail, "batch_size", batch_size=pick)
+    return exact, how, None
+
+
+def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Suggestion | None:
+    """The batch size to use when it can be derived with confidence, else the command that measures it.
+
+    Confident: a trusted fit (a batch-size search), figures that state the whole need, or a lower
+    bound (a run that worked, whose line over-counts per sample) within 80% of the upper bound the
+    failure gives. An upper bound alone is shown as a bound, never as the size to use.
+    """
+    if ctx.batch_dependent is False:
+        return None
+    b = ctx.batch_size
+    now = f" (now {b})" if b is not None else ""
+    fit, fit_how, stop = _exact_fit(ctx, f, unknown)
+    if stop is not None:
+        return stop
+    upper, upper_how, stop = _upper_bound(ctx, f, [] if fit is not None else unknown)
+    if fit is not None and ctx.fit_source != "run":
+        return Suggestion(f"Use batch size {fit}{now}", fit_how + _form_note(b, fit), "batch_size", batch_size=fit)
+    if stop is not None:
+        return stop
+    lower = fit
+    if lower is not None and ((b is not None and lower >= b) or (upper is not None and lower > upper)):
+        lower = None  # the earlier run's line contradicts this failure: it does not describe this run
+    if upper is not None and not f.needed_is_lower_bound:
+        detail = upper_how + _form_note(b, upper)
+        return Suggestion(f"Use batch size {upper}{now}", detail, "batch_size", batch_size=upper)
+    if lower is not None and upper is not None and lower >= _TIGHT * upper:
+        detail = f"{fit_how}, by a line through the peak of a run that worked at a smaller size (a lower " \
+                 f"bound); the failure allows at most {upper}" + _form_note(b, lower)
+        return Suggestion(f"Use batch size {lower}{now}", detail, "batch_size", batch_size=lower)
+    fb = format_bytes
+    bounds = []
+    if lower is not None and ctx.bytes_per_sample is not None:
+        bounds.append(f"at least {lower} (a run that worked at a smaller size: at most "
+                      f"{fb(round(ctx.bytes_per_sample))} per sample)")
+    if upper is not None and f.needed is not None:
+        bounds.append(f"at most {upper} (batch {b} needed more than {fb(f.needed)}; the step failed part-way)")
+    known = ("samples fit: " + " and ".join(bounds)) if bounds else "the figures give no size"
+    if ctx.measure_code:
+        return Suggestion(
+            "Measure the batch size that fits", f"{known}. This tries a few sizes of the failed cell on the same "
+            "device and budget, puts the model and data back, and recommends a size",
+            "measure", code=ctx.measure_code,
+        )
+    if lower is not None:
+        return Suggestion(f"Use batch size {lower}{now}", "; ".join(bounds), "batch_size", batch_size=lower)
+    if upper is not None:
+        return Suggestion(
+            f"Use a smaller batch size: at most {upper} fit{now}",
+            f"{known}; `%find_batch --var NAME` measures the size that fits", "batch_size",
+        )
+    return None
+
+
+def _form_note(b: int | None, exact: int) -> str:
+    if b is None:
+        return ""
+    if b & (b - 1) == 0 and exact > 1:
+        return f"; the power of two below is {1 << (exact.bit_length() - 1)}"
+    return ""
 
 
 _ACCUMULATION_CODE: Final = """\
@@ -258,12 +354,25 @@ for i, (x, y) in enumerate(loader):  # DataLoader(..., batch_size={micro})
         optimizer.zero_grad()"""
 
 
-def _accumulation_suggestion(ctx: AdviceContext, fits: int, torch_code: bool) -> Suggestion | None:
+def _accumulation_suggestion(ctx: AdviceContext, fits: int | None, torch_code: bool) -> Suggestion | None:
     """Keep the effective batch: micro-batches that fit, gradients accumulated over k steps."""
     effective = ctx.effective_batch_size
     if effective is None and ctx.batch_size is not None:
         effective = ctx.batch_size * (ctx.accumulation_steps or 1)
-    if effective is None or fits < 1 or fits >= effective:
+    if effective is None or effective <= 1:
+        return None
+    if fits is None:
+        # no micro-batch is known to fit: the search finds it, with the accumulation steps
+        if not (ctx.measure_code and ctx.measure_code.startswith("%find_batch")):
+            return None
+        return Suggestion(
+            f"Keep the effective batch {effective} with gradient accumulation",
+            "the search finds the largest micro-batch that fits and the accumulation steps that reach "
+            f"{effective}, with the learning-rate rule",
+            "accumulation",
+            code=f"{ctx.measure_code} --effective {effective}",
+        )
+    if fits < 1 or fits >= effective:
         return None
     micro, k = accumulation_plan(effective, fits)
     return Suggestion(
@@ -323,12 +432,28 @@ def _others(info: OOMInfo | None, ctx: AdviceContext) -> tuple[list[_Proc], str]
 _NVIDIA_SMI: Final = "!nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv"
 
 
-def _process_suggestion(
-    info: OOMInfo | None, ctx: AdviceContext, shortfall: int | None
-) -> tuple[Suggestion | None, int]:
+@dataclass(frozen=True)
+class _In:
+    """What every rule reads."""
+
+    info: OOMInfo | None
+    ctx: AdviceContext
+    facts: _Facts
+    shortfall: int | None
+    torch_code: bool
+    batch: Suggestion | None
+    fits: int | None
+
+
+_Made = tuple[Suggestion, bool] | None
+
+
+def _process_rule(x: _In) -> _Made:
+    """Memory other processes hold; strong when it alone covers the shortfall."""
+    info, ctx, shortfall = x.info, x.ctx, x.shortfall
     procs, note = _others(info, ctx)
     if not procs:
-        return None, 0
+        return None
     fb = format_bytes
     total = sum(n for _, n, _ in procs)
     if procs[0][0] is None:
@@ -345,30 +470,39 @@ def _process_suggestion(
     helps = shortfall is not None and 0 < shortfall <= total
     if helps and shortfall is not None:
         detail += f"; the allocation was short by {fb(shortfall)}"
-    return Suggestion(title, detail, "other_processes", code=_NVIDIA_SMI), 85 if helps else 45
+    return Suggestion(title, detail, "other_processes", code=_NVIDIA_SMI), helps
 
 
-def _limit_suggestion(info: OOMInfo | None, f: _Facts) -> tuple[Suggestion | None, int]:
-    """A memory fraction (CUDA, HIP, XPU) or the MPS high watermark that stopped the allocation."""
-    if info is None or info.max_allowed is None:
-        return None, 0
+def _mps_limit_rule(x: _In) -> _Made:
+    """The MPS high watermark that stopped the allocation."""
+    info = x.info
+    if info is None or info.max_allowed is None or info.kind != "mps":
+        return None
     fb = format_bytes
     limit = info.max_allowed
-    if info.kind == "mps":
-        used = (info.mps_allocated or 0) + (info.other_allocations or 0) + (info.tried_to_allocate or 0)
-        factor = ", at the limit" if used >= 0.99 * limit else ""  # printed figures are rounded
-        if used > limit > 0:
-            factor = ", just over it" if used < 1.01 * limit else f", {used / limit:.2f}× it: raise the ratio by that"
-        detail = (
-            f"MPS refuses allocations past its high watermark, {fb(limit)}; this one needed {fb(used)}{factor}. "
-            "Set PYTORCH_MPS_HIGH_WATERMARK_RATIO before torch first uses mps (restart the kernel); "
-            "0.0 removes the limit, and macOS may then swap or freeze"
-        )
-        code = "%env PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0"
-        return Suggestion("Raise the MPS memory limit", detail, "limit", code=code), 65
+    used = (info.mps_allocated or 0) + (info.other_allocations or 0) + (info.tried_to_allocate or 0)
+    factor = ", at the limit" if used >= 0.99 * limit else ""  # printed figures are rounded
+    if used > limit > 0:
+        factor = ", just over it" if used < 1.01 * limit else f", {used / limit:.2f}× it: raise the ratio by that"
+    detail = (
+        f"MPS refuses allocations past its high watermark, {fb(limit)}; this one needed {fb(used)}{factor}. "
+        "Set PYTORCH_MPS_HIGH_WATERMARK_RATIO before torch first uses mps (restart the kernel); "
+        "0.0 removes the limit, and macOS may then swap or freeze"
+    )
+    code = "%env PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0"
+    return Suggestion("Raise the MPS memory limit", detail, "limit", code=code), True
+
+
+def _limit_rule(x: _In) -> _Made:
+    """A memory fraction (CUDA, HIP, XPU) that stopped the allocation; strong when it binds."""
+    info, f = x.info, x.facts
+    if info is None or info.max_allowed is None or info.kind == "mps":
+        return None
+    fb = format_bytes
+    limit = info.max_allowed
     total = info.total_capacity
     if total is None or limit >= total:
-        return None, 0
+        return None
     fraction = limit / total
     mod = "xpu" if info.device_type == "xpu" else "cuda"
     detail = f"a memory fraction of {fraction:.2f} caps PyTorch at {fb(limit)} of {fb(total)}"
@@ -378,18 +512,17 @@ def _limit_suggestion(info: OOMInfo | None, f: _Facts) -> tuple[Suggestion | Non
         detail += f"; {fb(f.needed)} needs at least {target:.2f}"
         code = f"torch.{mod}.set_per_process_memory_fraction({target:.2f})"
     binding = info.allocated_by_pytorch is None or info.free is None or limit < info.allocated_by_pytorch + info.free
-    return Suggestion(f"Raise the memory fraction ({fraction:.2f} now)", detail, "limit", code=code), (
-        100 if binding else 40
-    )
+    return Suggestion(f"Raise the memory fraction ({fraction:.2f} now)", detail, "limit", code=code), binding
 
 
-def _fragmentation_suggestion(info: OOMInfo | None) -> tuple[Suggestion | None, int]:
+def _fragmentation_rule(x: _In) -> _Made:
     """Reserved-but-unallocated memory the caching allocator could not hand out as one block."""
+    info = x.info
     if info is None or info.device_type not in ("cuda", "hip") or info.kind == "cuda_malloc_async":
-        return None, 0
+        return None
     unalloc, reserved = info.reserved_unallocated, info.reserved_total
     if unalloc is None or reserved is None or not (unalloc > 0.2 * reserved or unalloc > GiB):
-        return None, 0
+        return None
     fb = format_bytes
     var = "PYTORCH_HIP_ALLOC_CONF" if info.device_type == "hip" else "PYTORCH_CUDA_ALLOC_CONF"
     strong = info.tried_to_allocate is not None and unalloc >= info.tried_to_allocate
@@ -399,82 +532,166 @@ def _fragmentation_suggestion(info: OOMInfo | None) -> tuple[Suggestion | None, 
         f"segments grow blocks instead of splitting them. {var} must be set before CUDA starts: restart the kernel"
     )
     code = f'import os\nos.environ["{var}"] = "expandable_segments:True"  # first cell, before importing torch'
-    return Suggestion("Avoid fragmentation with expandable segments", detail, "fragmentation", code=code), (
-        90 if strong else 40
-    )
+    return Suggestion("Avoid fragmentation with expandable segments", detail, "fragmentation", code=code), strong
 
 
-def _holders_suggestion(
-    info: OOMInfo | None, ctx: AdviceContext, shortfall: int | None
-) -> tuple[Suggestion | None, int]:
-    """Memory held by names from earlier cells (or before the cell, when no names are known)."""
+def _holders_rule(x: _In) -> _Made:
+    """Memory held by names from earlier cells that the failing cell does not use; strong when it
+    alone covers the shortfall (only such names are listed: what the cell uses cannot be freed)."""
+    info, ctx, shortfall = x.info, x.ctx, x.shortfall
     fb = format_bytes
     held = sorted(ctx.holders, key=lambda h: -h[1])
-    if not held and not ctx.baseline_bytes:
-        return None, 0
-    if held:
-        top = held[:5]
-        total = sum(n for _, n in held)
-        more = f", and {len(held) - 5} more" if len(held) > 5 else ""
-        title = f"Free memory held by notebook variables ({fb(total)})"
-        detail = ", ".join(f"{name}: {fb(n)}" for name, n in top) + more + "; delete the ones you no longer need"
-        lines = [f"del {', '.join(name for name, _ in top)}  # keep what you still need", "import gc; gc.collect()"]
-        device_type = None if info is None or info.simulated else info.device_type
-        if device_type in ("cuda", "hip"):
-            lines.append("torch.cuda.empty_cache()")
-        elif device_type in ("mps", "xpu"):
-            lines.append(f"torch.{device_type}.empty_cache()")
-        code = "\n".join(lines)
-    else:
-        total = ctx.baseline_bytes or 0
-        title = f"Free memory held before this cell ({fb(total)})"
-        detail = "models and data from earlier cells; `%gpumem --free` collects garbage and shows which names hold it"
-        code = "%gpumem --free"
+    if not held:
+        return None
+    top = held[:5]
+    total = sum(n for _, n in held)
+    more = f", and {len(held) - 5} more" if len(held) > 5 else ""
+    title = f"Free memory held by notebook variables this cell does not use ({fb(total)})"
+    detail = ", ".join(f"{name}: {fb(n)}" for name, n in top) + more + "; delete the ones you no longer need"
+    lines = [f"del {', '.join(name for name, _ in top)}  # keep what you still need", "import gc; gc.collect()"]
+    device_type = None if info is None or info.simulated else info.device_type
+    if device_type in ("cuda", "hip"):
+        lines.append("torch.cuda.empty_cache()")
+    elif device_type in ("mps", "xpu"):
+        lines.append(f"torch.{device_type}.empty_cache()")
     helps = shortfall is not None and 0 < shortfall <= total
     if helps and shortfall is not None:
         detail += f"; the allocation was short by {fb(shortfall)}"
-    return Suggestion(title, detail, "holders", code=code), 80 if helps else 50
+    return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
 
 
-def _precision_suggestions(
-    info: OOMInfo | None, ctx: AdviceContext, unknown: list[str], torch_code: bool
-) -> list[Suggestion]:
-    """Autocast and activation checkpointing, with the saving when the activation size is known."""
-    fb = format_bytes
-    device_type = "cuda" if info is None or info.device_type in (None, "hip") else info.device_type
+def _held_before_rule(x: _In) -> _Made:
+    """Memory held before the cell when no names are known: the model and data the cell may use."""
+    ctx = x.ctx
+    if ctx.holders or not ctx.baseline_bytes:
+        return None
+    return Suggestion(
+        f"Free memory held before this cell ({format_bytes(ctx.baseline_bytes)})",
+        "models and data from earlier cells, which this cell may be using; `%gpumem --free` collects "
+        "garbage and shows which names hold it",
+        "holders",
+        code="%gpumem --free",
+    ), False
+
+
+def _mixed_precision_rule(x: _In) -> _Made:
+    """Autocast, with the saving when the activation size is known."""
+    info, ctx = x.info, x.ctx
+    if _is_host(info) or ctx.mixed_precision is True or ctx.batch_dependent is False:
+        return None
     act = ctx.activation_bytes
-    if not act:
-        unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
-    out = []
-    if ctx.mixed_precision is not True:
-        saving = f"about {fb(act // 2)}" if act else "about half of the activations (their size is unknown)"
-        out.append(
-            Suggestion(
-                "Use mixed precision (autocast)" if torch_code else "Use mixed precision",
-                f"16-bit activations save {saving}; bfloat16 where the hardware has it, float16 with a GradScaler",
-                "mixed_precision",
-                code=(
-                    f'with torch.autocast(device_type="{device_type}", dtype=torch.bfloat16):\n'
-                    "    loss = loss_fn(model(x), y)\nloss.backward()"
-                    if torch_code
-                    else None
-                ),
-            )
-        )
-    saving = f"most of the {fb(act)} of activations" if act else "an unknown part of the activations"
-    out.append(
-        Suggestion(
-            "Checkpoint activations",
-            f"recompute them in backward instead of keeping them: saves {saving}, for about 30% more compute",
-            "checkpointing",
-            code=(
-                "from torch.utils.checkpoint import checkpoint\nh = checkpoint(block, h, use_reentrant=False)"
-                if torch_code
-                else None
-            ),
-        )
+    device_type = "cuda" if info is None or info.device_type in (None, "hip") else info.device_type
+    saving = f"about {format_bytes(act // 2)}" if act else "about half of the activations (their size is unknown)"
+    # evaluation has no backward: autocast wraps the forward alone, and no GradScaler is needed
+    scaler = ", or float16" if ctx.evaluation else ", float16 with a GradScaler"
+    body = "    out = model(x)" if ctx.evaluation else "    loss = loss_fn(model(x), y)\nloss.backward()"
+    return Suggestion(
+        "Use mixed precision (autocast)" if x.torch_code else "Use mixed precision",
+        f"16-bit activations save {saving}; bfloat16 where the hardware has it{scaler}",
+        "mixed_precision",
+        code=(
+            f'with torch.autocast(device_type="{device_type}", dtype=torch.bfloat16):\n' + body
+            if x.torch_code
+            else None
+        ),
+    ), False
+
+
+def _checkpointing_rule(x: _In) -> _Made:
+    """Activation checkpointing: recompute in backward instead of keeping."""
+    if _is_host(x.info) or x.ctx.batch_dependent is False or x.ctx.evaluation:  # no backward: nothing to recompute
+        return None
+    act = x.ctx.activation_bytes
+    saving = f"most of the {format_bytes(act)} of activations" if act else "an unknown part of the activations"
+    return Suggestion(
+        "Checkpoint activations",
+        f"recompute them in backward instead of keeping them: saves {saving}, for about 30% more compute",
+        "checkpointing",
+        code=(
+            "from torch.utils.checkpoint import checkpoint\nh = checkpoint(block, h, use_reentrant=False)"
+            if x.torch_code
+            else None
+        ),
+    ), False
+
+
+def _generic_batch_rule(x: _In) -> _Made:
+    """A smaller batch when nothing better is known and the batch may be the cause."""
+    ctx, f = x.ctx, x.facts
+    if x.batch is not None or ctx.batch_dependent is False:
+        return None
+    if f.needed is not None and f.usable is not None and f.needed <= f.usable * _MARGIN:
+        return None  # the figures say the need fits: the cause is elsewhere
+    now = f" (now {ctx.batch_size})" if ctx.batch_size is not None else ""
+    if ctx.measure_code:
+        return Suggestion(
+            f"Measure the batch size that fits{now}",
+            "the figures to compute one are missing; this measures the largest that fits",
+            "measure", code=ctx.measure_code,
+        ), False
+    return Suggestion(
+        f"Use a smaller batch size{now}",
+        "the figures to compute one are missing; `%find_batch` measures the largest that fits",
+        "batch_size",
+    ), False
+
+
+def _allocation_rule(x: _In) -> _Made:
+    """One allocation that the batch size does not drive, or that cannot fit on its own."""
+    info, ctx, f = x.info, x.ctx, x.facts
+    tried = info.tried_to_allocate if info is not None else None
+    if tried is None or _is_host(info):
+        return None
+    alone = f.usable is not None and tried > f.usable * _MARGIN
+    if ctx.batch_dependent or (ctx.batch_dependent is None and not alone):
+        return None  # the batch may drive this allocation: batch advice covers it
+    fb = format_bytes
+    where = f" ({ctx.where})" if ctx.where else ""
+    if alone and f.usable is not None:
+        why = f"on its own it is more than the {fb(f.usable)} usable ({f.usable_how})"
+    else:
+        free = info.free if info is not None else None
+        why = (f"only {fb(free)} was free" if free is not None else "it did not fit") + \
+            "; the code reads no batch size, so a smaller batch will not help"
+    detail = (
+        f"{fb(tried)} requested at once{where}: {why}. Make that tensor smaller (its shape), store it in "
+        "16 bits (half the bytes), or keep it on the CPU and move parts of it to the device"
     )
-    return out
+    return Suggestion(f"Make the {fb(tried)} allocation fit", detail, "allocation"), True
+
+
+def _cuda_error_rule(x: _In) -> _Made:
+    """Errors from CUDA or its libraries, not from PyTorch's allocator, state no figures."""
+    info = x.info
+    if info is None or info.kind not in _NO_FIGURES:
+        return None
+    who = {"cublas": "cuBLAS could not allocate its workspace", "cudnn": "cuDNN could not allocate its workspace"}
+    detail = who.get(info.kind, "CUDA itself could not allocate (context, library or kernel memory)")
+    detail += ", outside PyTorch's caching allocator: the GPU was already full, often because of another process"
+    code = _NVIDIA_SMI
+    if info.kind == "cudnn":
+        detail += "; cudnn.benchmark tries workspace-hungry algorithms"
+        code += "\ntorch.backends.cudnn.benchmark = False"
+    return Suggestion("See what fills the GPU", detail, "cuda_error", code=code), True
+
+
+def _host_rule(x: _In) -> _Made:
+    info = x.info
+    if not _is_host(info):
+        return None
+    tried = info.tried_to_allocate if info is not None else None
+    what = f"{format_bytes(tried)} could not be allocated in RAM" if tried else "RAM ran out"
+    return Suggestion(
+        "Use less host memory",
+        f"{what}: load data lazily or memory-mapped, use fewer DataLoader workers (each holds a copy of the "
+        "dataset object and its prefetched batches) and pin_memory=False",
+        "host_memory",
+        code="DataLoader(dataset, batch_size=..., num_workers=2, pin_memory=False)",
+    ), True
+
+
+def _batch_rule(x: _In) -> _Made:
+    return (x.batch, True) if x.batch is not None else None
 
 
 def _evaluation_suggestion(ctx: AdviceContext) -> Suggestion:
@@ -490,39 +707,62 @@ def _evaluation_suggestion(ctx: AdviceContext) -> Suggestion:
     )
 
 
-def _generic_batch_suggestion(ctx: AdviceContext) -> Suggestion:
-    now = f" (now {ctx.batch_size})" if ctx.batch_size is not None else ""
-    return Suggestion(
-        f"Use a smaller batch size{now}",
-        "the figures to compute one are missing; `%find_batch` measures the largest that fits",
-        "batch_size",
-    )
+def _evaluation_rule(x: _In) -> _Made:
+    """An evaluation cell (no backward): its own batch, found with ``--eval``, instead of accumulation."""
+    return (_evaluation_suggestion(x.ctx), True) if x.ctx.evaluation else None
 
 
-def _cuda_error_suggestion(info: OOMInfo | None) -> Suggestion | None:
-    """Errors from CUDA or its libraries, not from PyTorch's allocator, state no figures."""
-    if info is None or info.kind not in _NO_FIGURES:
+def _accumulation_rule(x: _In) -> _Made:
+    if x.ctx.evaluation:  # no gradients to accumulate
         return None
-    who = {"cublas": "cuBLAS could not allocate its workspace", "cudnn": "cuDNN could not allocate its workspace"}
-    detail = who.get(info.kind, "CUDA itself could not allocate (context, library or kernel memory)")
-    detail += ", outside PyTorch's caching allocator: the GPU was already full, often because of another process"
-    code = _NVIDIA_SMI
-    if info.kind == "cudnn":
-        detail += "; cudnn.benchmark tries workspace-hungry algorithms"
-        code += "\ntorch.backends.cudnn.benchmark = False"
-    return Suggestion("See what fills the GPU", detail, "cuda_error", code=code)
+    acc = _accumulation_suggestion(x.ctx, x.fits, x.torch_code)
+    return (acc, True) if acc is not None else None
 
 
-def _host_suggestion(info: OOMInfo | None) -> Suggestion:
-    tried = info.tried_to_allocate if info is not None else None
-    what = f"{format_bytes(tried)} could not be allocated in RAM" if tried else "RAM ran out"
-    return Suggestion(
-        "Use less host memory",
-        f"{what}: load data lazily or memory-mapped, use fewer DataLoader workers (each holds a copy of the "
-        "dataset object and its prefetched batches) and pin_memory=False",
-        "host_memory",
-        code="DataLoader(dataset, batch_size=..., num_workers=2, pin_memory=False)",
-    )
+@dataclass(frozen=True)
+class _Rule:
+    """One advice rule: its suggestion scores ``strong`` when it alone addresses the failure (it
+    covers the shortfall, or the limit it names is what stopped the allocation), else ``weak``."""
+
+    make: Callable[[_In], _Made]
+    strong: int
+    weak: int
+
+
+# Every rule and its scores, in one place; the advice lists suggestions by score (ties keep this order).
+_RULES: Final[tuple[_Rule, ...]] = (
+    _Rule(_limit_rule, strong=100, weak=40),
+    _Rule(_allocation_rule, strong=95, weak=95),
+    _Rule(_fragmentation_rule, strong=90, weak=40),
+    _Rule(_process_rule, strong=85, weak=45),
+    _Rule(_holders_rule, strong=80, weak=50),
+    _Rule(_batch_rule, strong=70, weak=70),
+    _Rule(_accumulation_rule, strong=69, weak=69),
+    _Rule(_evaluation_rule, strong=69, weak=69),
+    _Rule(_mps_limit_rule, strong=65, weak=65),
+    _Rule(_cuda_error_rule, strong=60, weak=60),
+    _Rule(_host_rule, strong=60, weak=60),
+    _Rule(_generic_batch_rule, strong=55, weak=55),
+    _Rule(_held_before_rule, strong=35, weak=35),
+    _Rule(_mixed_precision_rule, strong=30, weak=30),
+    _Rule(_checkpointing_rule, strong=20, weak=20),
+)
+
+_LAST: list[Advice] = []
+
+
+def remember(advice: Advice) -> None:
+    """Keep ``advice`` as the one :func:`last_advice` returns (called where advice is shown)."""
+    _LAST[:] = [advice]
+
+
+def last_advice() -> Advice | None:
+    """The :class:`Advice` last shown for an out-of-memory error in this process, or None.
+
+    >>> last_advice() is None or isinstance(last_advice(), Advice)
+    True
+    """
+    return _LAST[0] if _LAST else None
 
 
 def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice:
@@ -531,8 +771,8 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     >>> info = parse("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8.00 GiB "
     ...              "of which 1.00 GiB is free. Of the allocated memory 6.00 GiB is allocated by PyTorch, "
     ...              "and 0 bytes is reserved by PyTorch but unallocated.")
-    >>> advise(info, AdviceContext(batch_size=64)).fits_batch_size
-    32
+    >>> advise(info, AdviceContext(batch_size=64, measure_code="%find_batch --var bs")).suggestions[0].kind
+    'measure'
     """
     ctx = context or AdviceContext()
     unknown: list[str] = []
@@ -542,49 +782,62 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
         shortfall = info.tried_to_allocate - info.free
     elif f.needed is not None and f.usable is not None:
         shortfall = f.needed - f.usable
-
-    # (score, suggestion): a suggestion that alone covers the shortfall ranks first.
-    ranked: list[tuple[int, Suggestion]] = []
-    torch_code = info is None or info.kind in _TORCH_KINDS
     batch = _batch_suggestion(ctx, f, unknown)
-    fits = batch.batch_size if batch is not None else None
-    if batch is not None:
-        ranked.append((70, batch))
-    elif not (f.needed is not None and f.usable is not None and f.needed <= f.usable * _MARGIN):
-        ranked.append((55, _generic_batch_suggestion(ctx)))
-    if ctx.evaluation:
-        ranked.append((69, _evaluation_suggestion(ctx)))
-    elif fits is not None:
-        acc = _accumulation_suggestion(ctx, fits, torch_code)
-        if acc is not None:
-            ranked.append((69, acc))
-    cuda_error = _cuda_error_suggestion(info)
-    if cuda_error is not None:
-        ranked.append((60, cuda_error))
-    for s, score in (
-        _limit_suggestion(info, f),
-        _fragmentation_suggestion(info),
-        _process_suggestion(info, ctx, shortfall),
-        _holders_suggestion(info, ctx, shortfall),
-    ):
-        if s is not None:
-            ranked.append((score, s))
-    if _is_host(info):
-        ranked.append((60, _host_suggestion(info)))
-    else:
-        precision = _precision_suggestions(info, ctx, unknown, torch_code)
-        if ctx.evaluation:  # no backward: nothing to checkpoint, and autocast wraps the forward alone
-            precision = [
-                Suggestion(p.title, p.detail.replace(", float16 with a GradScaler", ", or float16"), p.kind,
-                           code=p.code.split("\n")[0] + "\n    out = model(x)" if p.code else None)
-                for p in precision if p.kind != "checkpointing"
-            ]
-        ranked.extend(zip((30, 20), precision, strict=False))
-    ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the order above
-    return Advice(
+    fits = batch.batch_size if batch is not None and batch.kind == "batch_size" else None
+    x = _In(info, ctx, f, shortfall, info is None or info.kind in _TORCH_KINDS, batch, fits)
+    ranked: list[tuple[int, Suggestion]] = []
+    for rule in _RULES:
+        made = rule.make(x)
+        if made is not None:
+            suggestion, strong = made
+            ranked.append((rule.strong if strong else rule.weak, suggestion))
+    ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
+    if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
+        unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
+    advice = Advice(
         headline=_headline(info),
         suggestions=tuple(s for _, s in ranked),
         unknown=tuple(dict.fromkeys(unknown)),
         fits_batch_size=fits,
         info=info,
+        released=ctx.released,
     )
+    return _per_rank(advice, ctx)
+
+
+# "-- Process 1 terminated with the following error" (torch.multiprocessing), "rank : 1" (torchelastic)
+_RANK_IN_MESSAGE: Final = re.compile(r"Process (\d+) terminated with the following error|\brank\s*:\s*(\d+)")
+
+
+def rank_in_error(error: BaseException | str) -> int | None:
+    """The rank a launcher's error names (a child process's failure re-raised in the parent)."""
+    m = _RANK_IN_MESSAGE.search(str(error))
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def _per_rank(advice: Advice, ctx: AdviceContext) -> Advice:
+    """Under data parallelism: name the rank, and state batch sizes per rank and for all ranks."""
+    from gpumagic import _ranks
+
+    rank = ctx.rank if ctx.rank is not None else _ranks.rank()
+    world = ctx.world_size if ctx.world_size is not None else _ranks.world_size()
+    if rank is None and (world is None or world < 2):
+        return advice
+    suggestions = list(advice.suggestions)
+    if world is not None and world > 1:
+        for i, s in enumerate(suggestions):
+            if s.kind not in ("batch_size", "accumulation") or s.batch_size is None:
+                continue
+            k = s.accumulation_steps or 1
+            was = ""
+            if ctx.batch_size is not None:
+                old_k = ctx.accumulation_steps or 1
+                was = f", was {ctx.batch_size}{f' × {old_k}' if old_k > 1 else ''} × {world} = " \
+                      f"{ctx.batch_size * old_k * world}"
+            glob = f"{s.batch_size}{f' × {k}' if k > 1 else ''} × {world} ranks = {s.batch_size * k * world}"
+            suggestions[i] = dataclasses.replace(
+                s, detail=f"{s.detail}; the size is per rank (set it on every rank): global batch {glob}{was}"
+            )
+    who = f"Rank {rank}" if rank is not None else "One rank"
+    of = f" of {world}" if world is not None and world > 1 else ""
+    return dataclasses.replace(advice, headline=f"{who}{of}: {advice.headline}", suggestions=tuple(suggestions))

@@ -1,0 +1,62 @@
+"""``gpumagic.track``: measure a block, or plan it on fake tensors (``dry_run=True``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+from gpumagic.devices import DeviceLike
+from gpumagic.gpus import GPU
+from gpumagic.tracking import MAX_RECORDS, Tracker
+
+__all__ = ["track"]
+
+
+def track(
+    device: DeviceLike = None,
+    budget: str | int | None = None,
+    *,
+    max_records: int = MAX_RECORDS,
+    dry_run: bool = False,
+    gpu: str | GPU | None = None,
+    steps: int = 3,
+    namespace: MutableMapping[str, Any] | None = None,
+) -> Tracker:
+    """Measure a block: peak memory of the block and of each training step, per-step loss and time.
+
+    ``device``: "cpu", "cuda", "cuda:1", "mps", or a model/tensor (its device); default: cuda if
+    available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
+    bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
+    past this many steps, records are merged pairwise (peaks keep their max). ``gpu``: a catalog
+    GPU ("T4", "A100-80GB", ...; see :mod:`gpumagic.gpus`): its capacity is the budget.
+
+    ``dry_run=True`` plans instead of measuring: the block runs on fake tensors (no data, no
+    compute, no device needed) and stops quietly after ``steps`` optimizer steps; the report has
+    ``dry_run=True`` and no losses. Objects made before the block are read from ``namespace``
+    (default: the caller's module globals, which is the notebook's namespace in Jupyter): its
+    tensors, models, optimizers, schedulers and scalers are rebound to fake copies for the block
+    and everything is rebound as before afterwards (see :mod:`gpumagic.dryrun`).
+
+    >>> with track(device="cpu") as t:              # doctest: +SKIP
+    ...     train()
+    >>> t.report.peak_delta_bytes                     # doctest: +SKIP
+    >>> with track(dry_run=True, gpu="T4") as t:     # doctest: +SKIP
+    ...     train()
+    """
+    if not dry_run:
+        if gpu is not None:
+            from gpumagic.gpus import lookup
+
+            if budget is not None:
+                raise ValueError("give either gpu= or budget=, not both")
+            budget = (lookup(gpu) if isinstance(gpu, str) else gpu).capacity_bytes
+        return Tracker(device, budget, max_records=max_records)
+    from gpumagic.dryrun import DryTracker
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if device is not None and not isinstance(device, str):
+        raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+    ns = namespace if namespace is not None else sys._getframe(1).f_globals
+    return DryTracker(ns, device=device, gpu=gpu, budget=budget, steps=steps)

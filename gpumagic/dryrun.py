@@ -1,0 +1,1086 @@
+"""Dry runs: plan the memory of a training cell on fake tensors, for a device you may not have.
+
+A dry run executes the user's unchanged code under ``FakeTensorMode``: tensors have shapes,
+dtypes and storage sizes but no data, kernels compute nothing, and a step of a billion-parameter
+model takes seconds and almost no host memory. Memory is counted like the exact CPU tracker
+(:mod:`gpumagic.backends.cpu`) counts it: each new output storage once, views and in-place
+results never, a storage uncounted when it dies. The same :class:`~gpumagic.tracking.Tracker`
+records the steps, so a plan and a measurement read the same.
+
+What a dry run does to the world around the code:
+
+* **Objects made before the block are fake-copied** for it: every name in the namespace (the
+  notebook's, or the module globals given to :func:`gpumagic.track`) bound to a tensor, a model,
+  an optimizer, an LR scheduler, a GradScaler, a container of them, or an object whose attributes
+  hold them is rebound to a fake copy (one ``deepcopy`` under ``FakeCopyMode``, so an optimizer's
+  parameters are its model's copied parameters). Afterwards every name is bound as before, names
+  the block created are removed (they hold fake tensors), and plain lists/dicts are restored.
+  Objects reached only through a closure or a module attribute are not copied: their tensors are
+  turned into fake ones when an op uses them, so they are never changed, but their memory is not
+  in the baseline.
+* **Random initialisation** (``uniform_``, ``normal_``, ...) is a no-op on fake tensors.
+* **Data-dependent values** (``.item()``, ``float(loss)``, ``if loss < best``, formatting a loss)
+  read a placeholder (1 or 1.0; 0 for counts of inf/NaN such as GradScaler's; a truth value
+  that keeps the loop going) and the report lists the lines; **data-dependent shapes**
+  (``nonzero``, boolean masks) stop the run with a
+  :class:`DryRunError` that names the operation and the line.
+* **Batches from a DataLoader** are drawn for real (a batch is small) and become fake tensors as
+  they leave the iterator.
+* **Planning for cuda without CUDA**: fake CUDA tensors cannot exist on a CPU-only build (a
+  linear layer on one aborts the process), so the code runs on fake CPU tensors that *stand in*
+  for cuda: ``.cuda()``, ``.to("cuda")``, ``device="cuda"``, ``torch.autocast("cuda")``,
+  GradScaler and the ``torch.cuda`` queries behave as on the planned GPU; the memory that lands
+  on the stand-in device is fed through a model of the CUDA caching allocator
+  (:mod:`gpumagic._allocator`) for the allocated and reserved predictions. ``tensor.device``
+  itself still reads ``cpu``. Optimizers take their cuda default (``foreach``) implementation.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import dataclasses
+import functools
+import gc
+import math
+import random
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from types import SimpleNamespace, TracebackType
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from gpumagic.gpus import GPU, lookup
+from gpumagic.tracking import StopTrial, Tracker
+
+__all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "cuda_is_real", "plan_target"]
+
+_aten = torch.ops.aten
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+_FLAG_OPS = {"isnan", "isinf", "isneginf", "isposinf"}
+_MAX_NOTED_LINES = 4
+
+
+class DryRunError(RuntimeError):
+    """The code cannot run on fake tensors: names the operation and the line of the user's code."""
+
+    def __init__(self, what: str, where: str | None) -> None:
+        at = f" at {where}" if where else ""
+        super().__init__(
+            f"the dry run cannot run this code on fake tensors: {what}{at}. "
+            "Run it without --dry-run (dry_run=False), or move that line out of the planned cell."
+        )
+        self.what = what
+        self.where = where
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+def cuda_is_real() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def attention_kernel(gpu: GPU | None, dtype: torch.dtype) -> str:
+    """The fused attention kernel PyTorch picks on ``gpu`` for ``dtype`` (no dropout-free special cases).
+
+    >>> from gpumagic.gpus import lookup
+    >>> attention_kernel(lookup("T4"), torch.float16)
+    'memory-efficient'
+    """
+    if gpu is not None and gpu.flash_attention and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return "memory-efficient"
+
+
+def plan_target(device: str | None, gpu: str | GPU | None, budget: int | None) -> tuple[str, GPU | None, int | None]:
+    """(device kind, GPU, capacity) of a dry run; ValueError naming what is wrong.
+
+    ``device``: "cpu", "cuda", "cuda:N" or "mps" (default: cuda when a GPU is named, else the
+    device the code would pick: cuda if available, else mps, else cpu).
+    """
+    if gpu is not None and budget is not None:
+        raise ValueError("give either a GPU (--gpu) or a budget (--budget) for a dry run, not both")
+    g = lookup(gpu) if isinstance(gpu, str) else gpu
+    if device is None:
+        mps = getattr(torch.backends, "mps", None)
+        has_mps = mps is not None and mps.is_available()
+        device = "cuda" if g is not None or cuda_is_real() else "mps" if has_mps else "cpu"
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda", "mps") or (":" in str(device) and not str(device).split(":")[1].isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    if g is not None and kind != "cuda":
+        raise ValueError(f"--gpu {g.name} plans for cuda; the device given is {device!r}")
+    capacity = budget if budget is not None else (g.capacity_bytes if g is not None else None)
+    return kind, g, capacity
+
+
+# ---------------------------------------------------------------------------------------------
+# where in the user's code
+
+
+_MACHINERY = ("/gpumagic/", "/torch/_subclasses/", "/torch/utils/_python_dispatch", "/torch/_tensor.py",
+              "/torch/overrides.py", "/torch/_ops.py", "/torch/_prims", "/torch/_decomp", "/torch/_refs",
+              "/torch/utils/_stats.py", "/torch/_compile.py", "/torch/_dynamo/", "/contextlib.py")
+
+
+def _user_line(direct: bool = False) -> str | None:
+    """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic.
+
+    ``direct``: only when the user's code itself made the call (``loss.item()``), not when torch's
+    Python code did on its behalf (an optimizer reading its step count): None then.
+    """
+    import linecache
+
+    f: Any = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if any(m in name for m in _MACHINERY):
+            f = f.f_back
+            continue
+        if "/torch/" in name or "/IPython/" in name or name.endswith("/typing.py"):
+            if direct:
+                return None
+            f = f.f_back
+            continue
+        line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+        where = f"{f.f_code.co_name}()" if f.f_code.co_name != "<module>" else "the cell"
+        return f"line {f.f_lineno} in {where}" + (f": {line}" if line else "")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# accounting on fake storages
+
+
+class _Ref(weakref.ref):  # type: ignore[type-arg]
+    __slots__ = ("block", "counted", "key", "nbytes")
+    key: int
+    nbytes: int
+    counted: bool
+    block: int
+
+
+def _key(t: torch.Tensor) -> tuple[Any, int]:
+    st = t.untyped_storage()
+    return st, int(st._cdata)
+
+
+_RANDOM_INPLACE: set[Any] = set()
+for _name in ("uniform_", "normal_", "bernoulli_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_"):
+    _op = getattr(_aten, _name, None)
+    if _op is not None:
+        for _ov in _op.overloads():
+            _RANDOM_INPLACE.add(getattr(_op, _ov))
+
+
+def _fake_errors() -> tuple[type[BaseException], ...]:
+    from torch._subclasses import fake_tensor as ft
+
+    names = ("DynamicOutputShapeException", "DataDependentOutputException", "UnsupportedOperatorException",
+             "UnsupportedFakeTensorException")
+    return tuple(getattr(ft, n) for n in names if hasattr(ft, n))
+
+
+class FakeSession:
+    """A :class:`~gpumagic.backends.MemorySession` over fake tensors: live bytes on the planned device.
+
+    Storages are keyed by their StorageImpl; each carries the device kind it stands for ("cpu",
+    or "cuda" for a stand-in), and only those of the planned kind are counted.
+    """
+
+    dry = True
+
+    def __init__(self, kind: str, index: int, capacity: int | None, budget: int | None, gpu: GPU | None,
+                 standin: bool, fake_mode: Any) -> None:
+        from gpumagic._allocator import CachingAllocatorModel
+
+        self.backend = kind
+        self.device = f"{kind}:{index}" if kind == "cuda" else kind
+        self.kind = kind
+        self.budget_bytes = budget
+        self.gpu = gpu
+        self.notes: list[str] = []
+        self.standin = standin
+        self.fake_mode = fake_mode
+        self._capacity = capacity
+        self._alloc = CachingAllocatorModel(capacity) if kind == "cuda" else None
+        self._refs: dict[int, _Ref] = {}
+        self._flags: set[int] = set()  # storages of isnan/isinf results and what they feed
+        self._cur = 0
+        self._wpeak = 0
+        self._peak = 0
+        self._baseline_objects: list[Any] = []
+        self._real_baseline = 0
+        self._creating: list[str] = []
+        self.placeholders: dict[str, int] = {}
+        self.attention: set[str] = set()
+        self._mode: _CountMode | None = None
+        self._errors = _fake_errors()
+
+    # -- accounting ------------------------------------------------------------------------
+    def _free(self, ref: _Ref) -> None:
+        if self._refs.pop(ref.key, None) is not None and ref.counted:
+            if self._alloc is not None:
+                self._alloc.free(ref.block)
+                self._cur = self._alloc.allocated
+            else:
+                self._cur -= ref.nbytes
+        self._flags.discard(ref.key)
+
+    def watch(self, t: torch.Tensor, device_kind: str) -> None:
+        """Count ``t``'s storage as live memory on ``device_kind`` (once)."""
+        try:
+            st, key = _key(t)
+        except (RuntimeError, NotImplementedError):
+            return
+        if key in self._refs:
+            return
+        r = _Ref(st, self._free)
+        r.key = key
+        r.nbytes = int(st.nbytes())
+        r.counted = device_kind == self.kind
+        r.block = 0
+        self._refs[key] = r
+        if r.counted:
+            if self._alloc is not None:
+                r.block = self._alloc.malloc(r.nbytes)
+                self._cur = self._alloc.allocated
+            else:
+                self._cur += r.nbytes
+            if self._cur > self._wpeak:
+                self._wpeak = self._cur
+
+    def device_of(self, t: torch.Tensor) -> str:
+        """The device kind ``t`` stands for (a real tensor: its own)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if not isinstance(t, FakeTensor):
+            return t.device.type
+        try:
+            r = self._refs.get(int(t.untyped_storage()._cdata))
+        except (RuntimeError, NotImplementedError):
+            return "cpu"
+        if r is None:
+            return t.device.type
+        return self.kind if r.counted else ("cpu" if self.kind != "cpu" else "other")
+
+    def tensor_bytes(self, t: Any, seen: set[int]) -> int:
+        """Bytes of ``t``'s storage if counted on the planned device and not in ``seen`` (then added)."""
+        if not isinstance(t, torch.Tensor):
+            return 0
+        try:
+            key = int(t.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            return 0
+        r = self._refs.get(key)
+        if r is None or not r.counted or key in seen:
+            return 0
+        seen.add(key)
+        from gpumagic._allocator import round_size
+
+        return round_size(r.nbytes) if self._alloc is not None else r.nbytes
+
+    def set_baseline(self, objects: Iterable[Any], real_bytes: int) -> None:
+        self._baseline_objects = list(objects)
+        self._real_baseline = real_bytes
+
+    @contextlib.contextmanager
+    def creating(self, kind: str) -> Iterator[None]:
+        self._creating.append(kind)
+        try:
+            yield
+        finally:
+            self._creating.pop()
+
+    # -- MemorySession -----------------------------------------------------------------------
+    def start(self) -> int:
+        for obj in self._baseline_objects:
+            for t, kind in obj:
+                self.watch(t, kind)
+        self._baseline_objects = []
+        self._cur += self._real_baseline
+        if self._alloc is not None and self._real_baseline:
+            self._alloc.allocated += self._real_baseline
+        self._wpeak = self._peak = self._cur
+        self._mode = _CountMode(self)
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
+        return self._cur
+
+    def current(self) -> int:
+        return self._cur
+
+    def take_window_peak(self) -> int:
+        p = self._wpeak
+        if p > self._peak:
+            self._peak = p
+        self._wpeak = self._cur
+        return p
+
+    def peak(self) -> int:
+        return max(self._peak, self._wpeak)
+
+    def reserved_peak(self) -> int | None:
+        return None if self._alloc is None else self._alloc.peak_reserved
+
+    def reserved(self) -> int | None:
+        return None if self._alloc is None else self._alloc.reserved
+
+    def capacity(self) -> int | None:
+        return self._capacity
+
+    def stop(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+        self._refs = {}
+
+    # -- placeholders ----------------------------------------------------------------------------
+    def placeholder(self, t: torch.Tensor) -> Any:
+        where = _user_line(direct=True)
+        if where is not None:
+            self.placeholders[where] = self.placeholders.get(where, 0) + 1
+        if t.dtype == torch.bool:
+            # isfinite(x).all() -> True, isnan(x).any() -> False: the loop goes on
+            return _storage_key(t) not in self._flags
+        flagged = _storage_key(t) in self._flags  # a count of inf/NaN (GradScaler's found_inf): none
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            return 0.0 if flagged else 1.0  # 1: a loss that stops no loop, a step count that divides
+        return 0 if flagged else 1
+
+
+def _tensors(args: Any) -> Iterator[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    yield b
+
+
+class _CountMode(TorchDispatchMode):
+    """Sits above FakeTensorMode: counts new storages, rewrites stand-in devices, gives placeholders."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no per-op dynamo shim (as in backends.cpu); a dry run is never compiled
+
+    def __init__(self, session: FakeSession) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.s = session
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        s = self.s
+        kwargs = kwargs or {}
+        if func in _RANDOM_INPLACE:
+            return args[0]
+        if func is _aten._local_scalar_dense.default:
+            return s.placeholder(args[0])
+        made_on: str | None = s._creating[-1] if s._creating else None
+        if s.standin:
+            dev = kwargs.get("device")
+            if dev is not None and torch.device(dev).type == s.kind:
+                made_on = s.kind
+                kwargs = {**kwargs, "device": torch.device("cpu")}
+            for t in _tensors(args):
+                if t.device.type in ("cuda", s.kind):  # never let a fake CUDA tensor reach a kernel on a CPU build
+                    raise DryRunError(f"a CUDA tensor reached {func} on a machine without CUDA", _user_line())
+        try:
+            out = func(*args, **kwargs)
+        except s._errors as e:
+            what = f"{func} needs the values of its input ({type(e).__name__})"
+            if "DynamicOutputShape" in type(e).__name__:
+                what = f"{func} has an output shape that depends on the data"
+            raise DryRunError(what, _user_line()) from None
+        name = func.__name__.split(".")[0]
+        if name == "mkldnn_rnn_layer" and isinstance(out, tuple) and len(out) == 4 and out[3].numel() == 0:
+            out = (*out[:3], _rnn_workspace(func, args, kwargs))
+        if name.startswith("_scaled_dot_product"):
+            s.attention.add(name)
+        outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)] \
+            if isinstance(out, (list, tuple)) else []
+        if not outs and name != "_amp_foreach_non_finite_check_and_unscale_":
+            return out
+        try:
+            aliases = any(r.alias_info is not None for r in func._schema.returns)
+        except AttributeError:
+            aliases = False
+        if "lift_fresh" in name:
+            aliases = False
+        inputs = list(_tensors(args))
+        flagged = name in _FLAG_OPS or bool(s._flags and any(_storage_key(t) in s._flags for t in inputs))
+        if made_on is None:
+            made_on = "cpu"
+            for t in inputs:
+                d = s.device_of(t)
+                if d != "cpu":
+                    made_on = d
+                    break
+        if name == "_amp_foreach_non_finite_check_and_unscale_" and len(args) > 1:
+            outs.append(args[1])  # found_inf, written in place
+            flagged = True
+        for o in outs:
+            if not aliases:
+                s.watch(o, made_on)
+            if flagged:
+                k = _storage_key(o)
+                if k is not None:
+                    s._flags.add(k)
+        return out
+
+
+_FAKE_WORDS = ("tensor subclass", "faketensor", "fake tensor", "data pointer", "cannot access storage",
+               "meta tensor", "device type meta")
+
+
+def _fake_related(e: BaseException) -> bool:
+    """Errors that come from running on fake tensors (numpy conversion, a C extension reading data)."""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in _FAKE_WORDS)
+
+
+def _line_in(tb: TracebackType | None) -> str | None:
+    """The innermost line of the user's code in a traceback, as _user_line says it."""
+    import traceback
+
+    for fr in reversed(traceback.extract_tb(tb)):
+        name = fr.filename.replace("\\", "/")
+        if "/torch/" in name or "/gpumagic/" in name or "/IPython/" in name:
+            continue
+        where = f"{fr.name}()" if fr.name != "<module>" else "the cell"
+        return f"line {fr.lineno} in {where}" + (f": {fr.line.strip()}" if fr.line else "")
+    return None
+
+
+_WORKSPACE: dict[tuple[Any, ...], int] = {}
+
+
+def _rnn_workspace(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
+    """oneDNN's LSTM/GRU workspace, which the fake kernel leaves empty: its size comes from the real
+    kernel run once on zeros of the same shapes (cached per shape), then a fake tensor of that size."""
+
+    def shape(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return (tuple(a.shape), a.dtype)
+        return tuple(shape(b) for b in a) if isinstance(a, (list, tuple)) else a
+
+    key = tuple(shape(a) for a in args)
+    n = _WORKSPACE.get(key)
+    if n is None:
+        with _disable_current_modes(), torch._C.DisableTorchFunction():
+            real = [torch.zeros(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else
+                    [torch.zeros(b.shape, dtype=b.dtype) for b in a] if isinstance(a, (list, tuple)) and a
+                    and isinstance(a[0], torch.Tensor) else a for a in args]
+            ws = func(*real, **kwargs)[3]
+            n = int(ws.untyped_storage().nbytes()) if isinstance(ws, torch.Tensor) else 0
+        _WORKSPACE[key] = n
+    return torch.empty(n, dtype=torch.uint8)
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the cell sees cuda
+
+
+class _StandInMode(TorchFunctionMode):
+    """Python-level calls that would need CUDA: moves to cuda become copies on the stand-in device."""
+
+    def __init__(self, session: FakeSession) -> None:
+        super().__init__()
+        self.s = session
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        s = self.s
+        if func is torch.Tensor.cuda:
+            return self._move(args[0], s.kind, None, kwargs.get("non_blocking", False))
+        if func is torch.Tensor.cpu:
+            return self._move(args[0], "cpu", None, False)
+        if func is torch.Tensor.to:
+            rest = {k: v for k, v in kwargs.items() if k != "copy"}
+            device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args[1:], **rest)
+            if device is not None:
+                return self._move(args[0], device.type, dtype, non_blocking, copy=bool(kwargs.get("copy")),
+                                  memory_format=memory_format)
+        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
+            return args[0] if func is torch.Tensor.pin_memory else None
+        if func is torch.nn.functional.scaled_dot_product_attention and args:
+            s.attention.add(f"{attention_kernel(s.gpu, args[0].dtype)} ({args[0].dtype})")
+        dev = kwargs.get("device")
+        if dev is not None and not isinstance(dev, int) and torch.device(dev).type == s.kind:
+            kwargs = {**kwargs, "device": "cpu"}
+            with s.creating(s.kind):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _move(self, t: torch.Tensor, kind: str, dtype: Any, non_blocking: bool, *, copy: bool = False,
+              memory_format: Any = None) -> torch.Tensor:
+        s = self.s
+        target = s.kind if kind == "cuda" else kind
+        if s.device_of(t) == target and not copy:
+            return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
+        extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        if memory_format is not None:
+            extra["memory_format"] = memory_format
+        with s.creating(target):
+            return t.to("cpu", copy=True, non_blocking=non_blocking, **extra)
+
+
+def _device_props(gpu: GPU) -> Any:
+    return SimpleNamespace(
+        name=f"{gpu.name} (planned by gpumagic)", total_memory=gpu.total_bytes, major=gpu.compute_capability[0],
+        minor=gpu.compute_capability[1], multi_processor_count=0, is_integrated=False,
+    )
+
+
+def _cuda_patches(session: FakeSession, gpu: GPU | None) -> dict[str, Any]:
+    """Answers of the ``torch.cuda`` queries for the planned GPU, as {name: replacement}."""
+    g = gpu
+    total = g.total_bytes if g is not None else (session.capacity() or 0)
+
+    def none(*a: Any, **k: Any) -> None:
+        return None
+
+    def alloc(*a: Any, **k: Any) -> int:
+        return session.current()
+
+    def peak(*a: Any, **k: Any) -> int:
+        return session.peak()
+
+    def reserved(*a: Any, **k: Any) -> int:
+        return session.reserved() or 0
+
+    def max_reserved(*a: Any, **k: Any) -> int:
+        return session.reserved_peak() or 0
+
+    def mem_get_info(*a: Any, **k: Any) -> tuple[int, int]:
+        cap = session.capacity() or total
+        return max(0, cap - (session.reserved() or 0)), total
+
+    return {
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "current_device": lambda: 0,
+        "get_device_name": lambda *a, **k: g.name if g is not None else "planned GPU",
+        "get_device_capability": lambda *a, **k: g.compute_capability if g is not None else (8, 0),
+        "get_device_properties": lambda *a, **k: _device_props(g) if g is not None else SimpleNamespace(
+            name="planned GPU", total_memory=total, major=8, minor=0, multi_processor_count=0),
+        "is_bf16_supported": lambda *a, **k: g.bf16 if g is not None else True,
+        "synchronize": none, "empty_cache": none, "set_device": none, "reset_peak_memory_stats": none,
+        "reset_max_memory_allocated": none, "reset_accumulated_memory_stats": none,
+        "manual_seed": none, "manual_seed_all": none, "seed": none, "seed_all": none,
+        "memory_allocated": alloc, "max_memory_allocated": peak, "memory_reserved": reserved,
+        "max_memory_reserved": max_reserved, "mem_get_info": mem_get_info,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# fake copies of the namespace
+
+
+def _stateful(v: Any) -> bool:
+    kinds: tuple[type, ...] = (torch.Tensor, torch.nn.Module, torch.optim.Optimizer,
+                               torch.optim.lr_scheduler.LRScheduler)
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler is not None:
+        kinds = (*kinds, scaler)
+    return isinstance(v, kinds)
+
+
+def _needs_copy(v: Any, depth: int = 0) -> bool:
+    from torch.utils.data import DataLoader
+
+    if _stateful(v):
+        return True
+    if isinstance(v, (type, DataLoader, *_PLAIN)) or (callable(v) and not hasattr(v, "__dict__")):
+        return False
+    if depth >= 2:
+        return False
+    if isinstance(v, (list, tuple)):
+        return any(_needs_copy(x, depth + 1) for x in v[:1000])
+    if isinstance(v, dict):
+        return any(_needs_copy(x, depth + 1) for x in list(v.values())[:1000])
+    if type(v).__module__ in ("builtins", "types") or isinstance(v, type(sys)):
+        return False
+    d = getattr(v, "__dict__", None)
+    return isinstance(d, dict) and any(_stateful(x) for x in list(d.values())[:1000])
+
+
+def _plain_container(v: Any, depth: int = 0) -> bool:
+    if isinstance(v, (list, set)):
+        return len(v) <= 100_000 and all(_plain_value(x, depth) for x in v)
+    if isinstance(v, dict):
+        return len(v) <= 100_000 and all(_plain_value(k, depth) and _plain_value(x, depth) for k, x in v.items())
+    return False
+
+
+def _plain_value(v: Any, depth: int) -> bool:
+    if isinstance(v, _PLAIN):
+        return True
+    if isinstance(v, tuple):
+        return all(_plain_value(x, depth) for x in v)
+    return depth < 2 and _plain_container(v, depth + 1)
+
+
+def _rewrap_scheduler_steps(objects: Iterable[Any]) -> None:
+    """An LR scheduler wraps its optimizer's ``step`` in the optimizer's instance dict, which a deep
+    copy drops (``Optimizer.__getstate__``): wrap the copies again, or the scheduler warns that
+    ``optimizer.step()`` was overridden."""
+    for sched in objects:
+        if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+            continue
+        c = sched.optimizer
+        if getattr(c.step, "_wrapped_by_lr_sched", False):
+            continue
+        func = type(c).step
+        ref = weakref.ref(c)
+
+        def wrapper(*a: Any, _f: Any = func, _r: Any = ref, **k: Any) -> Any:
+            opt = _r()
+            opt._opt_called = True
+            return _f(opt, *a, **k)
+
+        wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        c.step = wrapper  # type: ignore[method-assign]
+
+
+def _walk(obj: Any, seen: set[int], out: list[Any], depth: int = 0) -> None:
+    """Objects reachable from ``obj`` that hold tensors (for the baseline and the scheduler fix)."""
+    if id(obj) in seen or depth > 3:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+        out.append(obj)
+        _walk(obj.optimizer, seen, out, depth + 1)
+        return
+    if isinstance(obj, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
+        out.append(obj)
+        if isinstance(obj, torch.optim.Optimizer):
+            for st in obj.state.values():
+                _walk(st, seen, out, depth + 1)
+        return
+    if isinstance(obj, (list, tuple)):
+        for v in obj[:1000]:
+            _walk(v, seen, out, depth + 1)
+    elif isinstance(obj, dict):
+        for v in list(obj.values())[:1000]:
+            _walk(v, seen, out, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, type(sys))):
+        for v in list(vars(obj).values())[:1000]:
+            _walk(v, seen, out, depth + 1)
+
+
+def _tensors_of(objs: Iterable[Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for o in objs:
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+            if o.grad is not None:
+                out.append(o.grad)
+        elif isinstance(o, torch.nn.Module):
+            for p in o.parameters():
+                out.append(p)
+                if p.grad is not None:
+                    out.append(p.grad)
+            out.extend(o.buffers())
+        elif isinstance(o, torch.optim.Optimizer):
+            for st in o.state.values():
+                out.extend(v for v in st.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the tracker
+
+
+class DryTracker(Tracker):
+    """A :class:`~gpumagic.tracking.Tracker` whose block runs on fake tensors. Use :func:`gpumagic.track`.
+
+    ``namespace``: the mapping the code reads its objects from (fake-copied for the block and
+    restored after); ``device``: the planned device kind; ``gpu``: a catalog GPU (its capacity and
+    compute capability); ``budget``: a capacity instead of a GPU.
+    """
+
+    def __init__(
+        self,
+        namespace: MutableMapping[str, Any] | None,
+        *,
+        device: str | None = None,
+        gpu: str | GPU | None = None,
+        budget: str | int | None = None,
+        steps: int | None = 3,
+        exclude_storages: Iterable[int] = (),
+        on_step: Any = None,
+        objects: Iterable[Any] = (),
+    ) -> None:
+        from gpumagic.devices import resolve_budget
+
+        bud = resolve_budget(budget)
+        kind, g, capacity = plan_target(device, gpu, bud)
+        index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else 0
+        super().__init__("cpu", None, stop_after_steps=steps, stop_after_backwards=None if steps is None else
+                         steps * 16, exclude_storages=exclude_storages, on_step=on_step)
+        self.device = torch.device(kind, index) if kind == "cuda" else torch.device(kind)
+        self.budget = bud
+        self.gpu = g
+        self.kind = kind
+        self.capacity = capacity
+        self.standin = kind != "cpu" and not (kind == "cuda" and cuda_is_real())
+        self.namespace = namespace
+        self._swap = list(objects)
+        """Models, optimizers, schedulers and scalers reached by the code without the namespace (a closure):
+        their tensors are swapped for fake copies in place for the block, and swapped back after."""
+        self._dry_undo: list[Callable[[], None]] = []
+        self._fake_session: FakeSession | None = None
+
+    # -- hooks into Tracker ---------------------------------------------------------------------
+    def _open_session(self) -> Any:
+        assert self._fake_session is not None
+        return self._fake_session
+
+    def _root_value(self, tensors: Any) -> Any:
+        from gpumagic.tracking import _Root
+
+        return _Root(None, None, self._last_batch)
+
+    def _nbytes(self, t: Any, seen: set[int]) -> int:
+        assert self._fake_session is not None
+        return self._fake_session.tensor_bytes(t, seen)
+
+    # -- enter / exit ----------------------------------------------------------------------------
+    def __enter__(self) -> DryTracker:
+        try:
+            self._dry_enter()
+            super().__enter__()
+        except BaseException:
+            self._dry_exit()
+            raise
+        return self
+
+    def __exit__(  # type: ignore[override]
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            super().__exit__(et, ev, tb)
+        finally:
+            self._dry_exit()
+        if isinstance(ev, StopTrial):
+            return True  # the planned steps are done: the block ends quietly
+        if isinstance(ev, Exception) and not isinstance(ev, DryRunError) and _fake_related(ev):
+            first = str(ev).strip().splitlines()[0] if str(ev).strip() else ""
+            raise DryRunError(f"{type(ev).__name__}: {first}", _line_in(tb)) from ev
+        return False
+
+    def _teardown(self) -> None:
+        # also reached without __exit__ (%unload_ext tears active trackers down): undo the fake world too
+        try:
+            super()._teardown()
+        finally:
+            self._dry_exit()
+
+    def _dry_enter(self) -> None:
+        from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+        undo = self._dry_undo
+        rng = (torch.get_rng_state(), random.getstate())
+
+        def restore_rng() -> None:
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+
+        undo.append(restore_rng)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        session = FakeSession(self.kind, self.device.index or 0, self.capacity, self.budget, self.gpu,
+                              self.standin, fake_mode)
+        self._fake_session = session
+        ns = self.namespace
+        copies: dict[str, Any] = {}
+        originals: dict[str, Any] = {}
+        if ns is not None:
+            originals = dict(ns)
+            plain = {k: copy.deepcopy(v) for k, v in originals.items()
+                     if not k.startswith("_") and _plain_container(v)}
+            names = [k for k, v in originals.items() if not k.startswith("_") and k not in ("In", "Out")
+                     and _needs_copy(v)]
+            if names:
+                memo: dict[int, Any] = {}
+                try:
+                    with FakeCopyMode(fake_mode):
+                        values = copy.deepcopy([originals[k] for k in names], memo)
+                except Exception as e:
+                    raise DryRunError(f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})",
+                                      None) from None
+                copies = dict(zip(names, values, strict=True))
+
+            def restore_ns() -> None:
+                # names the block created hold fake tensors; `with track(...) as t` binds t, which stays
+                for name in [n for n in list(ns) if n not in originals and not _history_name(n) and ns[n] is not self]:
+                    del ns[name]
+                for name, v in originals.items():
+                    if ns.get(name, _MISSING) is not v:
+                        ns[name] = v
+                for name, saved in plain.items():
+                    obj = ns[name]
+                    if isinstance(obj, list):
+                        obj[:] = saved
+                    elif isinstance(obj, (dict, set)):
+                        obj.clear()
+                        obj.update(saved)
+
+            undo.append(restore_ns)
+            ns.update(copies)
+        swapped_real: set[int] = set()
+        if self._swap:
+            for t in _tensors_of(self._swap):
+                with contextlib.suppress(RuntimeError, NotImplementedError):
+                    swapped_real.add(t.untyped_storage().data_ptr())
+            _swap_in_place(self._swap, fake_mode, undo)
+        held: list[Any] = []
+        seen: set[int] = set()
+        for v in [*copies.values(), *self._swap]:
+            _walk(v, seen, held)
+        _rewrap_scheduler_steps(held)
+        baseline = [(t, t.device.type) for t in _tensors_of(held)]
+        real = 0
+        if self.kind == "cpu":
+            from gpumagic.backends.cpu import live_storages
+
+            copied_real: set[int] = set()
+            for v in originals.values():
+                if _needs_copy(v):
+                    objs: list[Any] = []
+                    _walk(v, set(), objs)
+                    for t in _tensors_of(objs):
+                        with contextlib.suppress(RuntimeError, NotImplementedError):
+                            copied_real.add(t.untyped_storage().data_ptr())
+            excluded = copied_real | swapped_real | set(self._exclude)
+            real = sum(int(st.nbytes()) for k, st in live_storages("cpu", excluded).items())
+        session.set_baseline([baseline], real)
+        del held, baseline, copies
+
+        self._patch_world(session, fake_mode)
+
+    def _patch_world(self, session: FakeSession, fake_mode: Any) -> None:
+        import torch.optim.optimizer as optmod
+        import torch.utils.data.dataloader as dlmod
+
+        undo = self._dry_undo
+
+        def setattr_undo(owner: Any, name: str, value: Any) -> None:
+            had = name in vars(owner) if isinstance(owner, type) else hasattr(owner, name)
+            old = vars(owner)[name] if isinstance(owner, type) and had else getattr(owner, name, None)
+            setattr(owner, name, value)
+            undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
+
+        original_next = dlmod._BaseDataLoaderIter.__next__
+
+        def __next__(it: Any) -> Any:
+            # drawn for real (indices, sampler RNG and collate need values), then made fake
+            with _disable_current_modes(), torch._C.DisableTorchFunction():
+                batch = original_next(it)
+            return _fake_batch(batch, session, fake_mode)
+
+        setattr_undo(dlmod._BaseDataLoaderIter, "__next__", __next__)
+
+        if self.kind == "cuda" and self.standin:
+            for name, fn in _cuda_patches(session, self.gpu).items():
+                if hasattr(torch.cuda, name):
+                    setattr_undo(torch.cuda, name, fn)
+            autocast_cls = torch.amp.autocast_mode.autocast
+            original_init = autocast_cls.__init__
+
+            def init(ac: Any, device_type: str, dtype: Any = None, enabled: bool = True,
+                     cache_enabled: Any = None) -> None:
+                if device_type == "cuda":
+                    dtype = dtype if dtype is not None else torch.float16
+                    device_type = "cpu"
+                original_init(ac, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+            setattr_undo(autocast_cls, "__init__", init)
+        if self.kind == "cuda":
+            original_default = optmod._default_to_fused_or_foreach
+
+            def default(params: Any, differentiable: bool, use_fused: bool = False) -> tuple[bool, bool]:
+                if differentiable:
+                    return original_default(params, differentiable, use_fused)
+                return (use_fused, not use_fused)  # cuda's default: foreach, or fused when asked
+
+            setattr_undo(optmod, "_default_to_fused_or_foreach", default)
+            for mod in list(sys.modules.values()):  # optimizers import the helper by name
+                if getattr(mod, "__name__", "").startswith("torch.optim.") and \
+                        getattr(mod, "_default_to_fused_or_foreach", None) is original_default:
+                    setattr_undo(mod, "_default_to_fused_or_foreach", default)
+
+        original_swap = torch.utils.swap_tensors
+
+        def swap_tensors(t1: Any, t2: Any) -> None:
+            # Module.to()/.cuda() swaps fake parameters, and swap_tensors refuses tensors that the fake
+            # mode's memo holds weakly (pytorch#184976): drop them from the memo first
+            memo = fake_mode.fake_tensor_converter.tensor_memo
+            for k, v in list(memo.items()):
+                if v is t1 or v is t2:
+                    del memo[k]
+            original_swap(t1, t2)  # type: ignore[no-untyped-call]
+
+        setattr_undo(torch.utils, "swap_tensors", swap_tensors)
+        fake_mode.__enter__()  # type: ignore[no-untyped-call]
+        undo.append(lambda: fake_mode.__exit__(None, None, None))
+        if self.standin:
+            fmode = _StandInMode(session)
+            fmode.__enter__()  # type: ignore[no-untyped-call]
+            undo.append(lambda: fmode.__exit__(None, None, None))  # type: ignore[no-untyped-call]
+
+    def _dry_exit(self) -> None:
+        self.namespace = None  # the report stays; the namespace is the caller's
+        errors: list[BaseException] = []
+        while self._dry_undo:
+            try:
+                self._dry_undo.pop()()
+            except BaseException as e:
+                errors.append(e)
+        # the fake copies live in reference cycles: collect them now, or a later scan of live
+        # objects (find_batch's optimizer discovery) would find fake optimizers and models
+        gc.collect()
+        if errors:
+            raise errors[0]
+
+    # -- report --------------------------------------------------------------------------------
+    def _finish(self, error: BaseException | None) -> None:
+        super()._finish(error)
+        s = self._fake_session
+        assert s is not None
+        rep = self._report
+        assert rep is not None
+        notes = [f"a plan, not a measurement: the code ran on fake tensors (shapes only, no data) for {self._target()}"]
+        cap = self.capacity
+        if cap is not None:
+            fits = "fits" if rep.peak_bytes <= cap else "does NOT fit"
+            notes.append(f"planned peak {_fmt(rep.peak_bytes)} {fits} in {_fmt(cap)}")
+        if s.placeholders:
+            lines = list(s.placeholders)[:_MAX_NOTED_LINES]
+            more = len(s.placeholders) - len(lines)
+            notes.append("values read from fake tensors got placeholders (1.0 or 1; 0 for inf/NaN counts; "
+                         "True/False keeping the loop going): " + "; ".join(lines)
+                         + (f"; and {more} more" if more > 0 else ""))
+        if self.kind == "cuda":
+            kernels = sorted(a for a in s.attention if "(" in a)
+            if kernels:
+                notes.append("attention assumed to run PyTorch's fused " + ", ".join(kernels) + " kernel on "
+                             + (self.gpu.name if self.gpu else "the GPU")
+                             + ": output and log-sum-exp are saved, no L×L matrix")
+            notes.append("reserved memory predicted by a model of the CUDA caching allocator (512-byte rounding, "
+                         "2 MiB small and 20 MiB large segments); the CUDA context is not in these figures")
+        if self.kind == "mps":
+            notes.append("mps planned like cpu: Metal's own allocator rounding is not modelled")
+        rep = dataclasses.replace(rep, dry_run=True, notes=tuple(notes) + rep.notes)
+        if self.gpu is not None:
+            rep = dataclasses.replace(rep, device=f"{rep.device} ({self.gpu.name})")
+        self._report = rep
+
+    def _target(self) -> str:
+        if self.gpu is not None:
+            return f"{self.gpu.name} ({self.kind})"
+        return self.kind
+
+
+def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[], None]]) -> None:
+    """Give models and optimizers fake copies of their tensors (tied ones stay tied), and save what a
+    scheduler or scaler may change; ``undo`` gets the steps that put every original back."""
+    from torch._subclasses.fake_tensor import FakeCopyMode
+
+    memo: dict[int, Any] = {}
+
+    def fake(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        with FakeCopyMode(fake_mode):
+            return copy.deepcopy(t, memo)
+
+    modules = [o for o in objects if isinstance(o, torch.nn.Module)]
+    for m in {id(x): x for top in modules for x in top.modules()}.values():
+        for table in (m._parameters, m._buffers):
+            saved = dict(table)
+            for k, v in saved.items():
+                if v is not None:
+                    table[k] = fake(v)
+            undo.append(functools.partial(table.update, saved))
+    for o in objects:
+        if isinstance(o, torch.optim.Optimizer):
+            groups = [dict(g) for g in o.param_groups]
+            state = o.state
+            for g in o.param_groups:
+                g["params"] = [fake(p) for p in g["params"]]
+            new_state: Any = collections.defaultdict(dict)
+            for p, st in state.items():
+                new_state[fake(p)] = {k: fake(v) for k, v in st.items()}
+            o.state = new_state
+
+            def put_back(o: Any = o, groups: list[dict[str, Any]] = groups, state: Any = state) -> None:
+                for g, saved in zip(o.param_groups, groups, strict=True):
+                    g.clear()
+                    g.update(saved)
+                o.state = state
+
+            undo.append(put_back)
+        elif not isinstance(o, torch.nn.Module) and hasattr(o, "__dict__"):
+            saved_dict = {k: (copy.copy(v) if isinstance(v, (list, dict)) else v) for k, v in o.__dict__.items()}
+
+            def put_dict_back(o: Any = o, saved: dict[str, Any] = saved_dict) -> None:
+                o.__dict__.clear()
+                o.__dict__.update(saved)
+
+            undo.append(put_dict_back)
+
+
+def _fmt(n: int) -> str:
+    from gpumagic._units import format_bytes
+
+    return format_bytes(n)
+
+
+_MISSING = object()
+
+
+def _history_name(name: str) -> bool:
+    return name in ("_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih", "In", "Out", "_dh", "_exit_code") or (
+        name[:2] in ("_i", "_o") and name[2:].isdigit()) or (name[:1] == "_" and name[1:].isdigit())
+
+
+def _fake_batch(batch: Any, session: FakeSession, fake_mode: Any) -> Any:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_map
+
+    def conv(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        f = x if isinstance(x, FakeTensor) else fake_mode.from_tensor(x, static_shapes=True)
+        session.watch(f, "cpu")
+        return f
+
+    return tree_map(conv, batch)
+
+
+def run_planned(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a StopTrial (the planned steps are done) ends it quietly, like a trial."""
+    try:
+        return fn()
+    except StopTrial:
+        return None
+
+
+def capacity_note(peak: int, capacity: int | None) -> str | None:
+    if capacity is None:
+        return None
+    return f"{100 * peak / capacity:.1f}% of {_fmt(capacity)}" if math.isfinite(peak) else None
