@@ -87,6 +87,9 @@ class Backend(Protocol):
     session_enforces_capacity: bool
     """True when the device has no allocator limit of its own (cpu): a batch-size search then
     hands the capacity to the session as a budget, and says so in a note."""
+    plans_on_fake_tensors: bool
+    """True when a dry run (:mod:`gpumagic.dryrun`) can stand in for this device, so a real search
+    may plan on fake tensors first. Optional: a backend without it is never planned for."""
 
     def available(self) -> bool:
         """Whether this device can be used in this process (never initialises it)."""

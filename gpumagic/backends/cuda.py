@@ -174,6 +174,7 @@ class TorchCUDASource:
 class CUDABackend:
     name = "cuda"
     session_enforces_capacity = False
+    plans_on_fake_tensors = True
 
     def available(self) -> bool:
         return bool(_cuda().is_available())

@@ -88,6 +88,7 @@ class CPUSource:
 class CPUBackend:
     name = "cpu"
     session_enforces_capacity = True
+    plans_on_fake_tensors = True
 
     def available(self) -> bool:
         return True

@@ -101,6 +101,7 @@ def _available(torch: Any) -> bool:
 class MPSBackend:
     name = "mps"
     session_enforces_capacity = False
+    plans_on_fake_tensors = False  # the dry run models cpu and cuda only
 
     def available(self) -> bool:
         import torch
