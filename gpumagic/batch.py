@@ -160,7 +160,7 @@ class StateSnapshot:
     bindings: dict[str, Any] = field(default_factory=dict)
     plain_copies: dict[str, Any] = field(default_factory=dict)
     storage_keys: set[int] = field(default_factory=set)
-    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any], bool]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     """Objects that could not be copied before the trials (their state is what the trials leave)."""
@@ -188,7 +188,8 @@ class StateSnapshot:
                     grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
                              for p in obj.parameters()]
                     snap.members.extend(
-                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in obj.modules()
+                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules), m.training)
+                        for m in obj.modules()
                     )
             except Exception as e:  # a tensor kind that cannot be copied: say so, search anyway
                 snap.problems.append(f"could not copy {snap.describe(obj)} before the trials ({describe(e)}): "
@@ -218,7 +219,8 @@ class StateSnapshot:
     def restore(self) -> list[str]:
         """Put everything back; returns what could not be restored (empty when all was)."""
         errors = list(self.problems)
-        for m, params, buffers, modules in self.members:
+        for m, params, buffers, modules, training in self.members:
+            m.training = training  # a cell that calls model.eval() (an --eval trial) leaves train mode as it was
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
                 if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
                     now.clear()

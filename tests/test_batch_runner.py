@@ -52,6 +52,15 @@ def test_snapshot_restores_models_optimizers_schedulers_and_grads():
     assert sched.last_epoch == 2
 
 
+def test_snapshot_restores_train_and_eval_mode_of_every_module():
+    model, _opt, sched = _trained()
+    model[1].eval()  # a user's mixed state: one submodule frozen in eval mode
+    snap = StateSnapshot.take(batch._reachable_stateful([model, sched]))
+    model.eval()  # what an evaluation trial's cell does
+    snap.restore()
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
 def test_snapshot_restores_every_rng():
     snap = StateSnapshot.take([])
     expected = (torch.rand(3), random.random(), np.random.rand())
