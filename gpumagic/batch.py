@@ -647,7 +647,7 @@ def find_batch(
     dry_run: bool = False,
     gpu: str | None = None,
     namespace: MutableMapping[str, Any] | None = None,
-    plan_first: bool = True,
+    plan_first: bool = False,
     timeout_s: float = 600.0,
 ) -> BatchSearchResult:
     """Find the largest (or fastest) batch size that fits, in few trials.
@@ -673,9 +673,11 @@ def find_batch(
 
     ``dry_run=True`` plans every trial on fake tensors (see :func:`gpumagic.track`); objects made
     before are read from ``namespace`` (default: the caller's module globals). ``gpu``: a catalog
-    GPU whose usable memory is the capacity (with or without a dry run). ``plan_first``: a real
-    search first plans on fake tensors and spends real trials only to verify the plan (two when
-    it agrees within 3%; otherwise real trials decide, and the result says so).
+    GPU whose usable memory is the capacity (with or without a dry run). ``plan_first=True``: a
+    real search first plans on fake tensors and spends real trials only to verify the plan (two
+    when it agrees within 3%; otherwise real trials decide, and the result says so). The magic
+    ``%find_batch`` plans first by default; here it is opt-in, since ``trial_fn`` is called for
+    the planned trials too (it must not count or log its calls as real work).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

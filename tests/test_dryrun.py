@@ -417,3 +417,27 @@ def test_real_search_without_a_plan_says_why(ip: InteractiveShell, clean_ns: Non
     res = ip.run_cell("%%find_batch -d cpu --budget 8MiB --var bs -o -q" + cell).result
     assert any(n.startswith("no plan on fake tensors") for n in res.notes)
     assert not any(t.planned for t in res.trials)
+
+
+def test_the_python_api_plans_first_only_when_asked() -> None:
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    calls: list[int] = []
+
+    def trial(b: int) -> None:
+        calls.append(b)  # the planned trials call it too: a count here is why planning is opt-in
+        for _ in range(3):
+            loss = F.cross_entropy(model(torch.randn(b, 64)), torch.randint(0, 10, (b,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    plain = gpumagic.find_batch(trial, device="cpu", budget="8MiB", progress=False)
+    assert not any(t.planned for t in plain.trials)
+    assert len(calls) == len(plain.trials)
+    planned = gpumagic.find_batch(trial, device="cpu", budget="8MiB", progress=False, plan_first=True)
+    assert any(t.planned for t in planned.trials)
