@@ -687,7 +687,8 @@ def _tensors_of(objs: Iterable[Any]) -> list[torch.Tensor]:
     for o in objs:
         if isinstance(o, torch.Tensor):
             out.append(o)
-            if o.grad is not None:
+            # only leaves have .grad (reading a non-leaf's warns: no warning of ours reaches the user)
+            if o.is_leaf and o.grad is not None:
                 out.append(o.grad)
         elif isinstance(o, torch.nn.Module):
             for p in o.parameters():
