@@ -92,3 +92,49 @@ def test_nccl_ranks_gather_their_reports_and_agree_on_a_batch_size(tmp_path):
     assert all("error" not in r for r in found), found
     assert len({json.dumps(r["result"]["trials"]) for r in found}) == 1
     assert all(r["restored"] and r["trained_after"] and r["grads_equal_across_ranks"] for r in found)
+
+
+# --- dry runs against the CUDA allocator (issue 13): the same cells, planned and measured ----------
+
+_DRY_CELLS = {
+    "mlp": ("model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),"
+            " nn.Linear(4096, 10)).cuda()\nopt = torch.optim.AdamW(model.parameters())\n"
+            "x = torch.randn(512, 1024, device='cuda'); y = torch.randint(0, 10, (512,), device='cuda')\n",
+            "for _ in range(3):\n    loss = F.cross_entropy(model(x), y)\n"
+            "    opt.zero_grad(); loss.backward(); opt.step()\n"),
+    "cnn_bn": ("model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),"
+               " nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),"
+               " nn.Linear(64 * 32 * 32, 10)).cuda()\nopt = torch.optim.Adam(model.parameters())\n"
+               "x = torch.randn(128, 3, 32, 32, device='cuda'); y = torch.randint(0, 10, (128,), device='cuda')\n",
+               "for _ in range(3):\n    loss = F.cross_entropy(model(x), y)\n"
+               "    opt.zero_grad(); loss.backward(); opt.step()\n"),
+    "transformer": ("layer = nn.TransformerEncoderLayer(512, 8, 2048, batch_first=True)\n"
+                    "model = nn.TransformerEncoder(layer, 6).cuda()\nopt = torch.optim.AdamW(model.parameters())\n"
+                    "x = torch.randn(32, 256, 512, device='cuda')\n",
+                    "for _ in range(3):\n    loss = model(x).pow(2).mean()\n"
+                    "    opt.zero_grad(); loss.backward(); opt.step()\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DRY_CELLS))
+def test_dry_run_on_cuda_is_within_5_percent_of_the_allocator(name):
+    _cuda()
+    setup, cell = _DRY_CELLS[name]
+    ns = {"torch": torch, "nn": nn, "F": F}
+    torch.manual_seed(0)
+    exec(setup, ns)
+    # cuBLAS/cuDNN workspaces come with the first kernels: make them before either measurement
+    with torch.no_grad():
+        ns["model"](ns["x"])
+    torch.cuda.synchronize()
+    with gpumagic.track(device="cuda", dry_run=True, namespace=ns) as t:
+        exec(cell, ns)
+    plan = t.report
+    assert plan.dry_run
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    exec(cell, ns)
+    torch.cuda.synchronize()
+    real = torch.cuda.max_memory_allocated() - base
+    assert plan.peak_delta_bytes == pytest.approx(real, rel=0.05), (plan.peak_delta_bytes, real)
