@@ -244,11 +244,16 @@ CUDA_OOM = (
 def test_oom_advice_names_the_rank_and_states_the_global_batch() -> None:
     from gpumagic.oom import AdviceContext, advise, parse
 
-    advice = advise(parse(CUDA_OOM), AdviceContext(batch_size=64, rank=1, world_size=4))
+    # a size to use needs a measurement (here a search's line: 128 MiB per sample, nothing fixed);
+    # from the message alone the advice is the measuring command, with no size to scale
+    per_sample = 128 * 2**20
+    ctx = AdviceContext(batch_size=64, rank=1, world_size=4, bytes_per_sample=per_sample, intercept_bytes=0,
+                        fit_source="search")
+    advice = advise(parse(CUDA_OOM), ctx)
     first = advice.suggestions[0]
     assert advice.headline.startswith("Rank 1 of 4: ")
-    assert first.batch_size == 32
-    assert "global batch 32 × 4 ranks = 128, was 64 × 4 = 256" in first.detail
+    assert first.batch_size == 53  # 95% of the 7 GiB usable at 128 MiB per sample
+    assert "global batch 53 × 4 ranks = 212, was 64 × 4 = 256" in first.detail
 
 
 def test_oom_advice_finds_the_rank_in_a_start_processes_error() -> None:
