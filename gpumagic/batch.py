@@ -528,6 +528,19 @@ def _progress(
         bar.close()
 
 
+def _compiled(objects: Iterable[Any]) -> bool:
+    """A torch.compile'd module among the objects: not planned on fake tensors (running fake
+    tensors through it recompiles it, and dynamo's weakref callbacks fail when they are collected)."""
+    return any(type(o).__name__ == "OptimizedModule" for o in objects)
+
+
+def _report_trial(progress: bool | Callable[[Trial, int], None], trial: Trial, index: int) -> None:
+    """Progress for a real trial run outside the search (the plan's verification)."""
+    with _progress(progress) as on_trial:
+        if on_trial is not None:
+            on_trial(trial, index)
+
+
 _PLAN_AGREES = 0.03
 """A real trial within this share of the plan verifies it; further off, real trials decide."""
 
@@ -566,6 +579,8 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
         note = (f"the plan on fake tensors was off at batch {b1} (planned {format_bytes(expected)}, {got}): "
                 "the search trusted real trials")
         return _with_notes(_run_search(runner, **kw), [note])
+    # reported once it verifies the plan: otherwise the search below numbers its own trials from 1
+    _report_trial(kw["progress"], first_trial, 0)
     ratio = first_trial.peak_bytes / expected
     capacity = kw["capacity"]
     corrected = Fit(fit.intercept_bytes * ratio, fit.bytes_per_sample * ratio, fit.r2, fit.points)
@@ -579,6 +594,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
            f"planned ({ratio - 1:+.1%})")
     if top > b1:
         second = runner(top)
+        _report_trial(kw["progress"], second, 1)
         real.append(second)
         if second.oom or not second.peak_bytes:
             how += f"; batch {top} ran out of memory"
@@ -735,7 +751,7 @@ def find_batch(
         )
         plan_runner = None
         # ranks would plan apart; heaviest batches and forward-only trials are not planned
-        plannable = getattr(backend, "plans_on_fake_tensors", False)
+        plannable = getattr(backend, "plans_on_fake_tensors", False) and not _compiled(objects)
         if plan_first and plannable and agreement is None and heavy is None and not eval:
             # the trial function reaches its objects through a closure: their tensors are swapped in place
             plan_runner = TrialRunner(
@@ -1067,7 +1083,8 @@ def find_batch_in_namespace(
                          has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation, plan=plan)
     plan_runner = None
     # forward-only trials and heaviest batches (--loader) are not planned
-    if plan is None and loader is None and not evaluation and getattr(backend, "plans_on_fake_tensors", False):
+    if (plan is None and loader is None and not evaluation and getattr(backend, "plans_on_fake_tensors", False)
+            and not _compiled(objects)):
         plan_runner = TrialRunner(
             body, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
             observed=_Observed(), plan={"namespace": ns, "device": dev.type, "gpu": None, "budget": capacity,
