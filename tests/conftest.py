@@ -87,3 +87,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marked and not available():  # asked only when some test needs the answer
             for item in marked:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# In CI, one full run (2026-12-01) printed its summary and then died with a segmentation fault in
+# the interpreter's teardown (torch/dynamo/gloo destructors after ~2,000 tests; cause not found).
+# The tests had all reported by then: under CI, leave with pytest's own exit status before that
+# teardown. Local runs keep the ordinary exit, so such a crash stays visible there.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if os.environ.get("CI") == "true" and _EXIT_STATUS:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
