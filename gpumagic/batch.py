@@ -27,6 +27,7 @@ import torch
 from gpumagic import backends, heaviest
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
+from gpumagic._plain import plain_container
 from gpumagic._progress import text_progress
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
 
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
 
 
@@ -211,7 +211,7 @@ class StateSnapshot:
             snap.namespace = namespace
             snap.bindings = dict(namespace)
             for name, v in snap.bindings.items():
-                if name.startswith("_") or not _plain_container(v):
+                if name.startswith("_") or not plain_container(v):
                     continue
                 snap.plain_copies[name] = copy.deepcopy(v)
         return snap
@@ -264,21 +264,6 @@ def _ipython_history_name(name: str) -> bool:
         name[:2] in ("_i", "_o") and name[2:].isdigit()) or (name[:1] == "_" and name[1:].isdigit())
 
 
-def _plain_container(v: Any, depth: int = 0) -> bool:
-    """Lists/dicts/sets of plain values (a log of losses, a config dict): small enough to copy."""
-    if isinstance(v, (list, set)):
-        return len(v) <= 100_000 and all(_plain_value(x, depth) for x in v)
-    if isinstance(v, dict):
-        return len(v) <= 100_000 and all(_plain_value(k, depth) and _plain_value(x, depth) for k, x in v.items())
-    return False
-
-
-def _plain_value(v: Any, depth: int) -> bool:
-    if isinstance(v, _PLAIN):
-        return True
-    if isinstance(v, tuple):
-        return all(_plain_value(x, depth) for x in v)
-    return depth < 2 and _plain_container(v, depth + 1)
 
 
 def _restore_in_place(obj: Any, saved: Any) -> None:

@@ -55,13 +55,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from gpumagic._plain import PLAIN, plain_container
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import StopTrial, Tracker
 
 __all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "cuda_is_real", "plan_target"]
 
 _aten = torch.ops.aten
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
 _FLAG_OPS = {"isnan", "isinf", "isneginf", "isposinf"}
 _MAX_NOTED_LINES = 4
 
@@ -604,7 +604,7 @@ def _needs_copy(v: Any, depth: int = 0) -> bool:
 
     if _stateful(v):
         return True
-    if isinstance(v, (type, DataLoader, *_PLAIN)) or (callable(v) and not hasattr(v, "__dict__")):
+    if isinstance(v, (type, DataLoader, *PLAIN)) or (callable(v) and not hasattr(v, "__dict__")):
         return False
     if depth >= 2:
         return False
@@ -618,20 +618,6 @@ def _needs_copy(v: Any, depth: int = 0) -> bool:
     return isinstance(d, dict) and any(_stateful(x) for x in list(d.values())[:1000])
 
 
-def _plain_container(v: Any, depth: int = 0) -> bool:
-    if isinstance(v, (list, set)):
-        return len(v) <= 100_000 and all(_plain_value(x, depth) for x in v)
-    if isinstance(v, dict):
-        return len(v) <= 100_000 and all(_plain_value(k, depth) and _plain_value(x, depth) for k, x in v.items())
-    return False
-
-
-def _plain_value(v: Any, depth: int) -> bool:
-    if isinstance(v, _PLAIN):
-        return True
-    if isinstance(v, tuple):
-        return all(_plain_value(x, depth) for x in v)
-    return depth < 2 and _plain_container(v, depth + 1)
 
 
 def _rewrap_scheduler_steps(objects: Iterable[Any]) -> None:
@@ -812,7 +798,7 @@ class DryTracker(Tracker):
         if ns is not None:
             originals = dict(ns)
             plain = {k: copy.deepcopy(v) for k, v in originals.items()
-                     if not k.startswith("_") and _plain_container(v)}
+                     if not k.startswith("_") and plain_container(v)}
             names = [k for k, v in originals.items() if not k.startswith("_") and k not in ("In", "Out")
                      and _needs_copy(v)]
             if names:
