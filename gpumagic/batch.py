@@ -451,14 +451,16 @@ def _run_search(
     """Run the search over ``runner``; the result carries ``notes`` and what the trials noticed."""
     from gpumagic import search as search_mod
 
-    user_error: list[BaseException] = []
+    # a flag, not the exception: a kept exception's frames would hold this closure, a cycle that
+    # keeps the user's tensors alive until the next garbage collection
+    user_error: list[bool] = []
 
     def run_trial(b: int) -> Trial:
         try:
             trial = runner(b)
         except BaseException as e:  # the user's code failed: not an options problem
             if not isinstance(e, BadOptions):
-                user_error.append(e)
+                user_error.append(True)
             raise
         _check_loader_follows(runner.observed, b)
         return trial
@@ -544,14 +546,17 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
+    failed: str | None = None
     try:
         plan = _run_search(plan_runner, **{**kw, "progress": False})
     except (KeyboardInterrupt, BadOptions):
         raise
     except Exception as e:  # the code cannot run on fake tensors: search as before
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        note = f"no plan on fake tensors ({type(e).__name__}: {first[:200]}): every trial ran for real"
-        return _with_notes(_run_search(runner, **kw), [note])
+        failed = f"no plan on fake tensors ({type(e).__name__}: {first[:200]}): every trial ran for real"
+        e.__traceback__ = None  # its frames hold the fake copies of the user's objects
+    if failed is not None:  # searched after the except block, so the exception is gone by then
+        return _with_notes(_run_search(runner, **kw), [failed])
     b1, fit = plan.recommended_batch_size, plan.fit
     planned = {t.batch_size: t.peak_bytes for t in plan.trials if not t.oom and t.peak_bytes}
     if b1 is None or fit is None:

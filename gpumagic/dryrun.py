@@ -45,6 +45,7 @@ import functools
 import gc
 import math
 import random
+import warnings
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
@@ -803,12 +804,19 @@ class DryTracker(Tracker):
                      and _needs_copy(v)]
             if names:
                 memo: dict[int, Any] = {}
+                failed: str | None = None
                 try:
-                    with FakeCopyMode(fake_mode):
-                        values = copy.deepcopy([originals[k] for k in names], memo)
+                    # torch's copier warns about what it reads (a non-leaf tensor's .grad): its noise,
+                    # not the user's, and never an error under the user's warning filters
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        with FakeCopyMode(fake_mode):
+                            values = copy.deepcopy([originals[k] for k in names], memo)
                 except Exception as e:
-                    raise DryRunError(f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})",
-                                      None) from None
+                    failed = f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})"
+                    e.__traceback__ = None  # its frames hold the originals
+                if failed is not None:
+                    raise DryRunError(failed, None)
                 copies = dict(zip(names, values, strict=True))
 
             def restore_ns() -> None:

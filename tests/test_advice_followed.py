@@ -15,15 +15,6 @@ from advice_loops import LOOPS, experiment_at, summary
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-# Known broken since the merge of the OOM-advice branch with the rest (see the closing note of
-# that session): in a pytest session the true maxima below shift with what ran before (631 no
-# longer fits after the first loop's cases; bisection then finds maxima that 1.3x of runs
-# without an OOM), so the cases cannot be set up. Not strict: when the cause is fixed it passes.
-pytestmark = pytest.mark.xfail(
-    reason="true maxima depend on what the session ran before (order-dependent peak); under investigation",
-    strict=False,
-)
-
 # the largest batch size each loop's cell runs at under its budget (bench/advice_followed.py)
 TRUE_MAX = dict(zip((loop.name for loop in LOOPS), (1113, 631, 264, 1124, 811, 215, 813, 102), strict=True))
 

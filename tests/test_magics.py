@@ -203,6 +203,7 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkp
     assert [s.batch_size for s in r.result.steps] == [16, 16, 16, 16]
 
 
+@pytest.mark.own_process
 def test_compiled_model_is_measured(ip, clean_ns):
     r = run(ip, """
 %%gpumem -o -q -d cpu

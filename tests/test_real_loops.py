@@ -701,6 +701,7 @@ COMPILED_CELL = "train_dataloader = DataLoader(training_data, batch_size=batch_s
                 "train(train_dataloader, model, loss_fn, optimizer)\n"
 
 
+@pytest.mark.own_process
 def test_compiled_quickstart_records_its_losses(ip, clean_ns):
     setup(ip, COMPILED)
     rep = gpumem(ip, COMPILED_CELL)
@@ -708,12 +709,12 @@ def test_compiled_quickstart_records_its_losses(ip, clean_ns):
     assert rep.total_steps == 4
 
 
-# dynamo's own weakref callbacks can fail when its caches are collected after other tests' fake
-# tensors (an "Exception ignored in ExactWeakKeyDictionary" at gc): torch's noise, not the cell's
+# dynamo's own weakref callbacks can fail when its caches are collected (an "Exception ignored in
+# ExactWeakKeyDictionary" at gc, KeyError '__builtins_dict___0'): torch's noise, not the cell's.
+# Both compiled tests run in their own process (conftest), so it cannot reach other tests.
+@pytest.mark.own_process
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_compiled_quickstart_is_searched_and_restored(ip, clean_ns):
     setup(ip, COMPILED)
     res = find_batch(ip, COMPILED_CELL, "--var batch_size --max 64")
     assert res.max_batch_size == 64
-    # runs last: after this search on a compiled model, the DCGAN %%gpumem test failed once in the same
-    # process (KeyError '__builtins_dict___0' from dynamo); not yet understood
