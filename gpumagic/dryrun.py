@@ -45,26 +45,29 @@ import functools
 import gc
 import math
 import random
-import warnings
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from gpumagic import backends
 from gpumagic._plain import PLAIN, plain_container
+from gpumagic.backends import DryRunTarget
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import StopTrial, Tracker
 
-__all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "cuda_is_real", "plan_target"]
+__all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "plan_target"]
 
 _aten = torch.ops.aten
 _FLAG_OPS = {"isnan", "isinf", "isneginf", "isposinf"}
 _MAX_NOTED_LINES = 4
+_HOST = "cpu"  # where fake tensors live: not a device kind to plan for, the one place they can run
 
 
 class DryRunError(RuntimeError):
@@ -83,10 +86,6 @@ class DryRunError(RuntimeError):
         return [f"{type(self).__name__}: {self}"]
 
 
-def cuda_is_real() -> bool:
-    return bool(torch.cuda.is_available())
-
-
 def attention_kernel(gpu: GPU | None, dtype: torch.dtype) -> str:
     """The fused attention kernel PyTorch picks on ``gpu`` for ``dtype`` (no dropout-free special cases).
 
@@ -99,24 +98,49 @@ def attention_kernel(gpu: GPU | None, dtype: torch.dtype) -> str:
     return "memory-efficient"
 
 
+def _plannable() -> list[tuple[str, DryRunTarget, backends.Backend]]:
+    """(name, dry-run target, backend) of every registered device a dry run can plan for, in order."""
+    out = []
+    for b in backends.registry():
+        target = backends.dry_run_target(b)
+        if target is not None:
+            out.append((b.name, target, b))
+    return out
+
+
+def _target_of(kind: str) -> DryRunTarget:
+    """The dry-run target of the device kind ``kind`` (one :func:`plan_target` accepted)."""
+    found = next((t for name, t, _ in _plannable() if name == kind), None)
+    if found is None:
+        raise ValueError(f"a dry run cannot plan for {kind!r}")
+    return found
+
+
 def plan_target(device: str | None, gpu: str | GPU | None, budget: int | None) -> tuple[str, GPU | None, int | None]:
     """(device kind, GPU, capacity) of a dry run; ValueError naming what is wrong.
 
-    ``device``: "cpu", "cuda", "cuda:N" or "mps" (default: cuda when a GPU is named, else the
-    device the code would pick: cuda if available, else mps, else cpu).
+    ``device``: a device a backend can plan for, "cpu", "cuda", "cuda:N" or "mps" (default: the
+    first that takes a catalog GPU when one is named, else the first available in the registry's
+    order: cuda, mps, cpu).
     """
     if gpu is not None and budget is not None:
         raise ValueError("give either a GPU (--gpu) or a budget (--budget) for a dry run, not both")
     g = lookup(gpu) if isinstance(gpu, str) else gpu
+    plannable = _plannable()
     if device is None:
-        mps = getattr(torch.backends, "mps", None)
-        has_mps = mps is not None and mps.is_available()
-        device = "cuda" if g is not None or cuda_is_real() else "mps" if has_mps else "cpu"
+        chosen = next((name for name, t, b in plannable if (t.named_gpu if g is not None else b.available())), None)
+        if chosen is None:
+            raise ValueError("no registered device can be planned for" + (f" on --gpu {g.name}" if g else ""))
+        device = chosen
     kind = str(device).split(":")[0]
-    if kind not in ("cpu", "cuda", "mps") or (":" in str(device) and not str(device).split(":")[1].isdigit()):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    if g is not None and kind != "cuda":
-        raise ValueError(f"--gpu {g.name} plans for cuda; the device given is {device!r}")
+    names = [name for name, _, _ in plannable]
+    if kind not in names or (":" in str(device) and not str(device).split(":")[1].isdigit()):
+        allowed = [f"'{n}', '{n}:N'" if getattr(b, "indexed", False) else f"'{n}'" for n, _, b in plannable]
+        raise ValueError(f"device must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {device!r}"
+                         if len(allowed) > 1 else f"device must be {allowed[0]}, got {device!r}")
+    if g is not None and not _target_of(kind).named_gpu:
+        gpu_kinds = " or ".join(n for n, t, _ in plannable if t.named_gpu)
+        raise ValueError(f"--gpu {g.name} plans for {gpu_kinds}; the device given is {device!r}")
     capacity = budget if budget is not None else (g.capacity_bytes if g is not None else None)
     return kind, g, capacity
 
@@ -192,7 +216,7 @@ class FakeSession:
     """A :class:`~gpumagic.backends.MemorySession` over fake tensors: live bytes on the planned device.
 
     Storages are keyed by their StorageImpl; each carries the device kind it stands for ("cpu",
-    or "cuda" for a stand-in), and only those of the planned kind are counted.
+    or the planned kind for a stand-in), and only those of the planned kind are counted.
     """
 
     dry = True
@@ -201,8 +225,10 @@ class FakeSession:
                  standin: bool, fake_mode: Any) -> None:
         from gpumagic._allocator import CachingAllocatorModel
 
+        backend = backends.get(kind)
+        self.target = _target_of(kind)
         self.backend = kind
-        self.device = f"{kind}:{index}" if kind == "cuda" else kind
+        self.device = f"{kind}:{index}" if getattr(backend, "indexed", False) else kind
         self.kind = kind
         self.budget_bytes = budget
         self.gpu = gpu
@@ -210,7 +236,9 @@ class FakeSession:
         self.standin = standin
         self.fake_mode = fake_mode
         self._capacity = capacity
-        self._alloc = CachingAllocatorModel(capacity) if kind == "cuda" else None
+        self._alloc = CachingAllocatorModel(capacity) if self.target.caching_allocator else None
+        # a stand-in refuses tensors of these device kinds before a kernel sees one
+        self.refused = {kind, *(n for n, t, _ in _plannable() if t.kernels_refuse_fakes())}
         self._refs: dict[int, _Ref] = {}
         self._flags: set[int] = set()  # storages of isnan/isinf results and what they feed
         self._cur = 0
@@ -266,10 +294,10 @@ class FakeSession:
         try:
             r = self._refs.get(int(t.untyped_storage()._cdata))
         except (RuntimeError, NotImplementedError):
-            return "cpu"
+            return _HOST
         if r is None:
             return t.device.type
-        return self.kind if r.counted else ("cpu" if self.kind != "cpu" else "other")
+        return self.kind if r.counted else ("other" if self.target.host else _HOST)
 
     def tensor_bytes(self, t: Any, seen: set[int]) -> int:
         """Bytes of ``t``'s storage if counted on the planned device and not in ``seen`` (then added)."""
@@ -390,8 +418,9 @@ class _CountMode(TorchDispatchMode):
                 made_on = s.kind
                 kwargs = {**kwargs, "device": torch.device("cpu")}
             for t in _tensors(args):
-                if t.device.type in ("cuda", s.kind):  # never let a fake CUDA tensor reach a kernel on a CPU build
-                    raise DryRunError(f"a CUDA tensor reached {func} on a machine without CUDA", _user_line())
+                if t.device.type in s.refused:  # a fake CUDA tensor in a kernel aborts a CPU build
+                    kind = t.device.type.upper()
+                    raise DryRunError(f"a {kind} tensor reached {func} on a machine without {kind}", _user_line())
         try:
             out = func(*args, **kwargs)
         except s._errors as e:
@@ -417,10 +446,10 @@ class _CountMode(TorchDispatchMode):
         inputs = list(_tensors(args))
         flagged = name in _FLAG_OPS or bool(s._flags and any(_storage_key(t) in s._flags for t in inputs))
         if made_on is None:
-            made_on = "cpu"
+            made_on = _HOST
             for t in inputs:
                 d = s.device_of(t)
-                if d != "cpu":
+                if d != _HOST:
                     made_on = d
                     break
         if name == "_amp_foreach_non_finite_check_and_unscale_" and len(args) > 1:
@@ -492,11 +521,11 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the cell sees cuda
+# the cell sees the planned device
 
 
 class _StandInMode(TorchFunctionMode):
-    """Python-level calls that would need CUDA: moves to cuda become copies on the stand-in device."""
+    """Python-level calls that would need the planned device: moves to it become copies on the stand-in."""
 
     def __init__(self, session: FakeSession) -> None:
         super().__init__()
@@ -529,7 +558,7 @@ class _StandInMode(TorchFunctionMode):
     def _move(self, t: torch.Tensor, kind: str, dtype: Any, non_blocking: bool, *, copy: bool = False,
               memory_format: Any = None) -> torch.Tensor:
         s = self.s
-        target = s.kind if kind == "cuda" else kind
+        target = s.kind if kind in s.target.moves_from else kind
         if s.device_of(t) == target and not copy:
             return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
         extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
@@ -537,54 +566,6 @@ class _StandInMode(TorchFunctionMode):
             extra["memory_format"] = memory_format
         with s.creating(target):
             return t.to("cpu", copy=True, non_blocking=non_blocking, **extra)
-
-
-def _device_props(gpu: GPU) -> Any:
-    return SimpleNamespace(
-        name=f"{gpu.name} (planned by gpumagic)", total_memory=gpu.total_bytes, major=gpu.compute_capability[0],
-        minor=gpu.compute_capability[1], multi_processor_count=0, is_integrated=False,
-    )
-
-
-def _cuda_patches(session: FakeSession, gpu: GPU | None) -> dict[str, Any]:
-    """Answers of the ``torch.cuda`` queries for the planned GPU, as {name: replacement}."""
-    g = gpu
-    total = g.total_bytes if g is not None else (session.capacity() or 0)
-
-    def none(*a: Any, **k: Any) -> None:
-        return None
-
-    def alloc(*a: Any, **k: Any) -> int:
-        return session.current()
-
-    def peak(*a: Any, **k: Any) -> int:
-        return session.peak()
-
-    def reserved(*a: Any, **k: Any) -> int:
-        return session.reserved() or 0
-
-    def max_reserved(*a: Any, **k: Any) -> int:
-        return session.reserved_peak() or 0
-
-    def mem_get_info(*a: Any, **k: Any) -> tuple[int, int]:
-        cap = session.capacity() or total
-        return max(0, cap - (session.reserved() or 0)), total
-
-    return {
-        "is_available": lambda: True,
-        "device_count": lambda: 1,
-        "current_device": lambda: 0,
-        "get_device_name": lambda *a, **k: g.name if g is not None else "planned GPU",
-        "get_device_capability": lambda *a, **k: g.compute_capability if g is not None else (8, 0),
-        "get_device_properties": lambda *a, **k: _device_props(g) if g is not None else SimpleNamespace(
-            name="planned GPU", total_memory=total, major=8, minor=0, multi_processor_count=0),
-        "is_bf16_supported": lambda *a, **k: g.bf16 if g is not None else True,
-        "synchronize": none, "empty_cache": none, "set_device": none, "reset_peak_memory_stats": none,
-        "reset_max_memory_allocated": none, "reset_accumulated_memory_stats": none,
-        "manual_seed": none, "manual_seed_all": none, "seed": none, "seed_all": none,
-        "memory_allocated": alloc, "max_memory_allocated": peak, "memory_reserved": reserved,
-        "max_memory_reserved": max_reserved, "mem_get_info": mem_get_info,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,12 +701,14 @@ class DryTracker(Tracker):
         index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else 0
         super().__init__("cpu", None, stop_after_steps=steps, stop_after_backwards=None if steps is None else
                          steps * 16, exclude_storages=exclude_storages, on_step=on_step)
-        self.device = torch.device(kind, index) if kind == "cuda" else torch.device(kind)
+        backend = backends.get(kind)
+        self.target = _target_of(kind)
+        self.device = torch.device(kind, index) if getattr(backend, "indexed", False) else torch.device(kind)
         self.budget = bud
         self.gpu = g
         self.kind = kind
         self.capacity = capacity
-        self.standin = kind != "cpu" and not (kind == "cuda" and cuda_is_real())
+        self.standin = self.target.stands_in()
         self.namespace = namespace
         self._swap = list(objects)
         """Models, optimizers, schedulers and scalers reached by the code without the namespace (a closure):
@@ -849,7 +832,7 @@ class DryTracker(Tracker):
         _rewrap_scheduler_steps(held)
         baseline = [(t, t.device.type) for t in _tensors_of(held)]
         real = 0
-        if self.kind == "cpu":
+        if self.target.host:
             from gpumagic.backends.cpu import live_storages
 
             copied_real: set[int] = set()
@@ -889,28 +872,16 @@ class DryTracker(Tracker):
 
         setattr_undo(dlmod._BaseDataLoaderIter, "__next__", __next__)
 
-        if self.kind == "cuda" and self.standin:
-            for name, fn in _cuda_patches(session, self.gpu).items():
-                if hasattr(torch.cuda, name):
-                    setattr_undo(torch.cuda, name, fn)
-            autocast_cls = torch.amp.autocast_mode.autocast
-            original_init = autocast_cls.__init__
-
-            def init(ac: Any, device_type: str, dtype: Any = None, enabled: bool = True,
-                     cache_enabled: Any = None) -> None:
-                if device_type == "cuda":
-                    dtype = dtype if dtype is not None else torch.float16
-                    device_type = "cpu"
-                original_init(ac, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
-
-            setattr_undo(autocast_cls, "__init__", init)
-        if self.kind == "cuda":
+        if self.standin:
+            for owner, name, value in self.target.standin_patches(session, self.gpu):
+                setattr_undo(owner, name, value)
+        if self.target.foreach_optimizers:
             original_default = optmod._default_to_fused_or_foreach
 
             def default(params: Any, differentiable: bool, use_fused: bool = False) -> tuple[bool, bool]:
                 if differentiable:
                     return original_default(params, differentiable, use_fused)
-                return (use_fused, not use_fused)  # cuda's default: foreach, or fused when asked
+                return (use_fused, not use_fused)  # the device's default: foreach, or fused when asked
 
             setattr_undo(optmod, "_default_to_fused_or_foreach", default)
             for mod in list(sys.modules.values()):  # optimizers import the helper by name
@@ -969,16 +940,12 @@ class DryTracker(Tracker):
             notes.append("values read from fake tensors got placeholders (1.0 or 1; 0 for inf/NaN counts; "
                          "True/False keeping the loop going): " + "; ".join(lines)
                          + (f"; and {more} more" if more > 0 else ""))
-        if self.kind == "cuda":
-            kernels = sorted(a for a in s.attention if "(" in a)
-            if kernels:
-                notes.append("attention assumed to run PyTorch's fused " + ", ".join(kernels) + " kernel on "
-                             + (self.gpu.name if self.gpu else "the GPU")
-                             + ": output and log-sum-exp are saved, no L×L matrix")
-            notes.append("reserved memory predicted by a model of the CUDA caching allocator (512-byte rounding, "
-                         "2 MiB small and 20 MiB large segments); the CUDA context is not in these figures")
-        if self.kind == "mps":
-            notes.append("mps planned like cpu: Metal's own allocator rounding is not modelled")
+        kernels = sorted(a for a in s.attention if "(" in a)
+        if self.target.fused_attention and kernels:
+            notes.append("attention assumed to run PyTorch's fused " + ", ".join(kernels) + " kernel on "
+                         + (self.gpu.name if self.gpu else "the GPU")
+                         + ": output and log-sum-exp are saved, no L×L matrix")
+        notes.extend(self.target.notes)
         rep = dataclasses.replace(rep, dry_run=True, notes=tuple(notes) + rep.notes)
         if self.gpu is not None:
             rep = dataclasses.replace(rep, device=f"{rep.device} ({self.gpu.name})")
@@ -1061,7 +1028,7 @@ def _fake_batch(batch: Any, session: FakeSession, fake_mode: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
         f = x if isinstance(x, FakeTensor) else fake_mode.from_tensor(x, static_shapes=True)
-        session.watch(f, "cpu")
+        session.watch(f, _HOST)
         return f
 
     return tree_map(conv, batch)

@@ -3,9 +3,10 @@
 A :class:`Backend` owns everything gpumagic knows about one kind of device: whether it is
 here, which ``torch.device`` a name like ``"cuda:1"`` means, a measuring session with an
 optional budget, the device's status and capacity, emptying its cache, its RNG state, a
-source of samples for the live monitor, and the processes holding its memory. Everything
-else (tracking, the batch search, the monitor, the magics) loops over :func:`registry` and
-never branches on a device name.
+source of samples for the live monitor, the processes holding its memory, which device a
+local rank uses, which words of an out-of-memory message name it, and what a dry run needs to
+plan for it (:class:`DryRunTarget`). Everything else (tracking, the dry run, the batch search,
+the monitor, the magics) loops over :func:`registry` and never branches on a device name.
 
 Order matters: the first available backend is the default device (cuda, then mps, then cpu).
 Adding a device is one module with a ``BACKEND`` object and one :func:`register` call::
@@ -25,9 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from gpumagic.gpus import GPU
     from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 
-__all__ = ["Backend", "MemorySession", "SampleSource", "get", "register", "registry", "unregister"]
+__all__ = [
+    "Backend", "DryRunTarget", "MemorySession", "PlannedMemory", "SampleSource", "dry_run_target", "get",
+    "register", "registry", "unregister",
+]
 
 
 class MemorySession(Protocol):
@@ -79,6 +84,65 @@ class SampleSource(Protocol):
     def __call__(self) -> Sequence[DeviceSample]: ...
 
 
+class PlannedMemory(Protocol):
+    """The figures of a dry run's session (:class:`gpumagic.dryrun.FakeSession`), in bytes, that a
+    stand-in's answers read while the code runs."""
+
+    def current(self) -> int: ...
+
+    def peak(self) -> int: ...
+
+    def reserved(self) -> int | None: ...
+
+    def reserved_peak(self) -> int | None: ...
+
+    def capacity(self) -> int | None: ...
+
+
+class DryRunTarget(Protocol):
+    """What a dry run (:mod:`gpumagic.dryrun`) needs from a device kind it plans memory for.
+
+    A plan runs the code on fake tensors. Where fake tensors of the device cannot exist here, fake
+    CPU tensors *stand in* for them and the device's own API answers as the planned device::
+
+        target = backends.get("cuda").dry_run
+        target.stands_in()        # True on a machine without CUDA
+    """
+
+    host: bool
+    """The planned memory is the host's, where fake tensors live (cpu): real CPU tensors held
+    before the block count toward the baseline, and nothing stands in."""
+    caching_allocator: bool
+    """Memory goes through a caching allocator: a model of it (:mod:`gpumagic._allocator`) rounds
+    sizes and predicts reserved memory."""
+    named_gpu: bool
+    """A catalog GPU (``--gpu T4``, :mod:`gpumagic.gpus`) can be planned for on this device."""
+    foreach_optimizers: bool
+    """Optimizers take their foreach implementation by default here (torch's choice for this
+    device's tensors): the plan makes them take it on fake CPU tensors too."""
+    fused_attention: bool
+    """scaled_dot_product_attention runs a fused kernel picked by GPU and dtype: the plan's notes
+    name the one it assumed."""
+    moves_from: tuple[str, ...]
+    """Other device types whose moves in the code (``.to("cuda")``) land on this device while
+    it is stood in for."""
+    notes: tuple[str, ...]
+    """What every plan for this device says about its approximations."""
+
+    def stands_in(self) -> bool:
+        """Whether fake CPU tensors stand in for this device's (cuda without CUDA, mps); False when
+        fake tensors of the device itself can exist here, or the device is the host."""
+
+    def kernels_refuse_fakes(self) -> bool:
+        """Whether a fake tensor of this device would fail in a kernel here (cuda without CUDA: a
+        CPU build aborts), so a stand-in refuses such a tensor before it reaches one."""
+
+    def standin_patches(self, memory: PlannedMemory, gpu: GPU | None) -> list[tuple[Any, str, Any]]:
+        """(owner, attribute, value) to set while the code runs on a stand-in, each restored after:
+        the device module's queries answered for the planned device (``gpu``, else ``memory``'s
+        capacity), its autocast run on the CPU. Empty when nothing needs answering."""
+
+
 class Backend(Protocol):
     """One kind of device. Methods that take a device get one this backend's :meth:`parse` made."""
 
@@ -88,8 +152,16 @@ class Backend(Protocol):
     """True when the device has no allocator limit of its own (cpu): a batch-size search then
     hands the capacity to the session as a budget, and says so in a note."""
     plans_on_fake_tensors: bool
-    """True when a dry run (:mod:`gpumagic.dryrun`) can stand in for this device, so a real search
-    may plan on fake tensors first. Optional: a backend without it is never planned for."""
+    """True when a real search on this device may plan on fake tensors first (its dry run is close
+    enough to pick the sizes to verify). Optional: a backend without it is never planned for."""
+    indexed: bool
+    """There can be several of this device, named ``name:N`` (cuda); else ``name`` is the one
+    device. Optional: False when absent."""
+    oom_device_types: tuple[str, ...]
+    """The ``device_type`` words of a parsed out-of-memory message (:class:`gpumagic.oom.OOMInfo`)
+    that mean this device: advice after such an error inspects and measures it. Optional: none."""
+    dry_run: DryRunTarget | None
+    """How a dry run plans memory for this device; None (or absent): it cannot be planned for."""
 
     def available(self) -> bool:
         """Whether this device can be used in this process (never initialises it)."""
@@ -123,6 +195,11 @@ class Backend(Protocol):
 
     def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
         """Other processes holding memory on ``device`` (empty when unknown)."""
+
+    def rank_device(self, local_rank: int) -> torch.device | None:
+        """The device local rank ``local_rank`` of a multi-process run measures when this backend
+        was named without an index (cuda: the rank's own GPU, when there is one); None: the device
+        named for all ranks. Optional: None when absent."""
 
 
 _BUILTIN = ("gpumagic.backends.cuda", "gpumagic.backends.mps", "gpumagic.backends.host")
@@ -160,3 +237,9 @@ def unregister(name: str) -> Backend | None:
 def get(name: str) -> Backend | None:
     """The backend called ``name``, or None."""
     return next((b for b in _load() if b.name == name), None)
+
+
+def dry_run_target(backend: Backend) -> DryRunTarget | None:
+    """``backend``'s dry-run target, None when it cannot be planned for (also when it has none)."""
+    target: DryRunTarget | None = getattr(backend, "dry_run", None)
+    return target

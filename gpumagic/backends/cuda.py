@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from gpumagic.backends import nvml
@@ -19,7 +20,10 @@ from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKEND", "CUDABackend", "CUDASession", "NVMLSource", "TorchCUDASource", "nvml_source"]
+    from gpumagic.backends import PlannedMemory
+    from gpumagic.gpus import GPU
+
+__all__ = ["BACKEND", "CUDABackend", "CUDAPlan", "CUDASession", "NVMLSource", "TorchCUDASource", "nvml_source"]
 
 
 def _cuda() -> Any:
@@ -168,6 +172,98 @@ class TorchCUDASource:
 
 
 # ---------------------------------------------------------------------------------------------
+# dry runs
+
+
+def _device_props(gpu: GPU) -> Any:
+    return SimpleNamespace(
+        name=f"{gpu.name} (planned by gpumagic)", total_memory=gpu.total_bytes, major=gpu.compute_capability[0],
+        minor=gpu.compute_capability[1], multi_processor_count=0, is_integrated=False,
+    )
+
+
+def _cuda_answers(memory: PlannedMemory, gpu: GPU | None) -> dict[str, Any]:
+    """Answers of the ``torch.cuda`` queries for the planned GPU, as {name: replacement}."""
+    g = gpu
+    total = g.total_bytes if g is not None else (memory.capacity() or 0)
+
+    def none(*a: Any, **k: Any) -> None:
+        return None
+
+    def alloc(*a: Any, **k: Any) -> int:
+        return memory.current()
+
+    def peak(*a: Any, **k: Any) -> int:
+        return memory.peak()
+
+    def reserved(*a: Any, **k: Any) -> int:
+        return memory.reserved() or 0
+
+    def max_reserved(*a: Any, **k: Any) -> int:
+        return memory.reserved_peak() or 0
+
+    def mem_get_info(*a: Any, **k: Any) -> tuple[int, int]:
+        cap = memory.capacity() or total
+        return max(0, cap - (memory.reserved() or 0)), total
+
+    return {
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "current_device": lambda: 0,
+        "get_device_name": lambda *a, **k: g.name if g is not None else "planned GPU",
+        "get_device_capability": lambda *a, **k: g.compute_capability if g is not None else (8, 0),
+        "get_device_properties": lambda *a, **k: _device_props(g) if g is not None else SimpleNamespace(
+            name="planned GPU", total_memory=total, major=8, minor=0, multi_processor_count=0),
+        "is_bf16_supported": lambda *a, **k: g.bf16 if g is not None else True,
+        "synchronize": none, "empty_cache": none, "set_device": none, "reset_peak_memory_stats": none,
+        "reset_max_memory_allocated": none, "reset_accumulated_memory_stats": none,
+        "manual_seed": none, "manual_seed_all": none, "seed": none, "seed_all": none,
+        "memory_allocated": alloc, "max_memory_allocated": peak, "memory_reserved": reserved,
+        "max_memory_reserved": max_reserved, "mem_get_info": mem_get_info,
+    }
+
+
+class CUDAPlan:
+    """A dry run for cuda: the caching allocator modelled, a catalog GPU accepted, foreach optimizers;
+    without CUDA, fake CPU tensors stand in and ``torch.cuda`` answers for the planned GPU."""
+
+    host = False
+    caching_allocator = True
+    named_gpu = True
+    foreach_optimizers = True
+    fused_attention = True
+    moves_from: tuple[str, ...] = ()
+    notes = ("reserved memory predicted by a model of the CUDA caching allocator (512-byte rounding, "
+             "2 MiB small and 20 MiB large segments); the CUDA context is not in these figures",)
+
+    def stands_in(self) -> bool:
+        return not _cuda().is_available()
+
+    def kernels_refuse_fakes(self) -> bool:
+        return self.stands_in()  # a fake CUDA tensor in a kernel aborts a build without CUDA
+
+    def standin_patches(self, memory: PlannedMemory, gpu: GPU | None) -> list[tuple[Any, str, Any]]:
+        import torch
+
+        cuda = torch.cuda
+        patches: list[tuple[Any, str, Any]] = [
+            (cuda, name, fn) for name, fn in _cuda_answers(memory, gpu).items() if hasattr(cuda, name)
+        ]
+        autocast_cls = torch.amp.autocast_mode.autocast
+        original_init = autocast_cls.__init__
+
+        def init(ac: Any, device_type: str, dtype: Any = None, enabled: bool = True,
+                 cache_enabled: Any = None) -> None:
+            if device_type == "cuda":  # autocast("cuda") runs on the stand-in, in cuda's default dtype
+                dtype = dtype if dtype is not None else torch.float16
+                device_type = "cpu"
+            original_init(ac, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+        patches.append((autocast_cls, "__init__", init))
+        return patches
+
+
+# ---------------------------------------------------------------------------------------------
 # the backend
 
 
@@ -175,6 +271,9 @@ class CUDABackend:
     name = "cuda"
     session_enforces_capacity = False
     plans_on_fake_tensors = True
+    indexed = True
+    oom_device_types = ("cuda",)
+    dry_run = CUDAPlan()
 
     def available(self) -> bool:
         return bool(_cuda().is_available())
@@ -233,6 +332,11 @@ class CUDABackend:
         info = nvml.gpu_info(device.index or 0)
         me = os.getpid()
         return () if info is None else tuple(p for p in info.processes if p.pid != me)
+
+    def rank_device(self, local_rank: int) -> torch.device | None:
+        import torch
+
+        return torch.device("cuda", local_rank) if local_rank < _cuda().device_count() else None
 
 
 BACKEND = CUDABackend()

@@ -18,9 +18,11 @@ from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 if TYPE_CHECKING:
     import torch
 
+    from gpumagic.backends import PlannedMemory
     from gpumagic.backends.cpu import CPUSession
+    from gpumagic.gpus import GPU
 
-__all__ = ["BACKEND", "CPUBackend", "CPUSource", "host_memory"]
+__all__ = ["BACKEND", "CPUBackend", "CPUPlan", "CPUSource", "host_memory"]
 
 
 def host_memory() -> tuple[int | None, int | None]:
@@ -85,10 +87,34 @@ class CPUSource:
         return [DeviceSample("cpu", "CPU RAM", used, total, self._utilization(), rss, other, _tracker_bytes())]
 
 
+class CPUPlan:
+    """A dry run for the host: fake CPU tensors are the device's own, counted like the exact tracker."""
+
+    host = True
+    caching_allocator = False
+    named_gpu = False
+    foreach_optimizers = False
+    fused_attention = False
+    moves_from: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def stands_in(self) -> bool:
+        return False
+
+    def kernels_refuse_fakes(self) -> bool:
+        return False
+
+    def standin_patches(self, memory: PlannedMemory, gpu: GPU | None) -> list[tuple[Any, str, Any]]:
+        return []
+
+
 class CPUBackend:
     name = "cpu"
     session_enforces_capacity = True
     plans_on_fake_tensors = True
+    indexed = False
+    oom_device_types: tuple[str, ...] = ()  # the host's errors: advice falls back to the host anyway
+    dry_run = CPUPlan()
 
     def available(self) -> bool:
         return True
@@ -139,6 +165,9 @@ class CPUBackend:
 
     def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
         return ()
+
+    def rank_device(self, local_rank: int) -> torch.device | None:
+        return None
 
 
 BACKEND = CPUBackend()

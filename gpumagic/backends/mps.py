@@ -15,7 +15,10 @@ from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKEND", "MPSBackend", "MPSSession", "MPSSource", "recommended_max_memory"]
+    from gpumagic.backends import PlannedMemory
+    from gpumagic.gpus import GPU
+
+__all__ = ["BACKEND", "MPSBackend", "MPSPlan", "MPSSession", "MPSSource", "recommended_max_memory"]
 
 
 def _mps() -> Any:
@@ -98,10 +101,34 @@ def _available(torch: Any) -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+class MPSPlan:
+    """A dry run for mps: always on fake CPU tensors standing in, counted like the cpu's."""
+
+    host = False
+    caching_allocator = False
+    named_gpu = False
+    foreach_optimizers = False
+    fused_attention = False
+    moves_from = ("cuda",)  # the code's .cuda() lands on mps too: .to("cuda") does the same
+    notes = ("mps planned like cpu: Metal's own allocator rounding is not modelled",)
+
+    def stands_in(self) -> bool:
+        return True
+
+    def kernels_refuse_fakes(self) -> bool:
+        return False
+
+    def standin_patches(self, memory: PlannedMemory, gpu: GPU | None) -> list[tuple[Any, str, Any]]:
+        return []
+
+
 class MPSBackend:
     name = "mps"
     session_enforces_capacity = False
-    plans_on_fake_tensors = False  # the dry run models cpu and cuda only
+    plans_on_fake_tensors = False  # a plan models mps like cpu: too rough to pick the sizes to verify
+    indexed = False
+    oom_device_types = ("mps",)
+    dry_run = MPSPlan()
 
     def available(self) -> bool:
         import torch
@@ -153,6 +180,9 @@ class MPSBackend:
 
     def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
         return ()
+
+    def rank_device(self, local_rank: int) -> torch.device | None:
+        return None
 
 
 BACKEND = MPSBackend()
