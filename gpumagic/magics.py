@@ -255,6 +255,17 @@ def fit_from_report(
     return (fixed, slope) if slope > 0 else None
 
 
+def _oom_backend(info: Any) -> Any:
+    """The backend whose device an out-of-memory message names; None for the host (a simulated OOM,
+    a host error, a device no backend claims)."""
+    from gpumagic import backends
+
+    device_type = getattr(info, "device_type", None)
+    if getattr(info, "simulated", False) or device_type is None:
+        return None
+    return next((b for b in backends.registry() if device_type in getattr(b, "oom_device_types", ())), None)
+
+
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory.
 
@@ -370,12 +381,12 @@ class OOMPresenter:
 
         from gpumagic.devices import resolve_device
 
-        device_type = getattr(info, "device_type", None) or "cpu"
+        backend = _oom_backend(info)
         try:
-            if getattr(info, "simulated", False) or device_type not in ("cuda", "mps"):
+            if backend is None:
                 return torch.device("cpu")
             index = getattr(info, "device_index", None)
-            return resolve_device(device_type if index is None else f"{device_type}:{index}")
+            return resolve_device(backend.name if index is None else f"{backend.name}:{index}")
         except ValueError:
             return None
 
@@ -385,11 +396,11 @@ class OOMPresenter:
         if getattr(info, "simulated", False):
             cap = getattr(info, "total_capacity", None)
             return "-d cpu" + (f" --budget {_size_arg(cap)}" if cap else "")
-        device_type = getattr(info, "device_type", None)
-        if device_type in ("cuda", "mps"):
-            index = getattr(info, "device_index", None)
-            return f"-d {device_type}" + (f":{index}" if device_type == "cuda" and index is not None else "")
-        return ""
+        backend = _oom_backend(info)
+        if backend is None:
+            return ""
+        index = getattr(info, "device_index", None)
+        return f"-d {backend.name}" + (f":{index}" if getattr(backend, "indexed", False) and index is not None else "")
 
     def _context(
         self, info: Any, report: Any, batch_size: int | None, cell: str | None, dev: Any,
@@ -438,13 +449,16 @@ class OOMPresenter:
             what = f"--var {var[0]}" if var is not None else f"--loader {loader[0]}" if loader else ""
             code = f"%find_batch {what}{' --eval' if evaluation else ''} {measure}".strip()
         processes: tuple[tuple[int, int, str | None], ...] = ()
-        if getattr(info, "device_type", None) == "cuda" and not getattr(info, "simulated", False):
-            from gpumagic.backends import nvml
+        backend = _oom_backend(info)
+        if backend is not None:
+            import torch
 
-            gi = nvml.gpu_info(info.device_index or 0)
-            if gi is not None:
-                me = os.getpid()
-                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in gi.processes if p.pid != me)
+            # the device the message names, whether or not this process can use it (NVML still answers)
+            index = int(getattr(info, "device_index", None) or 0)
+            with contextlib.suppress(RuntimeError):  # a registered device torch has no type for
+                named = torch.device(backend.name, index) if getattr(backend, "indexed", False) else \
+                    torch.device(backend.name)
+                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(named))
         return oom.AdviceContext(
             batch_size=batch_size if dependent else None,
             optimizer=_optimizer_name(ns),
