@@ -384,13 +384,15 @@ def start_from_environment() -> None:
 def _start_child(spec: dict[str, Any], index: int | None = None) -> None:
     """A tracker for this child that does not count as "active": the child's own code may still
     use ``gpumagic.track()`` (the two nest). Local rank ``index`` measures its own GPU."""
-    from gpumagic.devices import resolve_device
+    from gpumagic.devices import resolve
     from gpumagic.tracking import _ACTIVE
 
-    device = resolve_device(spec.get("device"))
-    plain = spec.get("device") in (None, "cuda")
-    if device.type == "cuda" and plain and index is not None and index < torch.cuda.device_count():
-        device = torch.device("cuda", index)
+    named = spec.get("device")
+    backend, device = resolve(named)
+    if index is not None and (named is None or named == backend.name):  # no index given: one per rank
+        rank_device = getattr(backend, "rank_device", None)
+        own = rank_device(index) if rank_device is not None else None
+        device = own if own is not None else device
     tracker = Tracker(device, spec.get("budget"), gather_ranks=False)
     tracker.__enter__()
     if tracker in _ACTIVE:
