@@ -85,7 +85,7 @@ def _host_copy(obj: Any) -> Any:
 
 def _tensor_keys(obj: Any, out: set[int]) -> None:
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
+        if obj.is_cpu:
             with contextlib.suppress(Exception):
                 out.update(key for key, _ in storages(obj) or ())
     elif isinstance(obj, dict):

@@ -92,7 +92,7 @@ def _divisor(root: torch.Tensor) -> float | None:
         return None
     other = getattr(fn, "_saved_other", None)
     if isinstance(other, torch.Tensor):
-        if other.numel() != 1 or other.device.type != "cpu":
+        if other.numel() != 1 or not other.is_cpu:
             return None  # reading it would sync the device
         # A wrapped-number tensor cannot be read through a dispatch mode: step outside it.
         from torch.utils._python_dispatch import _disable_current_modes
@@ -534,7 +534,7 @@ class Tracker:
         if t.is_meta or is_fake(t):
             return _Root(None, None, self._last_batch, self._draws)  # a traced step: there is no value to read
         divisor = _divisor(t)
-        value: Any = t.detach().item() if t.device.type == "cpu" else t.detach()
+        value: Any = t.detach().item() if t.is_cpu else t.detach()
         return _Root(value, divisor, self._last_batch, self._draws)
 
     def _backward_begin(self, tensors: Any) -> None:
