@@ -630,3 +630,5 @@ class DeviceSample:
     """Everything else in use: other processes, the driver, and for NVML the CUDA context overhead."""
     tracked_bytes: int | None = None
     """Live tensor bytes counted by gpumagic's CPU tracker while a tracked cell runs."""
+    utilization_label: str = "utilisation"
+    """What the monitor calls ``utilization_percent`` ("CPU" where it is this process's CPU time)."""

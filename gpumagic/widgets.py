@@ -718,7 +718,7 @@ def _span(seconds: float) -> str:
 def _device_text(d: DeviceSample) -> str:
     parts = [f"{format_bytes(d.used_bytes)} of {format_bytes(d.total_bytes)} in use"]
     if d.utilization_percent is not None:
-        parts.append(f"{'CPU' if d.device == 'cpu' else 'utilisation'} {d.utilization_percent:.0f}%")
+        parts.append(f"{d.utilization_label} {d.utilization_percent:.0f}%")
     parts.append(f"this process {format_bytes(d.process_bytes)}")
     if d.other_bytes is not None:
         parts.append(f"others {format_bytes(d.other_bytes)}")

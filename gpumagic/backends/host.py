@@ -84,7 +84,8 @@ class CPUSource:
         total, avail = host_memory()
         used = None if total is None or avail is None else total - avail
         other = None if rss is None or used is None else max(0, used - rss)
-        return [DeviceSample("cpu", "CPU RAM", used, total, self._utilization(), rss, other, _tracker_bytes())]
+        return [DeviceSample("cpu", "CPU RAM", used, total, self._utilization(), rss, other, _tracker_bytes(),
+                             utilization_label="CPU")]
 
 
 class CPUPlan:
