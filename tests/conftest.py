@@ -108,7 +108,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _CHILD_FLAG = "GPUMAGIC_TEST_CHILD"
 
 
-def _in_own_process(item: pytest.Function):  # noqa: ANN202 - a bound replacement for item.runtest
+def _in_own_process(item: pytest.Function):
     def runtest() -> None:
         import subprocess
         import sys
