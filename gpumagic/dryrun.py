@@ -901,6 +901,7 @@ class DryTracker(Tracker):
             original_swap(t1, t2)  # type: ignore[no-untyped-call]
 
         setattr_undo(torch.utils, "swap_tensors", swap_tensors)
+        setattr_undo(torch.Tensor, "__deepcopy__", _fake_aware_deepcopy(torch.Tensor.__deepcopy__, fake_mode))
         fake_mode.__enter__()  # type: ignore[no-untyped-call]
         undo.append(lambda: fake_mode.__exit__(None, None, None))
         if self.standin:
@@ -955,6 +956,40 @@ class DryTracker(Tracker):
         if self.gpu is not None:
             return f"{self.gpu.name} ({self.kind})"
         return self.kind
+
+
+def _fake_aware_deepcopy(original: Callable[..., Any], fake_mode: Any) -> Callable[..., Any]:
+    """``Tensor.__deepcopy__`` that, while ``fake_mode`` is on, copies a fake tensor as a fake clone
+    and a real one as a fake copy.
+
+    torch's own copies the storage and sets it on the new tensor; under a fake mode that ``set_``
+    fails half-way ("Attempted to set the storage of a tensor on device meta to a storage on
+    different device cpu") and leaves the process's heap corrupt: it dies at exit with a
+    segmentation fault. Code does copy tensors inside the cell: torchmetrics' ``add_state``,
+    which Lightning's ``self.log`` runs, deep-copies its defaults.
+    """
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensor
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    def deepcopy(self: torch.Tensor, memo: dict[int, Any]) -> Any:
+        if not self.is_leaf or fake_mode not in _get_current_dispatch_mode_stack():
+            return original(self, memo)  # a non-leaf raises torch's own error
+        if not isinstance(self, FakeTensor):
+            with FakeCopyMode(fake_mode):  # answers this very call with a fake copy
+                return original(self, memo)
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone()
+        if self.requires_grad:
+            new.requires_grad_(True)
+        memo[id(self)] = new
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        # not the __dict__: a fake tensor's holds its fake mode and, for a constant, the real tensor
+        return new
+
+    return deepcopy
 
 
 def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[], None]]) -> None:

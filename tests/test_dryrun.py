@@ -310,6 +310,30 @@ def test_a_fake_cuda_tensor_never_reaches_a_kernel_on_a_cpu_build() -> None:
     assert "REFUSED True" in proc.stdout
 
 
+def test_deep_copies_inside_a_dry_run_are_fake_and_the_process_exits_cleanly() -> None:
+    # torch's Tensor.__deepcopy__ under a fake mode fails half-way in set_ and corrupts the heap: the
+    # process dies at exit (found through Lightning's self.log, whose torchmetrics state deep-copies
+    # a tensor made in the cell). A subprocess, so that such a death shows as its exit status.
+    proc = _run(r"""
+    import copy, torch, gpumagic
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor
+    real = torch.ones(1000)
+    model = nn.Linear(8, 8)
+    with gpumagic.track(dry_run=True, device="cpu", budget="1GiB", namespace={"model": model}) as t:
+        made = torch.tensor(0.0)  # a constant: its fake keeps the real value
+        copies = [copy.deepcopy(made), copy.deepcopy(real), copy.deepcopy(torch.zeros(3, requires_grad=True))]
+        print("FAKE", [isinstance(c, FakeTensor) for c in copies], copies[2].requires_grad)
+        print("SHAPES", [tuple(c.shape) for c in copies])
+    print("AFTER", type(copy.deepcopy(real)).__name__, t.report.dry_run)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FAKE [True, True, True] True" in proc.stdout
+    assert "SHAPES [(), (1000,), (3,)]" in proc.stdout
+    assert "AFTER Tensor True" in proc.stdout  # outside the dry run, copies are torch's own again
+    assert "Attempted to set the storage" not in proc.stderr
+
+
 # --- %find_batch --dry-run ----------------------------------------------------------------------------
 
 
