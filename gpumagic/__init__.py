@@ -20,16 +20,6 @@ from typing import TYPE_CHECKING, Any
 from gpumagic import _bundles
 from gpumagic._units import format_bytes, parse_size
 from gpumagic._version import __version__
-from gpumagic.report import (
-    BatchSearchResult,
-    DeviceStatus,
-    Fit,
-    MemoryBreakdown,
-    MemoryReport,
-    RankRecord,
-    StepRecord,
-    Trial,
-)
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -39,6 +29,16 @@ if TYPE_CHECKING:
     from gpumagic.devices import device_status, free_memory
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
+    from gpumagic.report import (
+        BatchSearchResult,
+        DeviceStatus,
+        Fit,
+        MemoryBreakdown,
+        MemoryReport,
+        RankRecord,
+        StepRecord,
+        Trial,
+    )
     from gpumagic.tracking import Tracker
 
 __all__ = [
@@ -70,8 +70,11 @@ __all__ = [
 # results render through the registry; the widgets register when the first result renders
 _bundles.add_module("gpumagic.widgets")
 
-# name -> module that defines it; imported on first attribute access (PEP 562)
+# name -> module that defines it; imported on first attribute access (PEP 562), so that
+# %load_ext pays for none of it (the result types' dataclasses alone cost ~18 ms to create)
 _LAZY = {
+    **dict.fromkeys(("BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport", "RankRecord",
+                     "StepRecord", "Trial"), "gpumagic.report"),
     "track": "gpumagic._track",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
@@ -86,7 +89,8 @@ _LAZY = {
 
 
 _SUBMODULES = (
-    "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics", "autoload",
+    "report", "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics",
+    "autoload",
 )
 
 

@@ -19,6 +19,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from gpumagic._units import format_seconds
+
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, MemoryReport, Trial
 
@@ -120,18 +122,6 @@ def _bytes(n: int | float | None) -> str:
     return format_bytes(None if n is None else round(n))
 
 
-def _seconds(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{s / 60:.1f} min"
-
-
 def describe_trial(trial: Trial) -> str:
     """'batch 1024: peak 3.50 MiB, 6,360 samples/s' or 'batch 2048: out of memory' (for progress lines)."""
     if trial.oom:
@@ -165,7 +155,7 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
     steps = [s for s in r.steps if s.count > 0]
     if steps:
         per_step = sorted(s.seconds / s.count for s in steps)
-        text = f"{r.total_steps}, median {_seconds(per_step[len(per_step) // 2])} each"
+        text = f"{r.total_steps}, median {format_seconds(per_step[len(per_step) // 2])} each"
         sizes = sorted({s.batch_size for s in steps if s.batch_size is not None})
         if sizes:
             text += f", batch size {', '.join(str(v) for v in sizes[:4])}{', …' if len(sizes) > 4 else ''}"
@@ -174,7 +164,7 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
         if losses:
             rows.append(("loss", f"first {losses[0]:.4g}, last {losses[-1]:.4g}, min {min(losses):.4g}"))
         slow = max(steps, key=lambda s: s.seconds / s.count)
-        rows.append(("slowest", f"{_step_name(slow.index, slow.count)}: {_seconds(slow.seconds / slow.count)}"))
+        rows.append(("slowest", f"{_step_name(slow.index, slow.count)}: {format_seconds(slow.seconds / slow.count)}"))
         peaks = [s for s in steps if s.peak_bytes is not None]
         if peaks:
             heavy = max(peaks, key=lambda s: s.peak_bytes or 0)
@@ -223,7 +213,7 @@ def _trials_table(r: BatchSearchResult, width: int) -> list[str]:
     header = ["trial", "batch", "peak", "samples/s", "time", ""]
     body = [[
         str(i + 1), str(t.batch_size), "out of memory" if t.oom else _bytes(t.peak_bytes),
-        f"{t.samples_per_second:,.0f}" if t.samples_per_second else "", _seconds(t.seconds),
+        f"{t.samples_per_second:,.0f}" if t.samples_per_second else "", format_seconds(t.seconds),
         "← pick" if i == picked else "",
     ] for i, t in enumerate(r.trials)]
     if picked is None and r.recommended_batch_size is not None:  # picked by the fit, not run as such

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "format_size_torch", "parse_size", "unit_bytes"]
+__all__ = ["format_bytes", "format_seconds", "format_size_torch", "parse_size", "unit_bytes"]
 
 _PREFIXES = "kmgtpe"
 MAX_SIZE = 2**63 - 1
@@ -107,3 +107,20 @@ def format_size_torch(n: int) -> str:
     if n <= 2**30:
         return f"{n / 2**20:.2f} MiB"
     return f"{n / 2**30:.2f} GiB"
+
+
+def format_seconds(s: float | None) -> str:
+    """A duration for a report: '850 µs', '12.5 ms', '3.20 s', '4.5 min'; 'unknown' for None.
+
+    >>> format_seconds(0.0125), format_seconds(270)
+    ('12.5 ms', '4.5 min')
+    """
+    if s is None:
+        return "unknown"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{s / 60:.1f} min"

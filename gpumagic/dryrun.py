@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gpumagic import backends
 from gpumagic._plain import PLAIN, plain_container
-from gpumagic.backends import DryRunTarget
+from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -212,7 +212,7 @@ def _fake_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(ft, n) for n in names if hasattr(ft, n))
 
 
-class FakeSession:
+class FakeSession(PeakWindows):
     """A :class:`~gpumagic.backends.MemorySession` over fake tensors: live bytes on the planned device.
 
     Storages are keyed by their StorageImpl; each carries the device kind it stands for ("cpu",
@@ -340,19 +340,6 @@ class FakeSession:
         self._mode = _CountMode(self)
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         return self._cur
-
-    def current(self) -> int:
-        return self._cur
-
-    def take_window_peak(self) -> int:
-        p = self._wpeak
-        if p > self._peak:
-            self._peak = p
-        self._wpeak = self._cur
-        return p
-
-    def peak(self) -> int:
-        return max(self._peak, self._wpeak)
 
     def reserved_peak(self) -> int | None:
         return None if self._alloc is None else self._alloc.peak_reserved

@@ -639,10 +639,8 @@ def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
     return printer
 
 
-def _result_types() -> tuple[type, ...]:
-    from gpumagic.report import BatchSearchResult, MemoryReport
-
-    return (MemoryReport, BatchSearchResult)
+# by name: IPython resolves them on the first display, so %load_ext does not import the results
+_RESULT_TYPES = ("gpumagic.report.MemoryReport", "gpumagic.report.BatchSearchResult")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,7 +671,7 @@ class GPUMagics(Magics):
         super().__init__(shell)
         self.presenter = OOMPresenter(shell)
         self.oom_handler = OOMHandler(shell, self.presenter)
-        self.saved_printers: dict[type, Any] = {}  # mimebundle printers ours replaced, restored on unload
+        self.saved_printers: dict[str, Any] = {}  # mimebundle printers ours replaced, restored on unload
 
     # -- %gpumem / %%gpumem --------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -1082,7 +1080,9 @@ def load(shell: InteractiveShell) -> None:
     if shell.display_formatter is not None:
         bundles = shell.display_formatter.mimebundle_formatter
         printer = _text_bundle(shell)
-        magics.saved_printers = {t: bundles.for_type(t, printer) for t in _result_types()}
+        for key in _RESULT_TYPES:
+            magics.saved_printers[key] = bundles.pop(key, None)  # registered by type or by name
+            bundles.for_type_by_name(*key.rsplit(".", 1), printer)
     if os.environ.get("GPUMAGIC_OOM", "on").lower() not in ("0", "off", "false", "no"):
         magics.oom_handler.install()
 
@@ -1097,10 +1097,10 @@ def unload(shell: InteractiveShell) -> None:
                 shell.events.unregister("pre_run_cell", magics.presenter.before_cell)
             if shell.display_formatter is not None:
                 bundles = shell.display_formatter.mimebundle_formatter
-                for t, saved in magics.saved_printers.items():
-                    bundles.pop(t, None)
+                for key, saved in magics.saved_printers.items():
+                    bundles.pop(key, None)
                     if saved is not None:
-                        bundles.for_type(t, saved)
+                        bundles.for_type_by_name(*key.rsplit(".", 1), saved)
     finally:
         table: dict[str, dict[str, Any]] = shell.magics_manager.magics
         for kind, names in _MAGIC_NAMES.items():

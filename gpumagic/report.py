@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
 from gpumagic._text import memory_report_text, search_text, use_color
-from gpumagic._units import format_bytes
+from gpumagic._units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     import pandas
@@ -39,18 +39,6 @@ __all__ = [
     "Trial",
     "VariableInputs",
 ]
-
-
-def _seconds(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{s / 60:.1f} min"
 
 
 def _plain(obj: Any) -> Any:
@@ -211,7 +199,7 @@ class MemoryReport:
         parts.append(f"· {n} step{'s' if n != 1 else ''}")
         if self.losses:
             parts.append(f"· loss {self.losses[0]:.4g} → {self.losses[-1]:.4g}")
-        parts.append(f"· {_seconds(self.wall_seconds)}")
+        parts.append(f"· {format_seconds(self.wall_seconds)}")
         if self.error:
             parts.append(f"· stopped by {self.error.split(':')[0]}")
         if self.incomplete:
@@ -251,7 +239,7 @@ class MemoryReport:
             ))
         if self.steps:
             secs = sorted(s.seconds / s.count for s in self.steps)
-            rows.append(("steps", f"{self.total_steps}, median {_seconds(secs[len(secs) // 2])} per step"))
+            rows.append(("steps", f"{self.total_steps}, median {format_seconds(secs[len(secs) // 2])} per step"))
             peaks = self.step_peaks
             if peaks:
                 rows.append(("step peak", f"{format_bytes(min(peaks))} … {format_bytes(max(peaks))}"))
@@ -269,7 +257,7 @@ class MemoryReport:
                                            f"peak {format_bytes(big.peak_bytes)})"))
         else:
             rows.append(("steps", "none seen (no backward() in the block)"))
-        rows.append(("wall time", _seconds(self.wall_seconds)))
+        rows.append(("wall time", format_seconds(self.wall_seconds)))
         if self.error:
             rows.append(("stopped by", self.error))
         if self.incomplete:
@@ -292,7 +280,7 @@ class MemoryReport:
                 f"rank {r.rank} ({r.device})",
                 f"peak {format_bytes(r.peak_bytes)}{used}, "
                 f"{format_bytes(r.peak_delta_bytes, signed=True)} in the block, "
-                f"{r.steps} step{'s' if r.steps != 1 else ''}, {_seconds(r.wall_seconds)}"
+                f"{r.steps} step{'s' if r.steps != 1 else ''}, {format_seconds(r.wall_seconds)}"
                 + (f", stopped by {r.error.split(':')[0]}" if r.error else ""),
             ))
         return rows
@@ -504,7 +492,7 @@ class BatchSearchResult:
             rows.append(("samples", ss.summary()))
             rows.append(("sizes", f"{ss.measure}: median {_number(ss.median)}, 99th percentile {_number(ss.p99)}, "
                                   f"largest {_number(ss.largest)}; {ss.measured:,} of {ss.total:,} samples measured "
-                                  f"in {_seconds(ss.seconds)}"))
+                                  f"in {format_seconds(ss.seconds)}"))
             rows.extend((f"advice {i}", a) for i, a in enumerate(ss.advice, 1))
         if self.variable_inputs is not None:
             v = self.variable_inputs

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -108,25 +108,23 @@ def _divisor(root: torch.Tensor) -> float | None:
     return k if k and math.isfinite(k) else None
 
 
-def input_elements(batch: Any, depth: int = 0) -> int | None:
-    """Elements in the tensors of a batch (nested in tuples, lists and dicts); None without any."""
+def _batch_tensors(batch: Any, limit: int, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors of a batch, nested in tuples, lists and dicts down to ``limit`` levels."""
     if isinstance(batch, torch.Tensor):
-        return int(batch.numel())
-    if depth > 4:
-        return None
-    values: Iterable[Any]
-    if isinstance(batch, dict):
-        values = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        return None
-    total: int | None = None
+        yield batch
+        return
+    if depth > limit:
+        return
+    values: Iterable[Any] = batch.values() if isinstance(batch, dict) else \
+        batch if isinstance(batch, (list, tuple)) else ()
     for v in values:
-        n = input_elements(v, depth + 1)
-        if n is not None:
-            total = n if total is None else total + n
-    return total
+        yield from _batch_tensors(v, limit, depth + 1)
+
+
+def input_elements(batch: Any) -> int | None:
+    """Elements in the tensors of a batch (nested in tuples, lists and dicts); None without any."""
+    sizes = [int(t.numel()) for t in _batch_tensors(batch, 4)]
+    return sum(sizes) if sizes else None
 
 
 def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -143,23 +141,8 @@ def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
     return _next_index
 
 
-def _first_tensor(batch: Any, depth: int = 0) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if depth > 3:
-        return None
-    values: Iterable[Any]
-    if isinstance(batch, dict):
-        values = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    else:
-        return None
-    for v in values:
-        t = _first_tensor(v, depth + 1)
-        if t is not None:
-            return t
-    return None
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    return next(_batch_tensors(batch, 3), None)
 
 
 class _Records:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 
 __all__ = [
-    "Backend", "DryRunTarget", "MemorySession", "PlannedMemory", "SampleSource", "dry_run_target", "get",
+    "Backend", "DryRunTarget", "MemorySession", "PeakWindows", "PlannedMemory", "SampleSource", "dry_run_target", "get",
     "register", "registry", "unregister",
 ]
 
@@ -70,6 +70,31 @@ class MemorySession(Protocol):
 
     def stop(self) -> None:
         """Stop measuring and undo every change made by start(); idempotent."""
+
+
+class PeakWindows:
+    """The peak bookkeeping of a session that counts bytes itself (the cpu tracker, the dry run).
+
+    The session keeps ``_cur`` (bytes live now) and raises ``_wpeak`` when ``_cur`` passes it;
+    ``_peak`` holds the highest of the windows already taken.
+    """
+
+    _cur = 0
+    _wpeak = 0
+    _peak = 0
+
+    def current(self) -> int:
+        return self._cur
+
+    def take_window_peak(self) -> int:
+        p = self._wpeak
+        if p > self._peak:
+            self._peak = p
+        self._wpeak = self._cur
+        return p
+
+    def peak(self) -> int:
+        return max(self._peak, self._wpeak)
 
 
 class SampleSource(Protocol):

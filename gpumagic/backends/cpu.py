@@ -30,6 +30,7 @@ from gpumagic._gcscan import instances_of
 from gpumagic._safe import describe
 from gpumagic._tensors import storages, unreadable_kind
 from gpumagic._units import format_size_torch
+from gpumagic.backends import PeakWindows
 
 __all__ = [
     "CPUSession",
@@ -219,7 +220,7 @@ def _register_dynamo_skips() -> bool:
 _FAST_OK: list[bool] = []
 
 
-class CPUSession:
+class CPUSession(PeakWindows):
     """Exact live-bytes accounting for CPU tensors, with an optional budget (simulated capacity).
 
     >>> s = CPUSession(budget=64 * 2**20); s.start()      # doctest: +SKIP
@@ -344,19 +345,6 @@ class CPUSession:
         self._mode.__enter__()  # type: ignore[no-untyped-call]
         _ACTIVE.append(self)
         return self._cur
-
-    def current(self) -> int:
-        return self._cur
-
-    def take_window_peak(self) -> int:
-        p = self._wpeak
-        if p > self._peak:
-            self._peak = p
-        self._wpeak = self._cur
-        return p
-
-    def peak(self) -> int:
-        return max(self._peak, self._wpeak)
 
     def reserved_peak(self) -> int | None:
         return None
