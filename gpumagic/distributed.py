@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -393,12 +394,45 @@ def _start_child(spec: dict[str, Any], index: int | None = None) -> None:
         rank_device = getattr(backend, "rank_device", None)
         own = rank_device(index) if rank_device is not None else None
         device = own if own is not None else device
+    _keep_process_groups()
     tracker = Tracker(device, spec.get("budget"), gather_ranks=False)
     tracker.__enter__()
     if tracker in _ACTIVE:
         _ACTIVE.remove(tracker)
     _CHILD["tracker"] = tracker
     _CHILD["dir"] = spec["dir"]
+
+
+def _keep_process_groups() -> None:
+    """Keep the child's default process group alive until the process ends.
+
+    Under the tracker's dispatch mode, every gloo collective captures the Python mode stack in its
+    thread-local state; the gloo worker thread that destroys a finished collective must take the
+    GIL to let go of it. When the user's code drops the last reference to its group (DDP's
+    reducer, after ``destroy_process_group()``), the main thread destroys the group and joins that
+    worker while holding the GIL: a deadlock, seen as a hung ``notebook_launcher`` cell about one
+    run in five on a loaded machine. Holding a reference here means the group is never destroyed
+    in the middle of the user's code; a forked rank leaves with ``os._exit``, which runs no
+    destructors.
+    """
+    import torch.distributed as dist
+
+    c10d: Any = getattr(dist, "distributed_c10d", None)
+    original = getattr(c10d, "init_process_group", None)
+    if original is None or getattr(original, "_gpumagic_keeps", False):
+        return
+    kept: list[Any] = _CHILD.setdefault("groups", [])
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        with contextlib.suppress(Exception):
+            kept.append(c10d._get_default_group())
+        return out
+
+    init_process_group._gpumagic_keeps = True  # type: ignore[attr-defined]
+    c10d.init_process_group = init_process_group
+    dist.init_process_group = init_process_group
 
 
 def _child_rank() -> int:
