@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
 MAX_RECORDS = 100_000
 _LOSS_CHUNK = 256
 _ACTIVE: list[Tracker] = []
+_COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
 GUESSED_NOTE = ("batch size read from the inputs' leading dimension (no DataLoader): the size of dimension 0 "
                 "that the inputs of each step's first module call share")
 
@@ -148,6 +150,14 @@ def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     return next(_batch_tensors(batch, 3), None)
+
+
+def _remove_filter(entry: Any) -> None:
+    if entry in warnings.filters:
+        warnings.filters.remove(entry)  # type: ignore[attr-defined]  # typeshed: a Sequence; it is a list
+        mutated = getattr(warnings, "_filters_mutated", None)  # warnings caches what filters decided
+        if mutated is not None:
+            mutated()
 
 
 def leading_dimension(args: Any) -> int | None:
@@ -432,6 +442,12 @@ class Tracker:
             h4 = modmod.register_module_forward_hook(self._forward_post, always_call=True)
             self._cleanup.append(h4.remove)
         if self._learn_inputs:
+            # torch.compile's module warns when any global module hook exists: ours reads the first
+            # call of a step (the compiled wrapper's, with the same inputs) and is gone before the
+            # inner module's call, so the extra call it warns about never reaches it
+            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
+            entry = warnings.filters[0]
+            self._cleanup.append(lambda: _remove_filter(entry))
             self._cleanup.append(self._unhook_inputs)
             self._hook_inputs()
         self._patch(torch.autograd, "backward", self._wrap_backward)

@@ -244,9 +244,8 @@ def test_no_module_hook_is_left_after_the_block(data):
     from torch.nn.modules import module
 
     before = dict(module._global_forward_pre_hooks)
-    X, Y = data
     with gpumagic.track(device="cpu"):
-        _fresh()(X[:4])
+        _fresh()(data[0][:4])
     assert dict(module._global_forward_pre_hooks) == before
 
 
