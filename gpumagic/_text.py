@@ -159,6 +159,8 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
         sizes = sorted({s.batch_size for s in steps if s.batch_size is not None})
         if sizes:
             text += f", batch size {', '.join(str(v) for v in sizes[:4])}{', …' if len(sizes) > 4 else ''}"
+            if any(s.batch_size_guessed for s in steps):
+                text += " (read from the inputs' leading dimension)"
         rows.append(("steps", text))
         losses = r.losses
         if losses:

@@ -8,13 +8,14 @@ exists and the caller's tensors live there).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import re
 import traceback
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
-from types import TracebackType
+from types import FrameType, FunctionType, TracebackType
 from typing import Any
 
 import torch
@@ -207,6 +208,21 @@ def device_status(device: DeviceLike = None) -> DeviceStatus:
     return backend.status(dev)
 
 
+def _clear_call_closure(frame: FrameType) -> None:
+    """Empty the closure of torch's per-call ``Module._call_impl.<locals>.inner`` (the path a
+    module call takes while a global hook is registered): it holds the call's arguments, and
+    its frame keeps the function, so clearing the frame leaves the inputs of the failed call
+    alive (the next run at a size that fits would run out of memory on them)."""
+    code = frame.f_code
+    if getattr(code, "co_qualname", code.co_name) != "Module._call_impl.<locals>.inner":
+        return
+    for fn in gc.get_referents(frame):
+        if isinstance(fn, FunctionType) and fn.__code__ is code:
+            for cell in fn.__closure__ or ():
+                with contextlib.suppress(ValueError):  # already empty
+                    del cell.cell_contents
+
+
 def release_memory(exc: BaseException | None) -> None:
     """Free what a failed block's frames hold (their locals keep the tensors alive), collect
     garbage and return cached blocks. The traceback itself stays usable (``%tb`` still works)."""
@@ -220,6 +236,7 @@ def release_memory(exc: BaseException | None) -> None:
                 # debugger) keeps a snapshot dict that clear() leaves (CPython < 3.13); reading
                 # f_locals again re-syncs it with the now empty locals, dropping the tensors
                 tb.tb_frame.f_locals  # noqa: B018
+                _clear_call_closure(tb.tb_frame)
                 tb = tb.tb_next
             ctx = ctx.__context__
     gc.collect()

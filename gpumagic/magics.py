@@ -159,6 +159,21 @@ def _batch_variable(shell: InteractiveShell, cell: str | None, batch_size: int |
     return next(iter(ints)) if len(ints) == 1 else None  # the one int the cell reads
 
 
+def _int_literals(shell: InteractiveShell, cell: str | None, value: int) -> int:
+    """How many times the integer ``value`` is written as a literal in the cell."""
+    try:
+        tree = ast.parse(shell.transform_cell(cell or ""))
+    except SyntaxError:
+        return 0
+    return sum(1 for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int and n.value == value)
+
+
+def _same_code_but_numbers(a: str | None, b: str | None) -> bool:
+    """The same cell up to its numbers (a batch size written as a literal, changed between runs)."""
+    number = re.compile(r"\b\d+\b")
+    return a is not None and b is not None and _same_code(number.sub("0", a), number.sub("0", b))
+
+
 def _user_frame(tb: Any) -> str | None:
     """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
     frames = traceback.extract_tb(tb)
@@ -244,12 +259,16 @@ def fit_from_report(
     before it (the previous run's batch and outputs, freed during the run): not part of the
     memory that stays, so the line starts below it.
     """
-    steps = [s for s in getattr(report, "steps", ()) if (s.batch_size or batch_size) and s.peak_bytes
-             and s.count == 1]
+    def size_of(s: Any) -> int | None:  # a size the loop reads beats one guessed from its inputs
+        return int(batch_size) if batch_size and getattr(s, "batch_size_guessed", False) else \
+            s.batch_size or batch_size
+
+    steps = [s for s in getattr(report, "steps", ()) if size_of(s) and s.peak_bytes and s.count == 1]
     if not steps:
         return None
-    step = max(steps, key=lambda s: (s.batch_size or batch_size, s.peak_bytes))
-    size = step.batch_size or batch_size
+    step = max(steps, key=lambda s: (size_of(s), s.peak_bytes))
+    size = size_of(step)
+    assert size is not None
     fixed = float(max(0, report.baseline_bytes - rebound_bytes))
     slope = (step.peak_bytes - fixed) / size
     return (fixed, slope) if slope > 0 else None
@@ -279,6 +298,7 @@ class OOMPresenter:
         self.last_report: Any = None  # the last MemoryReport that completed
         self.last_report_batch: int | None = None  # the batch variable's value during that run
         self.last_report_rebound = 0  # bytes the names that run rebound held before it
+        self.last_report_cell: str | None = None  # the code of that run
         self.last_search: Any = None  # the last BatchSearchResult
         self.last_search_code: str | None = None  # the code it searched over
         self.last_oom_cell: str | None = None  # the code of the last cell that ran out of memory
@@ -302,12 +322,14 @@ class OOMPresenter:
         cell: str | None = None,
         bindings: Any = None,
         measure: str | None = None,
+        input_batch: int | None = None,
     ) -> bool:
         """Show advice for ``exc`` if it is an OOM; returns whether it was one.
 
         ``bindings``: the namespace before the cell (default: as the ``pre_run_cell`` event saw
         it); ``measure``: the magic's options that reproduce the device and budget (``-d cpu
-        --budget 96MiB``).
+        --budget 96MiB``); ``input_batch``: the batch size read from the failing step's inputs
+        (their leading dimension), for a loop that draws from no DataLoader.
         """
         if getattr(exc, "_gpumagic_handled", False):
             return True
@@ -336,7 +358,8 @@ class OOMPresenter:
                 measure = self._measure_options(info)
             try:
                 evaluation = cell is not None and looks_like_evaluation(cell)
-                ctx = self._context(info, report, batch_size, cell, dev, released, measure, exc, evaluation=evaluation)
+                ctx = self._context(info, report, batch_size, cell, dev, released, measure, exc, evaluation=evaluation,
+                                    input_batch=input_batch)
                 ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
                 if evaluation:
                     ctx = dataclasses.replace(
@@ -405,6 +428,7 @@ class OOMPresenter:
     def _context(
         self, info: Any, report: Any, batch_size: int | None, cell: str | None, dev: Any,
         released: tuple[tuple[str, int], ...], measure: str | None, exc: BaseException, *, evaluation: bool = False,
+        input_batch: int | None = None,
     ) -> Any:
         from gpumagic import oom
         from gpumagic.devices import holders
@@ -416,7 +440,7 @@ class OOMPresenter:
         prebuilt = _prebuilt_batches(ns, in_use) if var is None and loader is None else None
         tracked = batch_size
         if batch_size is None and report is not None:
-            sizes = [s.batch_size for s in report.steps if s.batch_size]
+            sizes = [s.batch_size for s in report.steps if s.batch_size and not s.batch_size_guessed]
             tracked = sizes[-1] if sizes else None
         if var is not None:
             batch_size = var[1]
@@ -427,6 +451,11 @@ class OOMPresenter:
         elif prebuilt is not None:
             batch_size = prebuilt[1]
         dependent = var is not None or loader is not None or tracked is not None or prebuilt is not None
+        guessed = None
+        if not dependent and not evaluation:
+            guessed = self._guessed_batch(report, input_batch, cell)
+            if guessed is not None:
+                batch_size, dependent = guessed[0], True
         # memory held by earlier cells: what the failing cell itself uses is not a candidate
         held = () if dev is None else tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
         line: tuple[float, float] | None = None
@@ -436,11 +465,15 @@ class OOMPresenter:
             fit = None  # a training measurement says nothing about an evaluation batch
         if fit is not None and self.last_search_code is not None and _same_code(self.last_search_code, cell):
             line, source = (fit.intercept_bytes, fit.bytes_per_sample), "search"
+        if guessed is not None:
+            line, source = guessed[1], "run"
         if line is None and not evaluation:
             # the last run that worked at a smaller batch (steps that completed at the failing size
             # say little: later steps hold more, gradients and optimizer state from the first)
             prev, prev_b = self.last_report, self.last_report_batch
-            sizes = [s.batch_size or prev_b for s in getattr(prev, "steps", ()) if s.batch_size or prev_b]
+            sizes = [(prev_b if s.batch_size_guessed else s.batch_size) or prev_b or s.batch_size
+                     for s in getattr(prev, "steps", ())]
+            sizes = [v for v in sizes if v]
             if sizes and batch_size is not None and max(sizes) < batch_size:
                 line = fit_from_report(prev, prev_b, self.last_report_rebound)
                 source = "run" if line is not None else None
@@ -475,12 +508,42 @@ class OOMPresenter:
             released=released,
             where=_user_frame(exc.__traceback__),
             world_size=getattr(report, "world_size", None),
+            batch_literal=str(batch_size) if guessed is not None else None,
         )
+
+    def _guessed_batch(
+        self, report: Any, input_batch: int | None, cell: str | None
+    ) -> tuple[int, tuple[float, float]] | None:
+        """(batch size, fit) for a loop that reads no batch variable and draws from no DataLoader:
+        the size read from the failing step's inputs, when it is written once as a literal in the
+        cell, and a line through a run that worked at a smaller size: an earlier run of the same
+        cell (up to its numbers), else the failing run's own completed steps. None otherwise:
+        without such a run the size is a guess that nothing confirms."""
+        steps = getattr(report, "steps", ())
+        b = input_batch
+        if b is None:
+            sizes = [s.batch_size for s in steps if s.batch_size and s.batch_size_guessed]
+            b = sizes[-1] if sizes else None
+        if b is None or _int_literals(self.shell, cell, b) != 1:
+            return None
+
+        def smaller(r: Any) -> bool:
+            sizes = [s.batch_size for s in getattr(r, "steps", ()) if s.batch_size_guessed and s.batch_size]
+            return bool(sizes) and all(s.batch_size_guessed for s in r.steps if s.batch_size) and max(sizes) < b
+
+        prev = self.last_report
+        line = None
+        if smaller(prev) and _same_code_but_numbers(self.last_report_cell, cell):
+            line = fit_from_report(prev, None, self.last_report_rebound)
+        if line is None and report is not None and smaller(report):
+            line = fit_from_report(report)
+        return (b, line) if line is not None else None
 
     def completed(self, report: Any, cell: str, rebound_bytes: int = 0) -> None:
         """A ``%%gpumem`` cell finished: keep its report (and batch size) for advice after a later OOM."""
         self.last_report = report
         self.last_report_rebound = rebound_bytes
+        self.last_report_cell = cell
         var = batch_variable(self.shell.user_ns, names_used(self.shell, cell))
         self.last_report_batch = var[1] if var is not None else None
         self.last_oom_cell = None  # `%find_batch` alone now re-runs this cell
@@ -807,7 +870,7 @@ class GPUMagics(Magics):
             try:
                 shown = isinstance(exc, Exception) and self.presenter.present(
                     exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
-                    bindings=before, measure=measure,
+                    bindings=before, measure=measure, input_batch=tracker.last_input_batch,
                 )
             except Exception:  # advice must never replace the user's exception
                 shown = False
@@ -861,6 +924,7 @@ class GPUMagics(Magics):
         report = tracker.report
         if not report.dry_run:
             self.presenter.last_report = report
+            self.presenter.last_report_cell = cell
         if not args.quiet:
             display(report)
         if args.output:

@@ -67,7 +67,9 @@ class StepRecord:
     tensors the step drew from DataLoaders (``None`` when it drew none): with variable-length
     data, the step whose input was largest is the one that sets the peak. After downsampling
     (very long loops) a record stands for ``count`` consecutive steps: peak and input are their
-    max, seconds their sum, loss their mean.
+    max, seconds their sum, loss their mean. ``batch_size_guessed``: no DataLoader batch was
+    drawn, and ``batch_size`` is the leading dimension that the inputs of the step's first module
+    call share (a guess: a sequence-first input gives its length).
     """
 
     index: int
@@ -77,6 +79,7 @@ class StepRecord:
     batch_size: int | None
     count: int = 1
     input_elements: int | None = None
+    batch_size_guessed: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,9 @@ class MemoryReport:
                 rows.append(("loss", f"first {losses[0]:.4g}, last {losses[-1]:.4g}, min {min(losses):.4g}"))
             sizes = {s.batch_size for s in self.steps if s.batch_size is not None}
             if sizes:
-                rows.append(("batch size", ", ".join(str(v) for v in sorted(sizes)[:6])))
+                guessed = " (read from the inputs' leading dimension)" if any(
+                    s.batch_size_guessed for s in self.steps) else ""
+                rows.append(("batch size", ", ".join(str(v) for v in sorted(sizes)[:6]) + guessed))
             drawn = [s for s in self.steps if s.input_elements is not None]
             if drawn:
                 big = max(drawn, key=lambda s: s.input_elements or 0)

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ __all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
 MAX_RECORDS = 100_000
 _LOSS_CHUNK = 256
 _ACTIVE: list[Tracker] = []
+_COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+GUESSED_NOTE = ("batch size read from the inputs' leading dimension (no DataLoader): the size of dimension 0 "
+                "that the inputs of each step's first module call share")
 
 
 def active_tracker() -> Tracker | None:
@@ -63,6 +67,8 @@ class _Root:
     draw: int = 0
     """Which DataLoader batch was the last drawn: two backward calls on one batch (a GAN's
     discriminator on real and fake samples) count its samples once."""
+    guess: int | None = None
+    """The leading dimension of the inputs of the step's first module call (no DataLoader)."""
 
 
 @dataclass
@@ -74,6 +80,7 @@ class _Rec:
     batch: int | None
     count: int = 1
     inputs: int | None = None
+    guessed: bool = False
 
     @property
     def loss(self) -> float | None:
@@ -145,6 +152,28 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return next(_batch_tensors(batch, 3), None)
 
 
+def _remove_filter(entry: Any) -> None:
+    if entry in warnings.filters:
+        warnings.filters.remove(entry)  # type: ignore[attr-defined]  # typeshed: a Sequence; it is a list
+        mutated = getattr(warnings, "_filters_mutated", None)  # warnings caches what filters decided
+        if mutated is not None:
+            mutated()
+
+
+def leading_dimension(args: Any) -> int | None:
+    """The size of dimension 0 that every tensor argument with a dimension shares (nested in
+    tuples, lists and dicts two levels down); None without one, or when they disagree.
+
+    >>> leading_dimension((torch.zeros(300, 64), torch.zeros(300)))
+    300
+    """
+    dims = {t.shape[0] for t in _batch_tensors(args, 2) if t.dim() >= 1}
+    if len(dims) != 1:
+        return None
+    d = dims.pop()
+    return d if isinstance(d, int) and d > 0 else None  # a symbolic size (tracing) is no number
+
+
 class _Records:
     """Step records, bounded: past ``limit`` records, neighbours merge pairwise (stride doubles).
 
@@ -186,6 +215,7 @@ class _Records:
         a.seconds += b.seconds
         a.batch = None if a.batch is None or b.batch is None else a.batch + b.batch
         a.inputs = b.inputs if a.inputs is None else a.inputs if b.inputs is None else max(a.inputs, b.inputs)
+        a.guessed = a.guessed or b.guessed
         a.count = n
 
     def _convert(self) -> None:
@@ -227,6 +257,9 @@ class Tracker:
     the device's backend opens (tests pass a scripted one); ``backend``: the backend that
     parsed ``device`` (when two backends share a torch device type).
     """
+
+    _learn_inputs = True
+    """Read the batch size of loops without a DataLoader from their inputs (``_inputs_pre``)."""
 
     def __init__(
         self,
@@ -287,6 +320,12 @@ class Tracker:
     def last_batch_size(self) -> int | None:
         """The size of the last batch drawn from a DataLoader while tracking (None if none)."""
         return self._last_batch
+
+    @property
+    def last_input_batch(self) -> int | None:
+        """The batch size read from the inputs of the last step's first module call (their
+        shared leading dimension): a guess for loops without a DataLoader; None if none."""
+        return self._input_batch
 
     @property
     def optimizer_steps(self) -> int:
@@ -372,6 +411,10 @@ class Tracker:
         self._fwd_depth = 0
         self._fwd_lead: int | None = None
         self._forwards = 0
+        self._input_batch: int | None = None
+        self._step_input_batch: int | None = None
+        self._input_seen = False
+        self._inputs_hook: Any = None
         self._incomplete: str | None = None
 
     def _open_session(self) -> MemorySession:
@@ -398,6 +441,15 @@ class Tracker:
             self._cleanup.append(h3.remove)
             h4 = modmod.register_module_forward_hook(self._forward_post, always_call=True)
             self._cleanup.append(h4.remove)
+        if self._learn_inputs:
+            # torch.compile's module warns when any global module hook exists: ours reads the first
+            # call of a step (the compiled wrapper's, with the same inputs) and is gone before the
+            # inner module's call, so the extra call it warns about never reaches it
+            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
+            entry = warnings.filters[0]
+            self._cleanup.append(lambda: _remove_filter(entry))
+            self._cleanup.append(self._unhook_inputs)
+            self._hook_inputs()
         self._patch(torch.autograd, "backward", self._wrap_backward)
         self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
         self._patch(dlmod._BaseDataLoaderIter, "_next_index", _wrap_next_index)
@@ -522,6 +574,7 @@ class Tracker:
 
     def _backward_begin(self, tensors: Any) -> None:
         root = self._root_value(tensors)
+        root.guess = self._step_input_batch
         if self._depth:
             self._in_step.append(root)
         else:
@@ -602,6 +655,35 @@ class Tracker:
             self._fwd_depth -= 1  # this forward does not run
             raise StopTrial(f"{self._forwards} forward calls")
 
+    def _hook_inputs(self) -> None:
+        """Watch for the next module call (the first of a step). A global module hook sends every
+        module call through torch's slower path with hooks, so it is there only until that call."""
+        import torch.nn.modules.module as modmod
+
+        if self._learn_inputs and self._inputs_hook is None and self._session is not None:
+            self._inputs_hook = modmod.register_module_forward_pre_hook(self._inputs_pre)
+
+    def _unhook_inputs(self) -> None:
+        hook, self._inputs_hook = self._inputs_hook, None
+        if hook is not None:
+            hook.remove()
+
+    def _inputs_pre(self, module: torch.nn.Module, args: Any) -> None:
+        """The batch size of a loop without DataLoader: the leading dimension of the inputs of the
+        step's first module call (the outermost one); the hook then leaves until the next step."""
+        if self._input_seen:
+            return
+        self._input_seen = True
+        try:
+            self._unhook_inputs()
+            size = leading_dimension(args)
+        except Exception as e:
+            self._fault("the module input hook", e)
+            return
+        self._step_input_batch = size
+        if size is not None:
+            self._input_batch = size
+
     def _forward_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._fwd_depth = max(0, self._fwd_depth - 1)
         if self._fwd_depth or id(module) != self._fwd_lead or self._backwards or self._opt_steps:
@@ -628,10 +710,19 @@ class Tracker:
             batch = sum({r.draw: r.batch or 0 for r in roots}.values())
         if not roots:
             batch = self._last_batch
-        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs)
+        guessed = False
+        if batch is None:  # no DataLoader batch (a DataLoader's size always wins): the inputs' guess
+            guess = next((r.guess for r in roots if r.guess is not None), self._step_input_batch)
+            batch, guessed = guess, guess is not None
+        self._step_input_batch, self._input_seen = None, False  # the next module call starts a step
+        try:
+            self._hook_inputs()
+        except Exception as e:
+            self._fault("the module input hook", e)
+        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs, guessed)
         self._records.add(rec)
         if self._on_step is not None:
-            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs))
+            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs, guessed))
         return rec
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
@@ -665,6 +756,8 @@ class Tracker:
         notes = list(session.notes) + self._notes
         if self._records.stride > 1:
             notes.append(f"{self._records.total} steps downsampled to {len(recs)} records of {self._records.stride}")
+        if any(r.guessed for r in recs):
+            notes.append(GUESSED_NOTE)
         if self._pending and self._opt_steps:
             notes.append(f"{len(self._pending)} backward call(s) after the last optimizer step are not in any step")
         err = None
@@ -681,7 +774,8 @@ class Tracker:
             reserved_peak_bytes=session.reserved_peak(),
             capacity_bytes=session.capacity(),
             wall_seconds=time.perf_counter() - self._t0,
-            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs) for r in recs),
+            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs, r.guessed)
+                        for r in recs),
             budget_bytes=self.budget,
             breakdown=self._breakdown,
             total_steps=self._records.total,

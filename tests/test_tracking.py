@@ -210,7 +210,7 @@ def test_batch_size_comes_from_the_dataloader(data):
     assert [s.batch_size for s in t.report.steps] == [32, 32, 32, 4]
 
 
-def test_batch_size_is_none_without_a_dataloader(data):
+def test_without_a_dataloader_the_batch_size_is_the_inputs_leading_dimension_marked_as_a_guess(data):
     X, Y = data
     model = _fresh()
     opt = torch.optim.SGD(model.parameters(), 0.1)
@@ -218,7 +218,35 @@ def test_batch_size_is_none_without_a_dataloader(data):
         opt.zero_grad()
         F.cross_entropy(model(X[:8]), Y[:8]).backward()
         opt.step()
+    step = t.report.steps[0]
+    assert (step.batch_size, step.batch_size_guessed) == (8, True)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) @ w
+
+
+def test_inputs_that_disagree_on_their_leading_dimension_give_no_batch_size():
+    model = _TwoInputs()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gpumagic.track(device="cpu") as t:
+        model(torch.randn(8, 4), torch.randn(3, 5)).sum().backward()  # the inner call (8 rows) is not asked
+        opt.step()
     assert t.report.steps[0].batch_size is None
+
+
+def test_no_module_hook_is_left_after_the_block(data):
+    from torch.nn.modules import module
+
+    before = dict(module._global_forward_pre_hooks)
+    with gpumagic.track(device="cpu"):
+        _fresh()(data[0][:4])
+    assert dict(module._global_forward_pre_hooks) == before
 
 
 def test_breakdown_splits_parameters_gradients_and_optimizer_state(data):

@@ -67,6 +67,9 @@ class AdviceContext:
     rank: int | None = None
     """The data-parallel rank that ran out of memory; by default this process's rank under
     torch.distributed, or the rank a launcher's error message names."""
+    batch_literal: str | None = None
+    """The batch size is this number written in the failing code (read from the inputs' leading
+    dimension): a size to use says to change it there."""
     world_size: int | None = None
     """Ranks training together (data parallel): batch sizes are per rank, the global batch is
     per-rank size × world_size; by default torch.distributed's world size."""
@@ -295,6 +298,8 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
         return None
     b = ctx.batch_size
     now = f" (now {b})" if b is not None else ""
+    if ctx.batch_literal is not None:
+        now += f": change {ctx.batch_literal} in the cell"
     fit, fit_how, stop = _exact_fit(ctx, f, unknown)
     if stop is not None:
         return stop
