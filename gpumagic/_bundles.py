@@ -1,9 +1,14 @@
-"""The renderer registry: results ask it for their rich views; renderers register for result types.
+"""The renderer registry: results ask it for their views; renderers register with it.
 
-Results (:mod:`gpumagic.report`) know nothing of renderers. A renderer is a function from a
-result to extra mimebundle entries (a PNG, a widget view); it registers for a type with
-:func:`register`. Renderer modules are named with :func:`add_module` and imported on the first
-render only, so importing gpumagic stays cheap (the package face names :mod:`gpumagic.widgets`).
+Results (:mod:`gpumagic.report`) know nothing of renderers: their ``_repr_pretty_``,
+``_repr_html_`` and ``to_text`` ask :func:`view` here for "pretty", "html" or "table", and
+``_repr_mimebundle_`` asks :func:`mimebundle`. Renderers register: a view function for a kind
+(:func:`register_view`; the built-in text and HTML ones in ``gpumagic._text`` and
+``gpumagic._html`` read each result's row model, ``gpumagic._rows``), or a function from a
+result to extra mimebundle entries (a PNG, a widget view) for a type (:func:`register`).
+Renderer modules are named here or with :func:`add_module` and imported on the first render
+only, so importing a result, or gpumagic, stays cheap (the package face names
+:mod:`gpumagic.widgets`).
 
 >>> register(MyResult, lambda r: {"image/svg+xml": draw(r)})   # doctest: +SKIP
 """
@@ -14,7 +19,17 @@ import importlib
 from collections.abc import Callable, Container
 from typing import Any
 
-__all__ = ["Renderer", "add_module", "mimebundle", "register", "renderers_for"]
+__all__ = [
+    "Renderer",
+    "add_module",
+    "mimebundle",
+    "progress",
+    "register",
+    "register_progress",
+    "register_view",
+    "renderers_for",
+    "view",
+]
 
 Renderer = Callable[[Any], dict[str, Any]]
 """Extra mimebundle entries for one result; may raise ImportError when an optional package is missing."""
@@ -22,6 +37,54 @@ Renderer = Callable[[Any], dict[str, Any]]
 _RENDERERS: dict[type, list[Renderer]] = {}
 _PENDING: list[str] = []
 _PROBLEMS: dict[str, str] = {}
+
+_VIEWS: dict[tuple[str, str], Callable[[Any], str]] = {}
+# the modules that register the built-in views; imported on the first view asked for
+_VIEW_MODULES = ["gpumagic._text", "gpumagic._html", "gpumagic._progress"]
+_PROGRESS: dict[str, Callable[..., Any]] = {}
+
+
+def register_view(kind: str, type_name: str, fn: Callable[[Any], str]) -> None:
+    """Show instances of the type called ``type_name`` (or of its subclasses) as ``kind`` with
+    ``fn``: "pretty" (a terminal), "html", or "table" (plain text for scripts and logs). Types
+    are named, not imported, so that a renderer never makes a result module load."""
+    _VIEWS[(kind, type_name)] = fn
+
+
+def _load_views() -> None:
+    while _VIEW_MODULES:
+        name = _VIEW_MODULES.pop(0)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            _PROBLEMS[name] = f"{type(e).__name__}: {e}"
+
+
+def view(obj: Any, kind: str) -> str:
+    """``obj`` shown as ``kind`` by the view registered for its type; its ``repr`` (escaped for
+    "html") when none can show it, so a broken renderer never hides a result."""
+    _load_views()
+    fn = next((f for cls in type(obj).__mro__ if (f := _VIEWS.get((kind, cls.__name__))) is not None), None)
+    if fn is not None:
+        try:
+            return fn(obj)
+        except Exception as e:  # rendering must never hide the result
+            _PROBLEMS[f"{kind} view of {type(obj).__name__}"] = f"{type(e).__name__}: {e}"
+    import html
+
+    return html.escape(repr(obj)) if kind == "html" else repr(obj)
+
+
+def register_progress(kind: str, factory: Callable[..., Any]) -> None:
+    """The factory of a progress reporter of ``kind`` ("text": a bar on a terminal, lines in a log)."""
+    _PROGRESS[kind] = factory
+
+
+def progress(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """A new progress reporter of ``kind`` (``progress(trial, index)``, then ``close()``): the core
+    asks here, so it never imports the renderers that draw progress."""
+    _load_views()
+    return _PROGRESS[kind](*args, **kwargs)
 
 
 def register(cls: type, renderer: Renderer) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+from gpumagic._bundles import register_progress
 from gpumagic._text import describe_trial
 
 if TYPE_CHECKING:
@@ -73,3 +74,6 @@ def text_progress(stream: TextIO | None = None, label: str = "find_batch") -> Tr
     except (AttributeError, ValueError, OSError):
         tty = False
     return BarProgress(stream, label) if tty else LineProgress(stream, label)
+
+
+register_progress("text", text_progress)

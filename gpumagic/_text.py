@@ -19,17 +19,20 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from gpumagic._units import format_seconds
+from gpumagic._bundles import register_view
+from gpumagic._rows import Table, view
 
 if TYPE_CHECKING:
-    from gpumagic.report import BatchSearchResult, MemoryReport, Trial
+    from gpumagic.report import Trial
 
 __all__ = [
     "bold",
     "describe_trial",
     "memory_report_text",
     "render",
+    "result_text",
     "search_text",
+    "table_text",
     "terminal_width",
     "use_color",
     "wrap_block",
@@ -113,7 +116,7 @@ def render(headline: str, rows: Sequence[tuple[str, str]], width: int, *, color:
 
 
 # ---------------------------------------------------------------------------------------------
-# the results
+# the results: each reads its row model (gpumagic._rows), the same rows the HTML shows
 
 
 def _bytes(n: int | float | None) -> str:
@@ -130,110 +133,55 @@ def describe_trial(trial: Trial) -> str:
     return f"batch {trial.batch_size}: peak {_bytes(trial.peak_bytes)}{sps}"
 
 
-def _step_name(index: int, count: int) -> str:
-    return f"step {index + 1}" if count == 1 else f"steps {index + 1}–{index + count}"
+def result_text(result: Any, width: int | None = None, *, color: bool = False) -> str:
+    """A result for a terminal: its headline, then the rows the headline does not state, then
+    its tables, every line fitting ``width`` columns.
 
-
-def memory_report_text(report: MemoryReport, width: int | None = None, *, color: bool = False) -> str:
-    """``%%gpumem``'s report for a terminal: the summary line, then breakdown, steps and notes.
-
-    >>> print(memory_report_text(report, width=60))   # doctest: +SKIP
+    >>> print(result_text(report, width=60))   # doctest: +SKIP
     gpumem: peak 444.18 KiB (+369.14 KiB over baseline ...) on cpu · 5 steps · 609.4 ms
-      at the peak  parameters 83.04 KiB · gradients 83.04 KiB · ...
+      end          75.04 KiB (+0 B)
+      ...
     """
-    r = report
+    v = view(result)
     width = terminal_width() if width is None else width
-    rows: list[tuple[str, str]] = []
-    if r.breakdown is not None:
-        b = r.breakdown
-        rows.append(("at the peak", f"parameters {_bytes(b.parameters_bytes)} · gradients {_bytes(b.gradients_bytes)}"
-                     f" · optimizer state {_bytes(b.optimizer_state_bytes)} · activations and other "
-                     f"{_bytes(b.other_bytes)}"))
-    rows.append(("end", f"{_bytes(r.end_bytes)} ({_signed(r.end_bytes - r.baseline_bytes)} over the baseline)"))
-    if r.reserved_peak_bytes is not None:
-        rows.append(("peak reserved", _bytes(r.reserved_peak_bytes)))
-    steps = [s for s in r.steps if s.count > 0]
-    if steps:
-        per_step = sorted(s.seconds / s.count for s in steps)
-        text = f"{r.total_steps}, median {format_seconds(per_step[len(per_step) // 2])} each"
-        sizes = sorted({s.batch_size for s in steps if s.batch_size is not None})
-        if sizes:
-            text += f", batch size {', '.join(str(v) for v in sizes[:4])}{', …' if len(sizes) > 4 else ''}"
-            if any(s.batch_size_guessed for s in steps):
-                text += " (read from the inputs' leading dimension)"
-        rows.append(("steps", text))
-        losses = r.losses
-        if losses:
-            rows.append(("loss", f"first {losses[0]:.4g}, last {losses[-1]:.4g}, min {min(losses):.4g}"))
-        slow = max(steps, key=lambda s: s.seconds / s.count)
-        rows.append(("slowest", f"{_step_name(slow.index, slow.count)}: {format_seconds(slow.seconds / slow.count)}"))
-        peaks = [s for s in steps if s.peak_bytes is not None]
-        if peaks:
-            heavy = max(peaks, key=lambda s: s.peak_bytes or 0)
-            rows.append(("heaviest", f"{_step_name(heavy.index, heavy.count)}: peak {_bytes(heavy.peak_bytes)}"))
-    else:
-        rows.append(("steps", "none seen (no backward() in the block)"))
-    if r.error:
-        rows.append(("stopped by", r.error.splitlines()[0] if r.error.strip() else r.error))
-    rows.extend(("note", n) for n in r.notes)
-    return render(f"gpumem: {r.summary()}", rows, width, color=color)
+    rows = [(row.label, row.value) for row in v.rows if not row.in_headline]
+    tail = [line for table in v.tables for line in _lay_table(table, width)]
+    return render(v.headline, rows, width, color=color, tail=tail)
 
 
-def _signed(n: int) -> str:
-    from gpumagic._units import format_bytes
+memory_report_text = result_text
+"""``%%gpumem``'s report for a terminal (:func:`result_text`)."""
 
-    return format_bytes(n, signed=True)
-
-
-def search_text(result: BatchSearchResult, width: int | None = None, *, color: bool = False) -> str:
-    """``%find_batch``'s result for a terminal: the pick, why, the fit, then the trials with the pick marked."""
-    r = result
-    width = terminal_width() if width is None else width
-    rec = r.recommended_batch_size
-    head = f"find_batch: recommended {rec}"
-    if r.accumulation_steps > 1 or r.effective_batch_size:
-        head += f" × {r.accumulation_steps} accumulation steps = {r.effective_batch_size}"
-    head += f" (largest that ran {r.max_batch_size}) · {len(r.trials)} trials, {r.oom_count} OOM on {r.device}"
-    rows: list[tuple[str, str]] = [("why", r.reason)]
-    if r.lr_note:
-        rows.append(("learning rate", r.lr_note))
-    if r.capacity_bytes is not None:
-        peak = f"predicted peak {_bytes(r.predicted_peak_bytes)} of " if r.predicted_peak_bytes is not None else ""
-        rows.append(("memory", f"{peak}{_bytes(r.capacity_bytes)} (margin {r.margin:.0%})"))
-    if r.fit is not None:
-        rows.append(("fit", f"{_bytes(r.fit.intercept_bytes)} + {_bytes(r.fit.bytes_per_sample)} per sample "
-                            f"(R² {r.fit.r2:.4f})"))
-    rows.extend(("note", n) for n in r.notes)
-    return render(head, rows, width, color=color, tail=_trials_table(r, width))
+search_text = result_text
+"""``%find_batch``'s result for a terminal (:func:`result_text`): the pick, why, the fit, then the trials."""
 
 
-def _trials_table(r: BatchSearchResult, width: int) -> list[str]:
-    if not r.trials:
-        return []
-    picked = next((i for i in range(len(r.trials) - 1, -1, -1)
-                   if r.trials[i].batch_size == r.recommended_batch_size and not r.trials[i].oom), None)
-    header = ["trial", "batch", "peak", "samples/s", "time", ""]
-    body = [[
-        str(i + 1), str(t.batch_size), "out of memory" if t.oom else _bytes(t.peak_bytes),
-        f"{t.samples_per_second:,.0f}" if t.samples_per_second else "", format_seconds(t.seconds),
-        "← pick" if i == picked else "",
-    ] for i, t in enumerate(r.trials)]
-    if picked is None and r.recommended_batch_size is not None:  # picked by the fit, not run as such
-        predicted = f"≈ {_bytes(r.predicted_peak_bytes)}" if r.predicted_peak_bytes is not None else ""
-        body.append(["", str(r.recommended_batch_size), predicted, "", "", "← pick (predicted)"])
-    right = {0, 1, 3, 4}
-    columns = list(range(len(header)))
+def table_text(result: Any) -> str:
+    """Every row of a result as an aligned plain-text table under its title (for scripts and logs)."""
+    v = view(result)
+    width = max((len(r.label) for r in v.rows), default=0)
+    indent = "\n" + " " * (width + 4)  # multi-line values (code) stay in their column
+    lines = [v.title, *(f"  {r.label:<{width}}  {r.value.replace(chr(10), indent)}" for r in v.rows)]
+    for table in v.tables:
+        lines.extend(_lay_table(table, None))
+    return "\n".join(lines)
+
+
+def _lay_table(table: Table, width: int | None) -> list[str]:
+    columns = list(range(len(table.header)))
 
     def lay(cols: list[int]) -> list[str]:
-        widths = {c: max(len(row[c]) for row in [header, *body]) for c in cols}
+        widths = {c: max(len(row[c]) for row in [table.header, *table.body]) for c in cols}
         out = []
-        for row in [header, *body]:
-            cells = [row[c].rjust(widths[c]) if c in right else row[c].ljust(widths[c]) for c in cols]
+        for row in [table.header, *table.body]:
+            cells = [row[c].rjust(widths[c]) if c in table.right else row[c].ljust(widths[c]) for c in cols]
             out.append(("  " + "  ".join(cells)).rstrip())
         return out
 
     lines = lay(columns)
-    for drop in (4, 3, 0):  # time, then throughput, then the trial number, until it fits
+    if width is None:
+        return lines
+    for drop in table.drop:  # narrow terminals lose these columns first, until it fits
         if max(len(line) for line in lines) <= width:
             break
         columns.remove(drop)
@@ -241,3 +189,10 @@ def _trials_table(r: BatchSearchResult, width: int) -> list[str]:
     if max(len(line) for line in lines) > width:
         lines = [line[:width] for line in lines]
     return lines
+
+
+for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus"):  # the results with a row model
+    register_view("pretty", _name, lambda result: result_text(result, color=use_color()))
+    register_view("table", _name, table_text)
+# a terminal: the advice's prose within its width, its code whole (a wrapped line would not run)
+register_view("pretty", "Advice", lambda advice: wrap_block(advice.text(), code_indent=5))

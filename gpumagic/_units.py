@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_bytes", "format_seconds", "format_size_torch", "parse_size", "unit_bytes"]
+__all__ = ["format_bytes", "format_count", "format_seconds", "format_size_torch", "parse_size", "unit_bytes"]
 
 _PREFIXES = "kmgtpe"
 MAX_SIZE = 2**63 - 1
@@ -124,3 +124,8 @@ def format_seconds(s: float | None) -> str:
     if s < 120:
         return f"{s:.2f} s"
     return f"{s / 60:.1f} min"
+
+
+def format_count(v: float) -> str:
+    """A count or size for people: ``1,024`` when whole, three significant digits otherwise (``2.5``)."""
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"

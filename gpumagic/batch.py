@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpumagic import backends, heaviest
+from gpumagic import _bundles, backends, heaviest
 from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic._plain import plain_container
-from gpumagic._progress import text_progress
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
 from gpumagic.backends import Backend
@@ -508,7 +507,7 @@ def _progress(
     if not progress:
         yield None
         return
-    bar = text_progress(sys.stderr)
+    bar = _bundles.progress("text", sys.stderr)
     try:
         yield bar
     finally:

@@ -1,10 +1,12 @@
 """Frozen result objects: what a tracked cell and a batch-size search produce.
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
-Objects render themselves: ``repr`` is a one-line summary, ``_repr_pretty_`` (IPython's
-plain-text display, a terminal) a headline and a short table fitting the terminal, ``_repr_html_`` a compact table, and
-``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
-from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
+Results are plain data and import no renderer: ``repr`` is a one-line summary, and every other
+view comes from the renderer registry (:mod:`gpumagic._bundles`): ``_repr_pretty_`` (IPython's
+plain-text display, a terminal) a headline and a short table fitting the terminal,
+``_repr_html_`` a compact table, ``to_text`` every row for logs (all three read one row model,
+:mod:`gpumagic._rows`), and ``_repr_mimebundle_`` adds what renderers registered for the type
+make (a widget and a PNG, from :mod:`gpumagic.widgets`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._bundles import mimebundle
-from gpumagic._html import html_table
-from gpumagic._text import memory_report_text, search_text, use_color
-from gpumagic._units import format_bytes, format_seconds
+from gpumagic import _bundles
+from gpumagic._units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
     import pandas
@@ -51,11 +51,6 @@ def _plain(obj: Any) -> Any:
         return {k: _plain(v) for k, v in obj.items()}
     return obj
 
-
-def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
-    width = max((len(k) for k, _ in rows), default=0)
-    indent = "\n" + " " * (width + 4)  # multi-line values (code) stay in their column
-    return "\n".join([title, *(f"  {k:<{width}}  {v.replace(chr(10), indent)}" for k, v in rows)])
 
 
 @dataclass(frozen=True)
@@ -216,96 +211,19 @@ class MemoryReport:
     def __repr__(self) -> str:
         return f"<MemoryReport {'PLAN (dry run) ' if self.dry_run else ''}{self.summary()}>"
 
-    def _rows(self) -> list[tuple[str, str]]:
-        cap = self.budget_bytes or self.capacity_bytes
-        rows = [("kind", "plan: a dry run on fake tensors, not a measurement")] if self.dry_run else []
-        rows += [
-            ("device", f"{self.device} ({self.backend})"),
-            ("baseline", format_bytes(self.baseline_bytes)),
-            ("peak", f"{format_bytes(self.peak_bytes)} ({format_bytes(self.peak_delta_bytes, signed=True)})"),
-            ("end", f"{format_bytes(self.end_bytes)} "
-                    f"({format_bytes(self.end_bytes - self.baseline_bytes, signed=True)})"),
-        ]
-        if self.reserved_peak_bytes is not None:
-            rows.append(("peak reserved" + (" (predicted)" if self.dry_run else ""),
-                         format_bytes(self.reserved_peak_bytes)))
-        if cap is not None:
-            label = "budget (simulated capacity)" if self.budget_bytes else "capacity"
-            rows.append((label, f"{format_bytes(cap)} ({100 * self.peak_bytes / cap:.1f}% used at peak)"))
-        if self.breakdown is not None:
-            b = self.breakdown
-            rows.append((
-                "at the peak",
-                f"parameters {format_bytes(b.parameters_bytes)}, gradients {format_bytes(b.gradients_bytes)}, "
-                f"optimizer state {format_bytes(b.optimizer_state_bytes)}, "
-                f"activations and other {format_bytes(b.other_bytes)}",
-            ))
-        if self.steps:
-            secs = sorted(s.seconds / s.count for s in self.steps)
-            rows.append(("steps", f"{self.total_steps}, median {format_seconds(secs[len(secs) // 2])} per step"))
-            peaks = self.step_peaks
-            if peaks:
-                rows.append(("step peak", f"{format_bytes(min(peaks))} … {format_bytes(max(peaks))}"))
-            losses = self.losses
-            if losses:
-                rows.append(("loss", f"first {losses[0]:.4g}, last {losses[-1]:.4g}, min {min(losses):.4g}"))
-            sizes = {s.batch_size for s in self.steps if s.batch_size is not None}
-            if sizes:
-                guessed = " (read from the inputs' leading dimension)" if any(
-                    s.batch_size_guessed for s in self.steps) else ""
-                rows.append(("batch size", ", ".join(str(v) for v in sorted(sizes)[:6]) + guessed))
-            drawn = [s for s in self.steps if s.input_elements is not None]
-            if drawn:
-                big = max(drawn, key=lambda s: s.input_elements or 0)
-                rows.append(("step input", f"{min(s.input_elements or 0 for s in drawn):,} … "
-                                           f"{big.input_elements:,} elements (largest at step {big.index:,}, "
-                                           f"peak {format_bytes(big.peak_bytes)})"))
-        else:
-            rows.append(("steps", "none seen (no backward() in the block)"))
-        rows.append(("wall time", format_seconds(self.wall_seconds)))
-        if self.error:
-            rows.append(("stopped by", self.error))
-        if self.incomplete:
-            rows.append(("incomplete", self.incomplete))
-        rows.extend(self._rank_rows())
-        rows.extend(("note", n) for n in self.notes)
-        return rows
-
-    def _rank_rows(self) -> list[tuple[str, str]]:
-        top = self.peak_rank
-        if top is None:
-            return []
-        n = self.world_size or len(self.ranks)
-        rows = [("ranks", f"{len(self.ranks)} of {n}; rank {top.rank} peaks highest"
-                          + (f", spread {format_bytes(self.peak_spread_bytes)}" if len(self.ranks) > 1 else ""))]
-        for r in self.ranks:
-            cap = r.budget_bytes or r.capacity_bytes
-            used = f" ({100 * r.peak_bytes / cap:.1f}% of {format_bytes(cap)})" if cap else ""
-            rows.append((
-                f"rank {r.rank} ({r.device})",
-                f"peak {format_bytes(r.peak_bytes)}{used}, "
-                f"{format_bytes(r.peak_delta_bytes, signed=True)} in the block, "
-                f"{r.steps} step{'s' if r.steps != 1 else ''}, {format_seconds(r.wall_seconds)}"
-                + (f", stopped by {r.error.split(':')[0]}" if r.error else ""),
-            ))
-        return rows
-
     def to_text(self) -> str:
-        """The report as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table(self._title(), self._rows())
+        """Every row as an aligned plain-text table (for scripts and logs)."""
+        return _bundles.view(self, "table")
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
-        p.text(memory_report_text(self, color=use_color()))
+        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
+        p.text(_bundles.view(self, "pretty"))
 
     def _repr_html_(self) -> str:
-        return html_table(self._title(), self._rows())
-
-    def _title(self) -> str:
-        return "gpumagic memory plan (dry run)" if self.dry_run else "gpumagic memory report"
+        return _bundles.view(self, "html")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return mimebundle(self, include, exclude)
+        return _bundles.mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -376,12 +294,12 @@ class SampleSizes:
 
     def summary(self) -> str:
         if self.heaviest_batch_size is None:
-            return f"the largest sample ({_number(self.largest)}): no batch of the heaviest samples fit"
-        head = f"the largest sample ({_number(self.largest)}) limits the batch to {self.heaviest_batch_size}"
+            return f"the largest sample ({format_count(self.largest)}): no batch of the heaviest samples fit"
+        head = f"the largest sample ({format_count(self.largest)}) limits the batch to {self.heaviest_batch_size}"
         if self.p99 < self.largest and self.p99_batch_size is not None:
-            head += f"; 99% of samples are <= {_number(self.p99)}, where {self.p99_batch_size} would fit"
+            head += f"; 99% of samples are <= {format_count(self.p99)}, where {self.p99_batch_size} would fit"
         elif self.p99 < self.largest:
-            head += f"; 99% of samples are <= {_number(self.p99)}"
+            head += f"; 99% of samples are <= {format_count(self.p99)}"
         return head
 
 
@@ -408,10 +326,6 @@ class VariableInputs:
     """The fit's peak for the largest input at ``surviving_batch_size``."""
     drawn_batch_size: int | None = None
     """What the trials' own batches alone recommended (before allowing for the largest input)."""
-
-
-def _number(v: float) -> str:
-    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
 
 
 @dataclass(frozen=True)
@@ -482,83 +396,19 @@ class BatchSearchResult:
             f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
         )
 
-    def _rows(self) -> list[tuple[str, str]]:
-        rows = [
-            ("recommended", str(self.recommended_batch_size)
-             + (f" × {self.accumulation_steps} accumulation steps = {self.effective_batch_size}"
-                if self.effective_batch_size else "")),
-            ("largest planned to fit" if self.dry_run else "largest that ran", str(self.max_batch_size)),
-            ("why", self.reason),
-        ]
-        if self.evaluation:
-            rows.append(("trials", "evaluation: forward calls of the outermost model, no backward or optimizer step"))
-        if self.sample_sizes is not None:
-            ss = self.sample_sizes
-            rows.append(("samples", ss.summary()))
-            rows.append(("sizes", f"{ss.measure}: median {_number(ss.median)}, 99th percentile {_number(ss.p99)}, "
-                                  f"largest {_number(ss.largest)}; {ss.measured:,} of {ss.total:,} samples measured "
-                                  f"in {format_seconds(ss.seconds)}"))
-            rows.extend((f"advice {i}", a) for i, a in enumerate(ss.advice, 1))
-        if self.variable_inputs is not None:
-            v = self.variable_inputs
-            line = (f"steps drew {v.smallest_elements:,} to {v.largest_elements:,} elements; peak ≈ "
-                    f"{format_bytes(round(v.intercept_bytes))} + {format_bytes(round(v.bytes_per_element))}/element")
-            if v.worst_elements is not None and v.predicted_peak_bytes is not None:
-                line += (f"; the largest input ({v.worst_source}, {v.worst_elements:,} elements) needs "
-                         f"{format_bytes(v.predicted_peak_bytes)}")
-            if v.surviving_batch_size is not None:
-                line += f"; {v.surviving_batch_size} survives it"
-            rows.append(("input sizes", line))
-        if self.world_size is not None:
-            rows[0] = (rows[0][0], rows[0][1] + " per rank")
-            rows[1] = (rows[1][0], rows[1][1] + " per rank, on every rank")
-            rows.insert(1, ("global batch", f"{self.global_batch_size} ({self.recommended_batch_size} per rank"
-                            + (f" × {self.accumulation_steps} accumulation steps" if self.accumulation_steps > 1
-                               else "") + f" × {self.world_size} ranks)"))
-        if self.dry_run:
-            rows.insert(0, ("kind", "planned: every trial a dry run on fake tensors, not a measurement"))
-        if self.lr_note:
-            rows.append(("learning rate", self.lr_note))
-        if self.capacity_bytes is not None:
-            rows.append(("capacity", f"{format_bytes(self.capacity_bytes)} (margin {self.margin:.0%})"))
-        if self.predicted_peak_bytes is not None:
-            rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
-        if self.fit is not None:
-            rows.append(("fit", self.fit.describe()))
-        for t in self.trials:
-            sps = f", {t.samples_per_second:,.0f} samples/s" if t.samples_per_second else ""
-            if t.planned:
-                rows.append((
-                    f"planned b={t.batch_size}",
-                    "would not fit" if t.oom else f"planned peak {format_bytes(t.peak_bytes)}",
-                ))
-                continue
-            per_rank = ""
-            if len(t.rank_peak_bytes) > 1 and not t.oom:
-                per_rank = " (ranks: " + ", ".join(format_bytes(p) for p in t.rank_peak_bytes) + ")"
-            rows.append((
-                f"trial b={t.batch_size}",
-                "out of memory" if t.oom else f"peak {format_bytes(t.peak_bytes)}{per_rank}{sps}",
-            ))
-        rows.extend(("note", n) for n in self.notes)
-        return rows
-
     def to_text(self) -> str:
-        """The result as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table(self._title(), self._rows())
+        """Every row as an aligned plain-text table (for scripts and logs)."""
+        return _bundles.view(self, "table")
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the pick, then the trials with the pick marked."""
-        p.text(search_text(self, color=use_color()))
+        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
+        p.text(_bundles.view(self, "pretty"))
 
     def _repr_html_(self) -> str:
-        return html_table(self._title(), self._rows())
-
-    def _title(self) -> str:
-        return "gpumagic batch-size plan (dry run)" if self.dry_run else "gpumagic batch-size search"
+        return _bundles.view(self, "html")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return mimebundle(self, include, exclude)
+        return _bundles.mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -591,18 +441,15 @@ class DeviceStatus:
             f"free {format_bytes(self.free_bytes)}>"
         )
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(_bundles.view(self, "pretty"))
+
     def _repr_html_(self) -> str:
-        rows = [
-            ("device", f"{self.device}" + (f" ({self.name})" if self.name else "")),
-            ("allocated by tensors", format_bytes(self.allocated_bytes)),
-            ("reserved by PyTorch", format_bytes(self.reserved_bytes)),
-            ("total", format_bytes(self.total_bytes)),
-            ("free", format_bytes(self.free_bytes)),
-        ]
-        rows.extend((f"process {p.pid}" + (f" ({p.name})" if p.name else ""), format_bytes(p.used_bytes))
-                    for p in self.processes)
-        rows.extend(("note", n) for n in self.notes)
-        return html_table("gpumagic device status", rows)
+        return _bundles.view(self, "html")
+
+    def to_text(self) -> str:
+        """Every row as an aligned plain-text table (for scripts and logs)."""
+        return _bundles.view(self, "table")
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def _unit_for(span: float) -> tuple[str, int]:
     return "B", 1
 
 
-def _number(v: float) -> str:
+def _tick(v: float) -> str:
     text = f"{v:,.3f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
 
@@ -129,7 +129,7 @@ def _byte_axis(ax: Axes, unit: str, label: str) -> None:
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_tick(v)} {unit}"))
     ax.set_ylabel(label)
 
 
@@ -629,7 +629,7 @@ def _rank_bars(report: MemoryReport) -> Figure:
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_tick(v)} {unit}"))
     ax.grid(True, axis="x", alpha=0.25)
     return fig
 
@@ -658,7 +658,7 @@ def _memory_bars(report: MemoryReport, cap: int | None, cap_name: str, title: st
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_number(v)} {unit}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{_tick(v)} {unit}"))
     ax.grid(True, axis="x", alpha=0.25)
     return fig
 

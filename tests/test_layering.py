@@ -1,8 +1,11 @@
-"""The import graph of gpumagic/, read from the source (imports inside functions included,
-``if TYPE_CHECKING:`` blocks left out): no circle anywhere, and the core never imports the edge.
+"""The import graph of gpumagic/, read from the source (imports inside functions included):
+no circle anywhere, also counting ``if TYPE_CHECKING:`` imports; the core never imports the edge
+(at run time); results import no renderer; the OOM heuristics import no IPython.
 
-The edge: the package face, the IPython layer (magics, _shell), the renderers (widgets, monitor),
-the demo and autoload. Everything else is the core: plain Python and torch.
+The edge: the package face, the IPython layer (magics, _shell), the renderers (the row model,
+text, HTML, progress, widgets, monitor), the demo and autoload. Everything else is the core:
+plain Python and torch. Results reach their renderers only through the registry (_bundles),
+which names renderer modules as strings and imports them on the first render.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ EDGE = {
     "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__",
 }
 IPYTHON_LAYER = {"gpumagic.magics", "gpumagic._shell"}
-RENDERERS = {"gpumagic.widgets", "gpumagic.monitor"}
+RENDERERS = {"gpumagic.widgets", "gpumagic.monitor", "gpumagic._rows", "gpumagic._text", "gpumagic._html",
+             "gpumagic._progress"}
+EDGE |= RENDERERS
+# modules whose job is plain result data (frozen dataclasses): they show themselves through the registry
+RESULTS = {"gpumagic.report"}
+PLOTTERS = {"gpumagic.widgets", "gpumagic.monitor"}
 
 
 @cache
@@ -56,12 +64,13 @@ def _imported(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
 
 
 @cache
-def imports() -> dict[str, set[str]]:
-    """module -> every name it imports at run time (first-party modules and top-level packages)."""
+def imports(typing: bool = False) -> dict[str, set[str]]:
+    """module -> every name it imports at run time (first-party modules and top-level packages);
+    with ``typing``, the imports under ``if TYPE_CHECKING:`` too."""
     graph: dict[str, set[str]] = {}
     for module, path in modules().items():
         tree = ast.parse(path.read_text())
-        skip = _typing_only(tree)
+        skip = set() if typing else _typing_only(tree)
         names: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skip:
@@ -70,16 +79,17 @@ def imports() -> dict[str, set[str]]:
     return graph
 
 
-def internal(module: str) -> set[str]:
-    return {n for n in imports()[module] if n in modules() and n != module}
+def internal(module: str, typing: bool = False) -> set[str]:
+    return {n for n in imports(typing)[module] if n in modules() and n != module}
 
 
 def third_party(module: str) -> set[str]:
     return {n.split(".")[0] for n in imports()[module]}
 
 
-def circles() -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan, iteratively)."""
+def circles(typing: bool = False) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iteratively); with
+    ``typing``, imports under ``if TYPE_CHECKING:`` count too."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -88,7 +98,7 @@ def circles() -> list[list[str]]:
     for root in modules():
         if root in index:
             continue
-        work = [(root, iter(sorted(internal(root))))]
+        work = [(root, iter(sorted(internal(root, typing))))]
         index[root] = low[root] = len(index)
         stack.append(root)
         on_stack.add(root)
@@ -100,7 +110,7 @@ def circles() -> list[list[str]]:
                     index[w] = low[w] = len(index)
                     stack.append(w)
                     on_stack.add(w)
-                    work.append((w, iter(sorted(internal(w)))))
+                    work.append((w, iter(sorted(internal(w, typing)))))
                 elif w in on_stack:
                     low[v] = min(low[v], index[w])
                 continue
@@ -129,6 +139,22 @@ def test_there_is_no_import_circle_in_the_package() -> None:
     assert circles() == []
 
 
+def test_there_is_no_import_circle_counting_type_checking_imports() -> None:
+    assert circles(typing=True) == []
+
+
+@pytest.mark.parametrize("module", sorted(RESULTS))
+def test_a_result_module_imports_no_renderer(module: str) -> None:
+    # not even for type checking: results are plain data, renderers register for them
+    assert sorted(internal(module, typing=True) & (RENDERERS | IPYTHON_LAYER)) == []
+
+
+@pytest.mark.parametrize("module", sorted(m for m in modules() if m.startswith("gpumagic.oom")))
+def test_the_oom_heuristics_import_no_ipython(module: str) -> None:
+    assert "IPython" not in third_party(module)
+    assert sorted(internal(module) & EDGE) == []
+
+
 @pytest.mark.parametrize("module", sorted(m for m in modules() if m not in EDGE))
 def test_a_core_module_imports_no_edge_module(module: str) -> None:
     assert sorted(internal(module) & EDGE) == []
@@ -145,4 +171,4 @@ def test_only_the_ipython_layer_imports_ipython() -> None:
 
 
 def test_only_the_renderers_import_ipywidgets_and_matplotlib() -> None:
-    assert {m for m in modules() if third_party(m) & {"ipywidgets", "matplotlib"}} <= RENDERERS
+    assert {m for m in modules() if third_party(m) & {"ipywidgets", "matplotlib"}} <= PLOTTERS

@@ -56,9 +56,22 @@ def test_the_memory_report_has_a_headline_breakdown_and_step_summary(report: gpu
     text = memory_report_text(report, 100)
 
     assert text.startswith("gpumem: peak ")
-    for label in ("at the peak", "steps", "loss", "slowest", "heaviest"):
+    for label in ("at the peak", "steps", "loss", "slowest", "step peak"):
         assert re.search(rf"^  {label} +\S", text, re.MULTILINE), label
     assert ESC not in text
+
+
+def test_the_terminal_text_shows_every_html_row_its_headline_does_not_state(report: gpumagic.MemoryReport) -> None:
+    from html import unescape
+
+    text = memory_report_text(report, 1000)
+    html = unescape(report._repr_html_())
+    labels = re.findall(r"<th[^>]*>([^<]+)</th><td", html)
+
+    assert {"device", "baseline", "peak", "end", "at the peak", "steps", "loss", "wall time"} <= set(labels)
+    shown = {label for label in labels if re.search(rf"^  {re.escape(label)} +\S", text, re.MULTILINE)}
+    assert set(labels) - shown == {"device", "baseline", "peak", "wall time"}  # the headline states these
+    assert all(re.search(rf"^  {re.escape(label)} ", report.to_text(), re.MULTILINE) for label in labels)
 
 
 def test_a_number_and_its_unit_stay_on_one_line(report: gpumagic.MemoryReport) -> None:

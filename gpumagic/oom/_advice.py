@@ -142,9 +142,9 @@ class Advice:
         return f"<Advice: {self.headline} ({len(self.suggestions)} suggestions)>"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        from gpumagic._text import wrap_block
+        from gpumagic import _bundles
 
-        p.text(wrap_block(self.text(), code_indent=5))  # a terminal: prose within its width, code whole
+        p.text(_bundles.view(self, "pretty"))  # a terminal: prose within its width, code whole
 
     def _repr_html_(self) -> str:
         items = []
