@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from gpumagic import _bundles
-from gpumagic._units import format_bytes, parse_size
+from gpumagic import views
 from gpumagic._version import __version__
+from gpumagic.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 # results render through the registry; the widgets register when the first result renders
-_bundles.add_module("gpumagic.widgets")
+views.add_module("gpumagic.render.widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562), so that
 # %load_ext pays for none of it (the result types' dataclasses alone cost ~18 ms to create)
@@ -89,7 +89,7 @@ _LAZY = {
 
 
 _SUBMODULES = (
-    "report", "oom", "tracking", "batch", "search", "devices", "distributed", "widgets", "monitor", "magics",
+    "report", "oom", "tracking", "batch", "search", "devices", "distributed", "render", "views", "monitor", "magics",
     "autoload",
 )
 

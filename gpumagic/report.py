@@ -2,11 +2,11 @@
 
 Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not known", never 0.
 Results are plain data and import no renderer: ``repr`` is a one-line summary, and every other
-view comes from the renderer registry (:mod:`gpumagic._bundles`): ``_repr_pretty_`` (IPython's
+view comes from the renderer registry (:mod:`gpumagic.views`): ``_repr_pretty_`` (IPython's
 plain-text display, a terminal) a headline and a short table fitting the terminal,
 ``_repr_html_`` a compact table, ``to_text`` every row for logs (all three read one row model,
-:mod:`gpumagic._rows`), and ``_repr_mimebundle_`` adds what renderers registered for the type
-make (a widget and a PNG, from :mod:`gpumagic.widgets`).
+:mod:`gpumagic.render.rows`), and ``_repr_mimebundle_`` adds what renderers registered for the type
+make (a widget and a PNG, from :mod:`gpumagic.render.widgets`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpumagic import _bundles
-from gpumagic._units import format_bytes, format_count, format_seconds
+from gpumagic import views
+from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
     import pandas
 
-    from gpumagic._batchmath import LRRule, Pick
+    from gpumagic.batchmath import LRRule, Pick
 
 __all__ = [
     "BatchSearchResult",
@@ -213,17 +213,17 @@ class MemoryReport:
 
     def to_text(self) -> str:
         """Every row as an aligned plain-text table (for scripts and logs)."""
-        return _bundles.view(self, "table")
+        return views.view(self, "table")
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(_bundles.view(self, "pretty"))
+        p.text(views.view(self, "pretty"))
 
     def _repr_html_(self) -> str:
-        return _bundles.view(self, "html")
+        return views.view(self, "html")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundles.mimebundle(self, include, exclude)
+        return views.mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -398,17 +398,17 @@ class BatchSearchResult:
 
     def to_text(self) -> str:
         """Every row as an aligned plain-text table (for scripts and logs)."""
-        return _bundles.view(self, "table")
+        return views.view(self, "table")
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(_bundles.view(self, "pretty"))
+        p.text(views.view(self, "pretty"))
 
     def _repr_html_(self) -> str:
-        return _bundles.view(self, "html")
+        return views.view(self, "html")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return _bundles.mimebundle(self, include, exclude)
+        return views.mimebundle(self, include, exclude)
 
 
 @dataclass(frozen=True)
@@ -442,14 +442,14 @@ class DeviceStatus:
         )
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(_bundles.view(self, "pretty"))
+        p.text(views.view(self, "pretty"))
 
     def _repr_html_(self) -> str:
-        return _bundles.view(self, "html")
+        return views.view(self, "html")
 
     def to_text(self) -> str:
         """Every row as an aligned plain-text table (for scripts and logs)."""
-        return _bundles.view(self, "table")
+        return views.view(self, "table")
 
 
 @dataclass(frozen=True)

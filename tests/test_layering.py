@@ -4,7 +4,7 @@ no circle anywhere, also counting ``if TYPE_CHECKING:`` imports; the core never 
 
 The edge: the package face, the IPython layer (magics, _shell), the renderers (the row model,
 text, HTML, progress, widgets, monitor), the demo and autoload. Everything else is the core:
-plain Python and torch. Results reach their renderers only through the registry (_bundles),
+plain Python and torch. Results reach their renderers only through the view registry (gpumagic.views),
 which names renderer modules as strings and imports them on the first render.
 """
 
@@ -18,16 +18,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpumagic"
 EDGE = {
-    "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.widgets", "gpumagic.monitor",
+    "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.render.widgets", "gpumagic.monitor",
     "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__",
 }
 IPYTHON_LAYER = {"gpumagic.magics", "gpumagic._shell"}
-RENDERERS = {"gpumagic.widgets", "gpumagic.monitor", "gpumagic._rows", "gpumagic._text", "gpumagic._html",
-             "gpumagic._progress"}
+RENDERERS = {"gpumagic.render", "gpumagic.monitor",
+             *(f"gpumagic.render.{p.stem}" for p in (PACKAGE / "render").glob("*.py") if p.stem != "__init__")}
 EDGE |= RENDERERS
 # modules whose job is plain result data (frozen dataclasses): they show themselves through the registry
 RESULTS = {"gpumagic.report"}
-PLOTTERS = {"gpumagic.widgets", "gpumagic.monitor"}
+PLOTTERS = {"gpumagic.render.widgets", "gpumagic.monitor"}
 
 
 @cache

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._units import format_bytes, format_count, format_seconds
+from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport

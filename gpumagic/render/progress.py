@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from gpumagic._bundles import register_progress
-from gpumagic._text import describe_trial
+from gpumagic.render.text import describe_trial
+from gpumagic.views import register_progress
 
 if TYPE_CHECKING:
     from gpumagic.report import Trial

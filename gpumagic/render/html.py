@@ -1,6 +1,6 @@
 """HTML for result objects (no third-party imports): each result's row model as a table.
 
-The rows are the ones the terminal text shows (``gpumagic._rows``); registered with the
+The rows are the ones the terminal text shows (``gpumagic.render.rows``); registered with the
 renderer registry as the "html" view.
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from html import escape
 from typing import Any
 
-from gpumagic._bundles import register_view
-from gpumagic._rows import Table, view
+from gpumagic.render.rows import Table, view
+from gpumagic.views import register_view
 
 __all__ = ["html_table", "result_html"]
 

@@ -3,12 +3,12 @@
 Results (:mod:`gpumagic.report`) know nothing of renderers: their ``_repr_pretty_``,
 ``_repr_html_`` and ``to_text`` ask :func:`view` here for "pretty", "html" or "table", and
 ``_repr_mimebundle_`` asks :func:`mimebundle`. Renderers register: a view function for a kind
-(:func:`register_view`; the built-in text and HTML ones in ``gpumagic._text`` and
-``gpumagic._html`` read each result's row model, ``gpumagic._rows``), or a function from a
+(:func:`register_view`; the built-in text and HTML ones in ``gpumagic.render.text`` and
+``gpumagic.render.html`` read each result's row model, ``gpumagic.render.rows``), or a function from a
 result to extra mimebundle entries (a PNG, a widget view) for a type (:func:`register`).
 Renderer modules are named here or with :func:`add_module` and imported on the first render
 only, so importing a result, or gpumagic, stays cheap (the package face names
-:mod:`gpumagic.widgets`).
+:mod:`gpumagic.render.widgets`).
 
 >>> register(MyResult, lambda r: {"image/svg+xml": draw(r)})   # doctest: +SKIP
 """
@@ -40,7 +40,7 @@ _PROBLEMS: dict[str, str] = {}
 
 _VIEWS: dict[tuple[str, str], Callable[[Any], str]] = {}
 # the modules that register the built-in views; imported on the first view asked for
-_VIEW_MODULES = ["gpumagic._text", "gpumagic._html", "gpumagic._progress"]
+_VIEW_MODULES = ["gpumagic.render.text", "gpumagic.render.html", "gpumagic.render.progress"]
 _PROGRESS: dict[str, Callable[..., Any]] = {}
 
 

@@ -19,8 +19,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from gpumagic._bundles import register_view
-from gpumagic._rows import Table, view
+from gpumagic.render.rows import Table, view
+from gpumagic.views import register_view
 
 if TYPE_CHECKING:
     from gpumagic.report import Trial
@@ -116,11 +116,11 @@ def render(headline: str, rows: Sequence[tuple[str, str]], width: int, *, color:
 
 
 # ---------------------------------------------------------------------------------------------
-# the results: each reads its row model (gpumagic._rows), the same rows the HTML shows
+# the results: each reads its row model (gpumagic.render.rows), the same rows the HTML shows
 
 
 def _bytes(n: int | float | None) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(None if n is None else round(n))
 
