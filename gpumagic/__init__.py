@@ -24,9 +24,9 @@ from gpumagic.units import format_bytes, parse_size
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from gpumagic._track import track
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
+    from gpumagic.measure import track
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
     from gpumagic.report import (
@@ -75,7 +75,7 @@ views.add_module("gpumagic.render.widgets")
 _LAZY = {
     **dict.fromkeys(("BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport", "RankRecord",
                      "StepRecord", "Trial"), "gpumagic.report"),
-    "track": "gpumagic._track",
+    "track": "gpumagic.measure",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "device_status": "gpumagic.devices",

@@ -887,8 +887,8 @@ class GPUMagics(Magics):
 
     def _gpumem_planned(self, args: Any, cell: str) -> Any:
         """%%gpumem --dry-run, or --gpu NAME as a budget."""
-        from gpumagic._track import track
         from gpumagic.dryrun import DryRunError
+        from gpumagic.measure import track
 
         if not cell.strip():
             raise UsageError("%%gpumem needs a cell body to run")

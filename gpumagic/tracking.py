@@ -36,7 +36,7 @@ from gpumagic.backends import Backend, MemorySession
 from gpumagic.devices import DeviceLike, resolve, resolve_budget, storage_bytes
 from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
 
-__all__ = ["StopTrial", "Tracker", "active_tracker", "track"]
+__all__ = ["StopTrial", "Tracker", "active_tracker"]
 
 MAX_RECORDS = 100_000
 _LOSS_CHUNK = 256
@@ -807,25 +807,13 @@ class Tracker:
         )
 
 
-def track(
-    device: DeviceLike = None,
-    budget: str | int | None = None,
-    *,
-    max_records: int = MAX_RECORDS,
-) -> Tracker:
-    """Measure a block: peak memory of the block and of each training step, per-step loss and time.
+def __getattr__(name: str) -> Any:
+    # gpumagic.tracking.track was a second, narrower track(); the one entry point is gpumagic.track
+    if name == "track":
+        import importlib
+        import warnings
 
-    ``device``: "cpu", "cuda", "cuda:1", "mps", or a model/tensor (its device); default: cuda if
-    available, else mps, else cpu. ``budget``: a simulated device capacity ("2GiB", "800MB" or
-    bytes); on cpu an allocation past it raises ``torch.OutOfMemoryError``. ``max_records``:
-    past this many steps, records are merged pairwise (peaks keep their max).
-
-    Under ``torch.distributed`` each rank measures its own device, and leaving the block gathers
-    every rank's summary into ``report.ranks`` (one collective on the default group: every rank
-    must leave its block).
-
-    >>> with track(device="cpu") as t:              # doctest: +SKIP
-    ...     train()
-    >>> t.report.peak_delta_bytes                     # doctest: +SKIP
-    """
-    return Tracker(device, budget, max_records=max_records)
+        warnings.warn("gpumagic.tracking.track is deprecated: use gpumagic.track (gpumagic.measure.track)",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("gpumagic.measure").track
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,3 +46,11 @@ def test_core_modules_never_import_ipython():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_old_tracking_track_still_works_with_a_deprecation_warning():
+    import gpumagic.tracking
+
+    with pytest.warns(DeprecationWarning, match="gpumagic.track"):
+        old = gpumagic.tracking.track
+    assert old is gpumagic.track

@@ -1,4 +1,7 @@
-"""``gpumagic.track``: measure a block, or plan it on fake tensors (``dry_run=True``)."""
+"""``gpumagic.track``: measure a block, or plan it on fake tensors (``dry_run=True``).
+
+The public entry point above the tracker (:mod:`gpumagic.tracking`) and the planner
+(:mod:`gpumagic.dryrun`); importing it imports neither IPython nor a renderer."""
 
 from __future__ import annotations
 
