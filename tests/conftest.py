@@ -1,5 +1,8 @@
 """Shared fixtures: a real IPython shell with gpumagic loaded, namespace cleanup, device skips.
 
+``tests/unit/`` holds the tests that need no subprocess, kernel or browser; ``tests/integration/``
+the rest, each marked ``slow`` here: ``pytest -m "not slow"`` is the fast inner loop.
+
 Nothing heavy is imported here at module level: torch and IPython load when a fixture or the
 collection hook first needs them, and CUDA is only asked about when a test is marked ``gpu``.
 """
@@ -84,7 +87,15 @@ def _has_browser() -> bool:
     return found and importlib.util.find_spec("playwright") is not None
 
 
+_INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tests/unit: no subprocess, kernel or browser, the inner loop (`pytest -m "not slow"`, about
+    # two minutes); tests/integration: everything else, slow by definition
+    for item in items:
+        if _INTEGRATION in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
     checks = {
         "gpu": (_has_accelerator, "needs a CUDA or MPS device"),
         "e2e": (_has_browser, "needs chromium (/usr/bin/chromium or $GPUMAGIC_CHROMIUM) and playwright"),

@@ -7,7 +7,7 @@ from IPython.utils.capture import capture_output
 
 from gpumagic import demo
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_block() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "gpumagic"
+PACKAGE = Path(__file__).resolve().parents[2] / "gpumagic"
 EDGE = {
     "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.render.widgets", "gpumagic.monitor",
     "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__",

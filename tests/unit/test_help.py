@@ -21,7 +21,7 @@ from IPython.core.error import UsageError
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 MAGICS = ("gpumem", "find_batch", "gpumon")  # %gpumagic takes words (oom on|off), not options
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "ddp_worker.py"
 ROOT = WORKER.parent.parent
 TIMEOUT_S = 150
 # every test below that starts rank processes takes 10-80 s on 2 cores

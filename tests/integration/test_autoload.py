@@ -62,7 +62,7 @@ def test_enable_defaults_to_this_environment() -> None:
 
 
 def test_the_jupyter_config_snippet_is_what_enable_writes(tmp_path: Path) -> None:
-    snippet = Path(__file__).resolve().parents[1] / "jupyter-config" / "ipython_kernel_config.json"
+    snippet = Path(__file__).resolve().parents[2] / "jupyter-config" / "ipython_kernel_config.json"
 
     assert read_json(autoload.enable(prefix=tmp_path)) == read_json(snippet)
 

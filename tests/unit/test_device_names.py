@@ -19,7 +19,7 @@ import torch
 
 from gpumagic import backends
 
-PACKAGE = Path(__file__).resolve().parent.parent / "gpumagic"
+PACKAGE = Path(__file__).resolve().parents[2] / "gpumagic"
 DEVICE_NAMES = {"cuda", "mps", "cpu", "xpu"}
 EXEMPT = ("backends", "oom")
 BRANCHING = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = 80
 ESC = re.compile(r"\x1b")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # what a terminal turns into colour or cursor moves

@@ -22,7 +22,7 @@ from gpumagic.oom import FIGURES, OOMInfo, parse
 from gpumagic.oom.parsing import OOMKind
 from gpumagic.units import format_size_torch
 
-CORPUS = Path(__file__).parent / "oom_corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "oom_corpus"
 MiB = 2**20
 GiB = 2**30
 
@@ -491,7 +491,8 @@ def test_device_joins_type_and_index() -> None:
 # unit, a bracket, a digit run, blank lines) must cost time in proportion to its length. The
 # fragments and messages are bench/parse_time.py's (which reports the absolute time of 1 MB).
 
-_spec = importlib.util.spec_from_file_location("parse_time", Path(__file__).parents[1] / "bench" / "parse_time.py")
+_BENCH = Path(__file__).resolve().parents[2] / "bench"
+_spec = importlib.util.spec_from_file_location("parse_time", _BENCH / "parse_time.py")
 assert _spec is not None
 assert _spec.loader is not None
 parse_time = importlib.util.module_from_spec(_spec)

@@ -20,7 +20,7 @@ import pytest
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
 KERNEL = "gpumagic-examples"
 CELL_TIMEOUT = 300

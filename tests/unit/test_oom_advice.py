@@ -20,7 +20,7 @@ from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise, parse
 
 MiB = 2**20
 GiB = 2**30
-CORPUS = Path(__file__).parent / "oom_corpus" / "positive"
+CORPUS = Path(__file__).resolve().parents[1] / "oom_corpus" / "positive"
 
 
 def corpus(prefix: str) -> OOMInfo:
