@@ -140,54 +140,6 @@ def test_rich_bundle_rejects_an_unknown_kind() -> None:
         widgets.rich_bundle(search_result(), "table")
 
 
-def test_mimebundle_in_a_plain_process_has_a_widget_and_does_not_import_pyplot() -> None:
-    out = run_python(f"""
-        import base64, sys, gpumagic
-        from gpumagic.report import BatchSearchResult, Fit, Trial
-        fit = Fit({FIT.intercept_bytes}, {FIT.bytes_per_sample}, 0.999, 3)
-        trials = tuple(Trial(b, fit.predict(b), False, None, 0.5, 3) for b in (8, 64, 512))
-        res = BatchSearchResult(trials, 512, 480, 1, "why", fit, {CAP}, fit.predict(480))
-        bundle = res._repr_mimebundle_()
-        png = base64.b64decode(bundle["image/png"])
-        print(sorted(bundle), png[:8] == b"\\x89PNG\\r\\n\\x1a\\n", len(png) > 5000,
-              "matplotlib.pyplot" in sys.modules)
-    """)
-    assert out == (f"['{WIDGET}', 'image/png', 'text/html', 'text/plain'] True True False")
-
-
-def test_importing_gpumagic_imports_neither_ipywidgets_nor_matplotlib() -> None:
-    out = run_python("""
-        import sys, gpumagic
-        heavy = ("ipywidgets", "matplotlib", "gpumagic.render.widgets", "gpumagic.monitor")
-        print([m for m in heavy if m in sys.modules])
-    """)
-    assert out == "[]"
-
-
-def test_without_ipywidgets_the_bundle_keeps_png_text_and_html() -> None:
-    out = run_python(f"""
-        import sys
-        sys.modules["ipywidgets"] = None  # as if not installed
-        from gpumagic.report import BatchSearchResult, Fit, Trial
-        fit = Fit({FIT.intercept_bytes}, {FIT.bytes_per_sample}, 0.999, 3)
-        trials = tuple(Trial(b, fit.predict(b), False, None, 0.5, 3) for b in (8, 64, 512))
-        res = BatchSearchResult(trials, 512, 480, 1, "why", fit, {CAP}, fit.predict(480))
-        print(sorted(res._repr_mimebundle_()))
-    """)
-    assert out == "['image/png', 'text/html', 'text/plain']"
-
-
-def test_without_matplotlib_the_bundle_keeps_text_and_html() -> None:
-    out = run_python("""
-        import sys
-        sys.modules["matplotlib"] = None  # as if not installed
-        from gpumagic.report import MemoryReport
-        rep = MemoryReport("cpu", "cpu", 100, 300, 200, 120, None, None, 0.1)
-        print(sorted(rep._repr_mimebundle_()))
-    """)
-    assert out == "['text/html', 'text/plain']"
-
-
 # ---------------------------------------------------------------------------------------------
 # the search widget
 
