@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-import subprocess
 import sys
-import textwrap
 import time
 import types
 from typing import Any
@@ -91,12 +89,6 @@ def xy(line: Any) -> tuple[list[float], list[float]]:
     import numpy as np
 
     return np.asarray(line.get_xdata(), dtype=float).tolist(), np.asarray(line.get_ydata(), dtype=float).tolist()
-
-
-def run_python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------------
