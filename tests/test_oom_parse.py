@@ -12,7 +12,7 @@ import importlib.util
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Final, get_args
 
 import pytest
 import torch
@@ -80,9 +80,9 @@ SENTENCE_FIGURES = {
 # --- the corpus ---------------------------------------------------------------------------------
 
 
-def test_corpus_holds_at_least_200_real_messages_and_25_negatives() -> None:
-    assert len(POSITIVE) + len(NEGATIVE) >= 200
-    assert len(NEGATIVE) >= 25
+def test_corpus_holds_more_than_350_real_messages_and_40_negatives() -> None:
+    assert len(POSITIVE) + len(NEGATIVE) > 350
+    assert len(NEGATIVE) >= 40
 
 
 def test_corpus_kinds_are_the_declared_kinds() -> None:
@@ -109,6 +109,29 @@ def test_corpus_message_names_its_format_and_device(case: Case) -> None:
     expected_type = None if case.meta["device_type"] == "none" else case.meta["device_type"]
     expected_index = None if case.meta["device_index"] == "none" else int(case.meta["device_index"])
     assert (info.kind, info.device_type, info.device_index) == (case.meta["kind"], expected_type, expected_index)
+
+
+@pytest.mark.parametrize("case", [c for c in POSITIVE if "memory" in c.meta], ids=lambda c: c.name)
+def test_corpus_message_says_which_memory_ran_out(case: Case) -> None:
+    info = parse(case.body)
+    assert info is not None
+    assert info.memory == case.meta["memory"]
+
+
+_NAMED: Final = ("pid", "process_name", "max_model_len", "model_len_fits", "prefill_tokens")
+
+
+@pytest.mark.parametrize("case", [c for c in POSITIVE if set(_NAMED) & set(c.meta)], ids=lambda c: c.name)
+def test_corpus_message_names_its_process_and_token_counts(case: Case) -> None:
+    info = parse(case.body)
+    assert info is not None
+    read = {name: getattr(info, name) for name in _NAMED if getattr(info, name) is not None}
+    expected = {
+        name: case.meta[name] if name == "process_name" else int(case.meta[name])
+        for name in _NAMED
+        if name in case.meta
+    }
+    assert read == expected
 
 
 @pytest.mark.parametrize("case", NEGATIVE, ids=lambda c: c.name)

@@ -53,7 +53,36 @@ OOMKind = Literal[
     "onnxruntime_arena",  # ONNX Runtime's BFC arena, on the session's device
     "ggml_backend",  # ggml (llama.cpp, ollama): a backend buffer it could not allocate
     "out_of_memory_error",  # only the exception class says it
+    "linux_oom_killer",  # the Linux kernel killed a process for memory (dmesg, syslog)
+    "colab_session_ram",  # Colab: "Your session crashed after using all available RAM"
+    "errno_enomem",  # errno 12 (ENOMEM) in any locale: "[Errno 12] Cannot allocate memory"
+    "windows_paging_file",  # Windows error 1455: "The paging file is too small ..."
+    "pinned_host",  # CUDA's page-locked host allocation (TensorFlow, JAX): host memory
+    "nccl",  # NCCL's own device allocations
+    "vllm_startup_memory",  # vLLM: free device memory below gpu_memory_utilization at start-up
+    "vllm_kv_cache",  # vLLM: the KV cache cannot hold one sequence of max_model_len
+    "tgi_warmup",  # text-generation-inference: warm-up prefill does not fit
+    "model_system_memory",  # a model server (ollama): the model needs more RAM than is available
 ]
+
+# Who reported the failure: the framework's allocator, the operating system or platform, a
+# library under the framework, or a serving engine's capacity check.
+Family = Literal["framework", "system", "library", "serving"]
+_FAMILY: Final[dict[str, Family]] = {
+    "linux_oom_killer": "system", "colab_session_ram": "system", "errno_enomem": "system",
+    "windows_paging_file": "system", "python_memory_error": "system",
+    "cuda_error": "library", "cublas": "library", "cudnn": "library", "cuda_library": "library",
+    "pinned_host": "library", "nccl": "library",
+    "vllm_startup_memory": "serving", "vllm_kv_cache": "serving", "tgi_warmup": "serving",
+    "model_system_memory": "serving",
+}  # fmt: skip
+# Kinds that always mean host memory (RAM), whatever device the program uses.
+_HOST_KINDS: Final = frozenset(
+    {
+        "cpu_allocator", "numpy", "python_memory_error", "linux_oom_killer", "colab_session_ram",
+        "errno_enomem", "windows_paging_file", "pinned_host", "model_system_memory",
+    }
+)  # fmt: skip
 
 # The numeric fields, in bytes. Listed once so tests, scoring and rendering agree.
 FIGURES: Final = (
@@ -85,7 +114,14 @@ class OOMInfo:
     *allocated*, *reserved but unallocated* and *reserved in total*, the third is derived.
     ``max_allowed`` is a memory-fraction limit or the MPS high watermark. ``processes`` are the
     other processes the message names, as ``(pid, bytes)``. ``required_total`` is what a
-    compiled XLA program needs ("Used X of Y hbm"). ``message`` is the error as found.
+    compiled XLA program needs ("Used X of Y hbm"), or what a model server says a model needs.
+    ``message`` is the error as found.
+
+    ``pid`` and ``process_name`` name the process the message is about (the one the Linux OOM
+    killer killed; ``process_in_use`` is then its resident memory, anon + file + shmem).
+    Serving engines state token counts, not bytes: ``max_model_len`` (the sequence length the
+    engine was asked to hold), ``model_len_fits`` (the length its memory holds) and
+    ``prefill_tokens`` (the warm-up prefill that did not fit).
     """
 
     kind: OOMKind
@@ -107,6 +143,21 @@ class OOMInfo:
     simulated: bool = False
     exception_type: str | None = None
     message: str = ""
+    pid: int | None = None
+    process_name: str | None = None
+    max_model_len: int | None = None
+    model_len_fits: int | None = None
+    prefill_tokens: int | None = None
+
+    @property
+    def memory(self) -> Literal["host", "device"]:
+        """Which memory ran out: ``"host"`` (RAM) or ``"device"`` (an accelerator's, or a simulated one)."""
+        return "host" if _is_host(self) else "device"
+
+    @property
+    def family(self) -> Family:
+        """Who reported it: ``"framework"``, ``"system"`` (OS, platform), ``"library"`` or ``"serving"``."""
+        return _FAMILY.get(self.kind, "framework")
 
     @property
     def device(self) -> str | None:
@@ -267,7 +318,7 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = Non
         f.values["device_type"] = _DEV_WORD.get(dev, "cuda")
     tried = f.find(rf"Tried to allocate ({_SZ})", "tried_to_allocate", pos=m.start())
     after = tried.end() if tried else m.end()
-    old = re.compile(r"\s*\(\s*(GPU|XPU)\s*(\d{1,4})\s*;").match(window, after)
+    old = re.compile(r"\s*\(\s*(GPU|XPU|NPU)\s*(\d{1,4})\s*;").match(window, after)
     if old is not None:
         f.values.setdefault("device_type", _DEV_WORD[old.group(1)])
         f.values["kind"] = kind or "cuda_caching_allocator"
@@ -472,6 +523,126 @@ def _read_onnxruntime_arena(window: str, m: re.Match[str]) -> tuple[_Values, int
     if m.group("avail") is not None:
         values["free"] = int(m.group("avail"))
     return values, m.end()
+
+
+# --- the operating system and platform: host memory ---------------------------------------------
+
+
+def _kb(text: str | None) -> int | None:
+    """A kernel figure in kB ("15370088", or with stray thousands commas "153,700,88")."""
+    return None if text is None else int(text.replace(",", "")) * 1024
+
+
+def _read_oom_killer(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """The Linux OOM killer's line: the process it killed and, when printed, its resident memory."""
+    values: _Values = {"kind": "linux_oom_killer", "device_type": "cpu", "pid": int(m.group("pid"))}
+    values["process_name"] = m.group("name")
+    parts = [_kb(m.group(g)) for g in ("anon", "file", "shmem")]
+    if m.group("anon") is not None:
+        values["process_in_use"] = sum(n for n in parts if n is not None)
+    return values, m.end()
+
+
+def _read_model_system_memory(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """A model server's RAM check: "model requires more system memory (X) than is available (Y)"."""
+    values: _Values = {"kind": "model_system_memory", "device_type": "cpu"}
+    values.update(required_total=_bytes(m.group("need")), free=_bytes(m.group("avail")))
+    return values, m.end()
+
+
+# --- accelerators' runtimes and libraries ---------------------------------------------------------
+
+
+def _read_tpu_runtime(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """The TPU runtime: "Attempting to allocate|reserve X. That was not possible. There are Y free."
+    or "Could not allocate N bytes in memory ..._HBM0; A bytes allocatable, F bytes available"."""
+    values: _Values = {"kind": "xla_resource_exhausted", "device_type": "tpu"}
+    if m.group("n") is not None:
+        values.update(tried_to_allocate=int(m.group("n")), free=int(m.group("avail")))
+    else:
+        values.update(tried_to_allocate=_bytes(m.group("size")), free=_bytes(m.group("free")))
+    return values, m.end()
+
+
+def _read_pinned_host(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """CUDA's page-locked host allocation failing: host memory, whatever the message's CUDA_ERROR says."""
+    return {"kind": "pinned_host", "device_type": "cpu", "tried_to_allocate": int(m.group("n"))}, m.end()
+
+
+def _read_ctx_retain(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """A CUDA context that could not be created at start-up (TensorFlow, JAX, numba), with the
+    device's total when the runtime reports it."""
+    values: _Values = {"kind": "cuda_error", "device_type": "cuda"}
+    if m.group("total") is not None:
+        values["total_capacity"] = int(m.group("total"))
+    return values, m.end()
+
+
+# NCCL's log prefix "host:pid:tid [dev] file.cc:123 " names the local CUDA device in brackets.
+_NCCL_DEVICE: Final = re.compile(r"\[(\d{1,3})\] (?:[\w/.-]{1,80}:\d{1,6} )?$")
+
+
+def _read_nccl(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "nccl", "device_type": "cuda"}
+    if m.group("n") is not None:
+        values["tried_to_allocate"] = int(m.group("n"))
+    dev = _NCCL_DEVICE.search(window, max(0, m.start() - 120), m.start())
+    if dev is not None:
+        values["device_index"] = int(dev.group(1))
+    return values, m.end()
+
+
+def _library(kind: OOMKind) -> Callable[[str, re.Match[str]], tuple[_Values, int]]:
+    """A CUDA library's allocation status (no figures), with the device where it is printed ("; GPU=0 ;")."""
+
+    def read(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+        values: _Values = {"kind": kind, "device_type": "cuda"}
+        gpu = re.compile(r" ?; ?GPU=(\d{1,4})").match(window, m.end())
+        if gpu is not None:
+            values["device_index"] = int(gpu.group(1))
+        return values, m.end()
+
+    return read
+
+
+# --- serving engines' capacity checks -----------------------------------------------------------
+
+
+def _read_vllm_startup(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """vLLM: "Free memory on device cuda:1 (19.77/22.05 GiB) on startup is less than desired GPU
+    memory utilization (0.9, 19.84 GiB)": the free and total memory, and what the utilization asks."""
+    unit = m.group("unit")
+    values: _Values = {"kind": "vllm_startup_memory", "device_type": m.group("dev").lower()}
+    if m.group("idx") is not None:
+        values["device_index"] = int(m.group("idx"))
+    values.update(
+        free=_bytes(f"{m.group('free')} {unit}"),
+        total_capacity=_bytes(f"{m.group('total')} {unit}"),
+        required_total=_bytes(m.group("want")),
+    )
+    return values, m.end()
+
+
+def _read_vllm_kv_cache(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """vLLM's check that one sequence of ``max_model_len`` fits the KV cache: in bytes (v1) or tokens (v0)."""
+    f = _Fields(window, m.end())
+    f.values.update(kind="vllm_kv_cache", max_model_len=_int(m.group("len") or m.group("len0")))
+    if m.group("need") is not None:
+        f.values.update(tried_to_allocate=_bytes(m.group("need")), free=_bytes(m.group("avail")))
+        f.find(
+            r"\. ?Based on the available memory, the estimated maximum model length is (\d{1,9})",
+            "model_len_fits",
+            pos=m.end(),
+            end=m.end() + 120,
+            read=_int,
+        )
+    else:
+        f.values["model_len_fits"] = _int(m.group("fit"))
+    return f.values, f.end
+
+
+def _read_tgi_warmup(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    return {"kind": "tgi_warmup", "prefill_tokens": int(m.group("n"))}, m.end()
 
 
 def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[_Values, int]]:
@@ -681,22 +852,110 @@ _FORMATS: Final = (
             r"cu(?:da error: cu)?blas_status_alloc_failed(?: when calling `[^`]{0,300}`)?|"
             r"failed to create cublas handle: cublas_status_alloc_failed"
         ),
-        _fixed("cublas", "cuda"),
+        _library("cublas"),
         states_figures=False,
         nocase=True,
     ),
     _Format(
         "cudnn",
         re.compile(r"cudnn(?: error: cudnn)?_status_alloc_failed"),
-        _fixed("cudnn", "cuda"),
+        _library("cudnn"),
         states_figures=False,
         nocase=True,
     ),
     _Format(
         "cuda_library",
         re.compile(r"CU(?:SOLVER|SPARSE)_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED"),
-        _fixed("cuda_library", "cuda"),
+        _library("cuda_library"),
         states_figures=False,
+    ),
+    # --- host memory, as the operating system or the platform reports it ---
+    # The kill line names the process; kernels before 5.0 print "Kill process N (name) score S or
+    # sacrifice child" first. The figures follow the name; a name may hold parentheses itself.
+    _Format(
+        "linux_oom_killer",
+        re.compile(
+            r"(?:(?:Memory cgroup )?[Oo]ut of memory: Kill(?:ed)? process|(?<![\w-])Killed process) "
+            r"(?P<pid>\d{1,10}) \((?P<name>[^\n]{1,64}?)\)(?= total-vm| score)"
+            r"(?: total-vm:[\d,]{1,24} ?kB, anon-rss:(?P<anon>[\d,]{1,24}) ?kB, file-rss:(?P<file>[\d,]{1,24}) ?kB"
+            r"(?:, shmem-rss:(?P<shmem>[\d,]{1,24}) ?kB)?)?"
+        ),
+        _read_oom_killer,
+    ),
+    _Format(
+        "colab_session_ram",
+        re.compile(r"Your session crashed after using all available RAM"),
+        _fixed("colab_session_ram", "cpu"),
+        states_figures=False,
+    ),
+    # errno 12 is ENOMEM on Linux, macOS and Windows alike: the number says it in every locale.
+    _Format("errno_enomem", re.compile(r"\[Errno 12\]"), _fixed("errno_enomem", "cpu"), states_figures=False),
+    _Format(
+        "windows_paging_file",
+        re.compile(r"\[winerror 1455\]|os error 1455\)?|the paging file is too small for this operation to complete"),
+        _fixed("windows_paging_file", "cpu"),
+        states_figures=False,
+        nocase=True,
+    ),
+    _Format(
+        "model_system_memory",
+        re.compile(rf"model requires more system memory \((?P<need>{_SZ})\) than is available \((?P<avail>{_SZ})\)"),
+        _read_model_system_memory,
+    ),
+    # --- accelerators' runtimes and the libraries under the frameworks ---
+    _Format(
+        "tpu_runtime",
+        re.compile(
+            rf"Attempting to (?:allocate|reserve) (?P<size>{_SZ})(?: at the bottom of memory)?\. That was not "
+            rf"possible\. There are (?P<free>{_SZ}) free|Could not allocate (?P<n>\d{{1,24}}) bytes in memory "
+            r"[\w]{1,40}; \d{1,24} bytes allocatable, (?P<avail>\d{1,24}) bytes available"
+        ),
+        _read_tpu_runtime,
+    ),
+    _Format(
+        "pinned_host",
+        re.compile(r"failed to alloc (?P<n>\d{1,24}) bytes on host: CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"),
+        _read_pinned_host,
+    ),
+    _Format(
+        "cuda_ctx_retain",
+        re.compile(
+            r"cuDevicePrimaryCtxRetain(?::| results in) CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
+            r"(?:; total memory reported: (?P<total>\d{1,24}))?"
+        ),
+        _read_ctx_retain,
+    ),
+    _Format(
+        "nccl",
+        re.compile(
+            r"(?:NCCL WARN )?(?:Cuda failure (?:2 )?'out of memory'|Failed to CUDA calloc (?P<n>\d{1,24}) bytes)"
+        ),
+        _read_nccl,
+    ),
+    # --- serving engines' capacity checks ---
+    _Format(
+        "vllm_startup_memory",
+        re.compile(
+            r"[Ff]ree memory on device (?P<dev>[a-z]{2,10}):?(?P<idx>\d{1,4})? \((?P<free>\d{1,9}(?:\.\d{1,6})?)/"
+            r"(?P<total>\d{1,9}(?:\.\d{1,6})?) ?(?P<unit>[KMGT]iB)\) on startup is less than desired GPU memory "
+            rf"utilization \([\d.]{{1,8}}, (?P<want>{_SZ})\)"
+        ),
+        _read_vllm_startup,
+    ),
+    _Format(
+        "vllm_kv_cache",
+        re.compile(
+            r"(?:(?:To serve at least one request with the models?'s max seq len \((?P<len>\d{1,9})\), ?\(?)?"
+            rf"(?P<need>{_SZ}) KV cache is needed, which is larger than the available KV cache memory "
+            rf"\((?P<avail>{_SZ})\)|The model's max seq len \((?P<len0>\d{{1,9}})\) is larger than the maximum "
+            r"number of tokens that can be stored in KV cache \((?P<fit>\d{1,9})\))"
+        ),
+        _read_vllm_kv_cache,
+    ),
+    _Format(
+        "tgi_warmup",
+        re.compile(r"Not enough memory to handle (?P<n>\d{1,9}) prefill tokens"),
+        _read_tgi_warmup,
     ),
 )
 
@@ -867,9 +1126,6 @@ def parse(text_or_exception: str | BaseException) -> OOMInfo | None:
     if not isinstance(text_or_exception, str):
         raise TypeError(f"parse() takes an exception or a str, got {type(text_or_exception).__name__}")
     return _parse_any_text(text_or_exception)
-
-
-_HOST_KINDS: Final = frozenset({"cpu_allocator", "numpy", "python_memory_error"})
 
 
 def _is_host(info: OOMInfo | None) -> bool:
