@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from gpumagic._batchmath import accumulation_plan, lr_note
 from gpumagic._units import format_bytes
+from gpumagic.oom._families import family_advice
 from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
@@ -796,6 +797,11 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
         if made is not None:
             suggestion, strong = made
             ranked.append((rule.strong if strong else rule.weak, suggestion))
+    # Families beyond a framework's device allocator (host memory, serving engines, NCCL) bring
+    # their own suggestions and displace the ones that cannot change the memory that ran out.
+    family = family_advice(info, batch_dependent=ctx.batch_dependent)
+    ranked = [(score, s) for score, s in ranked if s.kind not in family.displaces]
+    ranked += [(s.score, Suggestion(s.title, s.detail, s.kind, code=s.code)) for s in family.suggestions]
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
     if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")

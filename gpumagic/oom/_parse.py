@@ -1132,9 +1132,49 @@ def _is_host(info: OOMInfo | None) -> bool:
     return info is not None and (info.kind in _HOST_KINDS or (info.device_type == "cpu" and not info.simulated))
 
 
+def _family_headline(info: OOMInfo) -> str | None:
+    """The headline of a wording that is not an allocator's: who stopped what, with its figures."""
+    fb = format_bytes
+    k = info.kind
+    if k == "linux_oom_killer":
+        held = f", which held {fb(info.process_in_use)} of RAM" if info.process_in_use is not None else ""
+        return f"Out of host memory (RAM): the Linux kernel killed process {info.pid} ({info.process_name}){held}."
+    if k == "colab_session_ram":
+        return "Out of host memory (RAM): Colab ended the session after it used all available RAM."
+    if k == "errno_enomem":
+        return "Out of host memory (RAM): the operating system refused to allocate (errno 12, ENOMEM)."
+    if k == "windows_paging_file":
+        return "Out of host memory (RAM): Windows' paging file is too small (error 1455): RAM plus page file is full."
+    if k == "pinned_host" and info.tried_to_allocate is not None:
+        return f"Out of host memory (RAM): {fb(info.tried_to_allocate)} of pinned (page-locked) memory was refused."
+    if k == "model_system_memory" and info.required_total is not None and info.free is not None:
+        return f"Out of host memory (RAM): the model needs {fb(info.required_total)}, {fb(info.free)} is available."
+    where = info.device or "the device"
+    if k == "vllm_startup_memory" and None not in (info.required_total, info.free, info.total_capacity):
+        return (
+            f"vLLM cannot start on {where}: gpu_memory_utilization asks for {fb(info.required_total or 0)}, "
+            f"{fb(info.free or 0)} of {fb(info.total_capacity or 0)} is free."
+        )
+    if k == "vllm_kv_cache":
+        what = f"max_model_len {info.max_model_len}" if info.max_model_len is not None else "one sequence"
+        need = (
+            f": {fb(info.tried_to_allocate)} of KV cache needed, {fb(info.free)} available"
+            if info.tried_to_allocate is not None and info.free is not None
+            else ""
+        )
+        fits = f"; {info.model_len_fits} tokens fit" if info.model_len_fits is not None else ""
+        return f"vLLM's KV cache cannot hold {what}{need}{fits}."
+    if k == "tgi_warmup":
+        return f"Out of memory on {where}: the server's warm-up could not run {info.prefill_tokens} prefill tokens."
+    return None
+
+
 def _headline(info: OOMInfo | None) -> str:
     if info is None:
         return "Out of memory (the error states no figures)."
+    family = _family_headline(info)
+    if family is not None:
+        return family
     fb = format_bytes
     tried = f"tried to allocate {fb(info.tried_to_allocate)}" if info.tried_to_allocate is not None else None
     if _is_host(info):
