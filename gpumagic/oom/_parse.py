@@ -571,10 +571,11 @@ def _read_pinned_host(window: str, m: re.Match[str]) -> tuple[_Values, int]:
 
 def _read_ctx_retain(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """A CUDA context that could not be created at start-up (TensorFlow, JAX, numba), with the
-    device's total when the runtime reports it."""
-    values: _Values = {"kind": "cuda_error", "device_type": "cuda"}
-    if m.group("total") is not None:
-        values["total_capacity"] = int(m.group("total"))
+    device's total when the runtime reports it: a total of 2**63 or more is the driver's failed
+    query printed unsigned (18446744073709551615), not a size."""
+    values: _Values = {"kind": "cuda_error", "device_type": "cuda", "total_capacity": _limit(m.group("total"))}
+    if m.group("ordinal") is not None:
+        values["device_index"] = int(m.group("ordinal"))
     return values, m.end()
 
 
@@ -920,7 +921,8 @@ _FORMATS: Final = (
     _Format(
         "cuda_ctx_retain",
         re.compile(
-            r"cuDevicePrimaryCtxRetain(?::| results in) CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
+            r"(?:failed initializing StreamExecutor for CUDA device ordinal (?P<ordinal>\d{1,4}): Internal: "
+            r"failed call to )?cuDevicePrimaryCtxRetain(?::| results in) CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
             r"(?:; total memory reported: (?P<total>\d{1,24}))?"
         ),
         _read_ctx_retain,
