@@ -74,8 +74,7 @@ def _host(info: OOMInfo, batch_dependent: bool | None) -> FamilyAdvice:
         title = "Use less host memory (RAM): the kernel killed a process for it"
         detail = (
             f"the Linux OOM killer ended process {info.pid} ({info.process_name}){held}, when RAM and swap were "
-            f"full; {_LAZY}. The commands show the RAM left and the kernel's last kills; "
-            "%%gpumem reports the cell's host peak"
+            f"full; {_LAZY}. The commands show the RAM left and the kernel's last kills"
         )
     elif k == "colab_session_ram":
         title = "Use less host memory (RAM), or a High-RAM runtime"
