@@ -161,3 +161,36 @@ def test_framework_device_oom_advice_is_unchanged_by_the_families() -> None:
 def test_family_and_memory_say_who_reported_which_memory(name: str, family: str, memory: str) -> None:
     info = corpus(name)
     assert (info.family, info.memory) == (family, memory)
+
+
+# --- in a real shell ------------------------------------------------------------------------------
+
+
+def test_errno_12_exception_is_read_as_host_memory() -> None:
+    info = parse(OSError(12, "Cannot allocate memory"))
+    assert info is not None
+    assert (info.kind, info.memory, info.exception_type) == ("errno_enomem", "host", "OSError")
+
+
+def test_tgi_warmup_error_in_a_cell_keeps_its_type_and_gets_the_servers_advice(ip, clean_ns) -> None:
+    from IPython.utils.capture import capture_output
+
+    from gpumagic.oom import last_advice
+
+    message = "Not enough memory to handle 4096 prefill tokens. You need to decrease `--max-batch-prefill-tokens`"
+    with capture_output():
+        result = ip.run_cell(f"raise RuntimeError({message!r})")
+    assert type(result.error_in_exec) is RuntimeError
+    advice = last_advice()
+    assert advice is not None
+    assert advice.suggestions[0].code == "--max-batch-prefill-tokens 2048"
+    assert not {s.kind for s in advice.suggestions} & TRAINING
+
+
+def test_a_killed_dataloader_worker_in_a_cell_is_not_translated(ip, clean_ns) -> None:
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        result = ip.run_cell('raise RuntimeError("DataLoader worker (pid 19597) is killed by signal: Killed.")')
+    assert type(result.error_in_exec) is RuntimeError
+    assert "Out of" not in cap.stdout + cap.stderr + "".join(str(o.data) for o in cap.outputs)
