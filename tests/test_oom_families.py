@@ -31,6 +31,7 @@ def corpus(name: str) -> OOMInfo:
 HOST = [
     "oom_killer_dmesg_commas",
     "colab_session_crashed_bold",
+    "kaggle_notebook_restarted_title",
     "errno12_fork_dataloader",
     "winerror1455_yolov5_with_progress",
     "pinned_host_jax_dalle_flow",

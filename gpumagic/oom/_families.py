@@ -83,6 +83,13 @@ def _host(info: OOMInfo, batch_dependent: bool | None) -> FamilyAdvice:
             "Runtime > Change runtime type offers more RAM on paid plans"
         )
         code = "!free -h"
+    elif k == "kaggle_notebook_ram":
+        title = "Use less host memory (RAM)"
+        detail = (
+            f"Kaggle restarts the notebook when its RAM is full, and the kernel's variables are lost; {_LAZY}. "
+            "Kaggle's sessions have a fixed RAM size: the data has to fit it"
+        )
+        code = "!free -h"
     elif k == "errno_enomem":
         title = "Use less host memory (RAM), or fewer worker processes"
         detail = (

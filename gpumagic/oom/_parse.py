@@ -55,6 +55,7 @@ OOMKind = Literal[
     "out_of_memory_error",  # only the exception class says it
     "linux_oom_killer",  # the Linux kernel killed a process for memory (dmesg, syslog)
     "colab_session_ram",  # Colab: "Your session crashed after using all available RAM"
+    "kaggle_notebook_ram",  # Kaggle: "Your notebook tried to allocate more memory than is available"
     "errno_enomem",  # errno 12 (ENOMEM) in any locale: "[Errno 12] Cannot allocate memory"
     "windows_paging_file",  # Windows error 1455: "The paging file is too small ..."
     "pinned_host",  # CUDA's page-locked host allocation (TensorFlow, JAX): host memory
@@ -69,7 +70,8 @@ OOMKind = Literal[
 # library under the framework, or a serving engine's capacity check.
 Family = Literal["framework", "system", "library", "serving"]
 _FAMILY: Final[dict[str, Family]] = {
-    "linux_oom_killer": "system", "colab_session_ram": "system", "errno_enomem": "system",
+    "linux_oom_killer": "system", "colab_session_ram": "system", "kaggle_notebook_ram": "system",
+    "errno_enomem": "system",
     "windows_paging_file": "system", "python_memory_error": "system",
     "cuda_error": "library", "cublas": "library", "cudnn": "library", "cuda_library": "library",
     "pinned_host": "library", "nccl": "library",
@@ -80,7 +82,7 @@ _FAMILY: Final[dict[str, Family]] = {
 _HOST_KINDS: Final = frozenset(
     {
         "cpu_allocator", "numpy", "python_memory_error", "linux_oom_killer", "colab_session_ram",
-        "errno_enomem", "windows_paging_file", "pinned_host", "model_system_memory",
+        "kaggle_notebook_ram", "errno_enomem", "windows_paging_file", "pinned_host", "model_system_memory",
     }
 )  # fmt: skip
 
@@ -889,6 +891,12 @@ _FORMATS: Final = (
         _fixed("colab_session_ram", "cpu"),
         states_figures=False,
     ),
+    _Format(
+        "kaggle_notebook_ram",
+        re.compile(r"Your notebook tried to allocate more memory than is available"),
+        _fixed("kaggle_notebook_ram", "cpu"),
+        states_figures=False,
+    ),
     # errno 12 is ENOMEM on Linux, macOS and Windows alike: the number says it in every locale.
     _Format("errno_enomem", re.compile(r"\[Errno 12\]"), _fixed("errno_enomem", "cpu"), states_figures=False),
     _Format(
@@ -1143,6 +1151,8 @@ def _family_headline(info: OOMInfo) -> str | None:
         return f"Out of host memory (RAM): the Linux kernel killed process {info.pid} ({info.process_name}){held}."
     if k == "colab_session_ram":
         return "Out of host memory (RAM): Colab ended the session after it used all available RAM."
+    if k == "kaggle_notebook_ram":
+        return "Out of host memory (RAM): Kaggle restarted the notebook after it asked for more RAM than it has."
     if k == "errno_enomem":
         return "Out of host memory (RAM): the operating system refused to allocate (errno 12, ENOMEM)."
     if k == "windows_paging_file":
