@@ -195,3 +195,33 @@ def test_a_killed_dataloader_worker_in_a_cell_is_not_translated(ip, clean_ns) ->
         result = ip.run_cell('raise RuntimeError("DataLoader worker (pid 19597) is killed by signal: Killed.")')
     assert type(result.error_in_exec) is RuntimeError
     assert "Out of" not in cap.stdout + cap.stderr + "".join(str(o.data) for o in cap.outputs)
+
+
+# --- killed without a stated reason ----------------------------------------------------------------
+
+NEGATIVES = Path(__file__).parent / "oom_corpus" / "negative"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dataloader_worker_killed_signal",
+        "dataloader_worker_killed_chained",
+        "kernel_died_restart",
+        "kernel_died_lowercase_korean_report",
+    ],
+)
+def test_a_killed_worker_or_dead_kernel_gets_a_hint_to_check_host_memory(name: str) -> None:
+    from gpumagic.oom._families import killed_hint
+
+    text = next(NEGATIVES.glob(f"*_{name}.txt")).read_text(encoding="utf-8").split("# ---\n", 1)[1]
+    assert parse(text) is None
+    hint = killed_hint(text)
+    assert hint is not None
+    assert "dmesg" in hint
+
+
+def test_a_worker_ended_by_another_signal_gets_no_memory_hint() -> None:
+    from gpumagic.oom._families import killed_hint
+
+    assert killed_hint(RuntimeError("DataLoader worker (pid 23616) is killed by signal: Terminated.")) is None

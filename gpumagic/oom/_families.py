@@ -16,13 +16,14 @@ module imports only the parser, so it never forms an import circle with the advi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Final
 
 from gpumagic._units import format_bytes
 from gpumagic.oom._parse import OOMInfo, _is_host
 
-__all__ = ["FamilyAdvice", "FamilySuggestion", "family_advice"]
+__all__ = ["FamilyAdvice", "FamilySuggestion", "family_advice", "killed_hint"]
 
 
 @dataclass(frozen=True)
@@ -277,3 +278,27 @@ def family_advice(info: OOMInfo | None, *, batch_dependent: bool | None = None) 
     if _is_host(info) and not info.simulated:
         return _host(info, batch_dependent)
     return FamilyAdvice()
+
+
+# A process ended by a signal, or a kernel that died: the message names no memory failure, so it
+# is not parsed as one; host memory is still the usual cause, and it can be checked.
+_KILLED: Final = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? [\d., ]{1,80}\) is killed by signal: Killed"
+    r"|[Tt]he kernel appears to have died|Process finished with exit code 137|[Kk]illed by signal 9\b"
+)
+
+
+def killed_hint(error: BaseException | str) -> str | None:
+    """What to check when a process was killed without a stated reason, or None for other errors.
+
+    >>> killed_hint(RuntimeError("DataLoader worker (pid 4024) is killed by signal: Killed."))[:36]
+    'The message states no memory failure'
+    """
+    if _KILLED.search(str(error)) is None:
+        return None
+    return (
+        "The message states no memory failure, but a process killed without one is most often the Linux OOM "
+        "killer ending it for host memory (RAM): `!dmesg -T | grep -i 'killed process'` shows whether it did, "
+        "and `!free -h` the RAM left. Each DataLoader worker holds its own copy of the Dataset object: fewer "
+        "workers (num_workers=0 to confirm), or a Dataset that loads samples lazily or memory-mapped, need less"
+    )
