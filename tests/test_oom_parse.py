@@ -245,6 +245,21 @@ def test_terminal_hard_wrap_mid_word_and_mid_number_reads_the_same(width: int) -
     assert info.figures() == SENTENCE_FIGURES
 
 
+OOM_KILL = (
+    "[2059991.491542] Out of memory: Killed process 25315 (python3) total-vm:53312244kB, anon-rss:31451456kB, "
+    "file-rss:74816kB, shmem-rss:12296kB, UID:0 pgtables:69068kB oom_score_adj:0\n"
+    "[2059992.056260] oom_reaper: reaped process 25315 (python3), now anon-rss:0kB, file-rss:74732kB, shmem-rss:12296kB"
+)
+
+
+@pytest.mark.parametrize("width", [80, 61, 37])
+def test_oom_killer_lines_hard_wrapped_at_a_terminal_width_read_the_same(width: int) -> None:
+    wrapped = "\n".join(line[i : i + width] for line in OOM_KILL.splitlines() for i in range(0, len(line), width))
+    info = parse(wrapped)
+    assert info is not None
+    assert (info.pid, info.process_name, info.process_in_use) == (25315, "python3", (31451456 + 74816 + 12296) * 1024)
+
+
 def test_word_wrap_with_indent_reads_the_same() -> None:
     wrapped = textwrap.indent(textwrap.fill(SENTENCE, width=72), "    ")
     info = parse(wrapped)

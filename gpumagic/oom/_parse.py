@@ -901,7 +901,9 @@ _FORMATS: Final = (
     _Format("errno_enomem", re.compile(r"\[Errno 12\]"), _fixed("errno_enomem", "cpu"), states_figures=False),
     _Format(
         "windows_paging_file",
-        re.compile(r"\[winerror 1455\]|os error 1455\)?|the paging file is too small for this operation to complete"),
+        re.compile(
+            r"\[winerror 1455\]|os error 1455(?!\d)\)?|the paging file is too small for this operation to complete"
+        ),
         _fixed("windows_paging_file", "cpu"),
         states_figures=False,
         nocase=True,
