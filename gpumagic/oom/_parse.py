@@ -538,7 +538,7 @@ def _kb(text: str | None) -> int | None:
 def _read_oom_killer(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """The Linux OOM killer's line: the process it killed and, when printed, its resident memory."""
     values: _Values = {"kind": "linux_oom_killer", "device_type": "cpu", "pid": int(m.group("pid"))}
-    values["process_name"] = m.group("name")
+    values["process_name"] = m.group("name").strip()  # a line wrapped inside the parentheses adds a blank
     parts = [_kb(m.group(g)) for g in ("anon", "file", "shmem")]
     if m.group("anon") is not None:
         values["process_in_use"] = sum(n for n in parts if n is not None)
