@@ -108,6 +108,14 @@ def test_serving_engine_advice_has_no_training_batch_suggestion(name: str) -> No
     assert not kinds & TRAINING
 
 
+def test_vllm_startup_advice_keeps_a_margin_when_the_free_share_is_a_round_number() -> None:
+    info = parse(
+        "ValueError: Free memory on device cuda:0 (8.90/10.00 GiB) on startup is less than desired GPU memory "
+        "utilization (0.9, 9.00 GiB)."
+    )
+    assert advise(info).suggestions[0].title == "Lower gpu_memory_utilization to 0.88"
+
+
 def test_vllm_kv_cache_advice_sets_max_model_len_to_what_fits() -> None:
     first = advise(corpus("vllm_kv_cache_needed_tpu")).suggestions[0]
     assert first.title == "Set max_model_len to 5632 (now 131072)"
@@ -124,7 +132,7 @@ def test_vllm_kv_cache_advice_names_the_engine_knobs_when_no_length_fits() -> No
 
 def test_tgi_warmup_advice_halves_the_prefill_tokens() -> None:
     first = advise(corpus("tgi_warmup_runtime_error_then_log")).suggestions[0]
-    assert first.code == "--max-batch-prefill-tokens 2048"
+    assert first.code == "--max-batch-prefill-tokens 2048 --max-input-tokens 2047 --max-total-tokens 2048"
 
 
 def test_model_server_ram_check_advises_a_smaller_or_quantised_model() -> None:
@@ -184,7 +192,8 @@ def test_tgi_warmup_error_in_a_cell_keeps_its_type_and_gets_the_servers_advice(i
     assert type(result.error_in_exec) is RuntimeError
     advice = last_advice()
     assert advice is not None
-    assert advice.suggestions[0].code == "--max-batch-prefill-tokens 2048"
+    assert advice.suggestions[0].code is not None
+    assert advice.suggestions[0].code.startswith("--max-batch-prefill-tokens 2048")
     assert not {s.kind for s in advice.suggestions} & TRAINING
 
 

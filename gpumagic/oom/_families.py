@@ -155,7 +155,10 @@ def _utilization_that_fits(info: OOMInfo) -> float | None:
     free, total = info.free, info.total_capacity
     if free is None or not total:
         return None
-    u = math.floor(free / total * 100) / 100
+    share = free / total
+    u = math.floor(share * 100) / 100
+    if share - u < 0.002:  # the printed figures are rounded: keep a margin below what is free
+        u = round(u - 0.01, 2)
     return u if u > 0 else None
 
 
@@ -223,11 +226,13 @@ def _tgi_warmup(info: OOMInfo) -> FamilyAdvice:
             FamilySuggestion(
                 title,
                 f"the server runs one prefill of {n} tokens at start-up to size its KV cache, and it did not fit "
-                "next to the weights; halve it (and --max-input-tokens / --max-total-tokens with it, which must stay "
-                "below it), or load a quantised model (--quantize)",
+                "next to the weights; halve it, with the input and total lengths it must hold (the server refuses "
+                "a prefill budget below the input length), or load a quantised model (--quantize)",
                 "serving",
                 _FIRST,
-                f"--max-batch-prefill-tokens {half}" if half else None,
+                f"--max-batch-prefill-tokens {half} --max-input-tokens {half - 1} --max-total-tokens {half}"
+                if half and half > 1
+                else None,
             ),
         ),
         displaces=_TRAINING | {"fragmentation", "cuda_error", "limit"},
