@@ -116,6 +116,12 @@ def test_vllm_startup_advice_keeps_a_margin_when_the_free_share_is_a_round_numbe
     assert advise(info).suggestions[0].title == "Lower gpu_memory_utilization to 0.88"
 
 
+def test_serving_engine_advice_states_no_batch_size_and_no_batch_unknowns() -> None:
+    advice = advise(corpus("vllm_no_cache_blocks_then_user_code"), TRAINING_CONTEXT)
+    assert advice.fits_batch_size is None
+    assert advice.unknown == ()
+
+
 def test_vllm_kv_cache_advice_sets_max_model_len_to_what_fits() -> None:
     first = advise(corpus("vllm_kv_cache_needed_tpu")).suggestions[0]
     assert first.title == "Set max_model_len to 5632 (now 131072)"

@@ -803,7 +803,10 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     ranked = [(score, s) for score, s in ranked if s.kind not in family.displaces]
     ranked += [(s.score, Suggestion(s.title, s.detail, s.kind, code=s.code)) for s in family.suggestions]
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
-    if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
+    if "batch_size" in family.displaces:  # what only batch advice needed is not unknown, and no size fits
+        unknown.clear()
+        fits = None
+    elif not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
     advice = Advice(
         headline=_headline(info),

@@ -960,7 +960,8 @@ _FORMATS: Final = (
             r"(?:(?:To serve at least one request with the models?'s max seq len \((?P<len>\d{1,9})\), ?\(?)?"
             rf"(?P<need>{_SZ}) KV cache is needed, which is larger than the available KV cache memory "
             rf"\((?P<avail>{_SZ})\)|The model's max seq len \((?P<len0>\d{{1,9}})\) is larger than the maximum "
-            r"number of tokens that can be stored in KV cache \((?P<fit>\d{1,9})\))"
+            r"number of tokens that can be stored in KV cache \((?P<fit>\d{1,9})\)"
+            r"|No available memory for the cache blocks)"
         ),
         _read_vllm_kv_cache,
     ),
@@ -1169,6 +1170,8 @@ def _family_headline(info: OOMInfo) -> str | None:
             f"vLLM cannot start on {where}: gpu_memory_utilization asks for {fb(info.required_total or 0)}, "
             f"{fb(info.free or 0)} of {fb(info.total_capacity or 0)} is free."
         )
+    if k == "vllm_kv_cache" and info.max_model_len is None and info.tried_to_allocate is None:
+        return "vLLM has no device memory left for its KV cache after the weights and the profiling peak."
     if k == "vllm_kv_cache":
         what = f"max_model_len {info.max_model_len}" if info.max_model_len is not None else "one sequence"
         need = (
