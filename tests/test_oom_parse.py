@@ -565,3 +565,23 @@ def test_message_after_a_repeated_fragment_is_read(case: tuple[str, str, str]) -
     assert info is not None
     assert alone is not None
     assert (info.kind, info.figures()) == (alone.kind, alone.figures())
+
+
+# --- XLA's messages with or without their status prefix ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("089_xla_tpu_hbm", "XlaRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. "),
+        ("285_jax_tpu_could_not_allocate_hbm0", "`XlaRuntimeError: RESOURCE_EXHAUSTED: "),
+        ("283_xla_tpu_allocate_hbm1_old_wording", "(1) Resource exhausted: "),
+    ],
+)
+def test_xla_message_without_its_status_prefix_reads_the_same(name: str, prefix: str) -> None:
+    case = next(c for c in POSITIVE if c.name.startswith(name))
+    assert prefix in case.body
+    info, bare = parse(case.body), parse(case.body.replace(prefix, ""))
+    assert info is not None
+    assert bare is not None
+    assert (bare.kind, bare.figures()) == (info.kind, info.figures())
