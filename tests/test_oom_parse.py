@@ -576,6 +576,8 @@ def test_message_after_a_repeated_fragment_is_read(case: tuple[str, str, str]) -
         ("089_xla_tpu_hbm", "XlaRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. "),
         ("285_jax_tpu_could_not_allocate_hbm0", "`XlaRuntimeError: RESOURCE_EXHAUSTED: "),
         ("283_xla_tpu_allocate_hbm1_old_wording", "(1) Resource exhausted: "),
+        ("316_jax_gpu_buffer_assignment_stats", "RESOURCE_EXHAUSTED: "),
+        ("162_jax_failed_request_title", "RESOURCE_EXHAUSTED: "),
     ],
 )
 def test_xla_message_without_its_status_prefix_reads_the_same(name: str, prefix: str) -> None:

@@ -474,7 +474,7 @@ def _read_xla(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """XLA (JAX, TensorFlow): "Out of memory while trying to allocate N bytes" or "Failed to allocate
     request for 2.99GiB (3206250496B) on device ordinal 0": the exact byte count wins."""
     values: _Values = {"kind": "xla_resource_exhausted", "device_type": "xla"}
-    n = m.group("n") or m.group("b")
+    n = m.group("n") or m.group("n2") or m.group("b")
     values["tried_to_allocate"] = _int(n) if n is not None else _bytes(m.group("size"))
     if m.group("ordinal") is not None:
         values["device_index"] = int(m.group("ordinal"))
@@ -765,10 +765,13 @@ _FORMATS: Final = (
     ),
     _Format(
         "xla",
+        # XLA's own wordings stand without the status prefix (a log line, a cut message); the
+        # generic "out of memory allocating N bytes" needs it.
         re.compile(
-            r"resource(?:_| )exhausted: ?(?:out of memory (?:while trying to allocate|allocating) ?"
-            rf"(?P<n>\d{{1,24}}) ?bytes|failed to allocate request for (?P<size>{_SZ.lower()}) ?"
+            r"(?:resource(?:_| )exhausted: ?)?(?:out of memory while trying to allocate ?(?P<n>\d{1,24}) ?bytes|"
+            rf"failed to allocate request for (?P<size>{_SZ.lower()}) ?"
             r"(?:\((?P<b>\d{1,24})b\))?(?: on device ordinal (?P<ordinal>\d{1,4}))?)"
+            r"|resource(?:_| )exhausted: ?out of memory allocating ?(?P<n2>\d{1,24}) ?bytes"
         ),
         _read_xla,
         nocase=True,
