@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from gpumagic._units import format_bytes
-from gpumagic.oom._parse import OOMInfo, _is_host
+from gpumagic.oom.parsing import OOMInfo, _is_host
+from gpumagic.units import format_bytes
 
 __all__ = ["FamilyAdvice", "FamilySuggestion", "family_advice", "killed_hint"]
 
@@ -266,7 +266,7 @@ def family_advice(info: OOMInfo | None, *, batch_dependent: bool | None = None) 
 
     ``batch_dependent`` is the advice context's: True when the failing code reads a batch size.
 
-    >>> from gpumagic.oom._parse import parse
+    >>> from gpumagic.oom.parsing import parse
     >>> family_advice(parse("OSError: [Errno 12] Cannot allocate memory")).suggestions[0].kind
     'host_memory'
     """
