@@ -45,6 +45,25 @@ MESSAGES = {
     "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc",
     "cuda_error": "RuntimeError: CUDA error: out of memory",
     "cublas": "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "oom_killer": "[ 518.078584] Out of memory: Killed process 15934 ((resolved)) total-vm:168424kB, "
+    "anon-rss:4064kB, file-rss:3584kB, shmem-rss:0kB",
+    "colab": "Your session crashed after using all available RAM.",
+    "errno": "OSError: [Errno 12] Cannot allocate memory",
+    "windows": "OSError: [WinError 1455] The paging file is too small for this operation to complete.",
+    "npu": "RuntimeError: NPU out of memory. Tried to allocate 30.00 MiB (NPU 3; 60.96 GiB total capacity; 60.34 GiB "
+    "already allocated; 60.34 GiB current active; 14.24 MiB free; 60.60 GiB reserved in total by PyTorch)",
+    "tpu_runtime": "RESOURCE_EXHAUSTED: Attempting to reserve 6.48G at the bottom of memory. That was not possible. "
+    "There are 6.78G free, 0B reserved, and 3.33G reservable.",
+    "pinned_host": "failed to alloc 1073741824 bytes on host: CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+    "nccl": "c11e:1346195:1346232 [0] include/alloc.h:105 NCCL WARN Failed to CUDA calloc 1048576 bytes",
+    "vllm_startup": "ValueError: Free memory on device cuda:1 (19.77/22.05 GiB) on startup is less than desired GPU "
+    "memory utilization (0.9, 19.84 GiB).",
+    "vllm_kv_cache": "ValueError: To serve at least one request with the models's max seq len (131072), (16.00 GiB "
+    "KV cache is needed, which is larger than the available KV cache memory (0.71 GiB).",
+    "vllm_kv_tokens": "ValueError: The model's max seq len (4096) is larger than the maximum number of tokens that "
+    "can be stored in KV cache (3664).",
+    "tgi": "RuntimeError: Not enough memory to handle 4096 prefill tokens.",
+    "model_server": "Error: model requires more system memory (164.8 GiB) than is available (13.4 GiB)",
 }
 
 # Text that is no particular format but that patterns step on.
@@ -75,6 +94,13 @@ _GENERIC = (
     "7.79 GiB total capacity; ",
     "1.00 GiB already allocated; 2.00 GiB total capacity; ",
     "Tried to allocate 2.00 MiB (GPU 0; ",
+    "Killed process 1 (",
+    "Killed process 1 (a) total-vm:1kB, ",
+    "[Errno 1",
+    "Attempting to allocate 1.0G. ",
+    "Free memory on device cuda:0 (1.0/",
+    "1.00 GiB KV cache is needed, ",
+    "[0] include/alloc.h:48 ",
 )
 
 

@@ -11,6 +11,7 @@ from html import escape
 from typing import Any, Final
 
 from gpumagic.batchmath import accumulation_plan, lr_note
+from gpumagic.oom._families import family_advice
 from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
 from gpumagic.units import format_bytes
 
@@ -796,8 +797,16 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
         if made is not None:
             suggestion, strong = made
             ranked.append((rule.strong if strong else rule.weak, suggestion))
+    # Families beyond a framework's device allocator (host memory, serving engines, NCCL) bring
+    # their own suggestions and displace the ones that cannot change the memory that ran out.
+    family = family_advice(info, batch_dependent=ctx.batch_dependent)
+    ranked = [(score, s) for score, s in ranked if s.kind not in family.displaces]
+    ranked += [(s.score, Suggestion(s.title, s.detail, s.kind, code=s.code)) for s in family.suggestions]
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
-    if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
+    if "batch_size" in family.displaces:  # what only batch advice needed is not unknown, and no size fits
+        unknown.clear()
+        fits = None
+    elif not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
     advice = Advice(
         headline=_headline(info),

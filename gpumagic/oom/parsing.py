@@ -53,7 +53,38 @@ OOMKind = Literal[
     "onnxruntime_arena",  # ONNX Runtime's BFC arena, on the session's device
     "ggml_backend",  # ggml (llama.cpp, ollama): a backend buffer it could not allocate
     "out_of_memory_error",  # only the exception class says it
+    "linux_oom_killer",  # the Linux kernel killed a process for memory (dmesg, syslog)
+    "colab_session_ram",  # Colab: "Your session crashed after using all available RAM"
+    "kaggle_notebook_ram",  # Kaggle: "Your notebook tried to allocate more memory than is available"
+    "errno_enomem",  # errno 12 (ENOMEM) in any locale: "[Errno 12] Cannot allocate memory"
+    "windows_paging_file",  # Windows error 1455: "The paging file is too small ..."
+    "pinned_host",  # CUDA's page-locked host allocation (TensorFlow, JAX): host memory
+    "nccl",  # NCCL's own device allocations
+    "vllm_startup_memory",  # vLLM: free device memory below gpu_memory_utilization at start-up
+    "vllm_kv_cache",  # vLLM: the KV cache cannot hold one sequence of max_model_len
+    "tgi_warmup",  # text-generation-inference: warm-up prefill does not fit
+    "model_system_memory",  # a model server (ollama): the model needs more RAM than is available
 ]
+
+# Who reported the failure: the framework's allocator, the operating system or platform, a
+# library under the framework, or a serving engine's capacity check.
+Family = Literal["framework", "system", "library", "serving"]
+_FAMILY: Final[dict[str, Family]] = {
+    "linux_oom_killer": "system", "colab_session_ram": "system", "kaggle_notebook_ram": "system",
+    "errno_enomem": "system",
+    "windows_paging_file": "system", "python_memory_error": "system",
+    "cuda_error": "library", "cublas": "library", "cudnn": "library", "cuda_library": "library",
+    "pinned_host": "library", "nccl": "library",
+    "vllm_startup_memory": "serving", "vllm_kv_cache": "serving", "tgi_warmup": "serving",
+    "model_system_memory": "serving",
+}  # fmt: skip
+# Kinds that always mean host memory (RAM), whatever device the program uses.
+_HOST_KINDS: Final = frozenset(
+    {
+        "cpu_allocator", "numpy", "python_memory_error", "linux_oom_killer", "colab_session_ram",
+        "kaggle_notebook_ram", "errno_enomem", "windows_paging_file", "pinned_host", "model_system_memory",
+    }
+)  # fmt: skip
 
 # The numeric fields, in bytes. Listed once so tests, scoring and rendering agree.
 FIGURES: Final = (
@@ -85,7 +116,14 @@ class OOMInfo:
     *allocated*, *reserved but unallocated* and *reserved in total*, the third is derived.
     ``max_allowed`` is a memory-fraction limit or the MPS high watermark. ``processes`` are the
     other processes the message names, as ``(pid, bytes)``. ``required_total`` is what a
-    compiled XLA program needs ("Used X of Y hbm"). ``message`` is the error as found.
+    compiled XLA program needs ("Used X of Y hbm"), or what a model server says a model needs.
+    ``message`` is the error as found.
+
+    ``pid`` and ``process_name`` name the process the message is about (the one the Linux OOM
+    killer killed; ``process_in_use`` is then its resident memory, anon + file + shmem).
+    Serving engines state token counts, not bytes: ``max_model_len`` (the sequence length the
+    engine was asked to hold), ``model_len_fits`` (the length its memory holds) and
+    ``prefill_tokens`` (the warm-up prefill that did not fit).
     """
 
     kind: OOMKind
@@ -107,6 +145,21 @@ class OOMInfo:
     simulated: bool = False
     exception_type: str | None = None
     message: str = ""
+    pid: int | None = None
+    process_name: str | None = None
+    max_model_len: int | None = None
+    model_len_fits: int | None = None
+    prefill_tokens: int | None = None
+
+    @property
+    def memory(self) -> Literal["host", "device"]:
+        """Which memory ran out: ``"host"`` (RAM) or ``"device"`` (an accelerator's, or a simulated one)."""
+        return "host" if _is_host(self) else "device"
+
+    @property
+    def family(self) -> Family:
+        """Who reported it: ``"framework"``, ``"system"`` (OS, platform), ``"library"`` or ``"serving"``."""
+        return _FAMILY.get(self.kind, "framework")
 
     @property
     def device(self) -> str | None:
@@ -267,7 +320,7 @@ def _read_allocator(window: str, m: re.Match[str], *, kind: OOMKind | None = Non
         f.values["device_type"] = _DEV_WORD.get(dev, "cuda")
     tried = f.find(rf"Tried to allocate ({_SZ})", "tried_to_allocate", pos=m.start())
     after = tried.end() if tried else m.end()
-    old = re.compile(r"\s*\(\s*(GPU|XPU)\s*(\d{1,4})\s*;").match(window, after)
+    old = re.compile(r"\s*\(\s*(GPU|XPU|NPU)\s*(\d{1,4})\s*;").match(window, after)
     if old is not None:
         f.values.setdefault("device_type", _DEV_WORD[old.group(1)])
         f.values["kind"] = kind or "cuda_caching_allocator"
@@ -421,7 +474,7 @@ def _read_xla(window: str, m: re.Match[str]) -> tuple[_Values, int]:
     """XLA (JAX, TensorFlow): "Out of memory while trying to allocate N bytes" or "Failed to allocate
     request for 2.99GiB (3206250496B) on device ordinal 0": the exact byte count wins."""
     values: _Values = {"kind": "xla_resource_exhausted", "device_type": "xla"}
-    n = m.group("n") or m.group("b")
+    n = m.group("n") or m.group("n2") or m.group("b")
     values["tried_to_allocate"] = _int(n) if n is not None else _bytes(m.group("size"))
     if m.group("ordinal") is not None:
         values["device_index"] = int(m.group("ordinal"))
@@ -472,6 +525,127 @@ def _read_onnxruntime_arena(window: str, m: re.Match[str]) -> tuple[_Values, int
     if m.group("avail") is not None:
         values["free"] = int(m.group("avail"))
     return values, m.end()
+
+
+# --- the operating system and platform: host memory ---------------------------------------------
+
+
+def _kb(text: str | None) -> int | None:
+    """A kernel figure in kB ("15370088", or with stray thousands commas "153,700,88")."""
+    return None if text is None else int(text.replace(",", "")) * 1024
+
+
+def _read_oom_killer(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """The Linux OOM killer's line: the process it killed and, when printed, its resident memory."""
+    values: _Values = {"kind": "linux_oom_killer", "device_type": "cpu", "pid": int(m.group("pid"))}
+    values["process_name"] = m.group("name").strip()  # a line wrapped inside the parentheses adds a blank
+    parts = [_kb(m.group(g)) for g in ("anon", "file", "shmem")]
+    if m.group("anon") is not None:
+        values["process_in_use"] = sum(n for n in parts if n is not None)
+    return values, m.end()
+
+
+def _read_model_system_memory(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """A model server's RAM check: "model requires more system memory (X) than is available (Y)"."""
+    values: _Values = {"kind": "model_system_memory", "device_type": "cpu"}
+    values.update(required_total=_bytes(m.group("need")), free=_bytes(m.group("avail")))
+    return values, m.end()
+
+
+# --- accelerators' runtimes and libraries ---------------------------------------------------------
+
+
+def _read_tpu_runtime(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """The TPU runtime: "Attempting to allocate|reserve X. That was not possible. There are Y free."
+    or "Could not allocate N bytes in memory ..._HBM0; A bytes allocatable, F bytes available"."""
+    values: _Values = {"kind": "xla_resource_exhausted", "device_type": "tpu"}
+    if m.group("n") is not None:
+        values.update(tried_to_allocate=int(m.group("n")), free=int(m.group("avail")))
+    else:
+        values.update(tried_to_allocate=_bytes(m.group("size")), free=_bytes(m.group("free")))
+    return values, m.end()
+
+
+def _read_pinned_host(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """CUDA's page-locked host allocation failing: host memory, whatever the message's CUDA_ERROR says."""
+    return {"kind": "pinned_host", "device_type": "cpu", "tried_to_allocate": int(m.group("n"))}, m.end()
+
+
+def _read_ctx_retain(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """A CUDA context that could not be created at start-up (TensorFlow, JAX, numba), with the
+    device's total when the runtime reports it: a total of 2**63 or more is the driver's failed
+    query printed unsigned (18446744073709551615), not a size."""
+    values: _Values = {"kind": "cuda_error", "device_type": "cuda", "total_capacity": _limit(m.group("total"))}
+    if m.group("ordinal") is not None:
+        values["device_index"] = int(m.group("ordinal"))
+    return values, m.end()
+
+
+# NCCL's log prefix "host:pid:tid [dev] file.cc:123 " names the local CUDA device in brackets.
+_NCCL_DEVICE: Final = re.compile(r"\[(\d{1,3})\] (?:[\w/.-]{1,80}:\d{1,6} )?$")
+
+
+def _read_nccl(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    values: _Values = {"kind": "nccl", "device_type": "cuda"}
+    if m.group("n") is not None:
+        values["tried_to_allocate"] = int(m.group("n"))
+    dev = _NCCL_DEVICE.search(window, max(0, m.start() - 120), m.start())
+    if dev is not None:
+        values["device_index"] = int(dev.group(1))
+    return values, m.end()
+
+
+def _library(kind: OOMKind) -> Callable[[str, re.Match[str]], tuple[_Values, int]]:
+    """A CUDA library's allocation status (no figures), with the device where it is printed ("; GPU=0 ;")."""
+
+    def read(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+        values: _Values = {"kind": kind, "device_type": "cuda"}
+        gpu = re.compile(r" ?; ?GPU=(\d{1,4})").match(window, m.end())
+        if gpu is not None:
+            values["device_index"] = int(gpu.group(1))
+        return values, m.end()
+
+    return read
+
+
+# --- serving engines' capacity checks -----------------------------------------------------------
+
+
+def _read_vllm_startup(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """vLLM: "Free memory on device cuda:1 (19.77/22.05 GiB) on startup is less than desired GPU
+    memory utilization (0.9, 19.84 GiB)": the free and total memory, and what the utilization asks."""
+    unit = m.group("unit")
+    values: _Values = {"kind": "vllm_startup_memory", "device_type": m.group("dev").lower()}
+    if m.group("idx") is not None:
+        values["device_index"] = int(m.group("idx"))
+    values.update(
+        free=_bytes(f"{m.group('free')} {unit}"),
+        total_capacity=_bytes(f"{m.group('total')} {unit}"),
+        required_total=_bytes(m.group("want")),
+    )
+    return values, m.end()
+
+
+def _read_vllm_kv_cache(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    """vLLM's check that one sequence of ``max_model_len`` fits the KV cache: in bytes (v1) or tokens (v0)."""
+    f = _Fields(window, m.end())
+    f.values.update(kind="vllm_kv_cache", max_model_len=_int(m.group("len") or m.group("len0")))
+    if m.group("need") is not None:
+        f.values.update(tried_to_allocate=_bytes(m.group("need")), free=_bytes(m.group("avail")))
+        f.find(
+            r"\. ?Based on the available memory, the estimated maximum model length is (\d{1,9})",
+            "model_len_fits",
+            pos=m.end(),
+            end=m.end() + 120,
+            read=_int,
+        )
+    else:
+        f.values["model_len_fits"] = _int(m.group("fit"))
+    return f.values, f.end
+
+
+def _read_tgi_warmup(window: str, m: re.Match[str]) -> tuple[_Values, int]:
+    return {"kind": "tgi_warmup", "prefill_tokens": int(m.group("n"))}, m.end()
 
 
 def _fixed(kind: OOMKind, device_type: str) -> Callable[[str, re.Match[str]], tuple[_Values, int]]:
@@ -591,10 +765,13 @@ _FORMATS: Final = (
     ),
     _Format(
         "xla",
+        # XLA's own wordings stand without the status prefix (a log line, a cut message); the
+        # generic "out of memory allocating N bytes" needs it.
         re.compile(
-            r"resource(?:_| )exhausted: ?(?:out of memory (?:while trying to allocate|allocating) ?"
-            rf"(?P<n>\d{{1,24}}) ?bytes|failed to allocate request for (?P<size>{_SZ.lower()}) ?"
+            r"(?:resource(?:_| )exhausted: ?)?(?:out of memory while trying to allocate ?(?P<n>\d{1,24}) ?bytes|"
+            rf"failed to allocate request for (?P<size>{_SZ.lower()}) ?"
             r"(?:\((?P<b>\d{1,24})b\))?(?: on device ordinal (?P<ordinal>\d{1,4}))?)"
+            r"|resource(?:_| )exhausted: ?out of memory allocating ?(?P<n2>\d{1,24}) ?bytes"
         ),
         _read_xla,
         nocase=True,
@@ -681,22 +858,120 @@ _FORMATS: Final = (
             r"cu(?:da error: cu)?blas_status_alloc_failed(?: when calling `[^`]{0,300}`)?|"
             r"failed to create cublas handle: cublas_status_alloc_failed"
         ),
-        _fixed("cublas", "cuda"),
+        _library("cublas"),
         states_figures=False,
         nocase=True,
     ),
     _Format(
         "cudnn",
         re.compile(r"cudnn(?: error: cudnn)?_status_alloc_failed"),
-        _fixed("cudnn", "cuda"),
+        _library("cudnn"),
         states_figures=False,
         nocase=True,
     ),
     _Format(
         "cuda_library",
         re.compile(r"CU(?:SOLVER|SPARSE)_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED"),
-        _fixed("cuda_library", "cuda"),
+        _library("cuda_library"),
         states_figures=False,
+    ),
+    # --- host memory, as the operating system or the platform reports it ---
+    # The kill line names the process; kernels before 5.0 print "Kill process N (name) score S or
+    # sacrifice child" first. The figures follow the name; a name may hold parentheses itself.
+    _Format(
+        "linux_oom_killer",
+        re.compile(
+            r"(?:(?:Memory cgroup )?[Oo]ut of memory: Kill(?:ed)? process|(?<![\w-])Killed process) "
+            r"(?P<pid>\d{1,10}) \((?P<name>[^\n]{1,64}?)\)(?= total-vm| score)"
+            r"(?: total-vm:[\d,]{1,24} ?kB, anon-rss:(?P<anon>[\d,]{1,24}) ?kB, file-rss:(?P<file>[\d,]{1,24}) ?kB"
+            r"(?:, shmem-rss:(?P<shmem>[\d,]{1,24}) ?kB)?)?"
+        ),
+        _read_oom_killer,
+    ),
+    _Format(
+        "colab_session_ram",
+        re.compile(r"Your session crashed after using all available RAM"),
+        _fixed("colab_session_ram", "cpu"),
+        states_figures=False,
+    ),
+    _Format(
+        "kaggle_notebook_ram",
+        re.compile(r"Your notebook tried to allocate more memory than is available"),
+        _fixed("kaggle_notebook_ram", "cpu"),
+        states_figures=False,
+    ),
+    # errno 12 is ENOMEM on Linux, macOS and Windows alike: the number says it in every locale.
+    _Format("errno_enomem", re.compile(r"\[Errno 12\]"), _fixed("errno_enomem", "cpu"), states_figures=False),
+    _Format(
+        "windows_paging_file",
+        re.compile(
+            r"\[winerror 1455\]|os error 1455(?!\d)\)?|the paging file is too small for this operation to complete"
+        ),
+        _fixed("windows_paging_file", "cpu"),
+        states_figures=False,
+        nocase=True,
+    ),
+    _Format(
+        "model_system_memory",
+        re.compile(rf"model requires more system memory \((?P<need>{_SZ})\) than is available \((?P<avail>{_SZ})\)"),
+        _read_model_system_memory,
+    ),
+    # --- accelerators' runtimes and the libraries under the frameworks ---
+    _Format(
+        "tpu_runtime",
+        re.compile(
+            rf"Attempting to (?:allocate|reserve) (?P<size>{_SZ})(?: at the bottom of memory)?\. That was not "
+            rf"possible\. There are (?P<free>{_SZ}) free|Could not allocate (?P<n>\d{{1,24}}) bytes in memory "
+            r"[\w]{1,40}; \d{1,24} bytes allocatable, (?P<avail>\d{1,24}) bytes available"
+        ),
+        _read_tpu_runtime,
+    ),
+    _Format(
+        "pinned_host",
+        re.compile(r"failed to alloc (?P<n>\d{1,24}) bytes on host: CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"),
+        _read_pinned_host,
+    ),
+    _Format(
+        "cuda_ctx_retain",
+        re.compile(
+            r"(?:failed initializing StreamExecutor for CUDA device ordinal (?P<ordinal>\d{1,4}): Internal: "
+            r"failed call to )?cuDevicePrimaryCtxRetain(?::| results in) CUDA_ERROR_OUT_OF_MEMORY(?:: out of memory)?"
+            r"(?:; total memory reported: (?P<total>\d{1,24}))?"
+        ),
+        _read_ctx_retain,
+    ),
+    _Format(
+        "nccl",
+        re.compile(
+            r"(?:NCCL WARN )?(?:Cuda failure (?:2 )?'out of memory'|Failed to CUDA calloc (?P<n>\d{1,24}) bytes)"
+        ),
+        _read_nccl,
+    ),
+    # --- serving engines' capacity checks ---
+    _Format(
+        "vllm_startup_memory",
+        re.compile(
+            r"[Ff]ree memory on device (?P<dev>[a-z]{2,10}):?(?P<idx>\d{1,4})? \((?P<free>\d{1,9}(?:\.\d{1,6})?)/"
+            r"(?P<total>\d{1,9}(?:\.\d{1,6})?) ?(?P<unit>[KMGT]iB)\) on startup is less than desired GPU memory "
+            rf"utilization \([\d.]{{1,8}}, (?P<want>{_SZ})\)"
+        ),
+        _read_vllm_startup,
+    ),
+    _Format(
+        "vllm_kv_cache",
+        re.compile(
+            r"(?:(?:To serve at least one request with the models?'s max seq len \((?P<len>\d{1,9})\), ?\(?)?"
+            rf"(?P<need>{_SZ}) KV cache is needed, which is larger than the available KV cache memory "
+            rf"\((?P<avail>{_SZ})\)|The model's max seq len \((?P<len0>\d{{1,9}})\) is larger than the maximum "
+            r"number of tokens that can be stored in KV cache \((?P<fit>\d{1,9})\)"
+            r"|No available memory for the cache blocks)"
+        ),
+        _read_vllm_kv_cache,
+    ),
+    _Format(
+        "tgi_warmup",
+        re.compile(r"Not enough memory to handle (?P<n>\d{1,9}) prefill tokens"),
+        _read_tgi_warmup,
     ),
 )
 
@@ -869,16 +1144,57 @@ def parse(text_or_exception: str | BaseException) -> OOMInfo | None:
     return _parse_any_text(text_or_exception)
 
 
-_HOST_KINDS: Final = frozenset({"cpu_allocator", "numpy", "python_memory_error"})
-
-
 def _is_host(info: OOMInfo | None) -> bool:
     return info is not None and (info.kind in _HOST_KINDS or (info.device_type == "cpu" and not info.simulated))
+
+
+def _family_headline(info: OOMInfo) -> str | None:
+    """The headline of a wording that is not an allocator's: who stopped what, with its figures."""
+    fb = format_bytes
+    k = info.kind
+    if k == "linux_oom_killer":
+        held = f", which held {fb(info.process_in_use)} of RAM" if info.process_in_use is not None else ""
+        return f"Out of host memory (RAM): the Linux kernel killed process {info.pid} ({info.process_name}){held}."
+    if k == "colab_session_ram":
+        return "Out of host memory (RAM): Colab ended the session after it used all available RAM."
+    if k == "kaggle_notebook_ram":
+        return "Out of host memory (RAM): Kaggle restarted the notebook after it asked for more RAM than it has."
+    if k == "errno_enomem":
+        return "Out of host memory (RAM): the operating system refused to allocate (errno 12, ENOMEM)."
+    if k == "windows_paging_file":
+        return "Out of host memory (RAM): Windows' paging file is too small (error 1455): RAM plus page file is full."
+    if k == "pinned_host" and info.tried_to_allocate is not None:
+        return f"Out of host memory (RAM): {fb(info.tried_to_allocate)} of pinned (page-locked) memory was refused."
+    if k == "model_system_memory" and info.required_total is not None and info.free is not None:
+        return f"Out of host memory (RAM): the model needs {fb(info.required_total)}, {fb(info.free)} is available."
+    where = info.device or "the device"
+    if k == "vllm_startup_memory" and None not in (info.required_total, info.free, info.total_capacity):
+        return (
+            f"vLLM cannot start on {where}: gpu_memory_utilization asks for {fb(info.required_total or 0)}, "
+            f"{fb(info.free or 0)} of {fb(info.total_capacity or 0)} is free."
+        )
+    if k == "vllm_kv_cache" and info.max_model_len is None and info.tried_to_allocate is None:
+        return "vLLM has no device memory left for its KV cache after the weights and the profiling peak."
+    if k == "vllm_kv_cache":
+        what = f"max_model_len {info.max_model_len}" if info.max_model_len is not None else "one sequence"
+        need = (
+            f": {fb(info.tried_to_allocate)} of KV cache needed, {fb(info.free)} available"
+            if info.tried_to_allocate is not None and info.free is not None
+            else ""
+        )
+        fits = f"; {info.model_len_fits} tokens fit" if info.model_len_fits is not None else ""
+        return f"vLLM's KV cache cannot hold {what}{need}{fits}."
+    if k == "tgi_warmup":
+        return f"Out of memory on {where}: the server's warm-up could not run {info.prefill_tokens} prefill tokens."
+    return None
 
 
 def _headline(info: OOMInfo | None) -> str:
     if info is None:
         return "Out of memory (the error states no figures)."
+    family = _family_headline(info)
+    if family is not None:
+        return family
     fb = format_bytes
     tried = f"tried to allocate {fb(info.tried_to_allocate)}" if info.tried_to_allocate is not None else None
     if _is_host(info):

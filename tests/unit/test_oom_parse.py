@@ -12,7 +12,7 @@ import importlib.util
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Final, get_args
 
 import pytest
 import torch
@@ -80,9 +80,9 @@ SENTENCE_FIGURES = {
 # --- the corpus ---------------------------------------------------------------------------------
 
 
-def test_corpus_holds_at_least_200_real_messages_and_25_negatives() -> None:
-    assert len(POSITIVE) + len(NEGATIVE) >= 200
-    assert len(NEGATIVE) >= 25
+def test_corpus_holds_more_than_350_real_messages_and_40_negatives() -> None:
+    assert len(POSITIVE) + len(NEGATIVE) > 350
+    assert len(NEGATIVE) >= 40
 
 
 def test_corpus_kinds_are_the_declared_kinds() -> None:
@@ -109,6 +109,29 @@ def test_corpus_message_names_its_format_and_device(case: Case) -> None:
     expected_type = None if case.meta["device_type"] == "none" else case.meta["device_type"]
     expected_index = None if case.meta["device_index"] == "none" else int(case.meta["device_index"])
     assert (info.kind, info.device_type, info.device_index) == (case.meta["kind"], expected_type, expected_index)
+
+
+@pytest.mark.parametrize("case", [c for c in POSITIVE if "memory" in c.meta], ids=lambda c: c.name)
+def test_corpus_message_says_which_memory_ran_out(case: Case) -> None:
+    info = parse(case.body)
+    assert info is not None
+    assert info.memory == case.meta["memory"]
+
+
+_NAMED: Final = ("pid", "process_name", "max_model_len", "model_len_fits", "prefill_tokens")
+
+
+@pytest.mark.parametrize("case", [c for c in POSITIVE if set(_NAMED) & set(c.meta)], ids=lambda c: c.name)
+def test_corpus_message_names_its_process_and_token_counts(case: Case) -> None:
+    info = parse(case.body)
+    assert info is not None
+    read = {name: getattr(info, name) for name in _NAMED if getattr(info, name) is not None}
+    expected = {
+        name: case.meta[name] if name == "process_name" else int(case.meta[name])
+        for name in _NAMED
+        if name in case.meta
+    }
+    assert read == expected
 
 
 @pytest.mark.parametrize("case", NEGATIVE, ids=lambda c: c.name)
@@ -220,6 +243,21 @@ def test_terminal_hard_wrap_mid_word_and_mid_number_reads_the_same(width: int) -
     info = parse(wrapped)
     assert info is not None
     assert info.figures() == SENTENCE_FIGURES
+
+
+OOM_KILL = (
+    "[2059991.491542] Out of memory: Killed process 25315 (python3) total-vm:53312244kB, anon-rss:31451456kB, "
+    "file-rss:74816kB, shmem-rss:12296kB, UID:0 pgtables:69068kB oom_score_adj:0\n"
+    "[2059992.056260] oom_reaper: reaped process 25315 (python3), now anon-rss:0kB, file-rss:74732kB, shmem-rss:12296kB"
+)
+
+
+@pytest.mark.parametrize("width", [80, 61, 37])
+def test_oom_killer_lines_hard_wrapped_at_a_terminal_width_read_the_same(width: int) -> None:
+    wrapped = "\n".join(line[i : i + width] for line in OOM_KILL.splitlines() for i in range(0, len(line), width))
+    info = parse(wrapped)
+    assert info is not None
+    assert (info.pid, info.process_name, info.process_in_use) == (25315, "python3", (31451456 + 74816 + 12296) * 1024)
 
 
 def test_word_wrap_with_indent_reads_the_same() -> None:
@@ -528,3 +566,25 @@ def test_message_after_a_repeated_fragment_is_read(case: tuple[str, str, str]) -
     assert info is not None
     assert alone is not None
     assert (info.kind, info.figures()) == (alone.kind, alone.figures())
+
+
+# --- XLA's messages with or without their status prefix ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("089_xla_tpu_hbm", "XlaRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. "),
+        ("285_jax_tpu_could_not_allocate_hbm0", "`XlaRuntimeError: RESOURCE_EXHAUSTED: "),
+        ("283_xla_tpu_allocate_hbm1_old_wording", "(1) Resource exhausted: "),
+        ("316_jax_gpu_buffer_assignment_stats", "RESOURCE_EXHAUSTED: "),
+        ("162_jax_failed_request_title", "RESOURCE_EXHAUSTED: "),
+    ],
+)
+def test_xla_message_without_its_status_prefix_reads_the_same(name: str, prefix: str) -> None:
+    case = next(c for c in POSITIVE if c.name.startswith(name))
+    assert prefix in case.body
+    info, bare = parse(case.body), parse(case.body.replace(prefix, ""))
+    assert info is not None
+    assert bare is not None
+    assert (bare.kind, bare.figures()) == (info.kind, info.figures())

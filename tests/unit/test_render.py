@@ -27,6 +27,7 @@ class Result:
 
 @pytest.fixture
 def clean_registry() -> Iterator[None]:
+    views.renderers_for(object())  # load the pending renderer modules first, or their entries would be lost below
     saved = {k: list(v) for k, v in views._RENDERERS.items()}
     yield
     views._RENDERERS.clear()
