@@ -702,6 +702,8 @@ class DryTracker(Tracker):
         their tensors are swapped for fake copies in place for the block, and swapped back after."""
         self._dry_undo: list[Callable[[], None]] = []
         self._fake_session: FakeSession | None = None
+        self._writes: Any = None
+        """The plan's :class:`~gpumagic._nowrite.WriteGuard`: the files it did not write."""
 
     # -- hooks into Tracker ---------------------------------------------------------------------
     def _open_session(self) -> Any:
@@ -858,6 +860,32 @@ class DryTracker(Tracker):
             return _fake_batch(batch, session, fake_mode)
 
         setattr_undo(dlmod._BaseDataLoaderIter, "__next__", __next__)
+        original_get_iterator = dlmod.DataLoader._get_iterator
+
+        def _get_iterator(loader: Any) -> Any:
+            # worker processes fork here: they must start outside the fake world, or their collate
+            # runs on fake tensors (and fails: "Attempted to set the storage ... on device meta")
+            with _disable_current_modes(), torch._C.DisableTorchFunction():
+                return original_get_iterator(loader)
+
+        setattr_undo(dlmod.DataLoader, "_get_iterator", _get_iterator)
+
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        def __format__(t: Any, spec: str) -> str:
+            # a real 0-dim tensor formats its value (f"{loss:.3f}"): a fake one reads a placeholder
+            if t.dim() == 0 and not t.is_meta:
+                return format(t.detach().item(), spec)
+            if spec:  # the real run's error, word for word: the user's, not the plan's
+                raise TypeError("unsupported format string passed to Tensor.__format__")
+            return object.__format__(t, spec)
+
+        setattr_undo(FakeTensor, "__format__", __format__)
+        from gpumagic._nowrite import WriteGuard
+
+        self._writes = WriteGuard()
+        self._writes.__enter__()
+        undo.append(lambda: self._writes.__exit__(None, None, None))
 
         if self.standin:
             for owner, name, value in self.target.standin_patches(session, self.gpu):
@@ -934,6 +962,9 @@ class DryTracker(Tracker):
                          + (self.gpu.name if self.gpu else "the GPU")
                          + ": output and log-sum-exp are saved, no L×L matrix")
         notes.extend(self.target.notes)
+        note = skipped_writes_note(self._writes.skipped if self._writes is not None else [])
+        if note is not None:
+            notes.append(note)
         rep = dataclasses.replace(rep, dry_run=True, notes=tuple(notes) + rep.notes)
         if self.gpu is not None:
             rep = dataclasses.replace(rep, device=f"{rep.device} ({self.gpu.name})")
@@ -1026,6 +1057,16 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
                 o.__dict__.update(saved)
 
             undo.append(put_dict_back)
+
+
+def skipped_writes_note(skipped: list[str]) -> str | None:
+    """"not written: ckpt.pt (torch.save)": what a plan did not write (a plan never writes)."""
+    if not skipped:
+        return None
+    shown = skipped[:_MAX_NOTED_LINES]
+    more = len(skipped) - len(shown)
+    return "not written: " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "") + \
+        " (a plan never writes or removes files)"
 
 
 def _fmt(n: int) -> str:

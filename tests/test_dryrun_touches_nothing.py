@@ -1,0 +1,152 @@
+"""A dry run touches nothing: it writes no file, runs the user's hooks as a real run does, counts
+memory by a rule (a tensor's storages, whatever its layout; meta holds none), and states what it
+cannot plan instead of crashing."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+
+import gpumagic
+from gpumagic._nowrite import WriteGuard
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+SMALL = "model = nn.Linear(4, 2)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+
+
+def _plan(ip: InteractiveShell, cell: str, line: str = "--dry-run -d cpu") -> Any:
+    """Run ``cell`` under ``%%gpumem {line} -o``; the report (None when the cell failed) and the error."""
+    r = ip.run_cell(f"%%gpumem {line} -o\n{cell}")
+    return r.result, r.error_in_exec
+
+
+def _notes(report: Any) -> str:
+    return "\n".join(report.notes)
+
+
+# --- a plan never writes ---------------------------------------------------------------------------
+
+
+def test_dry_run_does_not_overwrite_a_checkpoint(
+    ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.randn(1000)}, "ckpt.pt")
+    before = Path("ckpt.pt").read_bytes()
+    ip.run_cell(SMALL)
+    rep, err = _plan(ip, "for i in range(2):\n"
+                         "    model(torch.randn(8, 4)).sum().backward(); opt.step(); opt.zero_grad()\n"
+                         "torch.save(model.state_dict(), 'ckpt.pt')\n")
+    assert err is None
+    assert Path("ckpt.pt").read_bytes() == before
+    assert "not written: ckpt.pt (torch.save)" in _notes(rep)
+
+
+def test_dry_run_writes_through_no_library_and_removes_nothing(
+    ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("log.txt").write_text("kept")
+    ip.run_cell(SMALL + "import json, pickle, pathlib, numpy as np")
+    rep, err = _plan(ip, "np.save('a.npy', np.zeros(3))\n"
+                         "np.savez('b.npz', x=np.zeros(3))\n"
+                         "pathlib.Path('c.txt').write_text('x')\n"
+                         "with open('log.txt', 'a') as f:\n    f.write('more')\n"
+                         "with open('d.json', 'w') as f:\n    json.dump({}, f)\n"
+                         "with open('e.pkl', 'wb') as f:\n    pickle.dump(1, f)\n"
+                         "import os; os.remove('log.txt'); os.makedirs('out/run1', exist_ok=True)\n"
+                         "model(torch.randn(8, 4)).sum().backward()\n")
+    assert err is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
+    assert Path("log.txt").read_text() == "kept"
+    notes = _notes(rep)
+    for name in ("a.npy (numpy.save)", "b.npz (numpy.savez)", "c.txt (pathlib.Path.write_text)"):
+        assert name in notes
+
+
+def test_dry_run_skips_writes_to_a_file_opened_before_the_plan(
+    ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ip.run_cell(SMALL + "import pickle\nsink = open('sink.pkl', 'wb')")
+    try:
+        rep, err = _plan(ip, "pickle.dump(model.state_dict(), sink)\ntorch.save(model.state_dict(), sink)\n")
+    finally:
+        ip.run_cell("sink.close()")
+    assert err is None
+    assert Path("sink.pkl").read_bytes() == b""
+    assert "sink.pkl (pickle.dump)" in _notes(rep)
+
+
+def test_dry_run_keeps_temporary_files_working(
+    ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ip.run_cell(SMALL + "import tempfile, os")
+    rep, err = _plan(ip, "with tempfile.TemporaryDirectory() as d:\n"
+                         "    with open(os.path.join(d, 'x.txt'), 'w') as f:\n        f.write('1')\n"
+                         "    with open(os.path.join(d, 'x.txt')) as f:\n        assert f.read() == '1'\n"
+                         "with tempfile.NamedTemporaryFile() as tf:\n    tf.write(b'abc')\n"
+                         "model(torch.randn(8, 4)).sum().backward()\n")
+    assert err is None
+    assert "not written" not in _notes(rep)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_puts_every_file_function_back_even_when_the_cell_fails(ip: InteractiveShell, clean_ns: None) -> None:
+    before = (builtins.open, io.open, os.open, os.remove, os.mkdir, torch.save, ip.user_ns["open"])
+    _, err = _plan(ip, "raise KeyError('boom')")
+    assert isinstance(err, KeyError)
+    assert (builtins.open, io.open, os.open, os.remove, os.mkdir, torch.save, ip.user_ns["open"]) == before
+
+
+def test_write_guard_leaves_other_threads_writing(tmp_path: Path) -> None:
+    target = tmp_path / "other.txt"
+
+    def write() -> None:
+        with open(target, "w") as f:
+            f.write("from another thread")
+
+    with WriteGuard() as guard:
+        t = threading.Thread(target=write)
+        t.start()
+        t.join()
+        with open(tmp_path / "mine.txt", "w") as f:
+            f.write("diverted")
+    assert target.read_text() == "from another thread"
+    assert not (tmp_path / "mine.txt").exists()
+    assert guard.skipped == [f"{tmp_path / 'mine.txt'} (open)"]
+
+
+def test_track_api_dry_run_writes_nothing(tmp_path: Path) -> None:
+    ns: dict[str, Any] = {"torch": torch, "path": str(tmp_path / "w.pt")}
+    with gpumagic.track(dry_run=True, device="cpu", namespace=ns) as t:
+        exec("x = torch.randn(4, 4)\ntorch.save(x, path)\n", ns)
+    assert not (tmp_path / "w.pt").exists()
+    assert f"{tmp_path / 'w.pt'} (torch.save)" in _notes(t.report)
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+def test_formatting_a_loss_in_a_plan_reads_a_placeholder(ip: InteractiveShell, clean_ns: None) -> None:
+    ip.run_cell(SMALL)
+    rep, err = _plan(ip, "loss = model(torch.randn(8, 4)).sum()\ntext = f'{loss:.3f}'\n")
+    assert err is None
+    assert "text = f'{loss:.3f}'" in _notes(rep)
+
+
+def test_formatting_a_vector_in_a_plan_fails_as_in_a_real_run(ip: InteractiveShell, clean_ns: None) -> None:
+    ip.run_cell(SMALL)
+    real = ip.run_cell("f'{torch.randn(3):.3f}'").error_in_exec
+    _, err = _plan(ip, "f'{torch.randn(3):.3f}'\n")
+    assert type(err) is type(real) is TypeError
