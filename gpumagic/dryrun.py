@@ -790,6 +790,7 @@ class DryTracker(Tracker):
                 if failed is not None:
                     raise DryRunError(failed, None)
                 copies = dict(zip(names, values, strict=True))
+                _carry_hooks([originals[k] for k in names], memo)
 
             def restore_ns() -> None:
                 # names the block created hold fake tensors; `with track(...) as t` binds t, which stays
@@ -1023,6 +1024,7 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
         with FakeCopyMode(fake_mode):
             return copy.deepcopy(t, memo)
 
+    objects = list(objects)
     modules = [o for o in objects if isinstance(o, torch.nn.Module)]
     for m in {id(x): x for top in modules for x in top.modules()}.values():
         for table in (m._parameters, m._buffers):
@@ -1057,6 +1059,36 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
                 o.__dict__.update(saved)
 
             undo.append(put_dict_back)
+    _carry_hooks(objects, memo)
+
+
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _carry_hooks(originals: Iterable[Any], memo: dict[int, Any]) -> None:
+    """Give the fake copies (``memo``: id of an original -> its copy) the hooks of their originals.
+
+    A copy drops them: a fake copy of a tensor has none, and ``Optimizer.__getstate__`` keeps only
+    defaults, state and groups. The user's hooks must run in a plan as in a real run (a hook that
+    raises there must fail the plan too). Module hooks live in the module's dict and are copied.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    for o in originals:
+        _walk(o, seen, found)
+    for o in [*found, *_tensors_of(found)]:
+        c = memo.get(id(o))
+        if c is None or c is o:
+            continue
+        if isinstance(o, torch.Tensor):
+            for name in _TENSOR_HOOKS:
+                hooks = getattr(o, name, None)
+                if hooks and getattr(c, name, None) is None:
+                    setattr(c, name, collections.OrderedDict(hooks))
+        elif isinstance(o, torch.optim.Optimizer):
+            for name, hooks in vars(o).items():
+                if name.startswith("_optimizer_") and name.endswith("_hooks") and hooks:
+                    setattr(c, name, collections.OrderedDict(hooks))
 
 
 def skipped_writes_note(skipped: list[str]) -> str | None:

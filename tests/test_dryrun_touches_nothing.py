@@ -150,3 +150,38 @@ def test_formatting_a_vector_in_a_plan_fails_as_in_a_real_run(ip: InteractiveShe
     real = ip.run_cell("f'{torch.randn(3):.3f}'").error_in_exec
     _, err = _plan(ip, "f'{torch.randn(3):.3f}'\n")
     assert type(err) is type(real) is TypeError
+
+
+# --- the user's hooks run in a plan as in a real run -------------------------------------------------
+
+HOOKED = SMALL + "def refuse(*a):\n    raise ValueError('refused by the hook')\n"
+STEP = "model(torch.randn(8, 4)).sum().backward()\nopt.step()\n"
+
+
+@pytest.mark.parametrize("register", [
+    "model.weight.register_hook(refuse)",
+    "model.weight.register_post_accumulate_grad_hook(refuse)",
+    "opt.register_step_pre_hook(refuse)",
+    "opt.register_step_post_hook(refuse)",
+])
+def test_a_hook_that_fails_the_real_run_fails_the_plan(ip: InteractiveShell, clean_ns: None, register: str) -> None:
+    ip.run_cell(HOOKED + register)
+    real = ip.run_cell(STEP).error_in_exec
+    _, planned = _plan(ip, STEP)
+    assert type(real) is type(planned) is ValueError
+
+
+def test_a_plan_runs_the_hooks_of_a_plain_tensor_and_of_a_model_reached_by_a_closure() -> None:
+    calls: list[str] = []
+    w = torch.randn(3, requires_grad=True)
+    w.register_hook(lambda g: calls.append("w"))
+    model = torch.nn.Linear(3, 1)
+    model.weight.register_hook(lambda g: calls.append("closure"))
+
+    def step() -> None:
+        (model(w.unsqueeze(0)).sum()).backward()
+
+    ns: dict[str, Any] = {"w": w, "step": step}
+    with gpumagic.track(dry_run=True, device="cpu", namespace=ns):
+        exec("step()", ns)
+    assert sorted(calls) == ["closure", "w"]
