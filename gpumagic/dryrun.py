@@ -263,7 +263,48 @@ class FakeSession(PeakWindows):
         self._flags.discard(ref.key)
 
     def watch(self, t: torch.Tensor, device_kind: str) -> None:
-        """Count ``t``'s storage as live memory on ``device_kind`` (once)."""
+        """Count ``t``'s storages as live memory on ``device_kind`` (each once), whatever its layout:
+        a sparse tensor's indices and values, a nested one's buffers. A meta tensor holds none."""
+        if t.device.type == "meta":
+            return
+        if t.layout is torch.strided and not t.is_nested:
+            self._watch_one(t, device_kind)
+            return
+        from gpumagic._tensors import components
+
+        for part in components(t) or []:
+            if part.device.type != "meta":
+                self._watch_one(part, device_kind)
+
+    def restorage(self, t: torch.Tensor, device_kind: str) -> None:
+        """After resize_ / set_: count the storage now under ``t`` (new, or grown or shrunk in place)."""
+        if t.device.type == "meta":
+            return
+        try:
+            st, key = _key(t)
+        except (RuntimeError, NotImplementedError):
+            return
+        r = self._refs.get(key)
+        if r is None:
+            self._watch_one(t, device_kind)
+            return
+        n = int(st.nbytes())
+        if n == r.nbytes:
+            return
+        if r.counted:  # a grown buffer is new memory, the old one freed after the copy
+            if self._alloc is not None:
+                block = self._alloc.malloc(n)
+                self._wpeak = max(self._wpeak, self._alloc.allocated)
+                self._alloc.free(r.block)
+                r.block = block
+                self._cur = self._alloc.allocated
+            else:
+                self._wpeak = max(self._wpeak, self._cur + (n if n > r.nbytes and r.nbytes else 0))
+                self._cur += n - r.nbytes
+            self._wpeak = max(self._wpeak, self._cur)
+        r.nbytes = n
+
+    def _watch_one(self, t: torch.Tensor, device_kind: str) -> None:
         try:
             st, key = _key(t)
         except (RuntimeError, NotImplementedError):
@@ -303,6 +344,10 @@ class FakeSession(PeakWindows):
         """Bytes of ``t``'s storage if counted on the planned device and not in ``seen`` (then added)."""
         if not isinstance(t, torch.Tensor):
             return 0
+        if t.layout is not torch.strided or t.is_nested:
+            from gpumagic._tensors import components
+
+            return sum(self.tensor_bytes(p, seen) for p in components(t) or [] if p is not t)
         try:
             key = int(t.untyped_storage()._cdata)
         except (RuntimeError, NotImplementedError):
@@ -408,6 +453,9 @@ class _CountMode(TorchDispatchMode):
                 if t.device.type in s.refused:  # a fake CUDA tensor in a kernel aborts a CPU build
                     kind = t.device.type.upper()
                     raise DryRunError(f"a {kind} tensor reached {func} on a machine without {kind}", _user_line())
+        name = func.__name__.split(".")[0]
+        if name in _RESTORAGE_OPS and args and isinstance(args[0], torch.Tensor):
+            return self._restorage(func, name, args, kwargs, made_on)
         try:
             out = func(*args, **kwargs)
         except s._errors as e:
@@ -415,7 +463,6 @@ class _CountMode(TorchDispatchMode):
             if "DynamicOutputShape" in type(e).__name__:
                 what = f"{func} has an output shape that depends on the data"
             raise DryRunError(what, _user_line()) from None
-        name = func.__name__.split(".")[0]
         if name == "mkldnn_rnn_layer" and isinstance(out, tuple) and len(out) == 4 and out[3].numel() == 0:
             out = (*out[:3], _rnn_workspace(func, args, kwargs))
         if name.startswith("_scaled_dot_product"):
@@ -450,6 +497,25 @@ class _CountMode(TorchDispatchMode):
                 if k is not None:
                     s._flags.add(k)
         return out
+
+
+    def _restorage(self, func: Any, name: str, args: Any, kwargs: Any, made_on: str | None) -> Any:
+        """resize_, resize_as_ and set_ put memory under an existing tensor: count it. A storage made
+        outside the dispatcher (``torch.UntypedStorage(n)``) is real: the plan sets a fake one of its size."""
+        s = self.s
+        t = args[0]
+        if name == "set_" and len(args) > 1 and isinstance(args[1], (torch.UntypedStorage, torch.TypedStorage)):
+            st = args[1] if isinstance(args[1], torch.UntypedStorage) else args[1].untyped()
+            if st.device.type != "meta":
+                holder = torch.empty(int(st.nbytes()), dtype=torch.uint8)  # fake: the mode below answers
+                args = (t, holder.untyped_storage(), *args[2:])
+        kind = made_on or s.device_of(t)
+        out = func(*args, **kwargs)
+        s.restorage(t, kind)
+        return out
+
+
+_RESTORAGE_OPS = ("resize_", "resize_as_", "set_")
 
 
 _FAKE_WORDS = ("tensor subclass", "faketensor", "fake tensor", "data pointer", "cannot access storage",

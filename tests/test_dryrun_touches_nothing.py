@@ -185,3 +185,99 @@ def test_a_plan_runs_the_hooks_of_a_plain_tensor_and_of_a_model_reached_by_a_clo
     with gpumagic.track(dry_run=True, device="cpu", namespace=ns):
         exec("step()", ns)
     assert sorted(calls) == ["closure", "w"]
+
+
+# --- counting by a rule: a tensor's storages, whatever made them --------------------------------------
+
+MiB = 2**20
+RESTORAGED = {
+    "resize_": "b = torch.empty(0)\nb.resize_(1_000_000)\n",
+    "UntypedStorage + set_": "st = torch.UntypedStorage(4_000_000)\nt = torch.empty(0).set_(st)\n",
+    "resize_as_": "b = torch.empty(0)\nb.resize_as_(torch.empty(1000, 1000, device='meta'))\n",
+}
+
+
+def _exact(cell: str, budget: str | None = None) -> Any:
+    ns: dict[str, Any] = {"torch": torch}
+    with gpumagic.track(device="cpu", budget=budget) as t:
+        exec(cell, ns)
+    return t.report
+
+
+def _dry(cell: str) -> Any:
+    ns: dict[str, Any] = {"torch": torch}
+    with gpumagic.track(dry_run=True, device="cpu", namespace=ns) as t:
+        exec(cell, ns)
+    return t.report
+
+
+@pytest.mark.parametrize("name", sorted(RESTORAGED))
+def test_memory_put_under_an_existing_tensor_is_counted(name: str) -> None:
+    rep = _exact(RESTORAGED[name])
+    assert rep.peak_delta_bytes == 4_000_000
+    assert rep.incomplete is None
+
+
+@pytest.mark.parametrize("name", sorted(RESTORAGED))
+def test_memory_put_under_an_existing_tensor_cannot_escape_the_budget(name: str) -> None:
+    with pytest.raises(torch.OutOfMemoryError):
+        _exact(RESTORAGED[name], budget="1MiB")
+
+
+def test_a_resize_refused_by_the_budget_leaves_the_tensor_as_it_was() -> None:
+    ns: dict[str, Any] = {"torch": torch}
+    with pytest.raises(torch.OutOfMemoryError), gpumagic.track(device="cpu", budget="1MiB"):
+        exec("b = torch.zeros(10)\nb.resize_(1_000_000)\n", ns)
+    assert ns["b"].shape == (10,)
+
+
+def test_a_resize_that_grows_a_counted_tensor_counts_the_new_buffer_once() -> None:
+    rep = _exact("b = torch.zeros(250_000)\nb.resize_(1_000_000)\n")
+    assert rep.peak_delta_bytes == 4_000_000 + 1_000_000  # the old buffer lives until the copy is done
+    assert rep.end_bytes - rep.baseline_bytes == 4_000_000
+
+
+@pytest.mark.parametrize("name", sorted(RESTORAGED))
+def test_a_plan_counts_memory_put_under_an_existing_tensor_as_the_exact_tracker_does(name: str) -> None:
+    rep = _dry(RESTORAGED[name])
+    assert rep.peak_delta_bytes == _exact(RESTORAGED[name]).peak_delta_bytes
+    assert rep.error is None
+
+
+def test_a_meta_tensor_in_a_plan_is_no_memory() -> None:
+    cell = "m = torch.empty(10**9, device='meta')\nn = m * 2\n"
+    assert _dry(cell).peak_delta_bytes == _exact(cell).peak_delta_bytes == 0
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_strided_nested_tensor_through_a_module_leaves_the_report_complete() -> None:
+    ns: dict[str, Any] = {"torch": torch, "lin": torch.nn.Linear(4, 8)}
+    with gpumagic.track(device="cpu") as t:
+        exec("nt = torch.nested.as_nested_tensor([torch.randn(300, 4), torch.randn(500, 4)])\ny = lin(nt)\n", ns)
+    assert t.report.incomplete is None
+    assert t.report.peak_delta_bytes >= (800 * 4 + 800 * 8) * 4
+
+
+def test_a_dtensor_on_a_one_rank_group_is_counted_and_kept_under_the_budget(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ns: dict[str, Any] = {"torch": torch, "mesh": init_device_mesh("cpu", (1,)), "Shard": Shard,
+                              "distribute_tensor": distribute_tensor}
+        cell = "d = distribute_tensor(torch.zeros(1000, 100), mesh, [Shard(0)])\ne = d * 2\n"
+        with gpumagic.track(device="cpu") as t:
+            exec(cell, ns)
+        assert t.report.incomplete is None
+        assert t.report.peak_delta_bytes == 2 * 400_000
+        with pytest.raises(torch.OutOfMemoryError), gpumagic.track(device="cpu", budget=600_000):
+            exec(cell, ns)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_plan_counts_a_grown_buffer_as_the_exact_tracker_does() -> None:
+    cell = "b = torch.zeros(250_000)\nb.resize_(1_000_000)\n"
+    assert _dry(cell).peak_delta_bytes == _exact(cell).peak_delta_bytes == 5_000_000
