@@ -481,7 +481,8 @@ def _run_search(
                 optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
                 current_batch_size=current,
                 progress=on_trial,
-                device=device_label(runner.backend, runner.device),
+                device=_plan_label(runner.plan) if runner.plan is not None else device_label(runner.backend,
+                                                                                             runner.device),
                 learn_dataset_size=lambda: runner.observed.dataset_size,
             )
         except ValueError as e:
@@ -787,11 +788,16 @@ def _plan(device: str | None, gpu: str | None, budget: str | int | None,
     return plan, capacity
 
 
+def _plan_label(plan: dict[str, Any]) -> str:
+    """'T4 (cuda)': the device a planned search plans for."""
+    g = plan["gpu"]
+    return f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+
+
 def _planned(result: BatchSearchResult, plan: dict[str, Any]) -> BatchSearchResult:
     import dataclasses
 
-    g = plan["gpu"]
-    target = f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+    target = _plan_label(plan)
     note = (f"planned on fake tensors for {target}: no trial ran on a device; each trial's peak is a prediction "
             "and 'OOM' means the plan exceeds the capacity")
     reason = result.reason.replace(" ran out of memory", " would not fit").replace(" ran (", " planned (")

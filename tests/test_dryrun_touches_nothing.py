@@ -281,3 +281,42 @@ def test_a_dtensor_on_a_one_rank_group_is_counted_and_kept_under_the_budget(tmp_
 def test_a_plan_counts_a_grown_buffer_as_the_exact_tracker_does() -> None:
     cell = "b = torch.zeros(250_000)\nb.resize_(1_000_000)\n"
     assert _dry(cell).peak_delta_bytes == _exact(cell).peak_delta_bytes == 5_000_000
+
+
+# --- a planned search with nothing on the planned device --------------------------------------------
+
+CPU_LOOP = ("model = nn.Linear(64, 10)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\nbatch_size = 8\n")
+CPU_BODY = ("x = torch.randn(batch_size, 64)\n"
+            "model(x).sum().backward()\nopt.step()\nopt.zero_grad()\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the model must stay off the planned GPU")
+@pytest.mark.parametrize("line", ["--dry-run --gpu T4 --var batch_size",
+                                  "--dry-run -d cuda --budget 1MiB --var batch_size"])
+def test_a_planned_search_with_nothing_on_the_planned_device_says_so(
+    ip: InteractiveShell, clean_ns: None, line: str
+) -> None:
+    ip.run_cell(CPU_LOOP)
+    r = ip.run_cell(f"%%find_batch {line} -o\n" + "for _ in range(3):\n" + "".join(
+        "    " + ln + "\n" for ln in CPU_BODY.splitlines()))
+    assert r.error_in_exec is None
+    res = r.result
+    assert res.recommended_batch_size is None
+    assert "nothing of the trial was on" in res.reason
+    assert len(res.trials) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the model must stay off the planned GPU")
+def test_find_batch_api_dry_run_with_nothing_on_the_planned_gpu_says_so() -> None:
+    model = torch.nn.Linear(64, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(b: int) -> None:
+        model(torch.randn(b, 64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    res = gpumagic.find_batch(step, dry_run=True, gpu="T4", namespace={"model": model, "opt": opt},
+                              progress=False)
+    assert res.recommended_batch_size is None
+    assert "nothing of the trial was on T4 (cuda)" in res.reason
