@@ -506,7 +506,7 @@ class _CountMode(TorchDispatchMode):
         t = args[0]
         if name == "set_" and len(args) > 1 and isinstance(args[1], (torch.UntypedStorage, torch.TypedStorage)):
             st = args[1] if isinstance(args[1], torch.UntypedStorage) else args[1].untyped()
-            if st.device.type != "meta":
+            if st.device.type != "meta" and st.device.type == t.device.type:  # else: the real run's error
                 holder = torch.empty(int(st.nbytes()), dtype=torch.uint8)  # fake: the mode below answers
                 args = (t, holder.untyped_storage(), *args[2:])
         kind = made_on or s.device_of(t)
@@ -804,6 +804,9 @@ class DryTracker(Tracker):
             self._dry_exit()
         if isinstance(ev, StopTrial):
             return True  # the planned steps are done: the block ends quietly
+        if isinstance(ev, AssertionError) and "shape_env" in str(ev):  # fake tensors without symbolic sizes
+            raise DryRunError("this code needs symbolic shapes (a jagged nested tensor?), which a dry run does "
+                              "not plan", _line_in(tb)) from ev
         if isinstance(ev, Exception) and not isinstance(ev, DryRunError) and _fake_related(ev):
             first = str(ev).strip().splitlines()[0] if str(ev).strip() else ""
             raise DryRunError(f"{type(ev).__name__}: {first}", _line_in(tb)) from ev
@@ -850,6 +853,7 @@ class DryTracker(Tracker):
                         warnings.simplefilter("ignore")
                         with FakeCopyMode(fake_mode):
                             values = copy.deepcopy([originals[k] for k in names], memo)
+                            _carry_dropped([originals[k] for k in names], memo)
                 except Exception as e:
                     failed = f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})"
                     e.__traceback__ = None  # its frames hold the originals
@@ -984,6 +988,14 @@ class DryTracker(Tracker):
 
         setattr_undo(torch.utils, "swap_tensors", swap_tensors)
         setattr_undo(torch.Tensor, "__deepcopy__", _fake_aware_deepcopy(torch.Tensor.__deepcopy__, fake_mode))
+        # torch logs a kernel that fails on fake tensors (E... fake_tensor.py) before raising: the plan
+        # turns the error into a DryRunError or the user's own exception, so nothing goes to stderr
+        import logging
+
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled = fake_log.disabled
+        fake_log.disabled = True
+        undo.append(lambda: setattr(fake_log, "disabled", was_disabled))
         fake_mode.__enter__()  # type: ignore[no-untyped-call]
         undo.append(lambda: fake_mode.__exit__(None, None, None))
         if self.standin:
@@ -1104,7 +1116,12 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
             groups = [dict(g) for g in o.param_groups]
             state = o.state
             for g in o.param_groups:
-                g["params"] = [fake(p) for p in g["params"]]
+                old_params = g["params"]
+                g["params"] = [fake(p) for p in old_params]
+                for name, v in list(vars(o).items()):  # LBFGS keeps its group's list as _params
+                    if v is old_params:
+                        setattr(o, name, g["params"])
+                        undo.append(functools.partial(setattr, o, name, v))
             new_state: Any = collections.defaultdict(dict)
             for p, st in state.items():
                 new_state[fake(p)] = {k: fake(v) for k, v in st.items()}
@@ -1155,6 +1172,25 @@ def _carry_hooks(originals: Iterable[Any], memo: dict[int, Any]) -> None:
             for name, hooks in vars(o).items():
                 if name.startswith("_optimizer_") and name.endswith("_hooks") and hooks:
                     setattr(c, name, collections.OrderedDict(hooks))
+
+
+def _carry_dropped(originals: Iterable[Any], memo: dict[int, Any]) -> None:
+    """Copy onto each optimizer's fake copy what ``Optimizer.__getstate__`` left out of it: attributes
+    an optimizer set in its own ``__init__`` (LBFGS's ``_params``, its group's parameter list), deep
+    copied with ``memo`` so they name the copied parameters. Functions are left out (an LR scheduler's
+    ``step`` wrapper names the original; :func:`_rewrap_scheduler_steps` wraps the copy)."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    for o in originals:
+        _walk(o, seen, found)
+    for o in found:
+        c = memo.get(id(o))
+        if not isinstance(o, torch.optim.Optimizer) or c is None or c is o:
+            continue
+        mine = vars(c)
+        for name, v in list(vars(o).items()):
+            if name not in mine and not callable(v):
+                mine[name] = copy.deepcopy(v, memo)
 
 
 def skipped_writes_note(skipped: list[str]) -> str | None:

@@ -320,3 +320,53 @@ def test_find_batch_api_dry_run_with_nothing_on_the_planned_gpu_says_so() -> Non
                               progress=False)
     assert res.recommended_batch_size is None
     assert "nothing of the trial was on T4 (cuda)" in res.reason
+
+
+# --- what a plan cannot run fails cleanly; what it can, it plans ------------------------------------
+
+
+def test_a_plan_draws_batches_from_worker_processes(
+    ip: InteractiveShell, clean_ns: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ip.run_cell(SMALL + "ds = torch.utils.data.TensorDataset(torch.randn(64, 4))\n"
+                        "dl = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)")
+    capfd.readouterr()
+    rep, err = _plan(ip, "for (xb,) in dl:\n    model(xb).sum().backward(); opt.step(); opt.zero_grad()\n")
+    assert err is None
+    assert rep.total_steps == 3
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_plan_runs_lbfgs_with_a_closure_step_after_step(ip: InteractiveShell, clean_ns: None) -> None:
+    ip.run_cell(SMALL + "lbfgs = torch.optim.LBFGS(model.parameters(), line_search_fn='strong_wolfe')")
+    rep, err = _plan(ip, "for i in range(5):\n"
+                         "    def closure():\n"
+                         "        lbfgs.zero_grad(); loss = model(torch.randn(8, 4)).sum(); loss.backward()\n"
+                         "        return loss\n"
+                         "    lbfgs.step(closure)\n")
+    assert err is None
+    assert rep.total_steps == 3
+
+
+def test_a_jagged_nested_tensor_stops_the_plan_with_the_reason_and_nothing_on_stderr(
+    ip: InteractiveShell, clean_ns: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from gpumagic.dryrun import DryRunError
+
+    capfd.readouterr()
+    _, err = _plan(ip, "nt = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)], layout=torch.jagged)\n"
+                       "y = nt * 2\n")
+    assert isinstance(err, DryRunError)
+    assert "jagged nested tensor" in str(err)
+    assert "fake_tensor.py" not in capfd.readouterr().err
+
+
+def test_a_storage_set_on_a_tensor_of_another_device_fails_the_plan_as_the_real_run(
+    ip: InteractiveShell, clean_ns: None, capfd: pytest.CaptureFixture[str]
+) -> None:
+    cell = "t = torch.empty(0, device='meta').set_(torch.UntypedStorage(10))\n"
+    real = ip.run_cell(cell).error_in_exec
+    capfd.readouterr()
+    _, err = _plan(ip, cell)
+    assert type(err) is type(real) is RuntimeError
+    assert "fake_tensor.py" not in capfd.readouterr().err
