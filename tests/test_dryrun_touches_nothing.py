@@ -370,3 +370,19 @@ def test_a_storage_set_on_a_tensor_of_another_device_fails_the_plan_as_the_real_
     _, err = _plan(ip, cell)
     assert type(err) is type(real) is RuntimeError
     assert "fake_tensor.py" not in capfd.readouterr().err
+
+
+# --- a planned cell counts as completed ----------------------------------------------------------------
+
+
+def test_find_batch_alone_after_a_planned_cell_searches_that_cell_not_an_older_oom(
+    ip: InteractiveShell, clean_ns: None
+) -> None:
+    oom = ip.run_cell("%%gpumem -d cpu --budget 1MiB\nbig = torch.empty(10**7)\n", store_history=True)
+    assert isinstance(oom.error_in_exec, torch.OutOfMemoryError)
+    ip.run_cell(CPU_LOOP)
+    planned = ip.run_cell("%%gpumem --dry-run -d cpu\n" + CPU_BODY, store_history=True)
+    assert planned.error_in_exec is None
+    r = ip.run_cell("%find_batch -d cpu --budget 8MiB --var batch_size --max 64 -o")
+    assert r.error_in_exec is None
+    assert r.result.recommended_batch_size is not None
