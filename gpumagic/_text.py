@@ -125,9 +125,9 @@ def _bytes(n: int | float | None) -> str:
 def describe_trial(trial: Trial) -> str:
     """'batch 1024: peak 3.50 MiB, 6,360 samples/s' or 'batch 2048: out of memory' (for progress lines)."""
     if trial.oom:
-        return f"batch {trial.batch_size}: out of memory"
+        return f"batch {trial.batch_size}: " + ("would not fit (planned)" if trial.planned else "out of memory")
     sps = f", {trial.samples_per_second:,.0f} samples/s" if trial.samples_per_second else ""
-    return f"batch {trial.batch_size}: peak {_bytes(trial.peak_bytes)}{sps}"
+    return f"batch {trial.batch_size}: {'planned peak' if trial.planned else 'peak'} {_bytes(trial.peak_bytes)}{sps}"
 
 
 def _step_name(index: int, count: int) -> str:
@@ -176,7 +176,7 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
     if r.error:
         rows.append(("stopped by", r.error.splitlines()[0] if r.error.strip() else r.error))
     rows.extend(("note", n) for n in r.notes)
-    return render(f"gpumem: {r.summary()}", rows, width, color=color)
+    return render(f"gpumem{' plan' if r.dry_run else ''}: {r.summary()}", rows, width, color=color)
 
 
 def _signed(n: int) -> str:
@@ -190,10 +190,11 @@ def search_text(result: BatchSearchResult, width: int | None = None, *, color: b
     r = result
     width = terminal_width() if width is None else width
     rec = r.recommended_batch_size
-    head = f"find_batch: recommended {rec}"
+    head = f"find_batch{' plan' if r.dry_run else ''}: recommended {rec}"
     if r.accumulation_steps > 1 or r.effective_batch_size:
         head += f" × {r.accumulation_steps} accumulation steps = {r.effective_batch_size}"
-    head += f" (largest that ran {r.max_batch_size}) · {len(r.trials)} trials, {r.oom_count} OOM on {r.device}"
+    head += f" ({'largest planned to fit' if r.dry_run else 'largest that ran'} {r.max_batch_size}) · " \
+            f"{trial_counts(r)} {'for' if r.dry_run else 'on'} {r.device}"
     rows: list[tuple[str, str]] = [("why", r.reason)]
     if r.lr_note:
         rows.append(("learning rate", r.lr_note))
@@ -207,14 +208,32 @@ def search_text(result: BatchSearchResult, width: int | None = None, *, color: b
     return render(head, rows, width, color=color, tail=_trials_table(r, width))
 
 
+def trial_counts(r: BatchSearchResult) -> str:
+    """'2 trials, 0 OOM, after 9 planned (2 would not fit)': real trials and plans counted apart."""
+    real = [t for t in r.trials if not t.planned]
+    planned = [t for t in r.trials if t.planned]
+    over = sum(t.oom for t in planned)
+    plans = f"{len(planned)} planned trial{'s' if len(planned) != 1 else ''}, {over} would not fit"
+    if not real:
+        return plans
+    text = f"{len(real)} trial{'s' if len(real) != 1 else ''}, {sum(t.oom for t in real)} OOM"
+    return f"{text}, after {len(planned)} planned ({over} would not fit)" if planned else text
+
+
 def _trials_table(r: BatchSearchResult, width: int) -> list[str]:
     if not r.trials:
         return []
+    numbers: list[str] = []
+    counts = {True: 0, False: 0}
+    for t in r.trials:  # real trials numbered as the progress numbered them; plans apart
+        counts[t.planned] += 1
+        numbers.append(f"plan {counts[True]}" if t.planned else str(counts[False]))
     picked = next((i for i in range(len(r.trials) - 1, -1, -1)
                    if r.trials[i].batch_size == r.recommended_batch_size and not r.trials[i].oom), None)
     header = ["trial", "batch", "peak", "samples/s", "time", ""]
     body = [[
-        str(i + 1), str(t.batch_size), "out of memory" if t.oom else _bytes(t.peak_bytes),
+        numbers[i], str(t.batch_size),
+        ("would not fit" if t.planned else "out of memory") if t.oom else _bytes(t.peak_bytes),
         f"{t.samples_per_second:,.0f}" if t.samples_per_second else "", format_seconds(t.seconds),
         "← pick" if i == picked else "",
     ] for i, t in enumerate(r.trials)]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
-from gpumagic._text import memory_report_text, search_text, use_color
+from gpumagic._text import memory_report_text, search_text, trial_counts, use_color
 from gpumagic._units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -192,12 +192,12 @@ class MemoryReport:
     def summary(self) -> str:
         cap = self.budget_bytes or self.capacity_bytes
         parts = [
-            f"peak {format_bytes(self.peak_bytes)}",
+            f"{'planned peak' if self.dry_run else 'peak'} {format_bytes(self.peak_bytes)}",
             f"(+{format_bytes(self.peak_delta_bytes)} over baseline {format_bytes(self.baseline_bytes)})",
         ]
         if cap:
             parts.append(f"of {format_bytes(cap)}{' budget' if self.budget_bytes else ''}")
-        parts.append(f"on {self.device}")
+        parts.append(f"{'for' if self.dry_run else 'on'} {self.device}")  # a plan ran on no device
         n = self.total_steps
         parts.append(f"· {n} step{'s' if n != 1 else ''}")
         if self.losses:
@@ -479,7 +479,7 @@ class BatchSearchResult:
             )
         return (
             f"<BatchSearchResult recommended {rec}{acc} (max that ran {self.max_batch_size}); "
-            f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
+            f"{trial_counts(self)}; {self.reason}>"
         )
 
     def _rows(self) -> list[tuple[str, str]]:

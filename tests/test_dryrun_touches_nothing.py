@@ -386,3 +386,48 @@ def test_find_batch_alone_after_a_planned_cell_searches_that_cell_not_an_older_o
     r = ip.run_cell("%find_batch -d cpu --budget 8MiB --var batch_size --max 64 -o")
     assert r.error_in_exec is None
     assert r.result.recommended_batch_size is not None
+
+
+# --- a plan is called a plan -----------------------------------------------------------------------------
+
+
+def _mixed(dry_run: bool) -> Any:
+    from gpumagic.report import BatchSearchResult, Trial
+
+    planned = (Trial(2, 1000, False, None, 0.1, 3, planned=True), Trial(64, None, True, None, 0.1, 3, planned=True),
+               Trial(32, 3000, False, None, 0.1, 3, planned=True))
+    real = () if dry_run else (Trial(30, 2900, False, 900.0, 0.3, 3), Trial(33, 3100, False, 950.0, 0.3, 3))
+    return BatchSearchResult(trials=planned + real, max_batch_size=33 if real else 32, recommended_batch_size=30,
+                             accumulation_steps=1, reason="why", fit=None, capacity_bytes=4000,
+                             predicted_peak_bytes=2900, dry_run=dry_run, device="T4 (cuda)" if dry_run else "cpu")
+
+
+def test_a_search_that_planned_first_counts_real_trials_apart_from_plans() -> None:
+    from gpumagic._text import search_text
+
+    res = _mixed(dry_run=False)
+    lines = search_text(res, 200).splitlines()
+    assert "· 2 trials, 0 OOM, after 3 planned (1 would not fit) on cpu" in lines[0]
+    assert "2 trials, 0 OOM, after 3 planned (1 would not fit)" in repr(res)
+    rows = [line.split()[:3] for line in lines if line.startswith("  ") and line.split()[0] in ("plan", "1", "2")]
+    assert [r[:2] if r[0] != "plan" else r[:3] for r in rows] == [
+        ["plan", "1", "2"], ["plan", "2", "64"], ["plan", "3", "32"], ["1", "30"], ["2", "33"]]
+    assert "would not fit" in "\n".join(lines) and "out of memory" not in "\n".join(lines)
+
+
+def test_a_planned_search_headline_says_planned() -> None:
+    from gpumagic._text import search_text
+
+    head = search_text(_mixed(dry_run=True), 200).splitlines()[0]
+    assert head.startswith("find_batch plan: recommended 30 (largest planned to fit 32) · 3 planned trials, "
+                           "1 would not fit for T4 (cuda)")
+
+
+def test_a_dry_run_report_headline_says_planned(ip: InteractiveShell, clean_ns: None) -> None:
+    from gpumagic._text import memory_report_text
+
+    ip.run_cell(SMALL)
+    rep, _ = _plan(ip, "model(torch.randn(8, 4)).sum().backward()\n", "--dry-run --gpu T4")
+    head = memory_report_text(rep, 200).splitlines()[0]
+    assert head.startswith("gpumem plan: planned peak ")
+    assert " for cuda:0 (T4) " in head and " on " not in head
