@@ -386,6 +386,9 @@ class TrialRunner:
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         if self.plan is not None:  # planned: over the capacity is this trial's out-of-memory
+            for skipped in (n for n in rep.notes if n.startswith("not written: ")):  # a plan never writes
+                if skipped not in self.observed.notes:
+                    self.observed.notes.append(skipped)
             cap = self.plan["capacity"]
             oom = cap is not None and rep.peak_bytes > cap
             return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)

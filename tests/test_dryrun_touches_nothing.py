@@ -412,7 +412,8 @@ def test_a_search_that_planned_first_counts_real_trials_apart_from_plans() -> No
     rows = [line.split()[:3] for line in lines if line.startswith("  ") and line.split()[0] in ("plan", "1", "2")]
     assert [r[:2] if r[0] != "plan" else r[:3] for r in rows] == [
         ["plan", "1", "2"], ["plan", "2", "64"], ["plan", "3", "32"], ["1", "30"], ["2", "33"]]
-    assert "would not fit" in "\n".join(lines) and "out of memory" not in "\n".join(lines)
+    assert "would not fit" in "\n".join(lines)
+    assert "out of memory" not in "\n".join(lines)
 
 
 def test_a_planned_search_headline_says_planned() -> None:
@@ -430,4 +431,19 @@ def test_a_dry_run_report_headline_says_planned(ip: InteractiveShell, clean_ns: 
     rep, _ = _plan(ip, "model(torch.randn(8, 4)).sum().backward()\n", "--dry-run --gpu T4")
     head = memory_report_text(rep, 200).splitlines()[0]
     assert head.startswith("gpumem plan: planned peak ")
-    assert " for cuda:0 (T4) " in head and " on " not in head
+    assert " for cuda:0 (T4) " in head
+    assert " on " not in head
+
+
+def test_a_planned_search_writes_nothing_and_says_what_it_skipped(
+    ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ip.run_cell(SMALL + "batch_size = 8")
+    r = ip.run_cell("%%find_batch --dry-run -d cpu --budget 1MiB --var batch_size --max 64 -q -o\n"
+                    "model(torch.randn(batch_size, 4)).sum().backward()\n"
+                    "torch.save(model.state_dict(), 'ckpt.pt')\n"
+                    "opt.step()\nopt.zero_grad()\n")
+    assert r.error_in_exec is None
+    assert list(tmp_path.iterdir()) == []
+    assert any(n.startswith("not written: ckpt.pt (torch.save)") for n in r.result.notes)
