@@ -249,6 +249,8 @@ class FakeSession(PeakWindows):
         self._creating: list[str] = []
         self.placeholders: dict[str, int] = {}
         self.attention: set[str] = set()
+        self.sparse_bounded: set[str] = set()
+        """Ops whose sparse results were planned at their upper bound (non-zeros depend on the data)."""
         self._mode: _CountMode | None = None
         self._errors = _fake_errors()
 
@@ -303,6 +305,43 @@ class FakeSession(PeakWindows):
                 self._cur += n - r.nbytes
             self._wpeak = max(self._wpeak, self._cur)
         r.nbytes = n
+
+    def sparse_bound(self, t: torch.Tensor, inputs: list[torch.Tensor], op: str, device_kind: str) -> None:
+        """A sparse result whose number of non-zeros depends on the data (``to_sparse()`` of a dense
+        tensor, ``coalesce()``): the fake kernel leaves it empty, so the plan counts its upper bound,
+        every position non-zero (for a coalesce, at most the input's entries)."""
+        try:
+            if t._nnz() != 0 or not any(i.numel() for i in inputs):
+                return
+            values = t.values() if t.layout is not torch.sparse_coo else t._values()
+            per_entry = math.prod(values.shape[1:])
+            positions = t.numel() // max(per_entry, 1)
+            if op in ("coalesce", "_coalesce"):
+                positions = min([positions, *(i._nnz() for i in inputs if i.layout is torch.sparse_coo)])
+            if t.layout is torch.sparse_coo:
+                index_bytes = t.sparse_dim() * t._indices().element_size()
+            else:
+                plain = t.col_indices() if t.layout in (torch.sparse_csr, torch.sparse_bsr) else t.row_indices()
+                index_bytes = plain.element_size()
+            key = _storage_key(values)
+        except (RuntimeError, NotImplementedError):
+            return
+        r = self._refs.get(key) if key is not None else None
+        if r is None or r.nbytes or positions <= 0:
+            return
+        self.sparse_bounded.add(op)
+        if not r.counted:
+            r.nbytes = positions * (index_bytes + per_entry * t.element_size())
+            return
+        n = positions * (index_bytes + per_entry * t.element_size())
+        if self._alloc is not None:
+            self._alloc.free(r.block)
+            r.block = self._alloc.malloc(n)
+            self._cur = self._alloc.allocated
+        else:
+            self._cur += n
+        r.nbytes = n
+        self._wpeak = max(self._wpeak, self._cur)
 
     def _watch_one(self, t: torch.Tensor, device_kind: str) -> None:
         try:
@@ -492,6 +531,8 @@ class _CountMode(TorchDispatchMode):
         for o in outs:
             if not aliases:
                 s.watch(o, made_on)
+                if o.layout is not torch.strided and o.layout in _SPARSE:
+                    s.sparse_bound(o, inputs, name, made_on)
             if flagged:
                 k = _storage_key(o)
                 if k is not None:
@@ -516,6 +557,7 @@ class _CountMode(TorchDispatchMode):
 
 
 _RESTORAGE_OPS = ("resize_", "resize_as_", "set_")
+_SPARSE = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
 _FAKE_WORDS = ("tensor subclass", "faketensor", "fake tensor", "data pointer", "cannot access storage",
@@ -1041,6 +1083,9 @@ class DryTracker(Tracker):
                          + (self.gpu.name if self.gpu else "the GPU")
                          + ": output and log-sum-exp are saved, no L×L matrix")
         notes.extend(self.target.notes)
+        if s.sparse_bounded:
+            notes.append("sparse results whose non-zeros depend on the data (" + ", ".join(sorted(s.sparse_bounded))
+                         + ") are planned with every position non-zero: an upper bound")
         note = skipped_writes_note(self._writes.skipped if self._writes is not None else [])
         if note is not None:
             notes.append(note)

@@ -447,3 +447,34 @@ def test_a_planned_search_writes_nothing_and_says_what_it_skipped(
     assert r.error_in_exec is None
     assert list(tmp_path.iterdir()) == []
     assert any(n.startswith("not written: ckpt.pt (torch.save)") for n in r.result.notes)
+
+
+# --- sparse results ----------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_a_coalesced_sparse_result_is_planned_as_the_exact_tracker_counts_it() -> None:
+    ns: dict[str, Any] = {"torch": torch, "i": torch.randint(0, 1000, (2, 10000)), "v": torch.randn(10000)}
+    cell = "s = torch.sparse_coo_tensor(i, v, (1000, 1000)).coalesce()\n"
+    with gpumagic.track(device="cpu") as t:
+        exec(cell, dict(ns))
+    with gpumagic.track(dry_run=True, device="cpu", namespace=ns) as p:
+        exec(cell, ns)
+    assert p.report.peak_delta_bytes == t.report.peak_delta_bytes > 0
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+@pytest.mark.parametrize("convert", ["to_sparse()", "to_sparse_csr()", "to_sparse_csc()"])
+def test_a_sparse_result_whose_size_depends_on_the_data_is_planned_at_its_upper_bound(convert: str) -> None:
+    dense = torch.randn(300, 300).relu()
+    real = getattr(dense, convert.split("(")[0])()
+    from gpumagic._tensors import storages
+
+    parts = storages(real)
+    assert parts is not None
+    real_bytes = sum(st.nbytes() for _, st in parts)
+    ns: dict[str, Any] = {"torch": torch, "d": dense}
+    with gpumagic.track(dry_run=True, device="cpu", namespace=ns) as p:
+        exec(f"s = d.{convert}\n", ns)
+    assert real_bytes <= p.report.peak_delta_bytes <= 2 * real_bytes + 4096
+    assert "every position non-zero: an upper bound" in _notes(p.report)
