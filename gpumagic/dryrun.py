@@ -18,6 +18,14 @@ What a dry run does to the world around the code:
   Objects reached only through a closure or a module attribute are not copied: their tensors are
   turned into fake ones when an op uses them, so they are never changed, but their memory is not
   in the baseline.
+* **A plan never writes** (:mod:`gpumagic._nowrite`): files opened for writing go to the null
+  device, removals and renames do nothing, ``torch.save``/``pickle.dump``/numpy's savers are
+  skipped; the report lists what was not written.
+* **The user's hooks run**: tensor and optimizer hooks are carried onto the fake copies (a copy
+  drops them), so a hook that fails a real run fails the plan.
+* **Memory by a rule**: a tensor's storages whatever its layout (sparse, nested), memory that
+  ``resize_``/``set_`` puts under a tensor, none for meta tensors; a sparse result whose size
+  depends on the data is planned at its upper bound.
 * **Random initialisation** (``uniform_``, ``normal_``, ...) is a no-op on fake tensors.
 * **Data-dependent values** (``.item()``, ``float(loss)``, ``if loss < best``, formatting a loss)
   read a placeholder (1 or 1.0; 0 for counts of inf/NaN such as GradScaler's; a truth value
