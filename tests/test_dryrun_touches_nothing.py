@@ -375,6 +375,7 @@ def test_a_storage_set_on_a_tensor_of_another_device_fails_the_plan_as_the_real_
 # --- a planned cell counts as completed ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_find_batch_alone_after_a_planned_cell_searches_that_cell_not_an_older_oom(
     ip: InteractiveShell, clean_ns: None
 ) -> None:
@@ -435,6 +436,7 @@ def test_a_dry_run_report_headline_says_planned(ip: InteractiveShell, clean_ns: 
     assert " on " not in head
 
 
+@pytest.mark.slow
 def test_a_planned_search_writes_nothing_and_says_what_it_skipped(
     ip: InteractiveShell, clean_ns: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
