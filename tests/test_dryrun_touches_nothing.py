@@ -163,6 +163,7 @@ STEP = "model(torch.randn(8, 4)).sum().backward()\nopt.step()\n"
     "model.weight.register_post_accumulate_grad_hook(refuse)",
     "opt.register_step_pre_hook(refuse)",
     "opt.register_step_post_hook(refuse)",
+    "model.register_forward_hook(refuse)",
 ])
 def test_a_hook_that_fails_the_real_run_fails_the_plan(ip: InteractiveShell, clean_ns: None, register: str) -> None:
     ip.run_cell(HOOKED + register)
