@@ -1257,7 +1257,7 @@ def skipped_writes_note(skipped: list[str]) -> str | None:
 
 
 def _fmt(n: int) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(n)
 

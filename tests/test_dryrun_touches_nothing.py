@@ -405,7 +405,7 @@ def _mixed(dry_run: bool) -> Any:
 
 
 def test_a_search_that_planned_first_counts_real_trials_apart_from_plans() -> None:
-    from gpumagic._text import search_text
+    from gpumagic.render.text import search_text
 
     res = _mixed(dry_run=False)
     lines = search_text(res, 200).splitlines()
@@ -419,7 +419,7 @@ def test_a_search_that_planned_first_counts_real_trials_apart_from_plans() -> No
 
 
 def test_a_planned_search_headline_says_planned() -> None:
-    from gpumagic._text import search_text
+    from gpumagic.render.text import search_text
 
     head = search_text(_mixed(dry_run=True), 200).splitlines()[0]
     assert head.startswith("find_batch plan: recommended 30 (largest planned to fit 32) · 3 planned trials, "
@@ -427,7 +427,7 @@ def test_a_planned_search_headline_says_planned() -> None:
 
 
 def test_a_dry_run_report_headline_says_planned(ip: InteractiveShell, clean_ns: None) -> None:
-    from gpumagic._text import memory_report_text
+    from gpumagic.render.text import memory_report_text
 
     ip.run_cell(SMALL)
     rep, _ = _plan(ip, "model(torch.randn(8, 4)).sum().backward()\n", "--dry-run --gpu T4")
