@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["is_fake", "storages", "unreadable_kind"]
+__all__ = ["components", "is_fake", "storages", "unreadable_kind"]
 
 _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -35,16 +35,20 @@ def is_fake(t: Any) -> bool:
     return False
 
 
-def _parts(t: torch.Tensor, depth: int) -> list[torch.Tensor] | None:
-    if type(t) not in _PLAIN_TYPES:
-        if is_fake(t):
-            return []
+def _parts(t: torch.Tensor, depth: int, fakes: bool = False) -> list[torch.Tensor] | None:
+    fake = type(t) not in _PLAIN_TYPES and is_fake(t)
+    if fake and not fakes:
+        return []
+    if type(t) not in _PLAIN_TYPES and not fake:
         flatten = getattr(t, "__tensor_flatten__", None)
         if flatten is not None and depth < 4:
             names, _ = flatten()
             out: list[torch.Tensor] = []
             for n in names:
-                inner = _parts(getattr(t, n), depth + 1)
+                value = getattr(t, n, None)
+                if not isinstance(value, torch.Tensor):  # flattened context: a DTensor's device mesh
+                    continue
+                inner = _parts(value, depth + 1, fakes)
                 if inner is None:
                     return None
                 out.extend(inner)
@@ -59,6 +63,16 @@ def _parts(t: torch.Tensor, depth: int) -> list[torch.Tensor] | None:
     if layout in _COMPRESSED_COLS:
         return [t.ccol_indices(), t.row_indices(), t.values()]
     return None
+
+
+def components(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The strided tensors whose storages hold ``t``'s elements, fake tensors included (a fake
+    sparse tensor's fake indices and values); None when ``t`` cannot say.
+
+    >>> len(components(torch.eye(3).to_sparse_csr()))  # compressed rows, columns, values
+    3
+    """
+    return _parts(t, 0, fakes=True)
 
 
 def storages(t: torch.Tensor) -> list[tuple[int, Any]] | None:

@@ -385,6 +385,9 @@ class TrialRunner:
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
         if self.plan is not None:  # planned: over the capacity is this trial's out-of-memory
+            for skipped in (n for n in rep.notes if n.startswith("not written: ")):  # a plan never writes
+                if skipped not in self.observed.notes:
+                    self.observed.notes.append(skipped)
             cap = self.plan["capacity"]
             oom = cap is not None and rep.peak_bytes > cap
             return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
@@ -480,7 +483,8 @@ def _run_search(
                 optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
                 current_batch_size=current,
                 progress=on_trial,
-                device=device_label(runner.backend, runner.device),
+                device=_plan_label(runner.plan) if runner.plan is not None else device_label(runner.backend,
+                                                                                             runner.device),
                 learn_dataset_size=lambda: runner.observed.dataset_size,
             )
         except ValueError as e:
@@ -786,11 +790,16 @@ def _plan(device: str | None, gpu: str | None, budget: str | int | None,
     return plan, capacity
 
 
+def _plan_label(plan: dict[str, Any]) -> str:
+    """'T4 (cuda)': the device a planned search plans for."""
+    g = plan["gpu"]
+    return f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+
+
 def _planned(result: BatchSearchResult, plan: dict[str, Any]) -> BatchSearchResult:
     import dataclasses
 
-    g = plan["gpu"]
-    target = f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
+    target = _plan_label(plan)
     note = (f"planned on fake tensors for {target}: no trial ran on a device; each trial's peak is a prediction "
             "and 'OOM' means the plan exceeds the capacity")
     reason = result.reason.replace(" ran out of memory", " would not fit").replace(" ran (", " planned (")

@@ -18,6 +18,14 @@ What a dry run does to the world around the code:
   Objects reached only through a closure or a module attribute are not copied: their tensors are
   turned into fake ones when an op uses them, so they are never changed, but their memory is not
   in the baseline.
+* **A plan never writes** (:mod:`gpumagic._nowrite`): files opened for writing go to the null
+  device, removals and renames do nothing, ``torch.save``/``pickle.dump``/numpy's savers are
+  skipped; the report lists what was not written.
+* **The user's hooks run**: tensor and optimizer hooks are carried onto the fake copies (a copy
+  drops them), so a hook that fails a real run fails the plan.
+* **Memory by a rule**: a tensor's storages whatever its layout (sparse, nested), memory that
+  ``resize_``/``set_`` puts under a tensor, none for meta tensors; a sparse result whose size
+  depends on the data is planned at its upper bound.
 * **Random initialisation** (``uniform_``, ``normal_``, ...) is a no-op on fake tensors.
 * **Data-dependent values** (``.item()``, ``float(loss)``, ``if loss < best``, formatting a loss)
   read a placeholder (1 or 1.0; 0 for counts of inf/NaN such as GradScaler's; a truth value
@@ -249,6 +257,8 @@ class FakeSession(PeakWindows):
         self._creating: list[str] = []
         self.placeholders: dict[str, int] = {}
         self.attention: set[str] = set()
+        self.sparse_bounded: set[str] = set()
+        """Ops whose sparse results were planned at their upper bound (non-zeros depend on the data)."""
         self._mode: _CountMode | None = None
         self._errors = _fake_errors()
 
@@ -263,7 +273,85 @@ class FakeSession(PeakWindows):
         self._flags.discard(ref.key)
 
     def watch(self, t: torch.Tensor, device_kind: str) -> None:
-        """Count ``t``'s storage as live memory on ``device_kind`` (once)."""
+        """Count ``t``'s storages as live memory on ``device_kind`` (each once), whatever its layout:
+        a sparse tensor's indices and values, a nested one's buffers. A meta tensor holds none."""
+        if t.device.type == "meta":
+            return
+        if t.layout is torch.strided and not t.is_nested:
+            self._watch_one(t, device_kind)
+            return
+        from gpumagic._tensors import components
+
+        for part in components(t) or []:
+            if part.device.type != "meta":
+                self._watch_one(part, device_kind)
+
+    def restorage(self, t: torch.Tensor, device_kind: str) -> None:
+        """After resize_ / set_: count the storage now under ``t`` (new, or grown or shrunk in place)."""
+        if t.device.type == "meta":
+            return
+        try:
+            st, key = _key(t)
+        except (RuntimeError, NotImplementedError):
+            return
+        r = self._refs.get(key)
+        if r is None:
+            self._watch_one(t, device_kind)
+            return
+        n = int(st.nbytes())
+        if n == r.nbytes:
+            return
+        if r.counted:  # a grown buffer is new memory, the old one freed after the copy
+            if self._alloc is not None:
+                block = self._alloc.malloc(n)
+                self._wpeak = max(self._wpeak, self._alloc.allocated)
+                self._alloc.free(r.block)
+                r.block = block
+                self._cur = self._alloc.allocated
+            else:
+                self._wpeak = max(self._wpeak, self._cur + (n if n > r.nbytes and r.nbytes else 0))
+                self._cur += n - r.nbytes
+            self._wpeak = max(self._wpeak, self._cur)
+        r.nbytes = n
+
+    def sparse_bound(self, t: torch.Tensor, inputs: list[torch.Tensor], op: str, device_kind: str) -> None:
+        """A sparse result whose number of non-zeros depends on the data (``to_sparse()`` of a dense
+        tensor, ``coalesce()``): the fake kernel leaves it empty, so the plan counts its upper bound,
+        every position non-zero (for a coalesce, at most the input's entries)."""
+        try:
+            if t._nnz() != 0 or not any(i.numel() for i in inputs):
+                return
+            values = t.values() if t.layout is not torch.sparse_coo else t._values()
+            per_entry = math.prod(values.shape[1:])
+            positions = t.numel() // max(per_entry, 1)
+            if op in ("coalesce", "_coalesce"):
+                positions = min([positions, *(i._nnz() for i in inputs if i.layout is torch.sparse_coo)])
+            if t.layout is torch.sparse_coo:
+                index_bytes = t.sparse_dim() * t._indices().element_size()
+            else:
+                plain = t.col_indices() if t.layout in (torch.sparse_csr, torch.sparse_bsr) else t.row_indices()
+                index_bytes = plain.element_size()
+            key = _storage_key(values)
+        except (RuntimeError, NotImplementedError):
+            return
+        r = self._refs.get(key) if key is not None else None
+        if r is None or r.nbytes or positions <= 0:
+            return
+        self.sparse_bounded.add(op)
+        if not r.counted:
+            r.nbytes = positions * (index_bytes + per_entry * t.element_size())
+            return
+        n = positions * (index_bytes + per_entry * t.element_size())
+        if self._alloc is not None:
+            self._alloc.free(r.block)
+            r.block = self._alloc.malloc(n)
+            self._cur = self._alloc.allocated
+        else:
+            self._cur += n
+        r.nbytes = n
+        self._wpeak = max(self._wpeak, self._cur)
+
+    def _watch_one(self, t: torch.Tensor, device_kind: str) -> None:
         try:
             st, key = _key(t)
         except (RuntimeError, NotImplementedError):
@@ -303,6 +391,10 @@ class FakeSession(PeakWindows):
         """Bytes of ``t``'s storage if counted on the planned device and not in ``seen`` (then added)."""
         if not isinstance(t, torch.Tensor):
             return 0
+        if t.layout is not torch.strided or t.is_nested:
+            from gpumagic._tensors import components
+
+            return sum(self.tensor_bytes(p, seen) for p in components(t) or [] if p is not t)
         try:
             key = int(t.untyped_storage()._cdata)
         except (RuntimeError, NotImplementedError):
@@ -408,6 +500,9 @@ class _CountMode(TorchDispatchMode):
                 if t.device.type in s.refused:  # a fake CUDA tensor in a kernel aborts a CPU build
                     kind = t.device.type.upper()
                     raise DryRunError(f"a {kind} tensor reached {func} on a machine without {kind}", _user_line())
+        name = func.__name__.split(".")[0]
+        if name in _RESTORAGE_OPS and args and isinstance(args[0], torch.Tensor):
+            return self._restorage(func, name, args, kwargs, made_on)
         try:
             out = func(*args, **kwargs)
         except s._errors as e:
@@ -415,7 +510,6 @@ class _CountMode(TorchDispatchMode):
             if "DynamicOutputShape" in type(e).__name__:
                 what = f"{func} has an output shape that depends on the data"
             raise DryRunError(what, _user_line()) from None
-        name = func.__name__.split(".")[0]
         if name == "mkldnn_rnn_layer" and isinstance(out, tuple) and len(out) == 4 and out[3].numel() == 0:
             out = (*out[:3], _rnn_workspace(func, args, kwargs))
         if name.startswith("_scaled_dot_product"):
@@ -445,11 +539,33 @@ class _CountMode(TorchDispatchMode):
         for o in outs:
             if not aliases:
                 s.watch(o, made_on)
+                if o.layout is not torch.strided and o.layout in _SPARSE:
+                    s.sparse_bound(o, inputs, name, made_on)
             if flagged:
                 k = _storage_key(o)
                 if k is not None:
                     s._flags.add(k)
         return out
+
+
+    def _restorage(self, func: Any, name: str, args: Any, kwargs: Any, made_on: str | None) -> Any:
+        """resize_, resize_as_ and set_ put memory under an existing tensor: count it. A storage made
+        outside the dispatcher (``torch.UntypedStorage(n)``) is real: the plan sets a fake one of its size."""
+        s = self.s
+        t = args[0]
+        if name == "set_" and len(args) > 1 and isinstance(args[1], (torch.UntypedStorage, torch.TypedStorage)):
+            st = args[1] if isinstance(args[1], torch.UntypedStorage) else args[1].untyped()
+            if st.device.type != "meta" and st.device.type == t.device.type:  # else: the real run's error
+                holder = torch.empty(int(st.nbytes()), dtype=torch.uint8)  # fake: the mode below answers
+                args = (t, holder.untyped_storage(), *args[2:])
+        kind = made_on or s.device_of(t)
+        out = func(*args, **kwargs)
+        s.restorage(t, kind)
+        return out
+
+
+_RESTORAGE_OPS = ("resize_", "resize_as_", "set_")
+_SPARSE = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 
 _FAKE_WORDS = ("tensor subclass", "faketensor", "fake tensor", "data pointer", "cannot access storage",
@@ -702,6 +818,8 @@ class DryTracker(Tracker):
         their tensors are swapped for fake copies in place for the block, and swapped back after."""
         self._dry_undo: list[Callable[[], None]] = []
         self._fake_session: FakeSession | None = None
+        self._writes: Any = None
+        """The plan's :class:`~gpumagic._nowrite.WriteGuard`: the files it did not write."""
 
     # -- hooks into Tracker ---------------------------------------------------------------------
     def _open_session(self) -> Any:
@@ -736,6 +854,9 @@ class DryTracker(Tracker):
             self._dry_exit()
         if isinstance(ev, StopTrial):
             return True  # the planned steps are done: the block ends quietly
+        if isinstance(ev, AssertionError) and "shape_env" in str(ev):  # fake tensors without symbolic sizes
+            raise DryRunError("this code needs symbolic shapes (a jagged nested tensor?), which a dry run does "
+                              "not plan", _line_in(tb)) from ev
         if isinstance(ev, Exception) and not isinstance(ev, DryRunError) and _fake_related(ev):
             first = str(ev).strip().splitlines()[0] if str(ev).strip() else ""
             raise DryRunError(f"{type(ev).__name__}: {first}", _line_in(tb)) from ev
@@ -782,12 +903,14 @@ class DryTracker(Tracker):
                         warnings.simplefilter("ignore")
                         with FakeCopyMode(fake_mode):
                             values = copy.deepcopy([originals[k] for k in names], memo)
+                            _carry_dropped([originals[k] for k in names], memo)
                 except Exception as e:
                     failed = f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})"
                     e.__traceback__ = None  # its frames hold the originals
                 if failed is not None:
                     raise DryRunError(failed, None)
                 copies = dict(zip(names, values, strict=True))
+                _carry_hooks([originals[k] for k in names], memo)
 
             def restore_ns() -> None:
                 # names the block created hold fake tensors; `with track(...) as t` binds t, which stays
@@ -858,6 +981,32 @@ class DryTracker(Tracker):
             return _fake_batch(batch, session, fake_mode)
 
         setattr_undo(dlmod._BaseDataLoaderIter, "__next__", __next__)
+        original_get_iterator = dlmod.DataLoader._get_iterator
+
+        def _get_iterator(loader: Any) -> Any:
+            # worker processes fork here: they must start outside the fake world, or their collate
+            # runs on fake tensors (and fails: "Attempted to set the storage ... on device meta")
+            with _disable_current_modes(), torch._C.DisableTorchFunction():
+                return original_get_iterator(loader)
+
+        setattr_undo(dlmod.DataLoader, "_get_iterator", _get_iterator)
+
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        def __format__(t: Any, spec: str) -> str:
+            # a real 0-dim tensor formats its value (f"{loss:.3f}"): a fake one reads a placeholder
+            if t.dim() == 0 and not t.is_meta:
+                return format(t.detach().item(), spec)
+            if spec:  # the real run's error, word for word: the user's, not the plan's
+                raise TypeError("unsupported format string passed to Tensor.__format__")
+            return object.__format__(t, spec)
+
+        setattr_undo(FakeTensor, "__format__", __format__)
+        from gpumagic._nowrite import WriteGuard
+
+        self._writes = WriteGuard()
+        self._writes.__enter__()
+        undo.append(lambda: self._writes.__exit__(None, None, None))
 
         if self.standin:
             for owner, name, value in self.target.standin_patches(session, self.gpu):
@@ -889,6 +1038,14 @@ class DryTracker(Tracker):
 
         setattr_undo(torch.utils, "swap_tensors", swap_tensors)
         setattr_undo(torch.Tensor, "__deepcopy__", _fake_aware_deepcopy(torch.Tensor.__deepcopy__, fake_mode))
+        # torch logs a kernel that fails on fake tensors (E... fake_tensor.py) before raising: the plan
+        # turns the error into a DryRunError or the user's own exception, so nothing goes to stderr
+        import logging
+
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled = fake_log.disabled
+        fake_log.disabled = True
+        undo.append(lambda: setattr(fake_log, "disabled", was_disabled))
         fake_mode.__enter__()  # type: ignore[no-untyped-call]
         undo.append(lambda: fake_mode.__exit__(None, None, None))
         if self.standin:
@@ -934,6 +1091,12 @@ class DryTracker(Tracker):
                          + (self.gpu.name if self.gpu else "the GPU")
                          + ": output and log-sum-exp are saved, no L×L matrix")
         notes.extend(self.target.notes)
+        if s.sparse_bounded:
+            notes.append("sparse results whose non-zeros depend on the data (" + ", ".join(sorted(s.sparse_bounded))
+                         + ") are planned with every position non-zero: an upper bound")
+        note = skipped_writes_note(self._writes.skipped if self._writes is not None else [])
+        if note is not None:
+            notes.append(note)
         rep = dataclasses.replace(rep, dry_run=True, notes=tuple(notes) + rep.notes)
         if self.gpu is not None:
             rep = dataclasses.replace(rep, device=f"{rep.device} ({self.gpu.name})")
@@ -992,6 +1155,7 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
         with FakeCopyMode(fake_mode):
             return copy.deepcopy(t, memo)
 
+    objects = list(objects)
     modules = [o for o in objects if isinstance(o, torch.nn.Module)]
     for m in {id(x): x for top in modules for x in top.modules()}.values():
         for table in (m._parameters, m._buffers):
@@ -1005,7 +1169,12 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
             groups = [dict(g) for g in o.param_groups]
             state = o.state
             for g in o.param_groups:
-                g["params"] = [fake(p) for p in g["params"]]
+                old_params = g["params"]
+                g["params"] = [fake(p) for p in old_params]
+                for name, v in list(vars(o).items()):  # LBFGS keeps its group's list as _params
+                    if v is old_params:
+                        setattr(o, name, g["params"])
+                        undo.append(functools.partial(setattr, o, name, v))
             new_state: Any = collections.defaultdict(dict)
             for p, st in state.items():
                 new_state[fake(p)] = {k: fake(v) for k, v in st.items()}
@@ -1026,6 +1195,65 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
                 o.__dict__.update(saved)
 
             undo.append(put_dict_back)
+    _carry_hooks(objects, memo)
+
+
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
+def _carry_hooks(originals: Iterable[Any], memo: dict[int, Any]) -> None:
+    """Give the fake copies (``memo``: id of an original -> its copy) the hooks of their originals.
+
+    A copy drops them: a fake copy of a tensor has none, and ``Optimizer.__getstate__`` keeps only
+    defaults, state and groups. The user's hooks must run in a plan as in a real run (a hook that
+    raises there must fail the plan too). Module hooks live in the module's dict and are copied.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    for o in originals:
+        _walk(o, seen, found)
+    for o in [*found, *_tensors_of(found)]:
+        c = memo.get(id(o))
+        if c is None or c is o:
+            continue
+        if isinstance(o, torch.Tensor):
+            for name in _TENSOR_HOOKS:
+                hooks = getattr(o, name, None)
+                if hooks and getattr(c, name, None) is None:
+                    setattr(c, name, collections.OrderedDict(hooks))
+        elif isinstance(o, torch.optim.Optimizer):
+            for name, hooks in vars(o).items():
+                if name.startswith("_optimizer_") and name.endswith("_hooks") and hooks:
+                    setattr(c, name, collections.OrderedDict(hooks))
+
+
+def _carry_dropped(originals: Iterable[Any], memo: dict[int, Any]) -> None:
+    """Copy onto each optimizer's fake copy what ``Optimizer.__getstate__`` left out of it: attributes
+    an optimizer set in its own ``__init__`` (LBFGS's ``_params``, its group's parameter list), deep
+    copied with ``memo`` so they name the copied parameters. Functions are left out (an LR scheduler's
+    ``step`` wrapper names the original; :func:`_rewrap_scheduler_steps` wraps the copy)."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    for o in originals:
+        _walk(o, seen, found)
+    for o in found:
+        c = memo.get(id(o))
+        if not isinstance(o, torch.optim.Optimizer) or c is None or c is o:
+            continue
+        mine = vars(c)
+        for name, v in list(vars(o).items()):
+            if name not in mine and not callable(v):
+                mine[name] = copy.deepcopy(v, memo)
+
+
+def skipped_writes_note(skipped: list[str]) -> str | None:
+    """"not written: ckpt.pt (torch.save)": what a plan did not write (a plan never writes)."""
+    if not skipped:
+        return None
+    shown = skipped[:_MAX_NOTED_LINES]
+    more = len(skipped) - len(shown)
+    return "not written: " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "") + \
+        " (a plan never writes or removes files)"
 
 
 def _fmt(n: int) -> str:

@@ -922,6 +922,7 @@ class GPUMagics(Magics):
                 display(report)
             raise
         report = tracker.report
+        self.presenter.last_oom_cell = None  # this cell completed, planned or not: `%find_batch` alone re-runs it
         if not report.dry_run:
             self.presenter.last_report = report
             self.presenter.last_report_cell = cell

@@ -187,12 +187,12 @@ class MemoryReport:
     def summary(self) -> str:
         cap = self.budget_bytes or self.capacity_bytes
         parts = [
-            f"peak {format_bytes(self.peak_bytes)}",
+            f"{'planned peak' if self.dry_run else 'peak'} {format_bytes(self.peak_bytes)}",
             f"(+{format_bytes(self.peak_delta_bytes)} over baseline {format_bytes(self.baseline_bytes)})",
         ]
         if cap:
             parts.append(f"of {format_bytes(cap)}{' budget' if self.budget_bytes else ''}")
-        parts.append(f"on {self.device}")
+        parts.append(f"{'for' if self.dry_run else 'on'} {self.device}")  # a plan ran on no device
         n = self.total_steps
         parts.append(f"· {n} step{'s' if n != 1 else ''}")
         if self.losses:
@@ -328,6 +328,18 @@ class VariableInputs:
     """What the trials' own batches alone recommended (before allowing for the largest input)."""
 
 
+def trial_counts(r: BatchSearchResult) -> str:
+    """'2 trials, 0 OOM, after 9 planned (2 would not fit)': real trials and plans counted apart."""
+    real = [t for t in r.trials if not t.planned]
+    planned = [t for t in r.trials if t.planned]
+    over = sum(t.oom for t in planned)
+    plans = f"{len(planned)} planned trial{'s' if len(planned) != 1 else ''}, {over} would not fit"
+    if not real:
+        return plans
+    text = f"{len(real)} trial{'s' if len(real) != 1 else ''}, {sum(t.oom for t in real)} OOM"
+    return f"{text}, after {len(planned)} planned ({over} would not fit)" if planned else text
+
+
 @dataclass(frozen=True)
 class BatchSearchResult:
     """What :func:`gpumagic.find_batch` / ``%find_batch`` found."""
@@ -393,7 +405,7 @@ class BatchSearchResult:
             )
         return (
             f"<BatchSearchResult recommended {rec}{acc} (max that ran {self.max_batch_size}); "
-            f"{len(self.trials)} trials, {self.oom_count} OOM; {self.reason}>"
+            f"{trial_counts(self)}; {self.reason}>"
         )
 
     def to_text(self) -> str:

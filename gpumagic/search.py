@@ -43,7 +43,7 @@ __all__ = ["PICKS", "search"]
 
 DEFAULT_START = 2
 """The first batch size tried unless the bounds exclude it."""
-Stop = Literal["", "trials", "nothing", "bracket", "flat", "cap", "ceiling", "fit", "gain", "plateau"]
+Stop = Literal["", "trials", "nothing", "bracket", "flat", "cap", "ceiling", "fit", "gain", "plateau", "empty"]
 """Why the search stopped ("" while it runs): out of trials, nothing ran, the bracket closed, memory
 flat in the batch size, max_size or the data set reached, the search's ceiling, the fit missed
 twice, too little to gain, or memory stopped growing (the whole data set in one batch)."""
@@ -152,7 +152,8 @@ class _Search:
     stepped_back: bool = False
     bracketing: bool = False
     stop: Stop = ""
-    """Why the memory search ended: cap, ceiling, flat, plateau, fit, gain, bracket, trials or nothing."""
+    """Why the memory search ended: cap, ceiling, flat, plateau, fit, gain, bracket, trials, nothing or
+    empty (nothing on the device)."""
     plateau_from: int | None = None
     plateau_confirmed: bool = False
     notes: list[str] = field(default_factory=list)
@@ -222,6 +223,9 @@ class _Search:
                 return
             # nothing known yet: drop fast, the line fitted later climbs back in one or two trials
             b = max(self.min_size, b // _PROBE_GROWTH)
+        if self.ran[b] <= 0:  # nothing of the trial was on the device: memory cannot size the batch
+            self.stop = "empty"
+            return
         while True:
             if not self.budget_left():
                 self.stop = "trials"
@@ -619,7 +623,7 @@ class _Limit:
 def _limit(s: _Search) -> _Limit | None:
     """None when there is nothing to recommend (no size ran, or memory ignores the batch size)."""
     largest = s.largest_run()
-    if largest is None or s.stop == "flat":
+    if largest is None or s.stop in ("flat", "empty"):
         return None
     cap = s.capacity
     fit = _weighted_fit(s.fit_points(largest))
@@ -663,6 +667,13 @@ def _no_recommendation(s: _Search, *, pick: Pick, device: str) -> BatchSearchRes
             f"from {sizes[0]} to {sizes[-1]}, so the batch-size variable does not reach the training loop (a "
             "DataLoader built elsewhere with a fixed batch size?); use --loader NAME to rebuild that loader per trial",
             _weighted_fit(s.ran.items()),
+        )
+    if s.stop == "empty":
+        b = max(s.ran)
+        return done(
+            f"nothing of the trial was on {device}: its peak there was 0 B at batch {b}, so memory cannot size "
+            f"the batch. The model and the data the loop uses are elsewhere (built on another device in an "
+            "earlier cell?): move them there in the code searched (.to(device), .cuda())"
         )
     if s.stop == "trials":
         return done(f"stopped after {len(s.trials)} trials (max_trials) before any size ran without "

@@ -167,7 +167,7 @@ def leading_dimension(args: Any) -> int | None:
     >>> leading_dimension((torch.zeros(300, 64), torch.zeros(300)))
     300
     """
-    dims = {t.shape[0] for t in _batch_tensors(args, 2) if t.dim() >= 1}
+    dims = {t.size(0) for t in _batch_tensors(args, 2) if t.dim() >= 1}  # size(0): a nested tensor has no shape
     if len(dims) != 1:
         return None
     d = dims.pop()

@@ -113,16 +113,23 @@ def simulated_oom_message(requested: int, allocated: int, budget: int) -> str:
 # Ops whose outputs never need a look: they alias an input (views, in-place, out=).
 # Decided once per op from its schema; lift_fresh wraps a tensor made outside the dispatcher
 # (torch.tensor(...)), so it is new memory even though the schema says alias.
-_ALIAS: dict[Any, bool] = {}
+# Ops that put new memory under an existing tensor (resize_, set_ to a storage made outside the
+# dispatcher, torch.UntypedStorage(n)) alias their input too: they are told apart as _RESTORAGE.
+_ALIAS: dict[Any, Any] = {}
+_RESTORAGE = "restorage"
+_RESTORAGE_OPS = ("resize_", "resize_as_", "set_")
 
 
-def _aliases(func: Any) -> bool:
+def _aliases(func: Any) -> Any:
     try:
-        result = any(r.alias_info is not None for r in func._schema.returns)
+        result: Any = any(r.alias_info is not None for r in func._schema.returns)
     except AttributeError:
         result = False
-    if "lift_fresh" in str(getattr(func, "__name__", "")):
+    name = str(getattr(func, "__name__", ""))
+    if "lift_fresh" in name:
         result = False
+    if name.split(".")[0] in _RESTORAGE_OPS:
+        result = _RESTORAGE
     _ALIAS[func] = result
     return result
 
@@ -151,10 +158,12 @@ class _Mode(TorchDispatchMode):
         self.s = session
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **kwargs) if kwargs else func(*args)
         alias = _ALIAS.get(func)
         if alias is None:
             alias = _aliases(func)
+        if alias is _RESTORAGE:
+            return self.s._restorage(func, args, kwargs or {})
+        out = func(*args, **kwargs) if kwargs else func(*args)
         if alias:
             return out
         s = self.s
@@ -297,6 +306,56 @@ class CPUSession(PeakWindows):
         if self._cur > self._wpeak:
             self._wpeak = self._cur
         return False
+
+    def _restorage(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """resize_ / resize_as_ / set_: the memory they put under ``args[0]`` is counted, and checked
+        against the budget before the op runs (a failed resize leaves the tensor as it was)."""
+        t = args[0]
+        try:
+            old = t.untyped_storage()
+            old_key, old_n = old.data_ptr(), old.nbytes()
+            grow = self._growth(func, args, old_n)
+        except Exception as e:
+            self._fault(func, e)
+            return func(*args, **kwargs)
+        if grow > 0 and self._cur + grow > self._limit:
+            self._pending = grow
+            self._raise_oom()
+        out = func(*args, **kwargs)
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if st is old and key != old_key:  # reallocated: the old buffer lived until the copy was made
+                r = self._refs.pop(old_key, None)
+                if r is not None:
+                    self._wpeak = max(self._wpeak, self._cur + st.nbytes())
+                    self._cur -= r.nbytes
+            r = self._refs.get(key)
+            if r is not None and r.nbytes != st.nbytes():
+                self._cur += st.nbytes() - r.nbytes
+                r.nbytes = st.nbytes()
+            elif r is None and key:
+                self._watch(st, key, st.nbytes())
+            self._wpeak = max(self._wpeak, self._cur)
+        except Exception as e:
+            self._fault(func, e)
+        return out
+
+    def _growth(self, func: Any, args: Any, old_bytes: int) -> int:
+        """Bytes the op will add: a resize past the storage's size, or a storage not counted yet."""
+        t = args[0]
+        name = func.__name__.split(".")[0]
+        if name in ("resize_", "resize_as_") and len(args) > 1:
+            shape = args[1].shape if isinstance(args[1], torch.Tensor) else args[1]
+            needed = (t.storage_offset() + math.prod(int(d) for d in shape)) * t.element_size()
+            return needed if needed > old_bytes else 0  # a new buffer, the old one freed after the copy
+        if name == "set_" and len(args) > 1:
+            src = args[1]
+            st = src.untyped_storage() if isinstance(src, torch.Tensor) else \
+                src.untyped() if isinstance(src, torch.TypedStorage) else src
+            key = st.data_ptr()
+            return int(st.nbytes()) if key and key not in self._refs else 0
+        return 0
 
     def _note_unreadable(self) -> None:
         note = unreadable_note(self._unreadable)

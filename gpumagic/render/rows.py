@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gpumagic.report import trial_counts
 from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def memory_report_view(r: MemoryReport) -> View:
     rows.extend(_rank_rows(r))
     rows.extend(Row("note", n) for n in r.notes)
     title = "gpumagic memory plan (dry run)" if r.dry_run else "gpumagic memory report"
-    return View(title, f"gpumem: {r.summary()}", tuple(rows))
+    return View(title, f"gpumem{' plan' if r.dry_run else ''}: {r.summary()}", tuple(rows))
 
 
 def _rank_rows(r: MemoryReport) -> list[Row]:
@@ -170,18 +171,11 @@ def _rank_rows(r: MemoryReport) -> list[Row]:
 
 
 def _search_headline(r: BatchSearchResult) -> str:
-    head = f"find_batch: recommended {r.recommended_batch_size}"
+    head = f"find_batch{' plan' if r.dry_run else ''}: recommended {r.recommended_batch_size}"
     if r.accumulation_steps > 1 or r.effective_batch_size:
         head += f" × {r.accumulation_steps} accumulation steps = {r.effective_batch_size}"
-    if r.dry_run:
-        return head + (f" (largest planned to fit {r.max_batch_size}) · {len(r.trials)} planned trials, "
-                       f"{r.oom_count} over capacity on {r.device}")
-    real = [t for t in r.trials if not t.planned]
-    planned = len(r.trials) - len(real)
-    head += f" (largest that ran {r.max_batch_size}) · {len(real)} trials, {sum(t.oom for t in real)} OOM"
-    if planned:
-        head += f", {planned} planned"
-    return head + f" on {r.device}"
+    return head + (f" ({'largest planned to fit' if r.dry_run else 'largest that ran'} {r.max_batch_size}) · "
+                   f"{trial_counts(r)} {'for' if r.dry_run else 'on'} {r.device}")
 
 
 @_for("BatchSearchResult")
@@ -247,14 +241,13 @@ def _trials_table(r: BatchSearchResult) -> Table:
     picked = next((i for i in range(len(r.trials) - 1, -1, -1)
                    if r.trials[i].batch_size == r.recommended_batch_size and not r.trials[i].oom), None)
     body: list[tuple[str, ...]] = []
-    real = 0
-    for i, t in enumerate(r.trials):
+    counts = {True: 0, False: 0}
+    for i, t in enumerate(r.trials):  # real trials numbered as the progress numbered them; plans apart
+        counts[t.planned] += 1
+        number_ = f"plan {counts[True]}" if t.planned else str(counts[False])
         if t.planned:
-            number_ = "plan"
             peak = "would not fit" if t.oom else f"≈ {format_bytes(t.peak_bytes)}"
         else:
-            real += 1
-            number_ = str(real)
             peak = "out of memory" if t.oom else format_bytes(t.peak_bytes)
             if len(t.rank_peak_bytes) > 1 and not t.oom:
                 peak += " (ranks: " + ", ".join(format_bytes(p) for p in t.rank_peak_bytes) + ")"

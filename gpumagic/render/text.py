@@ -128,9 +128,9 @@ def _bytes(n: int | float | None) -> str:
 def describe_trial(trial: Trial) -> str:
     """'batch 1024: peak 3.50 MiB, 6,360 samples/s' or 'batch 2048: out of memory' (for progress lines)."""
     if trial.oom:
-        return f"batch {trial.batch_size}: out of memory"
+        return f"batch {trial.batch_size}: " + ("would not fit (planned)" if trial.planned else "out of memory")
     sps = f", {trial.samples_per_second:,.0f} samples/s" if trial.samples_per_second else ""
-    return f"batch {trial.batch_size}: peak {_bytes(trial.peak_bytes)}{sps}"
+    return f"batch {trial.batch_size}: {'planned peak' if trial.planned else 'peak'} {_bytes(trial.peak_bytes)}{sps}"
 
 
 def result_text(result: Any, width: int | None = None, *, color: bool = False) -> str:
