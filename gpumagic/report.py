@@ -60,7 +60,8 @@ def _text_table(title: str, rows: list[tuple[str, str]]) -> str:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One training step: an optimizer step, or one backward when no optimizer steps.
+    """One training step: one update of the model (an optimizer step, or several optimizers'
+    steps with no backward between them), or one backward when no optimizer steps.
 
     ``peak_bytes`` is the peak allocated on the device during the step (absolute, like
     ``torch.cuda.max_memory_allocated``). ``input_elements`` is the number of elements in the
@@ -70,6 +71,13 @@ class StepRecord:
     max, seconds their sum, loss their mean. ``batch_size_guessed``: no DataLoader batch was
     drawn, and ``batch_size`` is the leading dimension that the inputs of the step's first module
     call share (a guess: a sequence-first input gives its length).
+
+    ``loss`` is the loss whose gradient the step applied: the sum of the values ``backward()``
+    was called on since the previous step (GradScaler's scale undone), or for
+    ``optimizer.step(closure)`` the value ``step`` returned. ``partial_window``: the step's
+    backward calls divided their loss by k (gradient accumulation) but there were fewer than k of
+    them, after full windows of k earlier in the block (a last, shorter window): ``loss`` is then
+    their sum as applied, not rescaled to a full window.
     """
 
     index: int
@@ -80,6 +88,7 @@ class StepRecord:
     count: int = 1
     input_elements: int | None = None
     batch_size_guessed: bool = False
+    partial_window: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """The step recorder: memory, loss and time per training step, from an unmodified loop.
 
-What counts as a step and what its loss is, without the user changing a line:
+What counts as a step and what its loss is, by two rules that do not depend on the loop's shape:
 
-* every ``optimizer.step()`` of any torch optimizer ends a step (a global step hook);
-* backward calls are seen by wrapping ``torch.autograd.backward`` (``Tensor.backward`` calls it);
-  the loss of a step is the value backward was called on, undone from ``GradScaler.scale``
-  (AMP) and, when ``(loss / k).backward()`` ran k times, the mean of the k undivided losses;
-* with a closure (``optimizer.step(closure)``, LBFGS calls backward many times), the step's loss
-  is the first value backward saw inside the step, which is what ``step`` returns;
-* when no optimizer steps at all (manual updates), each backward is a step;
+* **a step is one update of the model**: an ``optimizer.step()`` of any torch optimizer (a
+  global step hook) ends a step; optimizers that step one after another with no ``backward()``
+  between them (an encoder's and a decoder's after one backward) are one step, not one each.
+  When no optimizer steps at all (manual updates), each backward is a step;
+* **a step's loss is the loss whose gradient the step applied**: the sum of the values
+  ``backward()`` was called on since the previous step (``torch.autograd.backward`` is wrapped;
+  ``Tensor.backward`` calls it), each undone from ``GradScaler.scale``. Two loss terms each
+  backward'ed give their sum; ``(loss / k).backward()`` k times gives the mean micro-batch loss;
+  a last window of fewer than k such calls gives their sum too, and the step is marked
+  ``partial_window`` rather than rescaled. When ``backward()`` runs inside
+  ``optimizer.step(closure)`` (LBFGS calls it many times) the step's loss is the first value
+  backward saw inside the step, which is what ``step`` returns;
 * ``GradScaler.step`` that skips the optimizer (inf/NaN gradients) still ends the step.
 
 Every hook and patch is removed in ``finally``, also on errors and KeyboardInterrupt. Loss values
@@ -81,6 +86,7 @@ class _Rec:
     count: int = 1
     inputs: int | None = None
     guessed: bool = False
+    partial: bool = False
 
     @property
     def loss(self) -> float | None:
@@ -216,6 +222,7 @@ class _Records:
         a.batch = None if a.batch is None or b.batch is None else a.batch + b.batch
         a.inputs = b.inputs if a.inputs is None else a.inputs if b.inputs is None else max(a.inputs, b.inputs)
         a.guessed = a.guessed or b.guessed
+        a.partial = a.partial or b.partial
         a.count = n
 
     def _convert(self) -> None:
@@ -329,7 +336,8 @@ class Tracker:
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps seen so far in the block."""
+        """Steps (updates of the model) seen so far in the block: optimizers stepping one after
+        another with no backward between them count once."""
         return self._opt_steps
 
     @property
@@ -392,6 +400,13 @@ class Tracker:
     # -- setup / teardown ------------------------------------------------------------------
     def _reset_state(self) -> None:
         self._opt_steps = 0
+        """Updates of the model: optimizer steps, those with no backward between them counted once."""
+        self._group: set[int] = set()
+        """The optimizers (ids) that stepped since the last backward: one update together."""
+        self._group_size = 1
+        """How many optimizers made the last complete update (a trial stops after all of them)."""
+        self._full_windows: set[int] = set()
+        """Accumulation windows k seen whole ((loss / k).backward() k times before a step)."""
         self._backwards = 0
         self._depth = 0
         self._pending: list[_Root] = []
@@ -578,6 +593,9 @@ class Tracker:
         if self._depth:
             self._in_step.append(root)
         else:
+            if self._group:  # a backward ends the update the optimizers since the last one made together
+                self._group_size = len(self._group)
+                self._group = set()
             self._pending.append(root)
             if len(self._pending) > 4096:  # a loop without optimizer: keep the list bounded
                 del self._pending[:-1024]
@@ -621,7 +639,6 @@ class Tracker:
         assert self._session is not None
         if self._opt_steps == 0 and self._records.total:
             self._records = _Records(self._max_records)  # provisional backward-only records
-        self._opt_steps += 1
         in_step, self._in_step = self._in_step, []
         pending, self._pending = self._pending, []
         now = time.perf_counter()
@@ -629,13 +646,29 @@ class Tracker:
         self._acc_peak = 0
         inputs, self._inputs_since_step = self._inputs_since_step, None
         self._inputs_since_backward = None
-        rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step, inputs)
+        key = id(optimizer)
+        if not in_step and not pending and self._group and key not in self._group and self._records.items:
+            # no backward since another optimizer stepped: both apply the same gradients, one update
+            rec = self._records.items[-1]
+            rec.peak = max(rec.peak, peak)
+            rec.seconds += now - self._t_last_step
+            if inputs is not None:
+                rec.inputs = inputs + (rec.inputs or 0)
+        else:
+            self._opt_steps += 1
+            self._group = set()
+            # a closure's first backward is what step returns (LBFGS re-evaluates it many times);
+            # backward calls before the step (Lightning's accumulation) add their gradients to it
+            roots = pending + in_step[:1]
+            rec = self._record(roots, peak, now - self._t_last_step, inputs)
+        self._group.add(key)
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
             self._best_peak = peak
             self._breakdown = self._breakdown_at(peak, rec.index)
         self._t_last_step = time.perf_counter()  # recording, merging and the breakdown are no step's time
-        if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
+        if (self._stop_steps is not None and self._opt_steps >= self._stop_steps
+                and len(self._group) >= self._group_size):
             raise StopTrial(f"{self._opt_steps} optimizer steps")
 
     def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
@@ -697,15 +730,28 @@ class Tracker:
         self._record([], self._session.take_window_peak(), now - self._t_last_step, inputs)
         self._t_last_step = time.perf_counter()  # the recording itself is no step's time
 
+    def _partial_window(self, roots: list[_Root]) -> bool:
+        """Whether ``roots`` are a window of ``(loss / k).backward()`` calls shorter than k, after a
+        full window of k was seen in the block (a single ``sum / batch_size`` is no window)."""
+        ks = {r.divisor for r in roots}
+        if len(ks) != 1:
+            return False
+        k = ks.pop()
+        if k is None or k < 2 or not float(k).is_integer():
+            return False
+        n = len(roots)
+        if n == k:
+            self._full_windows.add(int(k))
+            return False
+        return n < k and int(k) in self._full_windows
+
     def _record(self, roots: list[_Root], peak: int, seconds: float, inputs: int | None = None) -> _Rec:
         terms: list[tuple[Any, float]] | None = None
         batch: int | None = None
         if roots and all(r.value is not None for r in roots):
-            n = len(roots)
-            if n > 1 and all(r.divisor is not None and abs(r.divisor - n) < 1e-6 for r in roots):
-                terms = [(r.value, (r.divisor or 1.0) / n) for r in roots]  # (loss / k).backward() k times
-            else:
-                terms = [(r.value, 1.0 / n) for r in roots]
+            # the loss whose gradient the step applied: the sum of what backward was called on
+            terms = [(r.value, 1.0) for r in roots]
+        partial = self._partial_window(roots)
         if roots and all(r.batch is not None for r in roots):
             batch = sum({r.draw: r.batch or 0 for r in roots}.values())
         if not roots:
@@ -719,10 +765,11 @@ class Tracker:
             self._hook_inputs()
         except Exception as e:
             self._fault("the module input hook", e)
-        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs, guessed)
+        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs, guessed, partial)
         self._records.add(rec)
         if self._on_step is not None:
-            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs, guessed))
+            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs, guessed,
+                                     partial_window=partial))
         return rec
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
@@ -774,7 +821,8 @@ class Tracker:
             reserved_peak_bytes=session.reserved_peak(),
             capacity_bytes=session.capacity(),
             wall_seconds=time.perf_counter() - self._t0,
-            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs, r.guessed)
+            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs, r.guessed,
+                                   partial_window=r.partial)
                         for r in recs),
             budget_bytes=self.budget,
             breakdown=self._breakdown,

@@ -141,7 +141,7 @@ def test_accumulation_step_loss_is_the_mean_of_micro_batch_losses(data):
     assert t.report.losses == pytest.approx(truth, rel=1e-6)
 
 
-def test_undivided_accumulation_step_loss_is_the_mean_too(data):
+def test_undivided_backward_calls_before_one_step_give_the_sum_of_their_losses(data):
     X, Y = data
     model = _fresh()
     opt = torch.optim.SGD(model.parameters(), 0.01)
@@ -152,7 +152,7 @@ def test_undivided_accumulation_step_loss_is_the_mean_too(data):
             loss.backward()
             losses.append(loss.item())
         opt.step()
-    assert t.report.losses == pytest.approx([sum(losses) / 3], rel=1e-6)
+    assert t.report.losses == pytest.approx([sum(losses)], rel=1e-6)  # the gradient applied is their sum's
 
 
 def test_closure_step_counts_once_with_the_value_step_returns(data):
