@@ -35,6 +35,8 @@ _CPU_BOUND = 0.5
 """In-process loading that spent at least this share of its wall time on the CPU is CPU work."""
 _COPY_SHARE = 0.25
 _COPY_MIN = 64 * 2**20
+"""Workers' own memory is advised about when together it is a quarter of the main process's peak
+(each worker at least 64 MiB: a forked worker's own pages start near 10 MiB), or a tenth of the RAM."""
 
 
 def available_cores() -> int:
@@ -162,7 +164,7 @@ def host_advice(loaders: Sequence[LoaderStats], host_peak: int | None, host_tota
     n, private = ld.num_workers or len(ld.worker_pids), ld.worker_private_bytes or 0
     copies = n * private
     big = (host_total is not None and copies > host_total / 10) or (
-        n >= 2 and private >= _COPY_MIN and host_peak is not None and private >= _COPY_SHARE * host_peak)
+        n >= 2 and private >= _COPY_MIN and host_peak is not None and copies >= _COPY_SHARE * host_peak)
     if not big:
         return ()
     fewer = max(1, n // 2)

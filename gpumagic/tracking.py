@@ -743,8 +743,13 @@ class Tracker:
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None
+        carry: tuple[float | None, int | None] | None = None
         if self._opt_steps == 0 and self._records.total:
-            self._records = _Records(self._max_records)  # provisional backward-only records
+            # provisional backward-only records: this step spans them, their data waits and host peaks
+            early = self._records.records()
+            data = None if any(r.data is None for r in early) else sum(r.data or 0.0 for r in early)
+            carry = data, max((r.host for r in early if r.host is not None), default=None)
+            self._records = _Records(self._max_records)
         in_step, self._in_step = self._in_step, []
         pending, self._pending = self._pending, []
         now = time.perf_counter()
@@ -772,7 +777,12 @@ class Tracker:
             # a closure's first backward is what step returns (LBFGS re-evaluates it many times);
             # backward calls before the step (Lightning's accumulation) add their gradients to it
             roots = pending + in_step[:1]
+            drawn_since = self._data_s if self._drew else 0.0
             rec = self._record(roots, peak, now - self._t_last_step, inputs)
+            if carry is not None:
+                rec.data = None if carry[0] is None else min(carry[0] + drawn_since, rec.seconds)
+                if carry[1] is not None:
+                    rec.host = max(carry[1], rec.host or 0)
         self._group.add(key)
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
