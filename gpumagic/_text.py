@@ -173,6 +173,15 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
             rows.append(("heaviest", f"{_step_name(heavy.index, heavy.count)}: peak {_bytes(heavy.peak_bytes)}"))
     else:
         rows.append(("steps", "none seen (no backward() in the block)"))
+    anatomy = r.anatomy_text()
+    if anatomy is not None:
+        rows.append(("step time", anatomy))
+    if r.loader_advice is not None:
+        rows.extend(("loader", line) for line in r.loader_advice.lines)
+    host = r.host_text()
+    if host is not None and r.host_matters:
+        rows.append(("host memory", host))
+    rows.extend(("host advice", line) for line in r.host_advice)
     if r.error:
         rows.append(("stopped by", r.error.splitlines()[0] if r.error.strip() else r.error))
     rows.extend(("note", n) for n in r.notes)

@@ -64,6 +64,7 @@ def _mean_step(rep) -> float:
     return sum(s.seconds for s in later) / sum(s.count for s in later)
 
 
+@pytest.mark.slow
 def test_a_loader_of_slow_samples_is_reported_as_the_data_wait_with_its_time_per_sample(ip, clean_ns):
     setup(ip, SLOW)
     rep = gpumem(ip, "epoch(DataLoader(dataset, batch_size=32))")
@@ -207,6 +208,7 @@ def test_small_workers_get_no_host_advice():
 
 # --- host memory ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_cell_that_allocates_and_frees_600_mb_reports_its_host_peak_within_ten_percent(ip, clean_ns):
     setup(ip, "import numpy as np")
     rep = gpumem(ip, "a = np.ones(600 * 10**6 // 8)\ndel a")
