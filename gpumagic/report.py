@@ -469,6 +469,8 @@ class Trial:
     """A dry run on fake tensors: ``peak_bytes`` is predicted, and ``oom`` means it would not fit."""
     rank_peak_bytes: tuple[int | None, ...] = ()
     """Under torch.distributed: each rank's peak in this trial (``peak_bytes`` is their max)."""
+    data_wait_fraction: float | None = None
+    """Share of the trial's steps after the first spent waiting for data (see ``MemoryReport``)."""
 
 
 @dataclass(frozen=True)

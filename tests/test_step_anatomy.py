@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 
 from gpumagic import dataloading
 from gpumagic.dataloading import LoaderStats, available_cores, host_advice, loader_advice
@@ -263,3 +264,41 @@ del records
     text = rep.to_text()
     assert "2 DataLoader workers" in text
     assert "mmap_mode" in text
+
+
+def test_a_throughput_pick_limited_by_the_loader_says_so(ip, clean_ns):
+    import gpumagic
+
+    setup(ip, SLOW.replace("time.sleep(0.002)", "time.sleep(0.0005)"))
+    ns = ip.user_ns
+
+    def trial(b):
+        ns["epoch"](ns["DataLoader"](ns["dataset"], batch_size=b))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads stall each other on a loaded 2-core machine, hiding the wait
+    try:
+        res = gpumagic.find_batch(trial, device="cpu", budget="64MiB", max_size=64, pick="throughput",
+                                  progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    picked = [t for t in res.trials if t.batch_size == res.recommended_batch_size]
+    assert picked[0].data_wait_fraction > dataloading.DATA_WAIT_THRESHOLD
+    assert "the loader limits this pick" in res.reason
+
+
+def test_a_throughput_pick_of_a_compute_bound_loop_names_no_loader(ip, clean_ns):
+    import gpumagic
+
+    setup(ip, """
+model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+X, Y = torch.randn(256, 256), torch.randint(0, 10, (256,))
+def steps(b):
+    for i in range(4):
+        loss = F.cross_entropy(model(X[:b]), Y[:b])
+        opt.zero_grad(); loss.backward(); opt.step()
+""")
+    res = gpumagic.find_batch(ip.user_ns["steps"], device="cpu", budget="64MiB", max_size=256, pick="throughput",
+                              progress=False)
+    assert "loader" not in res.reason
