@@ -272,6 +272,8 @@ class Tracker:
     """
 
     _learn_inputs = True
+    _measures_time_and_host = True
+    """Whether the block's time and host memory are the loop's own (a dry run's are not: fake tensors)."""
     _host: HostPeak | None
     """The host peak reader while the block runs."""
     _host_baseline: int | None
@@ -985,6 +987,9 @@ class Tracker:
     def _host_fields(self, steps: tuple[StepRecord, ...]) -> dict[str, Any]:
         """The report's step anatomy and host memory: data wait, loader advice, host and worker peaks."""
         from gpumagic.backends.host import host_memory
+
+        if not self._measures_time_and_host:
+            return {}
 
         self._take_host()
         for it in list(self._iter_stats.keys()):  # persistent workers still alive

@@ -302,3 +302,39 @@ def steps(b):
     res = gpumagic.find_batch(ip.user_ns["steps"], device="cpu", budget="64MiB", max_size=256, pick="throughput",
                               progress=False)
     assert "loader" not in res.reason
+
+
+def _host_report(delta: int, **kw):
+    from gpumagic.report import MemoryReport
+
+    steps = tuple(StepRecord(i, None, 1000, 0.01, 32, host_peak_bytes=10**9 + i * delta // 4) for i in range(5))
+    return MemoryReport("cpu", "cpu", 0, 1000, 1000, 0, None, None, 1.0, steps=steps, total_steps=5,
+                        host_baseline_bytes=10**9, host_peak_bytes=10**9 + delta, host_total_bytes=16 * 10**9,
+                        host_available_bytes=8 * 10**9, **kw)
+
+
+def test_host_memory_is_shown_beside_the_device_when_the_cell_grew_it_by_a_tenth_of_the_ram():
+    from gpumagic._text import memory_report_text
+
+    grew = _host_report(2 * 10**9)
+    assert grew.host_matters
+    for text in (grew.to_text(), grew._repr_html_(), memory_report_text(grew, width=200)):
+        assert "host memory" in text
+        assert "14.90 GiB" in text  # the machine's RAM, beside its peak
+
+
+def test_host_memory_that_barely_grew_is_not_shown():
+    from gpumagic._text import memory_report_text
+
+    small = _host_report(10**8)
+    assert not small.host_matters
+    for text in (small.to_text(), small._repr_html_(), memory_report_text(small, width=200)):
+        assert "host memory" not in text
+
+
+def test_the_widget_plot_draws_each_steps_host_peak_on_its_own_axis_when_host_memory_matters():
+    pytest.importorskip("matplotlib")
+    from gpumagic.widgets import memory_figure
+
+    assert len(memory_figure(_host_report(2 * 10**9)).axes) == 2
+    assert len(memory_figure(_host_report(10**8)).axes) == 1
