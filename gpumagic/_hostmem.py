@@ -63,14 +63,15 @@ class HostPeak:
     each :meth:`take` returns the peak since the previous one (or the start) and begins the next.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, exact: bool = True) -> None:
+        """``exact=False`` samples even where the kernel's peak could be read (what other systems get)."""
         self._status: int | None = None
         self._clear: int | None = None
         self.sampled = True
         """True when peaks are the resident size sampled at interval ends (a lower bound)."""
         with contextlib.suppress(OSError, AttributeError):
             self._status = os.open("/proc/self/status", os.O_RDONLY)
-        if self._status is not None:
+        if self._status is not None and exact:
             try:
                 self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
                 self.sampled = False

@@ -338,3 +338,19 @@ def test_the_widget_plot_draws_each_steps_host_peak_on_its_own_axis_when_host_me
 
     assert len(memory_figure(_host_report(2 * 10**9)).axes) == 2
     assert len(memory_figure(_host_report(10**8)).axes) == 1
+
+
+def test_where_the_exact_peak_is_unavailable_host_peaks_are_sampled_and_marked(ip, clean_ns, monkeypatch):
+    from gpumagic import tracking
+    from gpumagic._hostmem import HostPeak
+
+    monkeypatch.setattr(tracking, "HostPeak", lambda: HostPeak(exact=False))
+    setup(ip, "model = nn.Linear(8, 2)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)")
+    rep = gpumem(ip, """
+for i in range(3):
+    loss = model(torch.randn(4, 8)).sum()
+    opt.zero_grad(); loss.backward(); opt.step()
+""")
+    assert rep.host_peak_sampled
+    assert all(s.host_peak_bytes for s in rep.steps)
+    assert "sampled" in rep.host_text()
