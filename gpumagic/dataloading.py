@@ -6,11 +6,11 @@ Pure: the tracker (:mod:`gpumagic.tracking`) counts what each loader did during 
 records into advice. The thresholds come from ``bench/step_anatomy.py`` on a 2-core machine:
 
 * ``DATA_WAIT_THRESHOLD`` (0.3): below it, hiding the whole data wait would make steps at most
-  1.43x faster, and the measured gains of more workers there were within the run-to-run noise of a
-  loaded machine;
+  1.43x faster, which a loaded machine's run-to-run noise can swallow;
 * ``MIN_DATA_SECONDS`` (2 ms a step): a worker hands each batch to the main process through
-  shared memory, which cost about 1 ms a batch there; an in-memory ``TensorDataset`` loading in
-  0.13 ms a batch waited 60% of a 0.22 ms step, and two workers made that step 6x slower.
+  shared memory, which cost about 1 ms a batch on a quiet 2-core machine; there an in-memory
+  ``TensorDataset`` loading in 0.13 ms a batch waited 60% of a 0.22 ms step, and two workers made
+  that step 6x slower.
 
 >>> report.loader_advice.loader_kwargs()      # doctest: +SKIP
 {'num_workers': 2}
