@@ -354,3 +354,16 @@ for i in range(3):
     assert rep.host_peak_sampled
     assert all(s.host_peak_bytes for s in rep.steps)
     assert "sampled" in rep.host_text()
+
+
+def test_the_host_peak_files_are_closed_when_the_block_ends_also_by_an_error():
+    import os
+
+    import gpumagic
+
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    if before is None:
+        pytest.skip("no /proc here")
+    with pytest.raises(ZeroDivisionError), gpumagic.track(device="cpu"):
+        1 / 0  # noqa: B018
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -33,6 +33,8 @@ def _hooks_state():
     return (
         torch.autograd.backward,
         dl._BaseDataLoaderIter.__dict__["__next__"],
+        dl.DataLoader.__dict__["__iter__"],
+        dl._MultiProcessingDataLoaderIter.__dict__["_shutdown_workers"],
         torch.amp.GradScaler.__dict__["scale"],
         torch.amp.GradScaler.__dict__["step"],
         len(optmod._global_optimizer_pre_hooks),
