@@ -23,8 +23,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpumagic._units import format_bytes, format_seconds
 from gpumagic.report import LoaderAdvice, StepRecord
+from gpumagic.units import format_bytes, format_seconds
 
 __all__ = ["DATA_WAIT_THRESHOLD", "MIN_DATA_SECONDS", "LoaderStats", "available_cores", "host_advice",
            "loader_advice"]

@@ -306,7 +306,7 @@ def _host_report(delta: int, **kw):
 
 
 def test_host_memory_is_shown_beside_the_device_when_the_cell_grew_it_by_a_tenth_of_the_ram():
-    from gpumagic._text import memory_report_text
+    from gpumagic.render.text import memory_report_text
 
     grew = _host_report(2 * 10**9)
     assert grew.host_matters
@@ -316,7 +316,7 @@ def test_host_memory_is_shown_beside_the_device_when_the_cell_grew_it_by_a_tenth
 
 
 def test_host_memory_that_barely_grew_is_not_shown():
-    from gpumagic._text import memory_report_text
+    from gpumagic.render.text import memory_report_text
 
     small = _host_report(10**8)
     assert not small.host_matters
@@ -326,7 +326,7 @@ def test_host_memory_that_barely_grew_is_not_shown():
 
 def test_the_widget_plot_draws_each_steps_host_peak_on_its_own_axis_when_host_memory_matters():
     pytest.importorskip("matplotlib")
-    from gpumagic.widgets import memory_figure
+    from gpumagic.render.widgets import memory_figure
 
     assert len(memory_figure(_host_report(2 * 10**9)).axes) == 2
     assert len(memory_figure(_host_report(10**8)).axes) == 1
