@@ -31,6 +31,7 @@ from gpumagic._safe import describe
 from gpumagic._tensors import storages
 from gpumagic.backends import Backend
 from gpumagic.batchmath import Pick
+from gpumagic.dataloading import data_wait_fraction
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
@@ -391,7 +392,8 @@ class TrialRunner:
             cap = self.plan["capacity"]
             oom = cap is not None and rep.peak_bytes > cap
             return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
-        trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n)
+        trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n,
+                      data_wait_fraction=None if oom else data_wait_fraction(records))
         if self.agreement is not None:
             trial = self.agreement.agree_trial(trial)
         return trial

@@ -785,6 +785,8 @@ class DryTracker(Tracker):
     compute capability); ``budget``: a capacity instead of a GPU.
     """
 
+    _measures_time_and_host = False  # fake tensors: no loop's data wait or host memory to report
+
     def __init__(
         self,
         namespace: MutableMapping[str, Any] | None,

@@ -30,6 +30,7 @@ __all__ = [
     "DeviceSample",
     "DeviceStatus",
     "Fit",
+    "LoaderAdvice",
     "MemoryBreakdown",
     "MemoryReport",
     "ProcessMemory",
@@ -55,7 +56,8 @@ def _plain(obj: Any) -> Any:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One training step: an optimizer step, or one backward when no optimizer steps.
+    """One training step: one update of the model (an optimizer step, or several optimizers'
+    steps with no backward between them), or one backward when no optimizer steps.
 
     ``peak_bytes`` is the peak allocated on the device during the step (absolute, like
     ``torch.cuda.max_memory_allocated``). ``input_elements`` is the number of elements in the
@@ -65,6 +67,13 @@ class StepRecord:
     max, seconds their sum, loss their mean. ``batch_size_guessed``: no DataLoader batch was
     drawn, and ``batch_size`` is the leading dimension that the inputs of the step's first module
     call share (a guess: a sequence-first input gives its length).
+
+    ``loss`` is the loss whose gradient the step applied: the sum of the values ``backward()``
+    was called on since the previous step (GradScaler's scale undone), or for
+    ``optimizer.step(closure)`` the value ``step`` returned. ``partial_window``: the step's
+    backward calls divided their loss by k (gradient accumulation) but there were fewer than k of
+    them, after full windows of k earlier in the block (a last, shorter window): ``loss`` is then
+    their sum as applied, not rescaled to a full window.
     """
 
     index: int
@@ -75,6 +84,64 @@ class StepRecord:
     count: int = 1
     input_elements: int | None = None
     batch_size_guessed: bool = False
+    partial_window: bool = False
+    data_seconds: float | None = None
+    """Time the step waited for its data: the DataLoader's ``__next__`` (and ``iter()``) during
+    the step, or, without a DataLoader, from the end of the previous step to the step's first
+    module call. Host time: on CUDA the device may still be busy with queued work meanwhile."""
+    compute_seconds: float | None = None
+    """The rest of the step: ``seconds - data_seconds``."""
+    host_peak_bytes: int | None = None
+    """The process's peak resident host memory during the step (absolute, like ``peak_bytes``)."""
+
+
+@dataclass(frozen=True)
+class LoaderAdvice:
+    """What to change in the DataLoader when the loop waits for its data (``MemoryReport.loader_advice``).
+
+    Made only when the data wait is at least ``DATA_WAIT_THRESHOLD`` of the steps after the first
+    and at least ``MIN_DATA_SECONDS`` a step (below that, handing batches over from workers costs
+    more than it saves). Followed literally it rebuilds the loader with :meth:`loader_kwargs`:
+
+    >>> DataLoader(dataset, batch_size=32, **report.loader_advice.loader_kwargs())   # doctest: +SKIP
+    """
+
+    data_wait_fraction: float
+    data_seconds: float
+    """Mean data wait per step (steps after the first)."""
+    compute_seconds: float
+    """Mean compute per step (steps after the first)."""
+    current_num_workers: int
+    num_workers: int
+    """The ``num_workers`` to use: enough workers to load a batch while a step computes, at most
+    the cores this process may run on (``os.sched_getaffinity``)."""
+    cores: int
+    seconds_per_sample: float | None = None
+    """Loading time per sample in the main process (``num_workers=0``): ``__getitem__`` and its
+    share of the collate function."""
+    cpu_bound: bool | None = None
+    """Whether in-process loading kept the CPU busy (else it waited: files, network, sleep)."""
+    pin_memory: bool = False
+    """Set ``pin_memory=True`` (the device copies from pinned memory faster and asynchronously)."""
+    persistent_workers: bool = False
+    """Set ``persistent_workers=True``: the loop iterates the loader more than once."""
+    build_once: bool = False
+    """The loop built a new loader over the same data set for each pass: build it once, outside."""
+    getitem_bottleneck: bool = False
+    """Even with ``num_workers`` workers, loading stays slower than compute: ``__getitem__`` is the cost."""
+    lines: tuple[str, ...] = ()
+    """The advice in words, the most useful first."""
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The DataLoader arguments to change, as keyword arguments."""
+        kw: dict[str, Any] = {}
+        if self.num_workers != self.current_num_workers:
+            kw["num_workers"] = self.num_workers
+        if self.pin_memory:
+            kw["pin_memory"] = True
+        if self.persistent_workers and max(self.num_workers, self.current_num_workers) > 0:
+            kw["persistent_workers"] = True
+        return kw
 
 
 @dataclass(frozen=True)
@@ -140,6 +207,75 @@ class MemoryReport:
     """Under torch.distributed (or for the child processes a tracked cell started): every rank's
     summary, in rank order. Empty for a single process."""
     world_size: int | None = None
+    data_wait_fraction: float | None = None
+    """Share of the steps' time spent waiting for data, over the steps after the first (the first
+    includes starting the DataLoader's workers); None with fewer than two timed steps."""
+    loader_advice: LoaderAdvice | None = None
+    host_baseline_bytes: int | None = None
+    """The process's resident host memory when the block started."""
+    host_peak_bytes: int | None = None
+    """The process's peak resident host memory during the block (DataLoader workers not included)."""
+    host_peak_sampled: bool = False
+    """True where the kernel's exact peak is unavailable and host peaks are sampled at step ends."""
+    host_total_bytes: int | None = None
+    host_available_bytes: int | None = None
+    """The machine's RAM, and what was available when the block ended."""
+    worker_count: int = 0
+    """The most DataLoader worker processes one loader ran at once during the block."""
+    worker_peak_bytes: int | None = None
+    """The largest peak resident memory of one worker (shared pages of the parent included)."""
+    worker_private_bytes: int | None = None
+    """The largest private resident memory of one worker (its own copies), read while it lived."""
+    host_advice: tuple[str, ...] = ()
+    """What to do about the host memory (workers copying a data set held in RAM, ...)."""
+
+    @property
+    def host_delta_bytes(self) -> int | None:
+        """The block's host peak over its host baseline (None when either is unknown)."""
+        if self.host_peak_bytes is None or self.host_baseline_bytes is None:
+            return None
+        return self.host_peak_bytes - self.host_baseline_bytes
+
+    @property
+    def host_matters(self) -> bool:
+        """Whether to show host memory beside the device's: the block's host peak grew by more than
+        a tenth of the machine's RAM, or workers were involved in host advice."""
+        delta, total = self.host_delta_bytes, self.host_total_bytes
+        grew = delta is not None and total is not None and delta > total / 10
+        return grew or bool(self.host_advice)
+
+    def host_text(self) -> str | None:
+        """"host peak 1.20 GiB (+600.00 MiB), 4 workers up to 900.00 MiB; machine 15.6 GiB, 9.1 GiB available"."""
+        if self.host_peak_bytes is None:
+            return None
+        text = f"peak {format_bytes(self.host_peak_bytes)}"
+        if self.host_delta_bytes is not None:
+            text += (f" ({format_bytes(self.host_delta_bytes, signed=True)} over "
+                     f"{format_bytes(self.host_baseline_bytes)})")
+        if self.host_peak_sampled:
+            text += " (sampled at step ends: a lower bound)"
+        if self.worker_count:
+            text += (f"; {self.worker_count} DataLoader worker{'s' if self.worker_count != 1 else ''}, "
+                     f"the largest peaking at {format_bytes(self.worker_peak_bytes)}")
+            if self.worker_private_bytes is not None:
+                text += f" ({format_bytes(self.worker_private_bytes)} of it its own)"
+        if self.host_total_bytes is not None:
+            text += f"; machine {format_bytes(self.host_total_bytes)}"
+            if self.host_available_bytes is not None:
+                text += f", {format_bytes(self.host_available_bytes)} available"
+        return text
+
+    def anatomy_text(self) -> str | None:
+        """"data wait 83% of the step time (64.1 ms data, 13.0 ms compute per step, after the first)"."""
+        f = self.data_wait_fraction
+        timed = [s for s in self.steps[1:] if s.data_seconds is not None and s.compute_seconds is not None]
+        if f is None or not timed:
+            return None
+        n = sum(s.count for s in timed)
+        data = sum(s.data_seconds or 0.0 for s in timed) / n
+        compute = sum(s.compute_seconds or 0.0 for s in timed) / n
+        return (f"data wait {f:.0%} of the step time ({format_seconds(data)} data, "
+                f"{format_seconds(compute)} compute per step, after the first)")
 
     @property
     def peak_rank(self) -> RankRecord | None:
@@ -181,7 +317,8 @@ class MemoryReport:
             import pandas as pd
         except ImportError as e:
             raise ImportError("MemoryReport.to_dataframe() needs pandas: pip install pandas") from e
-        cols = ["index", "loss", "peak_bytes", "seconds", "batch_size", "count", "input_elements"]
+        cols = ["index", "loss", "peak_bytes", "seconds", "batch_size", "count", "input_elements",
+                "data_seconds", "compute_seconds", "host_peak_bytes", "partial_window"]
         return pd.DataFrame([[getattr(s, c) for c in cols] for s in self.steps], columns=cols)
 
     def summary(self) -> str:
@@ -241,6 +378,8 @@ class Trial:
     """A dry run on fake tensors: ``peak_bytes`` is predicted, and ``oom`` means it would not fit."""
     rank_peak_bytes: tuple[int | None, ...] = ()
     """Under torch.distributed: each rank's peak in this trial (``peak_bytes`` is their max)."""
+    data_wait_fraction: float | None = None
+    """Share of the trial's steps after the first spent waiting for data (see ``MemoryReport``)."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gpumagic.batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
+from gpumagic.dataloading import DATA_WAIT_THRESHOLD
 from gpumagic.report import BatchSearchResult, Fit, Trial
 from gpumagic.units import format_bytes
 
@@ -920,6 +921,15 @@ def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
         rec = fast[0]
         return rec, (f"{rec} is the smallest batch within {_THROUGHPUT_WITHIN:.0%} of the best measured "
                      f"throughput ({measured[rec]:,.0f} samples/s; {head}) and within {pct} of "
-                     f"{format_bytes(s.capacity)}")
+                     f"{format_bytes(s.capacity)}" + _loader_limit(s, rec))
     return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)}, and throughput was "
-                  f"still rising there ({head})")
+                  f"still rising there ({head})" + _loader_limit(s, keep))
+
+
+def _loader_limit(s: _Search, b: int) -> str:
+    """When the trials at ``b`` waited for data most of their time, the loader sets the throughput."""
+    waits = [t.data_wait_fraction for t in s.trials if t.batch_size == b and t.data_wait_fraction is not None]
+    if not waits or max(waits) < DATA_WAIT_THRESHOLD:
+        return ""
+    return (f"; the loader limits this pick: its steps waited for data {max(waits):.0%} of their time, so a larger "
+            "batch will not be faster until the loader is (%%gpumem on the loop gives the loader advice)")

@@ -1,14 +1,19 @@
 """The step recorder: memory, loss and time per training step, from an unmodified loop.
 
-What counts as a step and what its loss is, without the user changing a line:
+What counts as a step and what its loss is, by two rules that do not depend on the loop's shape:
 
-* every ``optimizer.step()`` of any torch optimizer ends a step (a global step hook);
-* backward calls are seen by wrapping ``torch.autograd.backward`` (``Tensor.backward`` calls it);
-  the loss of a step is the value backward was called on, undone from ``GradScaler.scale``
-  (AMP) and, when ``(loss / k).backward()`` ran k times, the mean of the k undivided losses;
-* with a closure (``optimizer.step(closure)``, LBFGS calls backward many times), the step's loss
-  is the first value backward saw inside the step, which is what ``step`` returns;
-* when no optimizer steps at all (manual updates), each backward is a step;
+* **a step is one update of the model**: an ``optimizer.step()`` of any torch optimizer (a
+  global step hook) ends a step; optimizers that step one after another with no ``backward()``
+  between them (an encoder's and a decoder's after one backward) are one step, not one each.
+  When no optimizer steps at all (manual updates), each backward is a step;
+* **a step's loss is the loss whose gradient the step applied**: the sum of the values
+  ``backward()`` was called on since the previous step (``torch.autograd.backward`` is wrapped;
+  ``Tensor.backward`` calls it), each undone from ``GradScaler.scale``. Two loss terms each
+  backward'ed give their sum; ``(loss / k).backward()`` k times gives the mean micro-batch loss;
+  a last window of fewer than k such calls gives their sum too, and the step is marked
+  ``partial_window`` rather than rescaled. When ``backward()`` runs inside
+  ``optimizer.step(closure)`` (LBFGS calls it many times) the step's loss is the first value
+  backward saw inside the step, which is what ``step`` returns;
 * ``GradScaler.step`` that skips the optimizer (inf/NaN gradients) still ends the step.
 
 Every hook and patch is removed in ``finally``, also on errors and KeyboardInterrupt. Loss values
@@ -30,6 +35,8 @@ from typing import Any, Literal
 
 import torch
 
+from gpumagic import dataloading
+from gpumagic._hostmem import HostPeak, process_memory
 from gpumagic._safe import describe
 from gpumagic._tensors import is_fake
 from gpumagic.backends import Backend, MemorySession
@@ -81,6 +88,9 @@ class _Rec:
     count: int = 1
     inputs: int | None = None
     guessed: bool = False
+    partial: bool = False
+    data: float | None = None
+    host: int | None = None
 
     @property
     def loss(self) -> float | None:
@@ -216,6 +226,9 @@ class _Records:
         a.batch = None if a.batch is None or b.batch is None else a.batch + b.batch
         a.inputs = b.inputs if a.inputs is None else a.inputs if b.inputs is None else max(a.inputs, b.inputs)
         a.guessed = a.guessed or b.guessed
+        a.partial = a.partial or b.partial
+        a.data = None if a.data is None or b.data is None else a.data + b.data
+        a.host = b.host if a.host is None else a.host if b.host is None else max(a.host, b.host)
         a.count = n
 
     def _convert(self) -> None:
@@ -259,6 +272,11 @@ class Tracker:
     """
 
     _learn_inputs = True
+    _measures_time_and_host = True
+    """Whether the block's time and host memory are the loop's own (a dry run's are not: fake tensors)."""
+    _host: HostPeak | None
+    """The host peak reader while the block runs."""
+    _host_baseline: int | None
     """Read the batch size of loops without a DataLoader from their inputs (``_inputs_pre``)."""
 
     def __init__(
@@ -329,7 +347,8 @@ class Tracker:
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps seen so far in the block."""
+        """Steps (updates of the model) seen so far in the block: optimizers stepping one after
+        another with no backward between them count once."""
         return self._opt_steps
 
     @property
@@ -358,6 +377,9 @@ class Tracker:
             self._install()
             self._t0 = time.perf_counter()
             self._baseline = self._session.start()
+            host = HostPeak()
+            self._host = host
+            self._host_baseline = host.start()
             # the baseline scan is the tracker's time, not the first step's
             self._t_last_step = self._t_last_backward = time.perf_counter()
         except BaseException:
@@ -392,6 +414,13 @@ class Tracker:
     # -- setup / teardown ------------------------------------------------------------------
     def _reset_state(self) -> None:
         self._opt_steps = 0
+        """Updates of the model: optimizer steps, those with no backward between them counted once."""
+        self._group: set[int] = set()
+        """The optimizers (ids) that stepped since the last backward: one update together."""
+        self._group_size = 1
+        """How many optimizers made the last complete update (a trial stops after all of them)."""
+        self._full_windows: set[int] = set()
+        """Accumulation windows k seen whole ((loss / k).backward() k times before a step)."""
         self._backwards = 0
         self._depth = 0
         self._pending: list[_Root] = []
@@ -416,6 +445,17 @@ class Tracker:
         self._input_seen = False
         self._inputs_hook: Any = None
         self._incomplete: str | None = None
+        self._data_s = 0.0
+        """Time in DataLoader ``__next__``/``iter()`` since the last step ended."""
+        self._drew = False
+        self._t_first_call: float | None = None
+        """When the step's first module call began (the end of its data wait without a DataLoader)."""
+        self._host = None
+        self._host_baseline = None
+        self._host_max: int | None = None
+        self._loader_stats: weakref.WeakKeyDictionary[Any, dataloading.LoaderStats] = weakref.WeakKeyDictionary()
+        self._iter_stats: weakref.WeakKeyDictionary[Any, dataloading.LoaderStats] = weakref.WeakKeyDictionary()
+        self._all_loaders: list[dataloading.LoaderStats] = []
 
     def _open_session(self) -> MemorySession:
         """The measuring session; a dry run (:mod:`gpumagic.dryrun`) gives one over fake tensors."""
@@ -453,6 +493,8 @@ class Tracker:
         self._patch(torch.autograd, "backward", self._wrap_backward)
         self._patch(dlmod._BaseDataLoaderIter, "__next__", self._wrap_next)
         self._patch(dlmod._BaseDataLoaderIter, "_next_index", _wrap_next_index)
+        self._patch(dlmod.DataLoader, "__iter__", self._wrap_iter)
+        self._patch(dlmod._MultiProcessingDataLoaderIter, "_shutdown_workers", self._wrap_shutdown)
         scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
         if scaler_cls is not None:
             self._patch(scaler_cls, "scale", self._wrap_scale)
@@ -472,6 +514,8 @@ class Tracker:
             except BaseException as e:  # keep undoing the rest; report the first failure
                 errors.append(e)
         try:
+            if self._host is not None:
+                self._host.close()
             if self._session is not None:
                 self._session.stop()
         finally:
@@ -504,7 +548,9 @@ class Tracker:
         tracker = self
 
         def __next__(it: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
             batch = original(it)
+            seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
             try:
                 # the indices the batch was made from; else the first tensor's length (a collate_fn
                 # may put tokens first, as text loaders with offsets do: the indices decide then)
@@ -512,6 +558,7 @@ class Tracker:
                 if size is None:
                     t = _first_tensor(batch)
                     size = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+                tracker._drawn(it, seconds, cpu, size)
                 tracker._last_batch = size
                 tracker._draws += 1
                 n = input_elements(batch)
@@ -525,6 +572,82 @@ class Tracker:
             return batch
 
         return __next__
+
+    def _wrap_iter(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        tracker = self
+
+        def __iter__(loader: Any) -> Any:
+            t0 = time.perf_counter()
+            it = original(loader)
+            try:
+                tracker._iterated(loader, it, time.perf_counter() - t0)
+            except Exception as e:
+                tracker._fault("the DataLoader hook", e)
+            return it
+
+        return __iter__
+
+    def _wrap_shutdown(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        tracker = self
+
+        def _shutdown_workers(it: Any) -> Any:
+            try:
+                tracker._read_workers(it)  # their peaks, while they live
+            except Exception as e:
+                tracker._fault("the DataLoader worker reader", e)
+            return original(it)
+
+        return _shutdown_workers
+
+    def _iterated(self, loader: Any, it: Any, seconds: float) -> None:
+        """A pass over ``loader`` began: its start-up (forking workers) is data wait."""
+        self._data_s += seconds
+        self._drew = True
+        st = self._loader_stats.get(loader)
+        if st is None:
+            st = dataloading.LoaderStats(
+                num_workers=int(getattr(loader, "num_workers", 0) or 0),
+                pin_memory=bool(getattr(loader, "pin_memory", False)),
+                persistent_workers=bool(getattr(loader, "persistent_workers", False)),
+                dataset_id=id(getattr(loader, "dataset", None)),
+                batch_size=getattr(loader, "batch_size", None),
+            )
+            self._loader_stats[loader] = st
+            self._all_loaders.append(st)
+        st.iters += 1
+        st.wall_seconds += seconds
+        with contextlib.suppress(TypeError):
+            self._iter_stats[it] = st
+
+    def _drawn(self, it: Any, seconds: float, cpu: float, size: int | None) -> None:
+        self._data_s += seconds
+        self._drew = True
+        st = self._iter_stats.get(it)
+        if st is None:
+            return
+        st.draws += 1
+        st.samples += size or 0
+        st.wall_seconds += seconds
+        st.cpu_seconds += cpu
+        workers = getattr(it, "_workers", None)
+        if workers and not st.worker_pids:
+            st.worker_pids.update(p.pid for p in workers if getattr(p, "pid", None))
+
+    def _read_workers(self, it: Any) -> None:
+        st = self._iter_stats.get(it)
+        workers = getattr(it, "_workers", None) or ()
+        if st is None or not getattr(it, "_workers_status", None):
+            return
+        for p in workers:
+            pid = getattr(p, "pid", None)
+            if pid is None or not p.is_alive():
+                continue
+            st.worker_pids.add(pid)
+            peak, private = process_memory(pid)
+            if peak is not None:
+                st.worker_peak_bytes = max(peak, st.worker_peak_bytes or 0)
+            if private is not None:
+                st.worker_private_bytes = max(private, st.worker_private_bytes or 0)
 
     def _wrap_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def scale(scaler: Any, outputs: Any) -> Any:
@@ -578,6 +701,9 @@ class Tracker:
         if self._depth:
             self._in_step.append(root)
         else:
+            if self._group:  # a backward ends the update the optimizers since the last one made together
+                self._group_size = len(self._group)
+                self._group = set()
             self._pending.append(root)
             if len(self._pending) > 4096:  # a loop without optimizer: keep the list bounded
                 del self._pending[:-1024]
@@ -619,9 +745,13 @@ class Tracker:
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None
+        carry: tuple[float | None, int | None] | None = None
         if self._opt_steps == 0 and self._records.total:
-            self._records = _Records(self._max_records)  # provisional backward-only records
-        self._opt_steps += 1
+            # provisional backward-only records: this step spans them, their data waits and host peaks
+            early = self._records.records()
+            data = None if any(r.data is None for r in early) else sum(r.data or 0.0 for r in early)
+            carry = data, max((r.host for r in early if r.host is not None), default=None)
+            self._records = _Records(self._max_records)
         in_step, self._in_step = self._in_step, []
         pending, self._pending = self._pending, []
         now = time.perf_counter()
@@ -629,13 +759,40 @@ class Tracker:
         self._acc_peak = 0
         inputs, self._inputs_since_step = self._inputs_since_step, None
         self._inputs_since_backward = None
-        rec = self._record(in_step[:1] if in_step else pending, peak, now - self._t_last_step, inputs)
+        key = id(optimizer)
+        if not in_step and not pending and self._group and key not in self._group and self._records.items:
+            # no backward since another optimizer stepped: both apply the same gradients, one update
+            rec = self._records.items[-1]
+            rec.peak = max(rec.peak, peak)
+            data = self._step_data(now - self._t_last_step)
+            if rec.data is not None and data is not None:
+                rec.data += data
+            host = self._take_host()
+            if host is not None:
+                rec.host = max(host, rec.host or 0)
+            rec.seconds += now - self._t_last_step
+            if inputs is not None:
+                rec.inputs = inputs + (rec.inputs or 0)
+        else:
+            self._opt_steps += 1
+            self._group = set()
+            # a closure's first backward is what step returns (LBFGS re-evaluates it many times);
+            # backward calls before the step (Lightning's accumulation) add their gradients to it
+            roots = pending + in_step[:1]
+            drawn_since = self._data_s if self._drew else 0.0
+            rec = self._record(roots, peak, now - self._t_last_step, inputs)
+            if carry is not None:
+                rec.data = None if carry[0] is None else min(carry[0] + drawn_since, rec.seconds)
+                if carry[1] is not None:
+                    rec.host = max(carry[1], rec.host or 0)
+        self._group.add(key)
         self._optimizers.add(optimizer)
         if peak > self._best_peak:
             self._best_peak = peak
             self._breakdown = self._breakdown_at(peak, rec.index)
         self._t_last_step = time.perf_counter()  # recording, merging and the breakdown are no step's time
-        if self._stop_steps is not None and self._opt_steps >= self._stop_steps:
+        if (self._stop_steps is not None and self._opt_steps >= self._stop_steps
+                and len(self._group) >= self._group_size):
             raise StopTrial(f"{self._opt_steps} optimizer steps")
 
     def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
@@ -674,6 +831,7 @@ class Tracker:
         if self._input_seen:
             return
         self._input_seen = True
+        self._t_first_call = time.perf_counter()
         try:
             self._unhook_inputs()
             size = leading_dimension(args)
@@ -697,15 +855,28 @@ class Tracker:
         self._record([], self._session.take_window_peak(), now - self._t_last_step, inputs)
         self._t_last_step = time.perf_counter()  # the recording itself is no step's time
 
+    def _partial_window(self, roots: list[_Root]) -> bool:
+        """Whether ``roots`` are a window of ``(loss / k).backward()`` calls shorter than k, after a
+        full window of k was seen in the block (a single ``sum / batch_size`` is no window)."""
+        ks = {r.divisor for r in roots}
+        if len(ks) != 1:
+            return False
+        k = ks.pop()
+        if k is None or k < 2 or not float(k).is_integer():
+            return False
+        n = len(roots)
+        if n == k:
+            self._full_windows.add(int(k))
+            return False
+        return n < k and int(k) in self._full_windows
+
     def _record(self, roots: list[_Root], peak: int, seconds: float, inputs: int | None = None) -> _Rec:
         terms: list[tuple[Any, float]] | None = None
         batch: int | None = None
         if roots and all(r.value is not None for r in roots):
-            n = len(roots)
-            if n > 1 and all(r.divisor is not None and abs(r.divisor - n) < 1e-6 for r in roots):
-                terms = [(r.value, (r.divisor or 1.0) / n) for r in roots]  # (loss / k).backward() k times
-            else:
-                terms = [(r.value, 1.0 / n) for r in roots]
+            # the loss whose gradient the step applied: the sum of what backward was called on
+            terms = [(r.value, 1.0) for r in roots]
+        partial = self._partial_window(roots)
         if roots and all(r.batch is not None for r in roots):
             batch = sum({r.draw: r.batch or 0 for r in roots}.values())
         if not roots:
@@ -719,11 +890,35 @@ class Tracker:
             self._hook_inputs()
         except Exception as e:
             self._fault("the module input hook", e)
-        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs, guessed)
+        data = self._step_data(seconds)
+        host = self._take_host()
+        rec = _Rec(self._records.total, terms, peak, seconds, batch, 1, inputs, guessed, partial, data, host)
         self._records.add(rec)
         if self._on_step is not None:
-            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs, guessed))
+            self._on_step(StepRecord(rec.index, rec.loss, peak, seconds, batch, 1, inputs, guessed,
+                                     partial_window=partial, data_seconds=data,
+                                     compute_seconds=None if data is None else seconds - data, host_peak_bytes=host))
         return rec
+
+    def _step_data(self, seconds: float) -> float | None:
+        """The step's data wait (see ``StepRecord.data_seconds``); starts the next step's count."""
+        if self._drew:
+            data: float | None = self._data_s
+        elif self._t_first_call is not None:
+            data = self._t_first_call - (time.perf_counter() - seconds)
+        else:
+            data = None
+        self._data_s, self._drew, self._t_first_call = 0.0, False, None
+        return None if data is None else min(max(data, 0.0), seconds)
+
+    def _take_host(self) -> int | None:
+        """The host peak since the last step, starting the next interval."""
+        if self._host is None:
+            return None
+        peak = self._host.take()
+        if peak is not None and (self._host_max is None or peak > self._host_max):
+            self._host_max = peak
+        return peak
 
     def _breakdown_at(self, peak: int, index: int) -> MemoryBreakdown | None:
         """Parameters, gradients and optimizer state of the optimizers seen; the rest is other."""
@@ -763,6 +958,11 @@ class Tracker:
         err = None
         if error is not None and not isinstance(error, StopTrial):
             err = describe(error)
+        steps = tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs, r.guessed,
+                                 partial_window=r.partial, data_seconds=r.data,
+                                 compute_seconds=None if r.data is None else r.seconds - r.data, host_peak_bytes=r.host)
+                      for r in recs)
+        host_fields = self._host_fields(steps)
         incomplete = self._incomplete or getattr(session, "incomplete", None)
         self._report = MemoryReport(
             backend=session.backend,
@@ -774,15 +974,46 @@ class Tracker:
             reserved_peak_bytes=session.reserved_peak(),
             capacity_bytes=session.capacity(),
             wall_seconds=time.perf_counter() - self._t0,
-            steps=tuple(StepRecord(r.index, r.loss, r.peak, r.seconds, r.batch, r.count, r.inputs, r.guessed)
-                        for r in recs),
+            steps=steps,
             budget_bytes=self.budget,
             breakdown=self._breakdown,
             total_steps=self._records.total,
             error=err,
             notes=tuple(notes),
             incomplete=incomplete,
+            **host_fields,
         )
+
+    def _host_fields(self, steps: tuple[StepRecord, ...]) -> dict[str, Any]:
+        """The report's step anatomy and host memory: data wait, loader advice, host and worker peaks."""
+        from gpumagic.backends.host import host_memory
+
+        if not self._measures_time_and_host:
+            return {}
+
+        self._take_host()
+        for it in list(self._iter_stats.keys()):  # persistent workers still alive
+            self._read_workers(it)
+        total, available = host_memory()
+        loaders = self._all_loaders
+        workers = [ld for ld in loaders if ld.worker_pids]
+        peaks = [ld.worker_peak_bytes for ld in workers if ld.worker_peak_bytes is not None]
+        privates = [ld.worker_private_bytes for ld in workers if ld.worker_private_bytes is not None]
+        advice = dataloading.loader_advice(steps, loaders, cores=dataloading.available_cores(),
+                                           pin_helps=bool(getattr(self.backend, "loader_pin_memory", False)))
+        return {
+            "data_wait_fraction": dataloading.data_wait_fraction(steps),
+            "loader_advice": advice,
+            "host_baseline_bytes": self._host_baseline,
+            "host_peak_bytes": self._host_max,
+            "host_peak_sampled": self._host is not None and self._host.sampled,
+            "host_total_bytes": total,
+            "host_available_bytes": available,
+            "worker_count": max((ld.num_workers for ld in workers), default=0),
+            "worker_peak_bytes": max(peaks) if peaks else None,
+            "worker_private_bytes": max(privates) if privates else None,
+            "host_advice": dataloading.host_advice(loaders, self._host_max, total),
+        }
 
     def _fallback_report(self, error: BaseException | None) -> MemoryReport:
         """What is known when the full report could not be made: the cell's figures, no steps."""

@@ -187,6 +187,9 @@ class Backend(Protocol):
     that mean this device: advice after such an error inspects and measures it. Optional: none."""
     dry_run: DryRunTarget | None
     """How a dry run plans memory for this device; None (or absent): it cannot be planned for."""
+    loader_pin_memory: bool
+    """Whether a DataLoader feeding this device should pin its batches (``pin_memory=True``: the
+    copy to the device is faster and can be asynchronous); loader advice says so. Optional: False."""
 
     def available(self) -> bool:
         """Whether this device can be used in this process (never initialises it)."""

@@ -274,6 +274,7 @@ class CUDABackend:
     indexed = True
     oom_device_types = ("cuda",)
     dry_run = CUDAPlan()
+    loader_pin_memory = True
 
     def available(self) -> bool:
         return bool(_cuda().is_available())

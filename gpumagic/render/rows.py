@@ -135,6 +135,15 @@ def memory_report_view(r: MemoryReport) -> View:
                                           f"peak {format_bytes(big.peak_bytes)})"))
     else:
         rows.append(Row("steps", "none seen (no backward() in the block)"))
+    anatomy = r.anatomy_text()
+    if anatomy is not None:
+        rows.append(Row("step time", anatomy))
+    if r.loader_advice is not None:
+        rows.extend(Row("loader advice", line) for line in r.loader_advice.lines)
+    host = r.host_text()
+    if host is not None and r.host_matters:
+        rows.append(Row("host memory", host))
+    rows.extend(Row("host advice", line) for line in r.host_advice)
     rows.append(Row("wall time", format_seconds(r.wall_seconds), True))
     if r.error:
         rows.append(Row("stopped by", r.error.splitlines()[0] if r.error.strip() else r.error))

@@ -570,8 +570,18 @@ def memory_figure(report: MemoryReport) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
     ax.grid(True, alpha=0.25)
+    handles, labels = ax.get_legend_handles_labels()
+    host = [(s.index, s.host_peak_bytes) for s in report.steps if s.host_peak_bytes is not None]
+    if report.host_matters and host:  # beside the device's, on its own scale
+        hax = ax.twinx()
+        hunit, hscale = _unit_for(max(p for _, p in host))
+        hx, hy = _thin([float(x) for x, _ in host], [float(p) for _, p in host])
+        (line,) = hax.plot(hx, [v / hscale for v in hy], color=_GREEN, lw=1.0, ls="-.")
+        _byte_axis(hax, hunit, "host")
+        handles.append(line)
+        labels.append(f"host peak in the step (machine {format_bytes(report.host_total_bytes)})")
     # Under the axes: lines at baseline, peak and capacity leave no free corner inside.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncols=4, frameon=False)
     if inputs:
         _input_panel(fig.axes[-1], inputs, cap if cap_on_scale else None, cap_name)
     return fig

@@ -476,10 +476,10 @@ def test_lightning_autoencoder_fit_is_searched_and_restored(ip, clean_ns):
 # PyTorch tutorial "DCGAN Tutorial", https://pytorch.org/tutorials/beginner/dcgan_faces_tutorial.html
 # (weights_init, Generator, Discriminator, the training loop with optimizerD and optimizerG).
 # Adapted: random 64x64 images instead of CelebA; nz=8, ngf=ndf=4; 3 iterations; no printing.
-# How gpumagic counts it (README, "Steps and losses"): every optimizer.step() is a step, so one
-# iteration is two steps, D's then G's; D's step loss is the mean of the two values backward was
-# called on (errD_real, errD_fake), that is errD / 2; G's is errG. Both steps' batch size is the
-# loader's batch (4): backward calls on one drawn batch count its samples once.
+# How gpumagic counts it (README, "Steps and losses"): D and G each update after their own
+# backward(), so one iteration is two steps, D's then G's; D's step loss is the sum of the two
+# values backward was called on (errD_real, errD_fake), the tutorial's errD; G's is errG. Both
+# steps' batch size is the loader's batch (4): backward calls on one drawn batch count its samples once.
 
 DCGAN = '''
 from torch.utils.data import DataLoader, TensorDataset
@@ -628,7 +628,7 @@ def test_dcgan_counts_two_steps_per_iteration_with_the_documented_losses(ip, cle
     rep = gpumem(ip, DCGAN_CELL)
     d, g = ip.user_ns["D_losses"], ip.user_ns["G_losses"]
     assert rep.total_steps == 2 * len(g) == 6
-    expected = [v for pair in zip([x / 2 for x in d], g, strict=True) for v in pair]  # D, G, D, G, ...
+    expected = [v for pair in zip(d, g, strict=True) for v in pair]  # D, G, D, G, ...
     assert list(rep.losses) == pytest.approx(expected, rel=1e-6)
     assert [s.batch_size for s in rep.steps] == [4] * 6
 
