@@ -35,13 +35,19 @@ from gpumagic.noise import GradientNorms, NoiseScale, estimate
 from gpumagic.sweep_results import By, SweepResult, SweepRule, SweepRun
 from gpumagic.tracking import StopTrial, Tracker
 
-__all__ = ["LR_RULES", "NOISE_BATCHES", "batch_sweep", "default_sizes", "save_state", "sweep",
-           "sweep_in_namespace"]
+__all__ = ["LR_RULES", "NOISE_BATCHES", "NOISE_MAX_BATCHES", "NOISE_PRECISION", "batch_sweep", "default_sizes",
+           "save_state", "sweep", "sweep_in_namespace"]
 
 LR_RULES = ("auto", "linear", "sqrt", "none")
 NOISE_BATCHES = 20
-"""Gradients read per batch size for the noise scale (within 30% of the exact value in 97% of
-repeats on an MLP; see docs)."""
+"""Gradients read at least per batch size for the noise scale."""
+NOISE_SMALL_FACTOR = 3
+"""At the smallest size, at least this many times ``noise_batches`` gradients: a bootstrap over
+few noisy norms draws its band too narrow."""
+NOISE_MAX_BATCHES = 400
+"""Gradients read at most at the smallest size."""
+NOISE_PRECISION = 0.12
+"""The smallest size's gradients are read until the estimate's 10–90% band is within ±12%."""
 
 _HIGHER_IS_BETTER = ("acc", "score", "f1", "auc", "precision", "recall", "iou", "map", "bleu", "top")
 
@@ -178,28 +184,37 @@ def _tracker(device: torch.device, backend: Any, budget: int | None, snapshot: S
 def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: torch.device, backend: Any,
                    budget: int | None, snapshot: StateSnapshot, batches: int,
                    notes: list[str]) -> tuple[NoiseScale | None, str | None, int | None]:
-    """(noise scale, why not, data-set size seen) from ``batches`` gradients at the smallest
-    and the largest size that fit, read at the starting weights."""
+    """(noise scale, why not, data-set size seen), from gradients read at the starting weights:
+    ``batches`` at the largest size that fits, then at the smallest, ``batches`` and more (up to
+    :data:`NOISE_MAX_BATCHES`) until the estimate's 10–90% band is within ±:data:`NOISE_PRECISION`.
+    The small batches' gradients are the noisy ones, and they are the cheap ones."""
     norms = GradientNorms()
     n_seen: int | None = None
     order = sorted(set(sizes))
     measured: list[int] = []
 
     def candidates() -> Iterable[int]:
-        for b in order:  # the smallest that fits ...
+        for b in reversed(order):  # the largest that fits ...
             if not measured:
                 yield b
-        for b in reversed(order):  # ... then the largest that fits
-            if len(measured) == 1 and b > measured[0]:
+        for b in order:  # ... then the smallest that fits
+            if len(measured) == 1 and b < measured[0]:
                 yield b
 
     for b in candidates():
         stop = _Stop(b, None, None)
+        small = bool(measured)
 
-        def on_step(rec: Any, stop: _Stop = stop) -> None:
+        def on_step(rec: Any, stop: _Stop = stop, small: bool = small, seen: int | None = n_seen) -> None:
             norms.step_batch(rec.batch_size or stop.b)
+            k = sum(1 for s, _ in norms.norms if s != measured[0]) if small else 0
+            if small and k >= NOISE_SMALL_FACTOR * batches and k % 10 == 0:
+                got = estimate(norms.norms, seen or stop.dataset_size)
+                if not isinstance(got, str) and got.high - got.low <= 2 * NOISE_PRECISION * got.value:
+                    raise StopTrial("noise scale precise enough")
 
-        tracker = _tracker(device, backend, budget, snapshot, batches, on_step)
+        limit = NOISE_MAX_BATCHES if small else batches
+        tracker = _tracker(device, backend, budget, snapshot, limit, on_step)
         tracker.on_batch = stop.on_batch
         try:
             with norms, tracker:

@@ -11,7 +11,7 @@ EXPECTED = {
     "Advice", "AdviceContext", "BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport",
     "OOMInfo", "RankRecord", "StepRecord", "Tracker", "Trial", "__version__", "advise", "device_status", "find_batch",
     "format_bytes", "free_memory", "load_ipython_extension", "parse_oom", "parse_size", "track",
-    "unload_ipython_extension",
+    "unload_ipython_extension", "batch_sweep", "SweepResult", "SweepRun", "NoiseScale",
 }
 
 
@@ -33,7 +33,8 @@ def test_result_classes_are_frozen():
     import dataclasses
 
     for cls in (gpumagic.MemoryReport, gpumagic.StepRecord, gpumagic.BatchSearchResult, gpumagic.Trial,
-                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus, gpumagic.RankRecord):
+                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus, gpumagic.RankRecord,
+                gpumagic.SweepResult, gpumagic.SweepRun, gpumagic.NoiseScale):
         assert dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen, cls
 
@@ -41,7 +42,7 @@ def test_result_classes_are_frozen():
 def test_core_modules_never_import_ipython():
     code = (
         "import sys, gpumagic, gpumagic.tracking, gpumagic.batch, gpumagic.search, gpumagic.oom, gpumagic.devices,"
-        " gpumagic.distributed;"
+        " gpumagic.distributed, gpumagic.sweep, gpumagic.noise, gpumagic.sweep_results;"
         "print(sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
