@@ -57,15 +57,16 @@ class NoiseScale:
                 f"weights ({how}){extra}")
 
 
-def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
-    """Least squares ``y = a + s·c``: (a, s), or None when every c is the same."""
-    n = len(points)
-    mc = sum(c for c, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((c - mc) ** 2 for c, _ in points)
+def _fit(points: Sequence[tuple[float, float, int]]) -> tuple[float, float] | None:
+    """Least squares ``y = a + s·c`` over ``(c, mean y, count)`` groups (the same line as over
+    every point): (a, s), or None when every c is the same."""
+    n = sum(k for _, _, k in points)
+    mc = sum(c * k for c, _, k in points) / n
+    my = sum(y * k for _, y, k in points) / n
+    sxx = sum(k * (c - mc) ** 2 for c, _, k in points)
     if sxx <= 0:
         return None
-    s = sum((c - mc) * (y - my) for c, y in points) / sxx
+    s = sum(k * (c - mc) * (y - my) for c, y, k in points) / sxx
     return my - s * mc, s
 
 
@@ -95,8 +96,10 @@ def estimate(norms: Sequence[tuple[int, float]], dataset_size: int | None = None
     normalised = mean_lo > 0 and mean_hi > mean_lo * math.sqrt(hi / lo)
     if normalised:
         pts = [(b, y / b**2) for b, y in pts]
-    line = [(_c(b, dataset_size), y) for b, y in pts]
-    fitted = _fit(line)
+    # batches of one size share c: the fit needs only each size's mean (short last batches are their own size)
+    groups = {b: [y for bb, y in pts if bb == b] for b in sorted({b for b, _ in pts})}
+    cs = {b: _c(b, dataset_size) for b in groups}
+    fitted = _fit([(cs[b], sum(ys) / len(ys), len(ys)) for b, ys in groups.items()])
     if fitted is None:
         return f"the batch sizes measured ({', '.join(map(str, sizes))}) are all the whole data set"
     g2, trace = fitted
@@ -107,10 +110,9 @@ def estimate(norms: Sequence[tuple[int, float]], dataset_size: int | None = None
         return "the gradients do not get less noisy with a larger batch (tr(Σ) fitted ≤ 0): no noise to measure"
     value = trace / g2
     rng = random.Random(0)  # its own generator: the user's RNG streams are not touched
-    groups = [[(_c(b, dataset_size), y) for b, y in pts if b == s] for s in sizes]
     boot: list[float] = []
     for _ in range(BOOTSTRAP):
-        f = _fit([rng.choice(g) for g in groups for _ in g])
+        f = _fit([(cs[b], sum(rng.choices(ys, k=len(ys))) / len(ys), len(ys)) for b, ys in groups.items()])
         if f is not None and f[0] > 0 and f[1] > 0:
             boot.append(f[1] / f[0])
     boot.sort()
@@ -132,6 +134,8 @@ class GradientNorms:
     def __init__(self) -> None:
         self.pending: list[float] = []
         self.norms: list[tuple[int, float]] = []
+        self.steps = 0
+        """Optimizer steps seen (with or without gradients)."""
         self._handle: Any = None
 
     def __enter__(self) -> GradientNorms:
@@ -146,6 +150,7 @@ class GradientNorms:
             handle.remove()
 
     def _read(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.steps += 1
         total = 0.0
         seen = False
         with torch.no_grad():

@@ -36,7 +36,7 @@ from gpumagic.sweep_results import By, SweepResult, SweepRule, SweepRun
 from gpumagic.tracking import StopTrial, Tracker
 
 __all__ = ["LR_RULES", "NOISE_BATCHES", "NOISE_MAX_BATCHES", "NOISE_PRECISION", "batch_sweep", "default_sizes",
-           "save_state", "sweep", "sweep_in_namespace"]
+           "flag_names", "save_state", "sweep", "sweep_in_namespace"]
 
 LR_RULES = ("auto", "linear", "sqrt", "none")
 NOISE_BATCHES = 20
@@ -157,6 +157,9 @@ class _Stop:
         self.seconds: list[float] = []
         self.t0 = time.perf_counter()
         self.dataset_size: int | None = None
+        self.tracker: Tracker | None = None
+        self.optimizer_steps = False
+        """An optimizer steps in this loop: a backward before its first step is no step to stop at."""
 
     def on_batch(self, it: Any, size: int | None) -> None:
         if self.dataset_size is None:
@@ -169,6 +172,8 @@ class _Stop:
         total = (self.samples[-1] if self.samples else 0) + (rec.batch_size or self.b)
         self.samples.append(total)
         self.seconds.append(time.perf_counter() - self.t0)
+        if self.optimizer_steps and self.tracker is not None and self.tracker.optimizer_steps == 0:
+            return  # provisional: the optimizer step that follows replaces it
         if self.samples_target is not None and total >= self.samples_target:
             raise StopTrial(f"{total} samples")
         if self.seconds_target is not None and self.seconds[-1] >= self.seconds_target:
@@ -182,9 +187,9 @@ def _tracker(device: torch.device, backend: Any, budget: int | None, snapshot: S
 
 
 def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: torch.device, backend: Any,
-                   budget: int | None, snapshot: StateSnapshot, batches: int,
-                   notes: list[str]) -> tuple[NoiseScale | None, str | None, int | None]:
-    """(noise scale, why not, data-set size seen), from gradients read at the starting weights:
+                   budget: int | None, snapshot: StateSnapshot, batches: int, notes: list[str],
+                   rule: str, base: int | None, known: Sequence[Any]) -> tuple[NoiseScale | None, str | None, int | None, bool]:
+    """(noise scale, why not, data-set size seen, whether an optimizer stepped), from gradients read at the starting weights:
     ``batches`` at the largest size that fits, then at the smallest, ``batches`` and more (up to
     :data:`NOISE_MAX_BATCHES`) until the estimate's 10–90% band is within ±:data:`NOISE_PRECISION`.
     The small batches' gradients are the noisy ones, and they are the cheap ones."""
@@ -217,7 +222,8 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         tracker = _tracker(device, backend, budget, snapshot, limit, on_step)
         tracker.on_batch = stop.on_batch
         try:
-            with norms, tracker:
+            # at the run's learning rate, as the runs will be: a loop that reads it sees the same
+            with _LRScaler(rule, b, base, known), norms, tracker:
                 body(b)
         except StopTrial:
             pass
@@ -236,21 +242,22 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         if any(s == b for s, _ in norms.norms):
             measured.append(b)
     if not norms.norms:
-        return None, "no optimizer step read a gradient (no optimizer, or no parameter had a gradient)", n_seen
+        return None, "no optimizer step read a gradient (no optimizer, or no parameter had a gradient)", n_seen, norms.steps > 0
     if len(norms.norms) < 3:
-        return None, f"too few batches: {len(norms.norms)} gradients read, at least 3 are needed", n_seen
+        return None, f"too few batches: {len(norms.norms)} gradients read, at least 3 are needed", n_seen, norms.steps > 0
     got = estimate(norms.norms, n_seen)
     if isinstance(got, str):
-        return None, got, n_seen
-    return got, None, n_seen
+        return None, got, n_seen, norms.steps > 0
+    return got, None, n_seen, norms.steps > 0
 
 
 def _run(body: Callable[[int], Any], b: int, *, device: torch.device, backend: Any, budget: int | None,
          snapshot: StateSnapshot, rule: str, base: int | None, samples: int | None, seconds: float | None,
          val: Callable[[], Any] | None, val_problems: list[str], notes: list[str],
-         known: Sequence[Any]) -> tuple[SweepRun, list[str], int | None]:
+         known: Sequence[Any], optimizer_steps: bool) -> tuple[SweepRun, list[str], int | None]:
     stop = _Stop(b, samples, seconds)
     tracker = _tracker(device, backend, budget, snapshot, None, stop.on_step)
+    stop.tracker, stop.optimizer_steps = tracker, optimizer_steps
     tracker.on_batch = stop.on_batch
     oom: str | None = None
     scaler = _LRScaler(rule, b, base, known)
@@ -380,8 +387,9 @@ def sweep(
     rules: list[str] = []
     val_problems: list[str] = []
     try:
-        noise, noise_why, seen = _measure_noise(body, order, device=dev, backend=backend, budget=bud,
-                                                snapshot=snapshot, batches=noise_batches, notes=notes)
+        noise, noise_why, seen, stepped = _measure_noise(body, order, device=dev, backend=backend, budget=bud,
+                                                snapshot=snapshot, batches=noise_batches, notes=notes,
+                                                rule=lr_rule, base=base_batch_size, known=objects)
         dataset_size = dataset_size or seen
         target = samples
         if samples is None and seconds is None and dataset_size is not None:
@@ -390,7 +398,8 @@ def sweep(
         for b in order:
             run, used, seen = _run(body, b, device=dev, backend=backend, budget=bud, snapshot=snapshot,
                                    rule=lr_rule, base=base_batch_size, samples=target, seconds=seconds, val=val,
-                                   val_problems=val_problems, notes=notes, known=objects)
+                                   val_problems=val_problems, notes=notes, known=objects,
+                                   optimizer_steps=stepped or any(isinstance(o, torch.optim.Optimizer) for o in objects))
             dataset_size = dataset_size or seen
             if target is None and seconds is None and run.oom is None and run.total_samples:
                 target = run.total_samples  # no data set length: the first run's samples set the target
@@ -457,6 +466,19 @@ def _check(sizes: Sequence[int] | None, samples: int | None, seconds: float | No
         raise BadOptions(f"noise_batches must be >= 2, got {noise_batches}")
     if base is not None and base < 1:
         raise BadOptions(f"base_batch_size must be >= 1, got {base}")
+
+
+_FLAGS = (("sizes must", "--sizes must"), ("samples must", "--samples must"), ("seconds must", "--seconds must"),
+          ("samples or seconds", "--samples or --seconds"), ("noise_batches must", "--noise-batches must"),
+          ("lr_rule must", "--lr-rule must"), ("by must", "--by must"), ("give sizes", "give --sizes"))
+
+
+def flag_names(message: str) -> str:
+    """A core error message in the magic's option names (``sizes must ...`` -> ``--sizes must ...``)."""
+    for core, flag in _FLAGS:
+        if message.startswith(core) or f" {core}" in message:
+            return message.replace(core, flag, 1)
+    return message
 
 
 def batch_sweep(
