@@ -188,8 +188,10 @@ def _tracker(device: torch.device, backend: Any, budget: int | None, snapshot: S
 
 def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: torch.device, backend: Any,
                    budget: int | None, snapshot: StateSnapshot, batches: int, notes: list[str],
-                   rule: str, base: int | None, known: Sequence[Any]) -> tuple[NoiseScale | None, str | None, int | None, bool]:
-    """(noise scale, why not, data-set size seen, whether an optimizer stepped), from gradients read at the starting weights:
+                   rule: str, base: int | None,
+                   known: Sequence[Any]) -> tuple[NoiseScale | None, str | None, int | None, bool]:
+    """(noise scale, why not, data-set size seen, whether an optimizer stepped), from gradients
+    read at the starting weights:
     ``batches`` at the largest size that fits, then at the smallest, ``batches`` and more (up to
     :data:`NOISE_MAX_BATCHES`) until the estimate's 10–90% band is within ±:data:`NOISE_PRECISION`.
     The small batches' gradients are the noisy ones, and they are the cheap ones."""
@@ -241,10 +243,11 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         n_seen = n_seen or stop.dataset_size
         if any(s == b for s, _ in norms.norms):
             measured.append(b)
+    stepped = norms.steps > 0
     if not norms.norms:
-        return None, "no optimizer step read a gradient (no optimizer, or no parameter had a gradient)", n_seen, norms.steps > 0
+        return None, "no optimizer step read a gradient (no optimizer, or no parameter had a gradient)", n_seen, stepped
     if len(norms.norms) < 3:
-        return None, f"too few batches: {len(norms.norms)} gradients read, at least 3 are needed", n_seen, norms.steps > 0
+        return None, f"too few batches: {len(norms.norms)} gradients read, at least 3 are needed", n_seen, stepped
     got = estimate(norms.norms, n_seen)
     if isinstance(got, str):
         return None, got, n_seen, norms.steps > 0
@@ -391,6 +394,7 @@ def sweep(
                                                 snapshot=snapshot, batches=noise_batches, notes=notes,
                                                 rule=lr_rule, base=base_batch_size, known=objects)
         dataset_size = dataset_size or seen
+        has_optimizer = any(isinstance(o, torch.optim.Optimizer) for o in objects)
         target = samples
         if samples is None and seconds is None and dataset_size is not None:
             target = dataset_size
@@ -399,7 +403,7 @@ def sweep(
             run, used, seen = _run(body, b, device=dev, backend=backend, budget=bud, snapshot=snapshot,
                                    rule=lr_rule, base=base_batch_size, samples=target, seconds=seconds, val=val,
                                    val_problems=val_problems, notes=notes, known=objects,
-                                   optimizer_steps=stepped or any(isinstance(o, torch.optim.Optimizer) for o in objects))
+                                   optimizer_steps=stepped or has_optimizer)
             dataset_size = dataset_size or seen
             if target is None and seconds is None and run.oom is None and run.total_samples:
                 target = run.total_samples  # no data set length: the first run's samples set the target
