@@ -83,7 +83,7 @@ def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> B
 
 def previous_cell(shell: InteractiveShell) -> str | None:
     """The cell run before the current one (which is the last in the history when it is stored)."""
-    hist = list(getattr(shell.history_manager, "input_hist_raw", []))
+    hist: list[str] = list(getattr(shell.history_manager, "input_hist_raw", []))
     for src in reversed(hist):
         text = src.strip()
         if text and not text.lstrip("%").startswith("batch_sweep"):
