@@ -327,6 +327,10 @@ def _recommend(runs: Sequence[SweepRun], by: By, val_name: str | None, higher: b
         others = ", ".join(f"{r.batch_size}: {v:.4g}" for r, v in scored if r is not best)
         why = (f"batch {best.batch_size} reached the lowest loss ({loss:.4g}, smoothed) for {span}"
                + (f" ({others})" if others else ""))
+    close = _within_one_percent(ok, best, by, with_val, higher)
+    if close:
+        why += (f"; {', '.join(map(str, close))} came within 1% of it: per sample they train about as well, "
+                "and the larger uses the hardware better")
     if noise is not None:
         b, bn = best.batch_size, noise.value
         if b < bn / 4:
@@ -338,6 +342,19 @@ def _recommend(runs: Sequence[SweepRun], by: By, val_name: str | None, higher: b
         else:
             why += f"; it is near the noise scale (≈ {bn:,.0f}), the efficient size for both steps and samples"
     return best.batch_size, why
+
+
+def _within_one_percent(ok: Sequence[SweepRun], best: SweepRun, by: By, with_val: Sequence[SweepRun],
+                        higher: bool) -> list[int]:
+    """The other sizes whose figure is within 1% of the best one's."""
+    if with_val:
+        ref = cast(float, best.val)
+        got = {r.batch_size: cast(float, r.val) for r in with_val}
+    else:
+        until = min(r.total_samples if by == "samples" else r.total_seconds for r in ok)
+        ref = best.final_loss(until, by) or 0.0
+        got = {r.batch_size: v for r in ok if (v := r.final_loss(until, by)) is not None}
+    return [b for b, v in got.items() if b != best.batch_size and abs(v - ref) <= 0.01 * abs(ref)]
 
 
 def sweep(
