@@ -36,7 +36,7 @@ def _curve(ax: Axes, xs: list[float], losses: tuple[float | None, ...], color: s
     if not pts:
         return
     ax.plot([x for x, _ in pts], [v for _, v in pts], color=color, alpha=0.22, linewidth=0.8)
-    smooth = smoothed([v for _, v in pts])
+    smooth = [v if v is not None else math.nan for v in smoothed([v for _, v in pts])]
     ax.plot([x for x, _ in pts], smooth, color=color, linewidth=2.6 if chosen else 1.4, label=label)
 
 
