@@ -82,11 +82,14 @@ def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> B
 
 
 def previous_cell(shell: InteractiveShell) -> str | None:
-    """The cell run before the current one (which is the last in the history when it is stored)."""
+    """The cell run before the current one (which is the last in the history when it is stored),
+    without its ``%%gpumem`` line: the sweep tracks the runs itself."""
     hist: list[str] = list(getattr(shell.history_manager, "input_hist_raw", []))
     for src in reversed(hist):
         text = src.strip()
         if text and not text.lstrip("%").startswith("batch_sweep"):
+            if text.startswith("%%gpumem"):
+                return text.split("\n", 1)[1] if "\n" in text else None
             return src
     return None
 
