@@ -87,6 +87,7 @@ def _size_panel(ax: Axes, result: SweepResult, pick: int | None) -> None:
                         fontsize=8, ha="center")
     ax.set_ylabel("loss reached (smoothed)")
     vals = [(r.batch_size, r.val) for r in result.runs if r.val is not None]
+    twin = None
     if vals:
         twin = ax.twinx()
         twin.plot([b for b, _ in vals], [v for _, v in vals], "s--", color="#9467bd",
@@ -97,8 +98,8 @@ def _size_panel(ax: Axes, result: SweepResult, pick: int | None) -> None:
     if ns is not None:
         ax.axvspan(max(ns.low, 0.5), ns.high, color="#2ca02c", alpha=0.12)
         ax.axvline(ns.value, color="#2ca02c", linewidth=1.5)
-        ax.annotate(f"noise scale ≈ {ns.value:,.0f}", (ns.value, 0.95), xycoords=("data", "axes fraction"),
-                    color="#2ca02c", fontsize=8, ha="left", va="top")
+        ax.annotate(f"noise scale ≈ {ns.value:,.0f}", (ns.value, 0.5), xycoords=("data", "axes fraction"),
+                    color="#2ca02c", fontsize=8, ha="right", va="center", rotation=90)
     if pick is not None:
         got = dict(pts)
         if pick in got:
@@ -109,8 +110,12 @@ def _size_panel(ax: Axes, result: SweepResult, pick: int | None) -> None:
     ax.set_xlim(max(lo / 1.6, 0.5), hi * 1.6)
     ax.set_xlabel("batch size")
     ax.set_title("per batch size", fontsize=10)
-    if pts:
-        ax.legend(fontsize=8, frameon=False, loc="upper right" if ns is None else "lower right")
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        ax.legend(handles, labels, fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
 
 
 def sweep_png(result: SweepResult, selected: int | None = None) -> bytes:
