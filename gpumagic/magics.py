@@ -1,4 +1,4 @@
-"""IPython magics: ``%%gpumem``, ``%find_batch``, ``%gpumon``, ``%gpumagic``. The only IPython importer.
+"""IPython magics: ``%%gpumem``, ``%find_batch``, ``%batch_sweep``, ``%gpumon``, ``%gpumagic``.
 
 Thin over the core: arguments are parsed here, the work is done by :mod:`gpumagic.tracking`,
 :mod:`gpumagic.batch` and :mod:`gpumagic.oom`, and results display themselves.
