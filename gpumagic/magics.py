@@ -1109,7 +1109,7 @@ class GPUMagics(Magics):
         help="Compare the losses at equal samples (default) or at equal wall time.",
     )
     @magic_arguments.argument(
-        "--noise-batches", dest="noise_batches", type=int, default=None,
+        "--noise-batches", dest="noise_batches", type=int, default=20,
         help="Gradients read per size for the noise scale (default 20 at the largest, 60 to 400 at the smallest).",
     )
     @magic_arguments.argument(
@@ -1166,7 +1166,6 @@ class GPUMagics(Magics):
             except ValueError:
                 raise UsageError(f"--sizes must be integers separated by commas, e.g. 16,64,256; got {args.sizes!r}"
                                  ) from None
-        extra = {} if args.noise_batches is None else {"noise_batches": args.noise_batches}
         val = args.val
         if val is not None and len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
             val = val[1:-1]  # IPython's option parser keeps the quotes around an expression with spaces
@@ -1174,7 +1173,7 @@ class GPUMagics(Magics):
             result = sweep_in_shell(
                 self.shell, code, var=args.var, sizes=sizes, samples=args.samples, seconds=args.seconds,
                 lr_rule=args.lr_rule, val=val, val_name=args.val_name, by=args.by, device=args.device,
-                budget=args.budget, **extra,
+                budget=args.budget, noise_batches=args.noise_batches,
             )
         except batch.BadOptions as e:
             raise UsageError(sweep.flag_names(str(e))) from None

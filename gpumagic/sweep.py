@@ -69,12 +69,12 @@ def default_sizes(largest: int, dataset_size: int | None) -> tuple[list[int], bo
     full = dataset_size is not None and largest >= dataset_size
     top = dataset_size if full and dataset_size is not None else largest
     sizes = [top]
-    for spacing in (4, 2):
+    for spacing in (4, 2):  # 2x apart only where 4x apart leaves fewer than three sizes
         sizes = [top]
-        s = pow2_floor(max(1, top // spacing))
-        while len(sizes) < 3 and s >= 1 and s < sizes[-1]:
-            sizes.append(s)
-            s = pow2_floor(max(1, s // spacing)) if s > 1 else 0
+        while len(sizes) < 3 and sizes[-1] > 1:
+            # the power of two nearest to a quarter (in log scale), always below the last size
+            nearest = 2 ** max(0, round(math.log2(sizes[-1] / spacing)))
+            sizes.append(min(nearest, pow2_floor(sizes[-1] - 1)))
         if len(sizes) >= 3:
             break
     return sorted(set(sizes)), full

@@ -3,6 +3,8 @@ losses, state put back, out of memory as a result, --val, the whole data set in 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -234,3 +236,38 @@ def test_the_python_api_sweeps_a_function(ip):
     assert torch.equal(model.weight, before)
     with pytest.raises(ValueError, match="sizes must be integers >= 1, got \\[0\\]"):
         gpumagic.batch_sweep(train, sizes=[0], device="cpu", restore=[model, opt])
+
+
+def test_a_loop_without_a_data_set_length_stops_at_the_smallest_runs_samples(ip, setup):
+    body = """
+X_all, y_all = data.tensors
+for step in range(12):
+    idx = torch.randint(0, 512, (batch_size,))
+    loss = F.cross_entropy(model(X_all[idx]), y_all[idx])
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+    res = sweep(ip, "--var batch_size --sizes 8,32 --noise-batches 4", body)
+    assert [r.total_samples for r in res.runs] == [96, 96]
+    assert any("no data set length" in n for n in res.notes)
+
+
+def test_a_scheduler_that_computes_from_base_rates_is_scaled_too(ip, setup):
+    seen: list[tuple[int, float]] = []
+    ip.push({"record": lambda b, lr: seen.append((b, lr))})
+    ip.run_cell("sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)").raise_error()
+    body = LOOP + "    sched.step(); record(batch_size, opt.param_groups[0]['lr'])\n"
+    sweep(ip, "--var batch_size --sizes 16,64 --samples 128 --noise-batches 4", body)
+    assert {b for b, _ in seen} == {16, 64}
+    for b, lr in seen:
+        assert lr == pytest.approx(0.1 * b / 32)
+    assert ip.user_ns["sched"].base_lrs == [0.1]
+
+
+def test_by_time_compares_the_losses_at_the_time_every_run_reached(ip, setup):
+    res = sweep(ip, "--var batch_size --sizes 8,64 --seconds 0.5 --by time --noise-batches 4")
+    assert res.by == "time"
+    assert res.seconds_target == 0.5
+    assert res.samples_target is None
+    for run in res.runs:
+        assert run.seconds[-2] < 0.5 <= run.seconds[-1] or run.total_samples == 512
+    assert re.search(r"reached the lowest loss \([\d.]+, smoothed\) for \d+\.\d s", res.why)
