@@ -99,6 +99,7 @@ class _LRScaler:
         self.seen: set[int] = set()
         self.lrs: list[float] = []
         self.rules: list[str] = []
+        self.problems: list[str] = []
         self._handle: Any = None
 
     def __enter__(self) -> _LRScaler:
@@ -116,6 +117,13 @@ class _LRScaler:
         if id(optimizer) in self.seen:
             return
         self.seen.add(id(optimizer))
+        try:
+            self._scale(optimizer)
+        except Exception as e:  # ours: the run goes on at the rate it has, and the result says so
+            self.problems.append(f"could not scale the learning rate of a {type(optimizer).__name__}: "
+                                 f"{describe(e)}")
+
+    def _scale(self, optimizer: Any) -> None:
         rule = lr_rule_for(optimizer) if self.rule == "auto" else self.rule
         self.rules.append(rule)
         f = _factor(rule, self.b, self.base)
@@ -186,6 +194,27 @@ def _tracker(device: torch.device, backend: Any, budget: int | None, snapshot: S
                    on_step=on_step, gather_ranks=False, max_records=10**7)
 
 
+def _parameters(objects: Sequence[Any]) -> list[torch.Tensor]:
+    """The parameters of the known models and optimizers, each once."""
+    found: dict[int, torch.Tensor] = {}
+    for o in objects:
+        if isinstance(o, torch.nn.Module):
+            found.update((id(p), p) for p in o.parameters())
+        elif isinstance(o, torch.optim.Optimizer):
+            found.update((id(p), p) for g in o.param_groups for p in g["params"])
+    return list(found.values())
+
+
+def _fingerprint(params: Sequence[torch.Tensor]) -> list[float] | None:
+    """A sum per parameter: equal before and after a measuring run when no weight moved (None
+    where a parameter has no values to read, e.g. on the meta device)."""
+    try:
+        with torch.no_grad():
+            return [float(p.detach().double().sum()) for p in params]
+    except Exception:
+        return None
+
+
 def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: torch.device, backend: Any,
                    budget: int | None, snapshot: StateSnapshot, batches: int, notes: list[str],
                    rule: str, base: int | None,
@@ -208,6 +237,10 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
             if len(measured) == 1 and b < measured[0]:
                 yield b
 
+    params = _parameters(known)
+    before = _fingerprint(params)
+    failed: str | None = None
+    moved = False
     for b in candidates():
         stop = _Stop(b, None, None)
         small = bool(measured)
@@ -223,6 +256,7 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         limit = NOISE_MAX_BATCHES if small else batches
         tracker = _tracker(device, backend, budget, snapshot, limit, on_step)
         tracker.on_batch = stop.on_batch
+        oom = False
         try:
             # at the run's learning rate, as the runs will be: a loop that reads it sees the same
             with _LRScaler(rule, b, base, known), norms, tracker:
@@ -230,20 +264,33 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         except StopTrial:
             pass
         except Exception as e:
-            if not _is_oom(e):
-                raise
-            release_memory(e)
+            if _is_oom(e):
+                oom = True
+                release_memory(e)
+            else:  # the runs show whether the loop fails without the gradients being read, too
+                failed = describe(e)
             e.__traceback__ = None
             del e
-            continue
         finally:
+            moved = moved or _fingerprint(params) != before
             for problem in snapshot.restore():
                 if problem not in notes:
                     notes.append(problem)
+        if failed is not None:
+            break
+        if oom:
+            continue
         n_seen = n_seen or stop.dataset_size
         if any(s == b for s, _ in norms.norms):
             measured.append(b)
     stepped = norms.steps > 0
+    if failed is not None:
+        return None, f"the loop failed while its gradients were read ({failed})", n_seen, stepped
+    if norms.problem is not None:
+        return None, norms.problem, n_seen, stepped
+    if moved:
+        return (None, "an optimizer changed the weights without gradients (a custom step, or decay applied to "
+                "every parameter): the gradients were not all read at the same weights", n_seen, stepped)
     if not norms.norms:
         return None, "no optimizer step read a gradient (no optimizer, or no parameter had a gradient)", n_seen, stepped
     if len(norms.norms) < 3:
@@ -297,6 +344,9 @@ def _run(body: Callable[[int], Any], b: int, *, device: torch.device, backend: A
     sps = None
     if oom is None and len(stop.samples) > 1 and sum(timed[: n - 1]) > 0:
         sps = (stop.samples[n - 1] - stop.samples[0]) / sum(timed[: n - 1])
+    for problem in scaler.problems:
+        if problem not in notes:
+            notes.append(problem)
     run = SweepRun(b, tuple(scaler.lrs), tuple(stop.samples[:n]), tuple(stop.seconds[:n]), losses, value,
                    None if oom is not None or report is None else report.peak_bytes, sps, oom)
     return run, scaler.rules, stop.dataset_size

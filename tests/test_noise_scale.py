@@ -112,3 +112,35 @@ def test_the_noise_scale_says_why_it_is_missing_without_an_optimizer() -> None:
     res = gpumagic.batch_sweep(evaluate_only, sizes=[16, 64], samples=64, device="cpu", restore=[model])
     assert res.noise_scale is None
     assert "no optimizer step read a gradient" in res.noise_scale_why
+
+
+def test_an_optimizer_that_moves_weights_without_gradients_gives_no_noise_scale() -> None:
+    model, x, y, loss_fn = problem("classification MLP")
+
+    class DecayEverything(torch.optim.Optimizer):
+        def __init__(self, params) -> None:
+            super().__init__(params, {"lr": 0.01})
+
+        @torch.no_grad()
+        def step(self, closure=None) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(0.99)
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    opt = DecayEverything(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def train(b: int) -> None:
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=b, shuffle=True):
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    res = gpumagic.batch_sweep(train, sizes=[16, 64], samples=64, noise_batches=3, device="cpu",
+                               restore=[model, opt])
+    assert res.noise_scale is None
+    assert "changed the weights without gradients" in res.noise_scale_why
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
