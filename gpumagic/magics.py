@@ -701,6 +701,11 @@ def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
             progress.close()
 
 
+def _sweep_progress(message: str) -> None:
+    """One line per stage of a sweep, on the cell's stderr (a terminal, a log or a notebook)."""
+    print(f"batch_sweep: {message}", file=sys.stderr, flush=True)
+
+
 def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
     """A mimebundle printer for results: none in a text-only shell (IPython then calls
     ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
@@ -1117,7 +1122,9 @@ class GPUMagics(Magics):
     )
     @magic_arguments.argument("--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem).")
     @magic_arguments.argument("-o", "--output", action="store_true", help="Return the SweepResult.")
-    @magic_arguments.argument("-q", "--quiet", action="store_true", help="Do not display the result.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor a line per run."
+    )
     @magic_arguments.argument(
         "statement", nargs="*",
         help="Line magic: the statement to run per size, after `--`. Without one, the previous cell is swept.",
@@ -1174,6 +1181,7 @@ class GPUMagics(Magics):
                 self.shell, code, var=args.var, sizes=sizes, samples=args.samples, seconds=args.seconds,
                 lr_rule=args.lr_rule, val=val, val_name=args.val_name, by=args.by, device=args.device,
                 budget=args.budget, noise_batches=args.noise_batches,
+                progress=None if args.quiet else _sweep_progress,
             )
         except batch.BadOptions as e:
             raise UsageError(sweep.flag_names(str(e))) from None

@@ -159,19 +159,17 @@ class GradientNorms:
                 self.problem = f"reading the gradients failed: {type(e).__name__}: {e}"
 
     def _read_and_drop(self, optimizer: Any) -> None:
-        total = 0.0
-        seen = False
+        parts: dict[Any, list[torch.Tensor]] = {}  # per device: one host read each, not one per parameter
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.grad is not None:
-                        seen = True
-                        g = p.grad
-                        total += float(g.detach().float().pow(2).sum()) if not g.is_sparse else float(
-                            g.coalesce().values().float().pow(2).sum())
+                    g = p.grad
+                    if g is not None:
+                        values = g.coalesce().values() if g.is_sparse else g
+                        parts.setdefault(g.device, []).append(values.detach().float().pow(2).sum())
                         p.grad = None
-        if seen:
-            self.pending.append(total)
+            if parts:
+                self.pending.append(sum(float(torch.stack(ts).sum()) for ts in parts.values()))
 
     def step_batch(self, batch_size: int | None) -> None:
         """The optimizer step just ended had ``batch_size`` samples: pair it with its norms."""

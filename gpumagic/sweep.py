@@ -425,10 +425,12 @@ def sweep(
     hints: Iterable[Any] = (),
     budget: str | int | None = None,
     noise_batches: int = NOISE_BATCHES,
+    progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """The sweep over ``body(b)``; ``objects``: the models, optimizers, schedulers and scalers it
-    changes; ``find_sizes()``: a batch-size search (a ``BatchSearchResult``) when ``sizes`` is None.
-    Errors in the options raise :class:`~gpumagic.batch.BadOptions` naming the parameter."""
+    changes; ``find_sizes()``: a batch-size search (a ``BatchSearchResult``) when ``sizes`` is None;
+    ``progress(message)`` hears of each stage as it ends. Errors in the options raise
+    :class:`~gpumagic.batch.BadOptions` naming the parameter."""
     _check(sizes, samples, seconds, lr_rule, by, noise_batches, base_batch_size)
     try:
         backend, dev = resolve(device, hints if device is None else ())
@@ -461,6 +463,8 @@ def sweep(
                                                 snapshot=snapshot, batches=noise_batches, notes=notes,
                                                 rule=lr_rule, base=base_batch_size, known=objects)
         dataset_size = dataset_size or seen
+        if progress is not None:
+            progress(f"noise scale {noise.value:,.0f}" if noise is not None else f"no noise scale: {noise_why}")
         has_optimizer = any(isinstance(o, torch.optim.Optimizer) for o in objects)
         target = samples
         if samples is None and seconds is None and dataset_size is not None:
@@ -478,6 +482,10 @@ def sweep(
                              f"({target:,} samples) and the other runs stopped at as many")
             runs.append(run)
             rules.extend(used)
+            if progress is not None:
+                progress(f"batch {b}: " + (f"out of memory after {run.steps} steps" if run.oom else
+                                           f"{run.total_samples:,} samples in {run.steps:,} steps, "
+                                           f"{run.total_seconds:.1f} s"))
     finally:
         for problem in snapshot.restore():
             if problem not in notes:
