@@ -229,12 +229,14 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
     order = sorted(set(sizes))
     measured: list[int] = []
 
+    too_big: set[int] = set()
+
     def candidates() -> Iterable[int]:
         for b in reversed(order):  # the largest that fits ...
             if not measured:
                 yield b
         for b in order:  # ... then the smallest that fits
-            if len(measured) == 1 and b < measured[0]:
+            if len(measured) == 1 and b < measured[0] and b not in too_big:
                 yield b
 
     params = _parameters(known)
@@ -279,6 +281,7 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         if failed is not None:
             break
         if oom:
+            too_big.update(s for s in order if s >= b)
             continue
         n_seen = n_seen or stop.dataset_size
         if any(s == b for s, _ in norms.norms):
