@@ -48,6 +48,7 @@ def problem(kind: str):
     return model, x, y, F.cross_entropy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["regression, little noise", "regression, much noise", "classification MLP"])
 def test_noise_scale_is_within_a_quarter_of_the_exact_value(kind: str) -> None:
     model, x, y, loss_fn = problem(kind)
@@ -75,6 +76,7 @@ def test_the_three_problems_differ_in_noise() -> None:
     assert values[2] > 5 * values[1], values
 
 
+@pytest.mark.slow
 def test_a_summed_loss_is_divided_by_the_batch_size() -> None:
     model, x, y, _ = problem("regression, much noise")
 
