@@ -333,7 +333,7 @@ def _run(body: Callable[[int], Any], b: int, *, device: torch.device, backend: A
             try:
                 value = float(val())
             except Exception as e:  # the validation figure is missing, the sweep goes on
-                msg = f"--val failed after the run at batch {b}: {describe(e)}"
+                msg = f"the validation figure (val) failed after the run at batch {b}: {describe(e)}"
                 val_problems.append(msg)
     finally:
         for problem in snapshot.restore():
@@ -485,6 +485,9 @@ def sweep(
                              f"({target:,} samples) and the other runs stopped at as many")
             runs.append(run)
             rules.extend(used)
+            if target is not None and seconds is None and run.oom is None and run.total_samples < target:
+                notes.append(f"batch {b}: the loop ended after {run.total_samples:,} samples, before the "
+                             f"{target:,} the runs were to see")
             if progress is not None:
                 progress(f"batch {b}: " + (f"out of memory after {run.steps} steps" if run.oom else
                                            f"{run.total_samples:,} samples in {run.steps:,} steps, "

@@ -271,3 +271,10 @@ def test_by_time_compares_the_losses_at_the_time_every_run_reached(ip, setup):
     for run in res.runs:
         assert run.seconds[-2] < 0.5 <= run.seconds[-1] or run.total_samples == 512
     assert re.search(r"reached the lowest loss \([\d.]+, smoothed\) for \d+\.\d s", res.why)
+
+
+def test_a_failing_val_is_a_note_and_the_pick_goes_by_the_loss(ip, setup):
+    res = sweep(ip, '--var batch_size --sizes 16,64 --samples 64 --noise-batches 4 --val "1/0"')
+    assert [r.val for r in res.runs] == [None, None]
+    assert any("ZeroDivisionError" in n for n in res.notes)
+    assert "lowest loss" in res.why
