@@ -278,3 +278,16 @@ def test_a_failing_val_is_a_note_and_the_pick_goes_by_the_loss(ip, setup):
     assert [r.val for r in res.runs] == [None, None]
     assert any("ZeroDivisionError" in n for n in res.notes)
     assert "lowest loss" in res.why
+
+
+def test_the_line_magic_runs_a_statement_after_the_double_dash(ip, setup):
+    ip.run_cell("def train(model, bs):\n" + "\n".join("    " + line for line in
+                                                    LOOP.replace("batch_size=batch_size", "batch_size=bs")
+                                                    .strip().splitlines())
+                ).raise_error()
+    ip.run_cell("bs = 32").raise_error()
+    with capture_output():
+        r = ip.run_cell("%batch_sweep --var bs --sizes 8,32 --samples 64 --noise-batches 4 -o -- train(model, bs)")
+    r.raise_error()
+    assert [run.total_samples for run in r.result.runs] == [64, 64]
+    assert [run.lrs for run in r.result.runs] == [(pytest.approx(0.025),), (pytest.approx(0.1),)]
