@@ -27,9 +27,9 @@ from typing import Any, Literal, cast
 
 import torch
 
-from gpumagic._batchmath import lr_rule_for, pow2_floor
 from gpumagic._safe import describe
 from gpumagic.batch import BadOptions, StateSnapshot, _discover_stateful, _is_oom, _reachable_stateful
+from gpumagic.batchmath import lr_rule_for, pow2_floor
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.noise import GradientNorms, NoiseScale, estimate
 from gpumagic.sweep_results import By, SweepResult, SweepRule, SweepRun

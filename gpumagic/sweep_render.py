@@ -2,7 +2,7 @@
 
 A renderer module: matplotlib (through :class:`matplotlib.figure.Figure` and the Agg canvas,
 never pyplot) and ipywidgets are imported inside the functions. Registered with
-:mod:`gpumagic._bundles` when the first result renders; the text and HTML come from the result.
+:mod:`gpumagic.views` when the first result renders; the text and HTML come from the result.
 
 >>> fig = sweep_figure(result)                 # doctest: +SKIP
 >>> panel = sweep_widget(result)               # doctest: +SKIP
@@ -16,8 +16,8 @@ import html
 import math
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._bundles import register as register_renderer
 from gpumagic.sweep_results import SweepResult, smoothed
+from gpumagic.views import register as register_renderer
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -2,7 +2,7 @@
 
 One row model (:meth:`SweepResult.rows`) feeds the plain text and the HTML; the figure and
 the widget come from the renderers registered for :class:`SweepResult` through
-:mod:`gpumagic._bundles` (:mod:`gpumagic.sweep_render`), never imported from here.
+:mod:`gpumagic.views` (:mod:`gpumagic.sweep_render`), never imported from here.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from gpumagic._bundles import mimebundle
-from gpumagic._html import html_table
-from gpumagic._units import format_bytes, format_seconds
 from gpumagic.noise import NoiseScale
+from gpumagic.render.html import html_table
+from gpumagic.units import format_bytes, format_seconds
+from gpumagic.views import mimebundle
 
 if TYPE_CHECKING:
     import pandas
