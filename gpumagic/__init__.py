@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
     from gpumagic.measure import track
+    from gpumagic.noise import NoiseScale
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
     from gpumagic.report import (
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
         StepRecord,
         Trial,
     )
+    from gpumagic.sweep import batch_sweep
+    from gpumagic.sweep_results import SweepResult, SweepRun
     from gpumagic.tracking import Tracker
 
 __all__ = [
@@ -49,13 +52,17 @@ __all__ = [
     "Fit",
     "MemoryBreakdown",
     "MemoryReport",
+    "NoiseScale",
     "OOMInfo",
     "RankRecord",
     "StepRecord",
+    "SweepResult",
+    "SweepRun",
     "Tracker",
     "Trial",
     "__version__",
     "advise",
+    "batch_sweep",
     "device_status",
     "find_batch",
     "format_bytes",
@@ -69,6 +76,7 @@ __all__ = [
 
 # results render through the registry; the widgets register when the first result renders
 views.add_module("gpumagic.render.widgets")
+views.add_module("gpumagic.render.sweep_widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562), so that
 # %load_ext pays for none of it (the result types' dataclasses alone cost ~18 ms to create)
@@ -78,6 +86,9 @@ _LAZY = {
     "track": "gpumagic.measure",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
+    "batch_sweep": "gpumagic.sweep",
+    **dict.fromkeys(("SweepResult", "SweepRun"), "gpumagic.sweep_results"),
+    "NoiseScale": "gpumagic.noise",
     "device_status": "gpumagic.devices",
     "free_memory": "gpumagic.devices",
     "OOMInfo": "gpumagic.oom",
@@ -89,8 +100,8 @@ _LAZY = {
 
 
 _SUBMODULES = (
-    "report", "oom", "tracking", "batch", "search", "devices", "distributed", "render", "views", "monitor", "magics",
-    "autoload",
+    "report", "oom", "tracking", "batch", "search", "sweep", "noise", "devices", "distributed", "render", "views",
+    "monitor", "magics", "autoload",
 )
 
 

@@ -17,8 +17,10 @@ from IPython.core.interactiveshell import InteractiveShell
 if TYPE_CHECKING:
     from gpumagic.monitor import Monitor
     from gpumagic.report import BatchSearchResult
+    from gpumagic.sweep_results import SweepResult
 
-__all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "run_cell_source", "show_monitor"]
+__all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "previous_cell", "run_cell_source", "show_monitor",
+           "sweep_in_shell"]
 
 
 def _cell_number(shell: InteractiveShell, cell: str) -> int:
@@ -77,6 +79,29 @@ def find_batch_in_shell(shell: InteractiveShell, code: str, **options: Any) -> B
     # the core reads the cell as Python: IPython's syntax (magics, !commands) transformed away
     python = shell.transform_cell(code)
     return find_batch_in_namespace(ns, lambda: run_cell_source(shell, code), python, hints=hints(ns), **options)
+
+
+def previous_cell(shell: InteractiveShell) -> str | None:
+    """The cell run before the current one (which is the last in the history when it is stored),
+    without its ``%%gpumem`` line: the sweep tracks the runs itself."""
+    hist: list[str] = list(getattr(shell.history_manager, "input_hist_raw", []))
+    for src in reversed(hist):
+        text = src.strip()
+        if text and not text.lstrip("%").startswith("batch_sweep"):
+            if text.startswith("%%gpumem"):
+                return text.split("\n", 1)[1] if "\n" in text else None
+            return src
+    return None
+
+
+def sweep_in_shell(shell: InteractiveShell, code: str, **options: Any) -> SweepResult:
+    """``%%batch_sweep``: run ``code`` as a cell per run; ``options`` as for
+    :func:`gpumagic.sweep.sweep_in_namespace`."""
+    from gpumagic.sweep import sweep_in_namespace
+
+    ns = shell.user_ns
+    python = shell.transform_cell(code)
+    return sweep_in_namespace(ns, lambda: run_cell_source(shell, code), python, hints=hints(ns), **options)
 
 
 def _sidebar_problem() -> str | None:

@@ -1,4 +1,4 @@
-"""IPython magics: ``%%gpumem``, ``%find_batch``, ``%gpumon``, ``%gpumagic``. The only IPython importer.
+"""IPython magics: ``%%gpumem``, ``%find_batch``, ``%batch_sweep``, ``%gpumon``, ``%gpumagic``.
 
 Thin over the core: arguments are parsed here, the work is done by :mod:`gpumagic.tracking`,
 :mod:`gpumagic.batch` and :mod:`gpumagic.oom`, and results display themselves.
@@ -29,12 +29,21 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
-from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
+from gpumagic._shell import (
+    find_batch_in_shell,
+    hints,
+    last_gpumem_cell,
+    previous_cell,
+    run_cell_source,
+    show_monitor,
+    sweep_in_shell,
+)
 from gpumagic.batchmath import PICKS
 
 __all__ = ["GPUMagics", "load", "unload"]
 
-_MAGIC_NAMES = {"line": ("gpumem", "find_batch", "gpumon", "gpumagic"), "cell": ("gpumem", "find_batch")}
+_MAGIC_NAMES = {"line": ("gpumem", "find_batch", "batch_sweep", "gpumon", "gpumagic"),
+                "cell": ("gpumem", "find_batch", "batch_sweep")}
 
 
 def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
@@ -692,6 +701,11 @@ def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
             progress.close()
 
 
+def _sweep_progress(message: str) -> None:
+    """One line per stage of a sweep, on the cell's stderr (a terminal, a log or a notebook)."""
+    print(f"batch_sweep: {message}", file=sys.stderr, flush=True)
+
+
 def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
     """A mimebundle printer for results: none in a text-only shell (IPython then calls
     ``_repr_pretty_``, the multi-line report; no widget or PNG is built), else the result's own."""
@@ -703,7 +717,8 @@ def _text_bundle(shell: InteractiveShell) -> Callable[[Any], Any]:
 
 
 # by name: IPython resolves them on the first display, so %load_ext does not import the results
-_RESULT_TYPES = ("gpumagic.report.MemoryReport", "gpumagic.report.BatchSearchResult")
+_RESULT_TYPES = ("gpumagic.report.MemoryReport", "gpumagic.report.BatchSearchResult",
+                 "gpumagic.sweep_results.SweepResult")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1065,6 +1080,116 @@ class GPUMagics(Magics):
             display(result)
         return result if args.output else None
 
+    # -- %batch_sweep / %%batch_sweep --------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("--var", default=None, help="Name of the batch-size variable the code reads (required).")
+    @magic_arguments.argument(
+        "--sizes", default=None,
+        help="Batch sizes to run, e.g. 16,64,256. Default: the largest that fits (found as %%find_batch does) "
+        "and smaller powers of two about 4x apart, or the data set's size when it all fits in one batch.",
+    )
+    @magic_arguments.argument(
+        "--samples", type=int, default=None,
+        help="Each run stops after the step that reaches this many samples. Default: one pass over the "
+        "DataLoader's data set; without one, as many as the smallest size's run sees to the loop's end.",
+    )
+    @magic_arguments.argument(
+        "--seconds", type=float, default=None, help="Each run stops after this wall time instead."
+    )
+    @magic_arguments.argument(
+        "--lr-rule", dest="lr_rule", default="auto", choices=("auto", "linear", "sqrt", "none"),
+        help="How every optimizer's learning rate follows the batch, relative to the cell's rate and its --var "
+        "value: auto (default) is sqrt for adaptive optimizers (Adam, AdamW, ...), linear for SGD-like ones.",
+    )
+    @magic_arguments.argument(
+        "--val", default=None,
+        help="A Python expression evaluated in the namespace after each run, e.g. 'evaluate(model, val_loader)': "
+        "the recommendation then goes by it.",
+    )
+    @magic_arguments.argument(
+        "--val-name", dest="val_name", default=None,
+        help="What --val measures, e.g. accuracy (higher is better) or loss (lower is better, the default).",
+    )
+    @magic_arguments.argument(
+        "--by", default="samples", choices=("samples", "time"),
+        help="Compare the losses at equal samples (default) or at equal wall time.",
+    )
+    @magic_arguments.argument(
+        "--noise-batches", dest="noise_batches", type=int, default=20,
+        help="Gradients read per size for the noise scale (default 20 at the largest, 60 to 400 at the smallest).",
+    )
+    @magic_arguments.argument(
+        "-d", "--device", default=None, help="cpu, cuda, cuda:N or mps (default as for %%%%gpumem)."
+    )
+    @magic_arguments.argument("--budget", default=None, help="Simulated device capacity, e.g. 24GiB (see %%%%gpumem).")
+    @magic_arguments.argument("-o", "--output", action="store_true", help="Return the SweepResult.")
+    @magic_arguments.argument(
+        "-q", "--quiet", action="store_true", help="Do not display the result nor a line per run."
+    )
+    @magic_arguments.argument(
+        "statement", nargs="*",
+        help="Line magic: the statement to run per size, after `--`. Without one, the previous cell is swept.",
+    )
+    @no_var_expand
+    @line_cell_magic
+    def batch_sweep(self, line: str = "", cell: str | None = None) -> Any:
+        """Which batch size trains best: one run per size from the same start, losses compared.
+
+        Each size gets one run of the cell from the same state (models, optimizers, schedulers,
+        RNG and namespace are put back between runs and afterwards), every run sees the same
+        number of samples (or seconds), the learning rate follows the batch by --lr-rule, and
+        the gradient noise scale (the critical batch size) is measured at the starting weights.
+        Shows the loss curves against samples and time, and the size that trained best.
+
+        Examples::
+
+            %%batch_sweep --var batch_size --sizes 16,64,256 --samples 20000
+            for x, y in DataLoader(data, batch_size=batch_size, shuffle=True):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+
+            %batch_sweep --var bs --val "evaluate(model, val_loader)" --val-name accuracy
+        """
+        if _asks_for_help(line):
+            self.shell.run_line_magic("pinfo", "%%batch_sweep" if cell is not None else "%batch_sweep")
+            return None
+        args = _parse(self.batch_sweep, line)
+        from gpumagic import batch, sweep
+
+        statement = " ".join(args.statement).strip() if args.statement else ""
+        if cell is not None and statement:
+            raise UsageError("give the code either as the cell body or after `--` on the line, not both")
+        code: str | None = cell if cell is not None and cell.strip() else statement
+        if not code:
+            code = previous_cell(self.shell)
+            if code is None:
+                raise UsageError("nothing to sweep: give a cell body, a statement after `--`, or run the training "
+                                 "cell first (%batch_sweep alone sweeps the previous cell)")
+        if args.var is None:
+            raise UsageError("--var NAME is required: the batch-size variable the code reads, e.g. --var batch_size")
+        sizes = None
+        if args.sizes is not None:
+            try:
+                sizes = [int(s) for s in args.sizes.replace(" ", "").split(",") if s]
+            except ValueError:
+                raise UsageError(f"--sizes must be integers separated by commas, e.g. 16,64,256; got {args.sizes!r}"
+                                 ) from None
+        val = args.val
+        if val is not None and len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
+            val = val[1:-1]  # IPython's option parser keeps the quotes around an expression with spaces
+        try:
+            result = sweep_in_shell(
+                self.shell, code, var=args.var, sizes=sizes, samples=args.samples, seconds=args.seconds,
+                lr_rule=args.lr_rule, val=val, val_name=args.val_name, by=args.by, device=args.device,
+                budget=args.budget, noise_batches=args.noise_batches,
+                progress=None if args.quiet else _sweep_progress,
+            )
+        except batch.BadOptions as e:
+            raise UsageError(sweep.flag_names(str(e))) from None
+        if not args.quiet:
+            display(result)
+        return result if args.output else None
+
     # -- %gpumon -----------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
     @magic_arguments.argument(
@@ -1121,7 +1246,7 @@ class GPUMagics(Magics):
 
             state = "on" if self.oom_handler.installed else "off"
             print(f"gpumagic {__version__}: OOM translation in every cell {state}; "
-                  f"magics %gpumem %%gpumem %find_batch %%find_batch %gpumon %gpumagic")
+                  f"magics %gpumem %%gpumem %find_batch %%find_batch %batch_sweep %%batch_sweep %gpumon %gpumagic")
             return
         raise UsageError(f"usage: %gpumagic oom on|off, or %gpumagic status; got {line!r}")
 

@@ -53,5 +53,5 @@ def result_html(result: Any) -> str:
         _columns(t) for t in v.tables)
 
 
-for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus"):  # the results with a row model
+for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus", "SweepResult"):  # the results with a row model
     register_view("html", _name, result_html)

@@ -22,6 +22,7 @@ from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
+    from gpumagic.sweep_results import SweepResult, SweepRun
 
 __all__ = ["Row", "Table", "View", "view"]
 
@@ -293,3 +294,56 @@ def device_status_view(s: DeviceStatus) -> View:
                 f"{format_bytes(s.reserved_bytes)}, total {format_bytes(s.total_bytes)}, "
                 f"free {format_bytes(s.free_bytes)}")
     return View("gpumagic device status", headline, tuple(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# %%batch_sweep
+
+
+def _num(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def run_line(result: SweepResult, r: SweepRun) -> str:
+    """One run in words: loss reached, samples and time, learning rate, validation, memory."""
+    if r.oom is not None:
+        return f"out of memory after {r.steps} steps ({r.oom})"
+    loss = r.final_loss()
+    parts = [f"loss {_num(loss)}" if loss is not None else "no loss recorded",
+             f"{r.total_samples:,} samples in {r.steps:,} steps, {format_seconds(r.total_seconds)}"]
+    if r.samples_per_second:
+        parts.append(f"{r.samples_per_second:,.0f} samples/s")
+    if r.lrs:
+        parts.append("lr " + ", ".join(f"{v:.3g}" for v in dict.fromkeys(r.lrs)))
+    if r.val is not None:
+        parts.append(f"{result.val_name or 'val'} {_num(r.val)}")
+    if r.peak_bytes is not None:
+        parts.append(f"peak {format_bytes(r.peak_bytes)}")
+    return "; ".join(parts)
+
+
+@_for("SweepResult")
+def sweep_view(s: SweepResult) -> View:
+    rows = [Row("recommended", str(s.recommended) if s.recommended is not None else "none", True),
+            Row("why", s.why)]
+    if s.noise_scale is not None:
+        rows.append(Row("noise scale", s.noise_scale.describe()))
+    else:
+        rows.append(Row("noise scale", f"not estimated: {s.noise_scale_why}"))
+    rule = {"none": "none: every run at the cell's learning rate"}.get(s.lr_rule, s.lr_rule)
+    rows.append(Row("learning rate", f"{rule} ({s.lr_rule_why})"))
+    if s.samples_target is not None:
+        rows.append(Row("each run", f"stops after the step that reaches {s.samples_target:,} samples"))
+    elif s.seconds_target is not None:
+        rows.append(Row("each run", f"stops after the step that reaches {format_seconds(s.seconds_target)}"))
+    if s.full_batch and s.dataset_size is not None:
+        rows.append(Row("full batch", f"the whole data set ({s.dataset_size:,} samples) fits in one batch: "
+                                      f"batch {s.dataset_size} is full-batch training"))
+    for r in s.runs:
+        mark = " ◀" if r.batch_size == s.recommended else ""
+        rows.append(Row(f"b={r.batch_size}{mark}", run_line(s, r)))
+    rows.extend(Row("note", n) for n in s.notes)
+    headline = f"batch_sweep: recommended {s.recommended} of {', '.join(map(str, s.sizes))}"
+    return View("gpumagic batch-size sweep", headline, tuple(rows))

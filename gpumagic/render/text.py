@@ -191,7 +191,7 @@ def _lay_table(table: Table, width: int | None) -> list[str]:
     return lines
 
 
-for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus"):  # the results with a row model
+for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus", "SweepResult"):  # the results with a row model
     register_view("pretty", _name, lambda result: result_text(result, color=use_color()))
     register_view("table", _name, table_text)
 # a terminal: the advice's prose within its width, its code whole (a wrapped line would not run)

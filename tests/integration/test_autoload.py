@@ -21,7 +21,8 @@ OTHER = {
     "InteractiveShellApp": {"extra_extensions": ["otherpkg"], "exec_lines": ["import os"]},
     "IPKernelApp": {"matplotlib": "inline"},
 }
-MAGICS = {"line": ["gpumem", "find_batch", "gpumon", "gpumagic"], "cell": ["gpumem", "find_batch"]}
+MAGICS = {"line": ["gpumem", "find_batch", "batch_sweep", "gpumon", "gpumagic"],
+          "cell": ["gpumem", "find_batch", "batch_sweep"]}
 
 
 @pytest.fixture(autouse=True)

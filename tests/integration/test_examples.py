@@ -37,6 +37,7 @@ def test_the_examples_are_there() -> None:
         "04_loader_built_earlier.ipynb",
         "05_colab_gpu.ipynb",
         "06_plan_for_a_gpu.ipynb",
+        "07_which_batch_size.ipynb",
     ]
 
 
@@ -229,6 +230,8 @@ def test_oom_notebook_returns_tensor_memory_to_the_baseline(executed: Callable[[
         ("04_loader_built_earlier.ipynb", "GradScaler scale unchanged: True"),
         ("03_effective_batch.ipynb", "recommended batch size 256 for a data set of 256 samples"),
         ("03_effective_batch.ipynb", "batch 512 makes 16× fewer steps"),
+        ("07_which_batch_size.ipynb", "batch_size is still 64"),
+        ("07_which_batch_size.ipynb", "weights unchanged: True"),
     ],
 )
 def test_notebook_prints_what_its_text_claims(executed: Callable[[str], NotebookNode], name: str, claim: str) -> None:
@@ -297,3 +300,19 @@ def test_plan_notebook_picks_a_batch_for_each_gpu_and_leaves_the_namespace(
     m = re.search(r"planned .+, measured .+ \(([+-][0-9.]+)%\)", text)
     assert m is not None
     assert abs(float(m.group(1))) <= 3.0
+
+
+@pytest.mark.slow
+def test_sweep_notebook_shows_three_sizes_the_noise_scale_and_a_pick(executed: Callable[[str], NotebookNode]) -> None:
+    nb = executed("07_which_batch_size.ipynb")
+    shown = [o.data for o in cell_with(nb, "res = _").outputs if "data" in o]
+    assert len(shown) == 1
+    assert "gpumagic batch-size sweep" in html(cell_with(nb, "res = _").outputs[0])
+    assert WIDGET in shown[0]
+    assert "image/png" in shown[0]
+    text = text_of(nb)
+    assert re.search(r"recommended batch size (16|64|256): batch \d+ reached the best accuracy", text)
+    assert re.search(r"noise scale [\d,]+ \(10-90%: [\d,]+-[\d,]+\)", text)
+    runs = re.findall(r"batch (\d+): (\d+) samples, lr ([\d.]+), accuracy", text)
+    assert [(b, float(lr)) for b, _, lr in runs] == [("16", 0.0125), ("64", 0.05), ("256", 0.2)]
+    assert all(int(n) == 4096 for _, n, _ in runs)

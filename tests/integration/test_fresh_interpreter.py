@@ -47,7 +47,7 @@ def test_monitoring_imports_neither_torch_nor_ipywidgets() -> None:
 def test_core_modules_never_import_ipython():
     code = (
         "import sys, gpumagic, gpumagic.tracking, gpumagic.batch, gpumagic.search, gpumagic.oom, gpumagic.devices,"
-        " gpumagic.distributed;"
+        " gpumagic.distributed, gpumagic.sweep, gpumagic.noise, gpumagic.sweep_results;"
         "print(sorted(m for m in ('IPython', 'ipywidgets', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-MAGICS = ("gpumem", "find_batch", "gpumon")  # %gpumagic takes words (oom on|off), not options
+MAGICS = ("gpumem", "find_batch", "batch_sweep", "gpumon")  # %gpumagic takes words (oom on|off), not options
 
 
 # --- README.md, read once ------------------------------------------------------------------------

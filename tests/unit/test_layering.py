@@ -26,8 +26,8 @@ RENDERERS = {"gpumagic.render", "gpumagic.monitor",
              *(f"gpumagic.render.{p.stem}" for p in (PACKAGE / "render").glob("*.py") if p.stem != "__init__")}
 EDGE |= RENDERERS
 # modules whose job is plain result data (frozen dataclasses): they show themselves through the registry
-RESULTS = {"gpumagic.report"}
-PLOTTERS = {"gpumagic.render.widgets", "gpumagic.monitor"}
+RESULTS = {"gpumagic.report", "gpumagic.sweep_results"}
+PLOTTERS = {"gpumagic.render.widgets", "gpumagic.render.sweep_widgets", "gpumagic.monitor"}
 
 
 @cache

@@ -9,7 +9,7 @@ EXPECTED = {
     "Advice", "AdviceContext", "BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport",
     "OOMInfo", "RankRecord", "StepRecord", "Tracker", "Trial", "__version__", "advise", "device_status", "find_batch",
     "format_bytes", "free_memory", "load_ipython_extension", "parse_oom", "parse_size", "track",
-    "unload_ipython_extension",
+    "unload_ipython_extension", "batch_sweep", "SweepResult", "SweepRun", "NoiseScale",
 }
 
 
@@ -31,7 +31,8 @@ def test_result_classes_are_frozen():
     import dataclasses
 
     for cls in (gpumagic.MemoryReport, gpumagic.StepRecord, gpumagic.BatchSearchResult, gpumagic.Trial,
-                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus, gpumagic.RankRecord):
+                gpumagic.Fit, gpumagic.MemoryBreakdown, gpumagic.DeviceStatus, gpumagic.RankRecord,
+                gpumagic.SweepResult, gpumagic.SweepRun, gpumagic.NoiseScale):
         assert dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen, cls
 
