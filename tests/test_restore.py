@@ -279,7 +279,9 @@ def test_the_api_puts_back_a_closure_model_it_cannot_find(clean_ns):
     def trial(b):
         for _ in range(10):
             loss = model(torch.randn(b, 32)).pow(2).mean()
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
             log.append(loss.item())
 
     gpumagic.find_batch(trial, device="cpu", budget="24MiB", max_size=256, progress=False, restore=[])
