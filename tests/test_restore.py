@@ -123,15 +123,16 @@ def make():
         return loss
     return step
 step = make()
-cells = {type(c.cell_contents).__name__: c.cell_contents for c in step.__closure__}
 step(torch.randn(2, 32))
-before = copy.deepcopy(cells['Linear'].state_dict())
-steps_before = [int(s['step']) for s in cells['Adam'].state.values()]
+def cells():  # no name of the namespace holds the model or the optimizer
+    return {type(c.cell_contents).__name__: c.cell_contents for c in step.__closure__}
+before = copy.deepcopy(cells()['Linear'].state_dict())
+steps_before = [int(s['step']) for s in cells()['Adam'].state.values()]
 """)
     _search(ip, "for _ in range(10):\n    step(torch.randn(batch_size, 32))\n")
-    ns = ip.user_ns
-    assert all(torch.equal(v, ns["before"][k]) for k, v in ns["cells"]["Linear"].state_dict().items())
-    assert [int(s["step"]) for s in ns["cells"]["Adam"].state.values()] == ns["steps_before"]
+    cells = ip.user_ns["cells"]()
+    assert all(torch.equal(v, ip.user_ns["before"][k]) for k, v in cells["Linear"].state_dict().items())
+    assert [int(s["step"]) for s in cells["Adam"].state.values()] == ip.user_ns["steps_before"]
 
 
 LOOP = """
