@@ -235,8 +235,11 @@ def _skipped(obj: Any) -> bool:
 class _Walk:
     """Shallow copies of the mutable objects reachable from some roots, and how to put them back."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_grads: bool = True) -> None:
+        self.copy_grads = copy_grads
+        """Host copies of gradients, for code that drops them (``zero_grad()``); without, only the object."""
         self.seen: set[int] = set()
+        self.slots: list[tuple[Any, dict[str, Any]]] = []
         self.keep: list[Any] = []  # what the copies describe, alive as long as the snapshot
         self.lists: list[tuple[list[Any], list[Any]]] = []
         self.dicts: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
@@ -326,6 +329,12 @@ class _Walk:
             todo.append(obj.__self__)
         if isinstance(obj, (dict, types.FunctionType)):
             return
+        slots = _slot_names(type(obj))
+        if slots:
+            values = {n: getattr(obj, n, MISSING) for n in slots}
+            self.keep.append(obj)
+            self.slots.append((obj, values))
+            todo.extend(v for v in values.values() if v is not MISSING)
         d = getattr(obj, "__dict__", None)
         if isinstance(d, dict):
             self.keep.append(obj)
@@ -339,7 +348,7 @@ class _Walk:
         leaf = t.is_leaf
         grad = t.grad if leaf else None  # a non-leaf's .grad warns, and is not state
         host_grad = None
-        if grad is not None:
+        if grad is not None and self.copy_grads:
             with torch.no_grad():
                 host_grad = grad.detach().to("cpu", copy=True)
             self.host_tensors.append(host_grad)
@@ -374,6 +383,8 @@ class _Walk:
 
         for obj, saved in self.attrs:
             attempt(obj, _put_attrs, obj, saved)
+        for obj, saved_slots in self.slots:
+            attempt(obj, _put_slots, obj, saved_slots)
         for lst, saved_l in self.lists:
             attempt(lst, _put_list, lst, saved_l)
         for dct, saved_d in self.dicts:
@@ -392,6 +403,28 @@ class _Walk:
                                 f"{_MAX_ARRAY_COPY // 2**20} MiB are checked, not copied)")
         for gen, state, kind in self.generators:
             attempt(gen, _put_rng, gen, state, kind)
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    names: list[str] = []
+    for c in cls.__mro__:
+        if c.__module__ == "builtins":
+            continue
+        declared = c.__dict__.get("__slots__", ())
+        names.extend(n for n in ((declared,) if isinstance(declared, str) else declared)
+                     if n not in ("__dict__", "__weakref__"))
+    return tuple(names)
+
+
+def _put_slots(obj: Any, saved: dict[str, Any]) -> None:
+    for name, value in saved.items():
+        now = getattr(obj, name, MISSING)
+        if now is value:
+            continue
+        if value is MISSING:
+            object.__delattr__(obj, name)
+        else:
+            object.__setattr__(obj, name, value)
 
 
 def _crc(a: Any) -> int:
@@ -453,7 +486,8 @@ def _put_tensor(t: torch.Tensor, requires_grad: bool, gref: Any, had: tuple[bool
             if t.grad is not grad:
                 t.grad = grad  # its values were written back by the undo log
         else:  # freed by the trial (zero_grad): a new tensor with the saved values
-            assert host_grad is not None
+            if host_grad is None:
+                raise RuntimeError("its gradient was dropped and no copy of it was kept")
             t.grad = host_grad.to(grad_device, copy=True)
 
 
@@ -583,9 +617,9 @@ class Snapshot:
     after each run. ``problems`` names what could not be copied when it was taken.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, copy_grads: bool = True) -> None:
         self.log: UndoLog | None = None
-        self.walk = _Walk()
+        self.walk = _Walk(copy_grads)
         self.rng: dict[str, Any] = {}
         self.settings: list[tuple[str, Callable[[], Any], Callable[[Any], None], Any]] = []
         self.namespace: MutableMapping[str, Any] | None = None
@@ -607,8 +641,9 @@ class Snapshot:
              roots: Iterable[Any] = (), log: bool = True) -> Snapshot:
         """Snapshot ``objects``, ``roots`` (e.g. a trial function: its closure is walked) and the
         namespace's values, the RNGs and the process-wide settings. ``log``: protect every
-        tensor storage alive now with the undo log (used while :meth:`recording`)."""
-        snap = cls()
+        tensor storage alive now with the undo log (used while :meth:`recording`); without it (a
+        dry run, whose code never writes a real tensor) gradients are kept by reference only."""
+        snap = cls(copy_grads=log)
         objects = list(objects)
         top: list[Any] = [*objects, *roots]
         if namespace is not None:

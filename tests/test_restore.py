@@ -327,6 +327,22 @@ def test_a_failing_item_is_named_and_the_others_still_come_back():
     assert "dtype" in problems[0]
 
 
+def test_an_object_with_slots_comes_back():
+    from gpumagic.state import Snapshot
+
+    class Point:
+        __slots__ = ("x", "y")
+
+    p = Point()
+    p.x = 1
+    snap = Snapshot.take(roots=[p])
+    p.x = 2
+    p.y = 3
+    assert snap.restore() == []
+    assert p.x == 1
+    assert not hasattr(p, "y")
+
+
 DRY = "%%gpumem --dry-run -d cuda --budget 1GiB\n"
 
 
