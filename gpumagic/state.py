@@ -560,6 +560,9 @@ def _settings() -> list[_Setting]:
         ("environment variables", _environ, _set_environ),
         ("working directory", os.getcwd, os.chdir),
     ]
+    import torch.nn.modules.module as modmod
+
+    out.append(_attr_setting("full backward hook flag", modmod, "_global_is_full_backward_hook"))
     cudnn = getattr(torch.backends, "cudnn", None)
     for flag in ("benchmark", "deterministic", "enabled", "allow_tf32"):
         if cudnn is not None and hasattr(cudnn, flag):
@@ -569,6 +572,16 @@ def _settings() -> list[_Setting]:
         if matmul is not None:
             out.append(_attr_setting(f"cuda.matmul.{flag}", matmul, flag))
     return out
+
+
+def _global_hook_tables() -> list[Any]:
+    """torch's process-wide hook tables (``register_module_forward_hook``, optimizer step hooks):
+    a cell that registers one adds to these dicts, which the walk then puts back."""
+    import torch.nn.modules.module as modmod
+    import torch.optim.optimizer as optmod
+
+    return [v for mod in (modmod, optmod) for k, v in vars(mod).items()
+            if k.startswith("_global_") and isinstance(v, dict)]
 
 
 def _set_filters(saved: list[Any]) -> None:
@@ -653,6 +666,7 @@ class Snapshot:
                     if not k.startswith("_") and k not in ("In", "Out", "exit", "quit", "get_ipython")]
             snap.walk.names = {id(v): k for k, v in reversed(user)}
             top.extend(v for _, v in user)
+        top.extend(_global_hook_tables())
         with warnings.catch_warnings():  # torch's warnings about what it reads are not the user's
             warnings.simplefilter("ignore")
             snap.walk.walk(top)

@@ -191,6 +191,8 @@ if len(opt.param_groups) == 1:
     opt.add_param_group({'params': [extra], 'lr': 0.5})
 opt.param_groups[0]['lr'] = 9.0
 model.eval()
+torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+torch.optim.optimizer.register_optimizer_step_pre_hook(lambda *a: None)
 """ + LOOP)
     ns = ip.user_ns
     model, opt = ns["model"], ns["opt"]
@@ -201,6 +203,8 @@ model.eval()
     assert len(opt.param_groups) == 1
     assert opt.param_groups[0]["lr"] == 0.1
     assert all(m.training for m in model.modules())
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.optim.optimizer._global_optimizer_pre_hooks
     assert ns["same"]()
 
 
