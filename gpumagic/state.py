@@ -125,6 +125,8 @@ class UndoLog(TorchDispatchMode):
         self.shapes: dict[int, tuple[torch.Tensor, Any, int, tuple[int, ...], tuple[int, ...]]] = {}
         """id(tensor) -> (tensor, storage, offset, size, stride) before its first write since the last undo."""
         self.faults: list[str] = []
+        self.last_written: set[int] = set()
+        """Keys of the storages the last undo put back."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         spec = _WRITTEN.get(func)
@@ -172,6 +174,7 @@ class UndoLog(TorchDispatchMode):
         self.faults = []
         shapes, self.shapes = self.shapes, {}
         dirty, self.dirty = self.dirty, {}
+        self.last_written = set(dirty)
         with _disable_current_modes(), torch.no_grad():
             for t, st, offset, size, stride in shapes.values():
                 try:
@@ -240,6 +243,9 @@ class _Walk:
         """Host copies of gradients, for code that drops them (``zero_grad()``); without, only the object."""
         self.seen: set[int] = set()
         self.slots: list[tuple[Any, dict[str, Any]]] = []
+        self.versions: dict[int, int] = {}
+        """id(tensor) -> its version counter after the snapshot or the last restore: a write the undo
+        log did not see (inside torch.compile'd code, in a dry run) still moves it, and is named."""
         self.keep: list[Any] = []  # what the copies describe, alive as long as the snapshot
         self.lists: list[tuple[list[Any], list[Any]]] = []
         self.dicts: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
@@ -357,6 +363,7 @@ class _Walk:
             data = (t.untyped_storage(), t.storage_offset(), tuple(t.size()), tuple(t.stride()))
         # the grad object by weak reference: a trial's zero_grad() may free it, as the real run would
         gref = None if grad is None else weakref.ref(grad)
+        self.versions[id(t)] = t._version
         self.tensors.append((t, t.requires_grad, gref, (grad is not None, grad.device if grad is not None else None),
                              host_grad, data))
         d = getattr(t, "__dict__", None)
@@ -374,7 +381,9 @@ class _Walk:
             self.arrays.append((a, (a.shape, _crc(a)), "crc"))
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore(self, problems: list[str]) -> None:
+    def restore(self, problems: list[str], logged: set[int] | None = None) -> None:
+        """Put back what was copied; ``logged``: keys of the storages the undo log put back (None:
+        no log ran, so any write to a tensor is one nobody undid)."""
         def attempt(obj: Any, fn: Callable[..., None], *args: Any) -> None:
             try:
                 fn(*args)
@@ -393,8 +402,17 @@ class _Walk:
             attempt(st, _put_set, st, saved_s)
         for cell, contents in self.cells:
             attempt(contents, _put_cell, cell, contents)
+        unseen = [entry[0] for entry in self.tensors if entry[0]._version != self.versions.get(id(entry[0]))
+                  and (logged is None or _key(entry[0]) not in logged)]
+        if unseen:
+            problems.append(f"not restored: {len(unseen)} tensor{'s' if len(unseen) > 1 else ''} "
+                            f"({', '.join(sorted({self.label(t) for t in unseen})[:5])}) written where the undo log "
+                            "cannot see (inside torch.compile'd code, or without the log): their values are "
+                            "what the code left")
         for entry in self.tensors:
             attempt(entry[0], _put_tensor, *entry)
+        for entry in self.tensors:
+            self.versions[id(entry[0])] = entry[0]._version
         for arr, saved_a, how in self.arrays:
             if how == "copy":
                 attempt(arr, _put_array, arr, saved_a)
@@ -425,6 +443,13 @@ def _put_slots(obj: Any, saved: dict[str, Any]) -> None:
             object.__delattr__(obj, name)
         else:
             object.__setattr__(obj, name, value)
+
+
+def _key(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage()._cdata)
+    except Exception:
+        return None
 
 
 def _crc(a: Any) -> int:
@@ -722,7 +747,7 @@ class Snapshot:
         problems = list(self.problems)
         if self.log is not None:
             problems.extend(self.log.undo())
-        self.walk.restore(problems)
+        self.walk.restore(problems, None if self.log is None else self.log.last_written)
         for backend in backends.registry():
             if backend.name in self.rng:
                 try:

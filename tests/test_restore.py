@@ -347,6 +347,29 @@ def test_an_object_with_slots_comes_back():
     assert not hasattr(p, "y")
 
 
+def test_a_write_the_log_did_not_see_is_named():
+    from gpumagic.state import Snapshot
+
+    t = torch.zeros(3)
+    snap = Snapshot.take(roots=[t])
+    t.add_(1)  # not under recording(): as inside torch.compile'd code, the log cannot see it
+    problems = snap.restore()
+    assert len(problems) == 1
+    assert "not restored: 1 tensor" in problems[0]
+    assert snap.restore() == []  # named once, for the run that wrote it
+
+
+def test_a_write_under_the_log_is_put_back_without_a_note():
+    from gpumagic.state import Snapshot
+
+    t = torch.zeros(3)
+    snap = Snapshot.take(roots=[t])
+    with snap.recording():
+        t.add_(1)
+    assert snap.restore() == []
+    assert torch.equal(t, torch.zeros(3))
+
+
 DRY = "%%gpumem --dry-run -d cuda --budget 1GiB\n"
 
 
