@@ -191,8 +191,9 @@ if len(opt.param_groups) == 1:
     opt.add_param_group({'params': [extra], 'lr': 0.5})
 opt.param_groups[0]['lr'] = 9.0
 model.eval()
+import torch.optim.optimizer as optmod
 torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
-torch.optim.optimizer.register_optimizer_step_pre_hook(lambda *a: None)
+optmod.register_optimizer_step_pre_hook(lambda *a: None)
 """ + LOOP)
     ns = ip.user_ns
     model, opt = ns["model"], ns["opt"]
@@ -203,8 +204,10 @@ torch.optim.optimizer.register_optimizer_step_pre_hook(lambda *a: None)
     assert len(opt.param_groups) == 1
     assert opt.param_groups[0]["lr"] == 0.1
     assert all(m.training for m in model.modules())
+    import torch.optim.optimizer as optmod
+
     assert not torch.nn.modules.module._global_forward_hooks
-    assert not torch.optim.optimizer._global_optimizer_pre_hooks
+    assert not optmod._global_optimizer_pre_hooks
     assert ns["same"]()
 
 
