@@ -122,8 +122,9 @@ class UndoLog(TorchDispatchMode):
         """storage key -> host copy, kept for the snapshot's life."""
         self.dirty: dict[int, Any] = {}
         """storage key -> the storage, written since the last undo."""
-        self.shapes: dict[int, tuple[torch.Tensor, Any, int, tuple[int, ...], tuple[int, ...]]] = {}
-        """id(tensor) -> (tensor, storage, offset, size, stride) before its first write since the last undo."""
+        self.shapes: dict[int, tuple[torch.Tensor, Any, int, tuple[int, ...], tuple[int, ...], int]] = {}
+        """id(tensor) -> (tensor, storage, offset, size, stride, version) before its first write since the
+        last undo."""
         self.faults: list[str] = []
         self.last_written: set[int] = set()
         """Keys of the storages the last undo put back."""
@@ -160,7 +161,7 @@ class UndoLog(TorchDispatchMode):
         if ref is None or ref() is None:
             return
         if id(t) not in self.shapes:
-            self.shapes[id(t)] = (t, st, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
+            self.shapes[id(t)] = (t, st, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()), t._version)
         if key in self.dirty:
             return
         if key not in self.copies:
@@ -176,7 +177,7 @@ class UndoLog(TorchDispatchMode):
         dirty, self.dirty = self.dirty, {}
         self.last_written = set(dirty)
         with _disable_current_modes(), torch.no_grad():
-            for t, st, offset, size, stride in shapes.values():
+            for t, st, offset, size, stride, _ in shapes.values():
                 try:
                     if (t.untyped_storage()._cdata != st._cdata or t.storage_offset() != offset
                             or tuple(t.size()) != size or tuple(t.stride()) != stride):
@@ -192,6 +193,12 @@ class UndoLog(TorchDispatchMode):
                         st.copy_(saved)
                 except Exception as e:
                     problems.append(f"could not put back a storage of {saved.nbytes()} bytes: {describe(e)}")
+            # the values are as before, so are the version counters: an autograd graph recorded before
+            # (a `loss` from an earlier cell) still runs backward. Views share their base's counter:
+            # the earliest version noted is set last.
+            for t, *_, version in reversed(shapes.values()):
+                with contextlib.suppress(Exception):
+                    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
         return problems
 
     @property

@@ -373,6 +373,26 @@ def test_a_write_under_the_log_is_put_back_without_a_note():
     assert torch.equal(t, torch.zeros(3))
 
 
+def test_a_graph_recorded_before_still_runs_backward_after_a_restore():
+    from gpumagic.state import Snapshot
+
+    w = torch.randn(3, requires_grad=True)
+    loss = (w * w).sum()  # saves w for backward
+    snap = Snapshot.take(roots=[w])
+    with snap.recording(), torch.no_grad():
+        w.add_(1)
+    assert snap.restore() == []
+    loss.backward()  # "modified by an inplace operation" if the version counter stayed moved
+    assert torch.equal(w.grad, 2 * w.detach())
+
+
+@pytest.mark.slow  # a whole search in the shell
+def test_a_loss_from_an_earlier_cell_still_runs_backward_after_a_search(ip, base):
+    run(ip, MODEL + "old_loss = model(torch.randn(4, 32)).pow(2).mean()\n")
+    _search(ip, LOOP)
+    run(ip, "old_loss.backward()\n")
+
+
 DRY = "%%gpumem --dry-run -d cuda --budget 1GiB\n"
 
 
