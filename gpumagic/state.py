@@ -30,6 +30,7 @@ not be copied at all, is named in the returned list, never raised.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -257,6 +258,7 @@ class _Walk:
         self.lists: list[tuple[list[Any], list[Any]]] = []
         self.dicts: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
         self.sets: list[tuple[set[Any], set[Any]]] = []
+        self.deques: list[tuple[collections.deque[Any], list[Any]]] = []
         self.attrs: list[tuple[Any, dict[str, Any]]] = []
         self.cells: list[tuple[Any, Any]] = []
         self.tensors: list[tuple[torch.Tensor, bool, Any, Any, torch.Tensor | None, Any]] = []
@@ -328,6 +330,10 @@ class _Walk:
         elif isinstance(obj, set):
             self.keep.append(obj)
             self.sets.append((obj, set(obj)))
+        elif isinstance(obj, collections.deque):  # the other mutable sequence of the standard library
+            self.keep.append(obj)
+            self.deques.append((obj, list(obj)))
+            todo.extend(list(obj)[:100_000])
         elif isinstance(obj, (tuple, frozenset)):
             todo.extend(list(obj)[:100_000])
         elif isinstance(obj, types.FunctionType):
@@ -407,6 +413,8 @@ class _Walk:
             attempt(dct, _put_dict, dct, saved_d)
         for st, saved_s in self.sets:
             attempt(st, _put_set, st, saved_s)
+        for dq, saved_q in self.deques:
+            attempt(dq, _put_deque, dq, saved_q)
         for cell, contents in self.cells:
             attempt(contents, _put_cell, cell, contents)
         unseen = [entry[0] for entry in self.tensors if entry[0]._version != self.versions.get(id(entry[0]))
@@ -480,6 +488,12 @@ def _put_dict(d: Any, saved: dict[Any, Any]) -> None:
 def _put_list(lst: list[Any], saved: list[Any]) -> None:
     if len(lst) != len(saved) or any(a is not b for a, b in zip(lst, saved, strict=True)):
         lst[:] = saved
+
+
+def _put_deque(dq: collections.deque[Any], saved: list[Any]) -> None:
+    if len(dq) != len(saved) or any(a is not b for a, b in zip(dq, saved, strict=True)):
+        dq.clear()
+        dq.extend(saved)
 
 
 def _put_set(s: set[Any], saved: set[Any]) -> None:

@@ -334,6 +334,18 @@ def test_a_failing_item_is_named_and_the_others_still_come_back():
     assert "dtype" in problems[0]
 
 
+def test_a_deque_comes_back_in_place():
+    from collections import deque
+
+    from gpumagic.state import Snapshot
+
+    seen = deque([1])
+    snap = Snapshot.take(namespace={"seen": seen})
+    seen.append(2)
+    assert snap.restore() == []
+    assert list(seen) == [1]
+
+
 def test_an_object_with_slots_comes_back():
     from gpumagic.state import Snapshot
 
