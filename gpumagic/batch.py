@@ -494,9 +494,11 @@ def find_batch(
     """Find the largest (or fastest) batch size that fits, in few trials.
 
     ``trial_fn(batch_size)`` runs training steps at that batch size; each call is one trial
-    (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Models, optimizers,
-    schedulers and scalers (``restore``, or found through the optimizers alive in the process)
-    and the RNG states are restored afterwards.
+    (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Afterwards everything
+    is as before: every tensor the trials wrote in place (through the undo log, whatever holds it),
+    and what ``trial_fn``'s closure, ``loader`` and ``restore`` (default: the optimizers alive in the
+    process and their models) reach — containers, attributes, gradients, generators — plus the RNG
+    states and process-wide settings (see :mod:`gpumagic.state`).
 
     With ``loader`` (a DataLoader), ``trial_fn`` receives a copy of it at the trial's batch size
     instead of the size, whose every batch holds the heaviest samples of the data set (sizes by
