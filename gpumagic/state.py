@@ -19,7 +19,11 @@ Two parts, neither of which has to know what kind of object it protects:
   and the namespace's bindings.
 
 Restoring never stops half-way: each item is put back on its own, and what fails, or what could
-not be copied at all, is named in the returned list, never raised.
+not be copied at all, is named in the returned list, never raised. A tensor whose version counter
+moved although the log saw no write to it (written inside ``torch.compile``'d code) is named too.
+
+:class:`Bindings` is the light form used around every cell: which object each name was bound to,
+without keeping the objects alive (the OOM handler reads it).
 
 >>> snap = Snapshot.take([model], namespace=globals())       # doctest: +SKIP
 >>> for b in (8, 16):                                        # doctest: +SKIP
