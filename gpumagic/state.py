@@ -74,6 +74,7 @@ def history_name(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the undo log
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _WRITTEN: dict[Any, tuple[tuple[int, str], ...]] = {}
 """op -> the (position, name) of each argument its schema marks as written; () for most ops."""
 
@@ -133,6 +134,10 @@ class UndoLog(TorchDispatchMode):
         self.faults: list[str] = []
         self.last_written: set[int] = set()
         """Keys of the storages the last undo put back."""
+        self.wrappers: dict[int, tuple[torch.Tensor, int]] = {}
+        """id(wrapper subclass tensor) -> (it, its version before its first write since the last undo)."""
+        self.last_wrappers: set[int] = set()
+        """ids of the wrapper tensors whose inner tensors the last undo put back."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         spec = _WRITTEN.get(func)
@@ -157,6 +162,17 @@ class UndoLog(TorchDispatchMode):
     def _before_write(self, t: torch.Tensor) -> None:
         if t.is_meta:
             return
+        if type(t) not in _PLAIN_TENSORS and hasattr(t, "__tensor_flatten__"):
+            # a wrapper (DTensor, a user's subclass) runs its inner ops after this mode has handed the
+            # op on, where the log no longer sees them: log its inner tensors now
+            names, _ = t.__tensor_flatten__()
+            if names:
+                self.wrappers.setdefault(id(t), (t, t._version))
+                for name in names:
+                    inner = getattr(t, name, None)
+                    if isinstance(inner, torch.Tensor):
+                        self._before_write(inner)
+                return
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):  # sparse, opaque: no single storage
@@ -181,6 +197,8 @@ class UndoLog(TorchDispatchMode):
         shapes, self.shapes = self.shapes, {}
         dirty, self.dirty = self.dirty, {}
         self.last_written = set(dirty)
+        wrappers, self.wrappers = self.wrappers, {}
+        self.last_wrappers = set(wrappers)
         with _disable_current_modes(), torch.no_grad():
             for t, st, offset, size, stride, _ in shapes.values():
                 try:
@@ -201,7 +219,8 @@ class UndoLog(TorchDispatchMode):
             # the values are as before, so are the version counters: an autograd graph recorded before
             # (a `loss` from an earlier cell) still runs backward. Views share their base's counter:
             # the earliest version noted is set last.
-            for t, *_, version in reversed(shapes.values()):
+            versions = [(e[0], e[5]) for e in reversed(shapes.values())] + list(wrappers.values())
+            for t, version in versions:
                 with contextlib.suppress(Exception):
                     torch._C._autograd._unsafe_set_version_counter((t,), (version,))
         return problems
@@ -399,8 +418,8 @@ class _Walk:
 
     # -- restore ---------------------------------------------------------------------------------
     def restore(self, problems: list[str], logged: set[int] | None = None) -> None:
-        """Put back what was copied; ``logged``: keys of the storages the undo log put back (None:
-        no log ran, so any write to a tensor is one nobody undid)."""
+        """Put back what was copied; ``logged``: keys of the storages (and ids of the wrapper tensors)
+        the undo log put back (None: no log ran, so any write to a tensor is one nobody undid)."""
         def attempt(obj: Any, fn: Callable[..., None], *args: Any) -> None:
             try:
                 fn(*args)
@@ -422,7 +441,7 @@ class _Walk:
         for cell, contents in self.cells:
             attempt(contents, _put_cell, cell, contents)
         unseen = [entry[0] for entry in self.tensors if entry[0]._version != self.versions.get(id(entry[0]))
-                  and (logged is None or _key(entry[0]) not in logged)]
+                  and (logged is None or (_key(entry[0]) not in logged and id(entry[0]) not in logged))]
         if unseen:
             problems.append(f"not restored: {len(unseen)} tensor{'s' if len(unseen) > 1 else ''} "
                             f"({', '.join(sorted({self.label(t) for t in unseen})[:5])}) written where the undo log "
@@ -772,7 +791,7 @@ class Snapshot:
         problems = list(self.problems)
         if self.log is not None:
             problems.extend(self.log.undo())
-        self.walk.restore(problems, None if self.log is None else self.log.last_written)
+        self.walk.restore(problems, None if self.log is None else self.log.last_written | self.log.last_wrappers)
         for backend in backends.registry():
             if backend.name in self.rng:
                 try:
