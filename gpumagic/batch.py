@@ -3,37 +3,32 @@
 The search itself is pure (:mod:`gpumagic.search`); this module gives it a ``run_trial(b)`` that
 runs the user's loop at batch size ``b`` under the tracker, stops it after ``steps`` optimizer
 steps (a :class:`~gpumagic.tracking.StopTrial` raised from the step hook), turns an OOM into a
-trial result and frees what the failed trial held. Around the whole search, every model,
-optimizer, LR scheduler and GradScaler the code touches, the RNG states, and the namespace's
-bindings and plain values are snapshotted to host memory and restored afterwards, also on
-Ctrl-C and on errors in user code. The snapshots are gpumagic's own memory: they are never
-counted against the (simulated) device.
+trial result and frees what the failed trial held. Every trial runs under the undo log of
+:mod:`gpumagic.state`, and everything it changed is put back after it (tensor values by the log;
+containers, attributes, gradients, RNGs, settings and the namespace's bindings from the snapshot),
+also on Ctrl-C and on errors in user code. The copies are gpumagic's own host memory: they are
+never counted against the (simulated) device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import random
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpumagic import backends, heaviest, views
+from gpumagic import heaviest, views
 from gpumagic._gcscan import instances_of
-from gpumagic._plain import plain_container
-from gpumagic._safe import describe
-from gpumagic._tensors import storages
 from gpumagic.backends import Backend
 from gpumagic.batchmath import Pick
 from gpumagic.dataloading import data_wait_fraction
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
+from gpumagic.state import Snapshot
 from gpumagic.tracking import StopTrial, Tracker
 
 if TYPE_CHECKING:
@@ -59,41 +54,6 @@ def _is_oom(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # snapshots
-
-
-def _host_copy(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to host memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        items = [(k, _host_copy(v)) for k, v in obj.items()]
-        try:
-            out = type(obj)(items)  # an OrderedDict stays one
-        except Exception:
-            out = dict(items)
-        metadata = getattr(obj, "_metadata", None)
-        if metadata is not None:  # state_dict versions: quantized modules load by them
-            with contextlib.suppress(AttributeError, TypeError):
-                out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, list):
-        return [_host_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_host_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _tensor_keys(obj: Any, out: set[int]) -> None:
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cpu:
-            with contextlib.suppress(Exception):
-                out.update(key for key, _ in storages(obj) or ())
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensor_keys(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensor_keys(v, out)
 
 
 def _stateful_types() -> tuple[type, ...]:
@@ -144,134 +104,8 @@ def _discover_stateful() -> list[Any]:
     return _reachable_stateful([*opt_like, *models])
 
 
-@dataclass
-class StateSnapshot:
-    """Host-memory copies of stateful objects, RNG states and namespace values, restorable.
-
-    Modules also keep which parameter, buffer and submodule objects they held, so a trial that
-    replaced one (``model.fc = nn.Linear(...)``, a weight swapped for a tensor subclass) is undone
-    before the values are loaded back. What cannot be restored is said, never raised:
-    :meth:`restore` returns one message per object, naming it.
-    """
-
-    objects: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (obj, state_dict copy, grads)
-    rng: dict[str, Any] = field(default_factory=dict)
-    namespace: MutableMapping[str, Any] | None = None
-    bindings: dict[str, Any] = field(default_factory=dict)
-    plain_copies: dict[str, Any] = field(default_factory=dict)
-    storage_keys: set[int] = field(default_factory=set)
-    members: list[tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any], bool]] = field(default_factory=list)
-    names: dict[int, str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    """Objects that could not be copied before the trials (their state is what the trials leave)."""
-
-    def describe(self, obj: Any) -> str:
-        """"'model' (Sequential)" where the namespace names the object, else "a Sequential"."""
-        name = self.names.get(id(obj))
-        return f"{name!r} ({type(obj).__name__})" if name else f"a {type(obj).__name__}"
-
-    @classmethod
-    def take(cls, objects: Iterable[Any], namespace: MutableMapping[str, Any] | None = None) -> StateSnapshot:
-        snap = cls()
-        objects = list(objects)
-        if namespace is not None:
-            wanted = {id(o) for o in objects}
-            snap.names = {id(v): k for k, v in reversed(list(namespace.items()))
-                          if id(v) in wanted and not k.startswith("_")}
-        for obj in objects:
-            try:
-                with warnings.catch_warnings():  # torch's warnings about the user's modules are not news here
-                    warnings.simplefilter("ignore")
-                    state = _host_copy(obj.state_dict())
-                grads = None
-                if isinstance(obj, torch.nn.Module):
-                    grads = [None if p.grad is None else p.grad.detach().to("cpu", copy=True)
-                             for p in obj.parameters()]
-                    snap.members.extend(
-                        (m, dict(m._parameters), dict(m._buffers), dict(m._modules), m.training)
-                        for m in obj.modules()
-                    )
-            except Exception as e:  # a tensor kind that cannot be copied: say so, search anyway
-                snap.problems.append(f"could not copy {snap.describe(obj)} before the trials ({describe(e)}): "
-                                     "its state after the search is what the last trial left")
-                continue
-            snap.objects.append((obj, state, grads))
-            _tensor_keys(state, snap.storage_keys)
-            _tensor_keys(grads or [], snap.storage_keys)
-        for backend in backends.registry():
-            state = backend.rng_state()
-            if state is not None:
-                snap.rng[backend.name] = state
-        snap.rng["random"] = random.getstate()
-        np = sys.modules.get("numpy")
-        if np is not None:
-            snap.rng["numpy"] = np.random.get_state()
-        _tensor_keys(list(snap.rng.values()), snap.storage_keys)
-        if namespace is not None:
-            snap.namespace = namespace
-            snap.bindings = dict(namespace)
-            for name, v in snap.bindings.items():
-                if name.startswith("_") or not plain_container(v):
-                    continue
-                snap.plain_copies[name] = copy.deepcopy(v)
-        return snap
-
-    def restore(self) -> list[str]:
-        """Put everything back; returns what could not be restored (empty when all was)."""
-        errors = list(self.problems)
-        for m, params, buffers, modules, training in self.members:
-            m.training = training  # a cell that calls model.eval() (an --eval trial) leaves train mode as it was
-            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
-                if now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items()):
-                    now.clear()
-                    now.update(saved)
-        for obj, state, grads in self.objects:
-            try:
-                # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
-                # do for same-device state), and the next trial would then mutate the snapshot
-                with warnings.catch_warnings():  # e.g. quantized modules warn on every load
-                    warnings.simplefilter("ignore")
-                    obj.load_state_dict(_host_copy(state))
-                if grads is not None:
-                    for p, g in zip(obj.parameters(), grads, strict=False):
-                        p.grad = None if g is None else g.to(p.device, copy=True)
-            except Exception as e:  # keep restoring the others
-                errors.append(f"could not restore {self.describe(obj)}: {describe(e)}; "
-                              "it is left as the last trial left it")
-        for backend in backends.registry():
-            if backend.name in self.rng:
-                backend.set_rng_state(self.rng[backend.name])
-        random.setstate(self.rng["random"])
-        if "numpy" in self.rng:
-            sys.modules["numpy"].random.set_state(self.rng["numpy"])
-        ns = self.namespace
-        if ns is not None:
-            for name in [n for n in ns if n not in self.bindings and not _ipython_history_name(n)]:
-                del ns[name]
-            for name, v in self.bindings.items():
-                if ns.get(name, _MISSING) is not v:
-                    ns[name] = v
-            for name, saved in self.plain_copies.items():
-                _restore_in_place(ns[name], saved)
-        return errors
-
-
-_MISSING = object()
-
-
-def _ipython_history_name(name: str) -> bool:
-    return name in ("_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih", "In", "Out", "_dh", "_exit_code") or (
-        name[:2] in ("_i", "_o") and name[2:].isdigit()) or (name[:1] == "_" and name[1:].isdigit())
-
-
-
-
-def _restore_in_place(obj: Any, saved: Any) -> None:
-    if isinstance(obj, list):
-        obj[:] = saved
-    elif isinstance(obj, (dict, set)):
-        obj.clear()
-        obj.update(saved)
+StateSnapshot = Snapshot
+"""The snapshot the trials restore (:class:`gpumagic.state.Snapshot`; the name other code imports)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +188,8 @@ class TrialRunner:
         oom = False
         t0 = time.perf_counter()
         try:
-            with tracker:
+            # the undo log below the tracker: it sees every write first, and its copies are never counted
+            with self.snapshot.recording(), tracker:
                 if self.agreement is None:
                     self.body(b)
                 else:
@@ -664,9 +499,11 @@ def find_batch(
     """Find the largest (or fastest) batch size that fits, in few trials.
 
     ``trial_fn(batch_size)`` runs training steps at that batch size; each call is one trial
-    (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Models, optimizers,
-    schedulers and scalers (``restore``, or found through the optimizers alive in the process)
-    and the RNG states are restored afterwards.
+    (no hidden warm-up runs) and is stopped after ``steps`` optimizer steps. Afterwards everything
+    is as before: every tensor the trials wrote in place (through the undo log, whatever holds it),
+    and what ``trial_fn``'s closure, ``loader`` and ``restore`` (default: the optimizers alive in the
+    process and their models) reach — containers, attributes, gradients, generators — plus the RNG
+    states and process-wide settings (see :mod:`gpumagic.state`).
 
     With ``loader`` (a DataLoader), ``trial_fn`` receives a copy of it at the trial's batch size
     instead of the size, whose every batch holds the heaviest samples of the data set (sizes by
@@ -704,7 +541,7 @@ def find_batch(
             raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
         ns = namespace if namespace is not None else sys._getframe(1).f_globals
         plan, capacity = _plan(device, gpu, budget, ns)
-        snapshot = StateSnapshot.take([])
+        snapshot = StateSnapshot.take([], roots=[trial_fn])
         runner = TrialRunner(trial_fn, device=torch.device("cpu"), budget=None, steps=steps, snapshot=snapshot,
                              has_optimizer=True, observed=_Observed(), plan=plan)
         try:
@@ -732,7 +569,7 @@ def find_batch(
         capacity = agreement.agree_min(capacity)
         if agreement.rank != 0:
             progress = False  # one progress bar for the job
-    snapshot = StateSnapshot.take(objects)
+    snapshot = StateSnapshot.take(objects, roots=[trial_fn, loader])
     observed = _Observed()
     try:
         heavy = _Heaviest(loader, size_fn, steps) if loader is not None else None

@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import re
 import traceback
-import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 from types import FrameType, FunctionType, TracebackType
 from typing import Any
@@ -24,6 +23,7 @@ from gpumagic import backends
 from gpumagic._tensors import is_fake, storages
 from gpumagic.backends import Backend, MemorySession
 from gpumagic.report import DeviceStatus
+from gpumagic.state import SHELL_NAMES, Bindings
 from gpumagic.units import format_bytes, parse_size
 
 __all__ = [
@@ -244,65 +244,7 @@ def release_memory(exc: BaseException | None) -> None:
         backend.empty_cache()
 
 
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_SHELL_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
-
-
-class Bindings:
-    """Which object each name of a namespace is bound to, without keeping the objects alive.
-
-    Taken before a cell runs, it tells which names the cell bound or rebound (also from inside
-    functions, through ``global``) and what they were bound to before, when that still exists.
-    Plain values (numbers, strings) are kept, objects by weak reference, the rest by identity.
-
-    >>> b = Bindings({"x": 1}); b.same("x", 1), b.same("y", 2)
-    (True, False)
-    """
-
-    __slots__ = ("_no_grad", "_refs", "_stateful")
-
-    def __init__(self, namespace: Mapping[str, Any]) -> None:
-        self._refs: dict[str, tuple[int, Any, bool]] = {}  # name -> (id, weakref or plain value, plain)
-        self._no_grad: dict[str, frozenset[int]] = {}  # model name -> parameters without a gradient
-        self._stateful: dict[str, frozenset[int]] = {}  # optimizer name -> parameters with state
-        for name, value in list(namespace.items()):
-            if name.startswith("_"):
-                continue
-            if isinstance(value, torch.nn.Module):
-                self._no_grad[name] = frozenset(id(p) for p in value.parameters() if p.grad is None)
-            elif isinstance(value, torch.optim.Optimizer):
-                self._stateful[name] = frozenset(id(p) for p in value.state)
-            if isinstance(value, _PLAIN):  # plain values hold no device memory: keep them
-                self._refs[name] = (id(value), value, True)
-                continue
-            try:
-                ref: Any = weakref.ref(value)
-            except TypeError:  # lists, dicts, tuples: identity only
-                ref = None
-            self._refs[name] = (id(value), ref, False)
-
-    def same(self, name: str, value: Any) -> bool:
-        """Whether ``name`` is still bound to the object it was bound to before."""
-        entry = self._refs.get(name)
-        if entry is None:
-            return False
-        ident, ref, plain = entry
-        if plain:
-            return ref is value
-        if ref is not None:
-            return bool(ref() is value)
-        return ident == id(value)
-
-    def previous(self, name: str) -> tuple[bool, Any]:
-        """(True, the value before) when the name was bound to an object that still exists."""
-        entry = self._refs.get(name)
-        if entry is None:
-            return False, None
-        _, ref, plain = entry
-        if plain:
-            return True, ref
-        value = ref() if ref is not None else None
-        return value is not None, value
+_SHELL_NAMES = SHELL_NAMES
 
 
 def _graph_tensors(t: torch.Tensor, limit: int = 100_000) -> Iterable[torch.Tensor]:

@@ -65,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gpumagic import backends
-from gpumagic._plain import PLAIN, plain_container
+from gpumagic._plain import PLAIN
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import StopTrial, Tracker
@@ -891,8 +891,11 @@ class DryTracker(Tracker):
         originals: dict[str, Any] = {}
         if ns is not None:
             originals = dict(ns)
-            plain = {k: copy.deepcopy(v) for k, v in originals.items()
-                     if not k.startswith("_") and plain_container(v)}
+            # everything the plan may change in place (a list the cell appends to, an array, an
+            # object's attributes) is put back from this; tensors the block sees are fake copies
+            from gpumagic.state import Snapshot
+
+            before = Snapshot.take(namespace=ns, log=False)
             names = [k for k, v in originals.items() if not k.startswith("_") and k not in ("In", "Out")
                      and _needs_copy(v)]
             if names:
@@ -916,18 +919,12 @@ class DryTracker(Tracker):
 
             def restore_ns() -> None:
                 # names the block created hold fake tensors; `with track(...) as t` binds t, which stays
-                for name in [n for n in list(ns) if n not in originals and not _history_name(n) and ns[n] is not self]:
-                    del ns[name]
-                for name, v in originals.items():
-                    if ns.get(name, _MISSING) is not v:
-                        ns[name] = v
-                for name, saved in plain.items():
-                    obj = ns[name]
-                    if isinstance(obj, list):
-                        obj[:] = saved
-                    elif isinstance(obj, (dict, set)):
-                        obj.clear()
-                        obj.update(saved)
+                mine = {n: v for n, v in ns.items() if v is self}
+                problems = before.restore()
+                ns.update(mine)
+                if problems and self._report is not None:  # what could not be put back is named
+                    new = tuple(p for p in problems if p not in self._report.notes)
+                    self._report = dataclasses.replace(self._report, notes=(*self._report.notes, *new))
 
             undo.append(restore_ns)
             ns.update(copies)
@@ -1262,14 +1259,6 @@ def _fmt(n: int) -> str:
     from gpumagic.units import format_bytes
 
     return format_bytes(n)
-
-
-_MISSING = object()
-
-
-def _history_name(name: str) -> bool:
-    return name in ("_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih", "In", "Out", "_dh", "_exit_code") or (
-        name[:2] in ("_i", "_o") and name[2:].isdigit()) or (name[:1] == "_" and name[1:].isdigit())
 
 
 def _fake_batch(batch: Any, session: FakeSession, fake_mode: Any) -> Any:

@@ -261,7 +261,8 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         oom = False
         try:
             # at the run's learning rate, as the runs will be: a loop that reads it sees the same
-            with _LRScaler(rule, b, base, known), norms, tracker:
+            # the undo log below the tracker, as in a search's trial: the snapshot puts back every write
+            with _LRScaler(rule, b, base, known), norms, snapshot.recording(), tracker:
                 body(b)
         except StopTrial:
             pass
@@ -317,7 +318,7 @@ def _run(body: Callable[[int], Any], b: int, *, device: torch.device, backend: A
     value: float | None = None
     try:
         try:
-            with scaler, tracker:
+            with scaler, snapshot.recording(), tracker:
                 stop.t0 = time.perf_counter()
                 body(b)
         except StopTrial:

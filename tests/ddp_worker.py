@@ -66,6 +66,10 @@ def _cnn_batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(b, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (b,), device=DEVICE)
 
 
+TRIALS = [0]
+"""Trials run so far: a module global, since a search puts back every list its trial function reaches."""
+
+
 def main() -> None:
     global DEVICE
     scenario, out_dir = sys.argv[1], sys.argv[2]
@@ -97,11 +101,10 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     batch = _cnn_batch if cnn else _mlp_batch
     out: dict[str, Any] = {"rank": rank}
-    trials = [0]
 
     def train(b: int, steps: int = 1000) -> None:
-        trials[0] += 1
-        if scenario == "interrupt" and rank == 1 and trials[0] == 3:
+        TRIALS[0] += 1
+        if scenario == "interrupt" and rank == 1 and TRIALS[0] == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in this rank, in its third trial
             time.sleep(5)
         for _ in range(steps):

@@ -51,9 +51,15 @@ def test_the_default_is_one_pass_over_the_data_set(ip, setup):
     assert [r.total_samples for r in res.runs] == [512, 512]
 
 
+# module globals: out of the sweep's reach (it puts back every list the cell's namespace reaches)
+SEEN: list[tuple[int, float]] = []
+CALLS: list[int] = []
+
+
 def test_each_run_uses_the_rules_learning_rate_read_from_the_optimizer(ip, setup):
-    seen: list[tuple[int, float]] = []
-    ip.push({"record": lambda b, lr: seen.append((b, lr))})
+    SEEN.clear()
+    seen = SEEN
+    ip.push({"record": lambda b, lr: SEEN.append((b, lr))})
     body = LOOP + "    record(batch_size, opt.param_groups[0]['lr'])\n"
     res = sweep(ip, "--var batch_size --sizes 8,32,128 --samples 256 --noise-batches 4", body)
     assert res.lr_rule == "linear"  # SGD, by family
@@ -107,8 +113,9 @@ history = [1, 2]
 
 
 def test_recorded_losses_are_the_loops_own(ip, setup):
-    own: list[tuple[int, float]] = []
-    ip.push({"record": lambda b, v: own.append((b, v))})
+    SEEN.clear()
+    own = SEEN
+    ip.push({"record": lambda b, v: SEEN.append((b, v))})
     body = LOOP + "    record(batch_size, loss.item())\n"
     res = sweep(ip, "--var batch_size --sizes 16,64 --samples 200 --noise-batches 4", body)
     for run in res.runs:
@@ -132,10 +139,11 @@ def test_a_size_that_runs_out_of_memory_is_a_result(ip, setup):
 
 
 def test_val_is_evaluated_once_per_run(ip, setup):
-    calls: list[int] = []
+    CALLS.clear()
+    calls = CALLS
 
     def evaluate(b: int) -> float:
-        calls.append(b)
+        CALLS.append(b)
         return 1.0 / b
 
     ip.push({"evaluate": evaluate})
@@ -252,8 +260,9 @@ for step in range(12):
 
 
 def test_a_scheduler_that_computes_from_base_rates_is_scaled_too(ip, setup):
-    seen: list[tuple[int, float]] = []
-    ip.push({"record": lambda b, lr: seen.append((b, lr))})
+    SEEN.clear()
+    seen = SEEN
+    ip.push({"record": lambda b, lr: SEEN.append((b, lr))})
     ip.run_cell("sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)").raise_error()
     body = LOOP + "    sched.step(); record(batch_size, opt.param_groups[0]['lr'])\n"
     sweep(ip, "--var batch_size --sizes 16,64 --samples 128 --noise-batches 4", body)

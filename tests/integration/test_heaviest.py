@@ -12,7 +12,7 @@ from gpumagic.report import BatchSearchResult, MemoryReport
 BUDGET = "4MiB"
 TRAIN = """
 for x, y in loader:
-    lengths_seen.append(x.shape[1])
+    Seen.lengths.append(x.shape[1])
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad(); loss.backward(); opt.step()
 """
@@ -55,7 +55,8 @@ torch.manual_seed(0)
 model = Clf()
 opt = torch.optim.Adam(model.parameters(), 1e-3)
 loader = DataLoader(ds, batch_size=8, shuffle=True, collate_fn=pad)
-lengths_seen = deque()   # not a list: gpumagic restores plain lists after a search
+class Seen:  # a class attribute: a search puts back every container the namespace's values reach
+    lengths = deque()
 """)
     assert r.error_in_exec is None
     return ip
@@ -76,7 +77,7 @@ def test_loader_trials_draw_only_batches_holding_the_longest_sample(texts):
     res = find(texts, "--loader loader")
     assert res.recommended_batch_size is not None
     assert res.sample_sizes.advice == ()
-    assert set(texts.user_ns["lengths_seen"]) == {128}
+    assert set(texts.user_ns["Seen"].lengths) == {128}
 
 
 def test_loader_result_states_the_distribution_and_the_tail_gain(texts):
@@ -144,7 +145,7 @@ def test_loader_with_a_sampler_measures_only_the_indices_it_draws(texts):
     res = find(texts, "--loader loader")
     assert res.sample_sizes.largest < 129  # index 0, the long one, is not in the subset
     assert res.sample_sizes.measured == 99
-    assert max(texts.user_ns["lengths_seen"]) < 128
+    assert max(texts.user_ns["Seen"].lengths) < 128
 
 
 def test_size_fn_names_the_measure_used(texts):

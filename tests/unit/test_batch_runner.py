@@ -43,7 +43,8 @@ def test_snapshot_restores_models_optimizers_schedulers_and_grads():
     exp_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
     lr = opt.param_groups[0]["lr"]
     snap = StateSnapshot.take(batch._reachable_stateful([model, sched]))
-    _step(model, opt, sched)
+    with snap.recording():  # tensor values come back through the undo log of what ran under it
+        _step(model, opt, sched)
     snap.restore()
     assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())  # BatchNorm buffers too
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=False))
