@@ -19,7 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from gpumagic._units import format_seconds
+from gpumagic._units import format_percent, format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, MemoryReport, Trial
@@ -199,7 +199,7 @@ def search_text(result: BatchSearchResult, width: int | None = None, *, color: b
         rows.append(("learning rate", r.lr_note))
     if r.capacity_bytes is not None:
         peak = f"predicted peak {_bytes(r.predicted_peak_bytes)} of " if r.predicted_peak_bytes is not None else ""
-        rows.append(("memory", f"{peak}{_bytes(r.capacity_bytes)} (margin {r.margin:.0%})"))
+        rows.append(("memory", f"{peak}{_bytes(r.capacity_bytes)} (margin {format_percent(r.margin)})"))
     if r.fit is not None:
         rows.append(("fit", f"{_bytes(r.fit.intercept_bytes)} + {_bytes(r.fit.bytes_per_sample)} per sample "
                             f"(R² {r.fit.r2:.4f})"))

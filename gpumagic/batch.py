@@ -541,7 +541,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     two real trials, and an out-of-memory error only if the plan is off by more than the margin.
     Otherwise the ordinary search runs on real trials and the result says why.
     """
-    from gpumagic._units import format_bytes
+    from gpumagic._units import format_bytes, format_percent
     from gpumagic.report import Fit
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
@@ -596,7 +596,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
 
     verified = [dataclasses.replace(t, planned=False) for t in real]
     reason = (f"planned on fake tensors ({len(plan.trials)} planned trials), verified by {len(real)} real "
-              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {kw['margin']:.0%} margin")
+              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {format_percent(kw['margin'])} margin")
     return dataclasses.replace(
         plan, trials=(*plan.trials, *verified), max_batch_size=largest, recommended_batch_size=b1, fit=corrected,
         predicted_peak_bytes=first_trial.peak_bytes, reason=reason,
@@ -933,6 +933,8 @@ def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin
     for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
         if value is not None and value < 1:
             raise BadOptions(f"{flag} must be >= 1, got {value}")
+        if value is not None and value > sys.maxsize:  # sizes index sequences: Python's limit for them
+            raise BadOptions(f"{flag} must be <= {sys.maxsize} (sys.maxsize), got {value}")
     if max_size is not None and min_size > max_size:
         raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
     if start is not None and start < min_size:

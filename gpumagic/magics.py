@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import sys
 import traceback
 import types
@@ -717,9 +718,59 @@ def _asks_for_help(line: str) -> bool:
     return "-h" in options or "--help" in options
 
 
-def _parse(fn: Any, line: str) -> Any:
+def _split_statement(line: str) -> tuple[str, str | None]:
+    """The options, and the raw statement after the first ``--`` that stands alone outside quotes
+    (kept as typed: its quotes and spaces are Python's, not the shell's)."""
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote is not None:
+            if c == "\\" and quote == '"':
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif (line.startswith("--", i) and (i == 0 or line[i - 1].isspace())
+              and (i + 2 == len(line) or line[i + 2].isspace())):
+            return line[:i], line[i + 2:].strip()
+        i += 1
+    return line, None
+
+
+def option_words(parser: Any, line: str) -> list[str]:
+    """A magic's line as argv, split the way a POSIX shell does: quotes group and are removed
+    (``-d 'cuda:0'``, ``--size-fn "lambda i: lengths[i]"``). A value that starts with ``-``
+    after an option that takes one is kept as that option's value (``--budget -5MiB``), so the
+    option's own check names it instead of argparse's "expected one argument". The statement
+    after ``--`` is one word, as typed. The one splitter of every magic (``%%gpumem``,
+    ``%find_batch`` and the magics built on their options)."""
+    options, statement = _split_statement(line)
     try:
-        return magic_arguments.parse_argstring(fn, line)
+        words = shlex.split(options, posix=True)
+    except ValueError as e:  # "No closing quotation"
+        raise UsageError(f"could not split options {options.strip()!r}: {e}") from None
+    takes_value = {
+        flag for action in parser._actions if action.option_strings and action.nargs != 0
+        for flag in action.option_strings
+    }
+    known = set(parser._option_string_actions)
+    argv: list[str] = []
+    for word in words:
+        if argv and argv[-1] in takes_value and word.startswith("-") and word.split("=")[0] not in known:
+            argv[-1] = f"{argv[-1]}={word}"
+        else:
+            argv.append(word)
+    if statement is not None:
+        argv += ["--", statement] if statement else ["--"]
+    return argv
+
+
+def _parse(fn: Any, line: str) -> Any:
+    parser = fn.parser
+    try:
+        return parser.parse_args(option_words(parser, line))
     except UsageError:
         raise
     except SystemExit as e:  # argparse on --help or odd input

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
 from gpumagic._text import memory_report_text, search_text, use_color
-from gpumagic._units import format_bytes, format_seconds
+from gpumagic._units import format_bytes, format_percent, format_seconds
 
 if TYPE_CHECKING:
     import pandas
@@ -520,7 +520,7 @@ class BatchSearchResult:
         if self.lr_note:
             rows.append(("learning rate", self.lr_note))
         if self.capacity_bytes is not None:
-            rows.append(("capacity", f"{format_bytes(self.capacity_bytes)} (margin {self.margin:.0%})"))
+            rows.append(("capacity", f"{format_bytes(self.capacity_bytes)} (margin {format_percent(self.margin)})"))
         if self.predicted_peak_bytes is not None:
             rows.append(("predicted peak", format_bytes(self.predicted_peak_bytes)))
         if self.fit is not None:

@@ -287,3 +287,18 @@ def test_evaluation_steps_are_outermost_forwards_of_the_model_not_the_loss():
         evaluate()
     assert len(calls) == 2
     assert tracker.report.total_steps == 2
+
+
+def test_readme_size_fn_lambda_works_as_written(texts):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    option = re.search(r'`(--size-fn "lambda i: [^"`]+")`', readme)
+    assert option is not None, "the README's --size-fn lambda example is gone"
+    run(texts, "texts = ds.items")  # the README's `texts`: the raw sequences, one per index
+    res = find(texts, f"--loader loader {option.group(1)}")
+    assert res.sample_sizes is not None
+    assert res.sample_sizes.measure == "the given size function"
+    assert res.sample_sizes.largest == 128
+    assert res.recommended_batch_size is not None
