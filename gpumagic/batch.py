@@ -17,7 +17,6 @@ import copy
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic._plain import plain_container
 from gpumagic._progress import text_progress
+from gpumagic._quiet import ignored_warnings
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
 from gpumagic.backends import Backend
@@ -180,8 +180,7 @@ class StateSnapshot:
                           if id(v) in wanted and not k.startswith("_")}
         for obj in objects:
             try:
-                with warnings.catch_warnings():  # torch's warnings about the user's modules are not news here
-                    warnings.simplefilter("ignore")
+                with ignored_warnings():  # torch's warnings about the user's modules are not news here
                     state = _host_copy(obj.state_dict())
                 grads = None
                 if isinstance(obj, torch.nn.Module):
@@ -229,8 +228,7 @@ class StateSnapshot:
             try:
                 # a fresh copy each time: load_state_dict may keep the given tensors (optimizers
                 # do for same-device state), and the next trial would then mutate the snapshot
-                with warnings.catch_warnings():  # e.g. quantized modules warn on every load
-                    warnings.simplefilter("ignore")
+                with ignored_warnings():  # e.g. quantized modules warn on every load
                     obj.load_state_dict(_host_copy(state))
                 if grads is not None:
                     for p, g in zip(obj.parameters(), grads, strict=False):

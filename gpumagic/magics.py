@@ -1185,6 +1185,14 @@ def _registered(shell: InteractiveShell) -> GPUMagics | None:
     return reg if isinstance(reg, GPUMagics) else None
 
 
+def _drop_left_filters(*_: Any) -> None:
+    """After every cell: a Ctrl-C that landed while gpumagic took out a warnings filter it added
+    must not leave warnings silenced for the rest of the session."""
+    from gpumagic._quiet import forget_left_behind
+
+    forget_left_behind()
+
+
 def load(shell: InteractiveShell) -> None:
     """Register the magics; loading again replaces the previous registration cleanly."""
     if _registered(shell) is not None:
@@ -1192,6 +1200,7 @@ def load(shell: InteractiveShell) -> None:
     magics = GPUMagics(shell)
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.presenter.before_cell)
+    shell.events.register("post_run_cell", _drop_left_filters)
     if shell.display_formatter is not None:
         bundles = shell.display_formatter.mimebundle_formatter
         printer = _text_bundle(shell)
@@ -1210,6 +1219,8 @@ def unload(shell: InteractiveShell) -> None:
             magics.oom_handler.uninstall()
             with contextlib.suppress(ValueError):  # not registered
                 shell.events.unregister("pre_run_cell", magics.presenter.before_cell)
+            with contextlib.suppress(ValueError):
+                shell.events.unregister("post_run_cell", _drop_left_filters)
             if shell.display_formatter is not None:
                 bundles = shell.display_formatter.mimebundle_formatter
                 for key, saved in magics.saved_printers.items():
@@ -1231,4 +1242,5 @@ def unload(shell: InteractiveShell) -> None:
         if tracking is not None:
             while (t := tracking.active_tracker()) is not None:
                 t.close()
+        _drop_left_filters()
 

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from gpumagic._quiet import ignored_warnings
 from gpumagic._safe import describe
 from gpumagic._tensors import is_fake
 from gpumagic.backends import Backend, MemorySession
@@ -150,14 +150,6 @@ def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     return next(_batch_tensors(batch, 3), None)
-
-
-def _remove_filter(entry: Any) -> None:
-    if entry in warnings.filters:
-        warnings.filters.remove(entry)  # type: ignore[attr-defined]  # typeshed: a Sequence; it is a list
-        mutated = getattr(warnings, "_filters_mutated", None)  # warnings caches what filters decided
-        if mutated is not None:
-            mutated()
 
 
 def leading_dimension(args: Any) -> int | None:
@@ -445,9 +437,9 @@ class Tracker:
             # torch.compile's module warns when any global module hook exists: ours reads the first
             # call of a step (the compiled wrapper's, with the same inputs) and is gone before the
             # inner module's call, so the extra call it warns about never reaches it
-            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
-            entry = warnings.filters[0]
-            self._cleanup.append(lambda: _remove_filter(entry))
+            quiet = contextlib.ExitStack()
+            quiet.enter_context(ignored_warnings(_COMPILE_HOOK_WARNING, UserWarning))
+            self._cleanup.append(quiet.close)
             self._cleanup.append(self._unhook_inputs)
             self._hook_inputs()
         self._patch(torch.autograd, "backward", self._wrap_backward)

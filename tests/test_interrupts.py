@@ -32,3 +32,50 @@ def test_ctrl_c_while_the_backends_load_leaves_none_loaded_and_the_next_cell_loa
         assert [b.name for b in backends.registry()] == [real_import(m).BACKEND.name for m in backends._BUILTIN]
     finally:
         backends._REGISTRY[:] = saved
+
+
+def _interrupt_at_line(n: int, files: set[str], lines_seen: list[int]):
+    """A trace function raising KeyboardInterrupt at the n-th line run in ``files``, as a Ctrl-C
+    landing there would; the repair after the cell is not interrupted."""
+    state = {"armed": True}
+
+    def local(frame, event, arg):
+        if event == "line" and state["armed"]:
+            lines_seen[0] += 1
+            if lines_seen[0] == n:
+                raise KeyboardInterrupt
+        return local
+
+    def calls(frame, event, arg):
+        if frame.f_code.co_name == "forget_left_behind":
+            state["armed"] = False
+        return local if frame.f_code.co_filename in files else None
+
+    return calls
+
+
+@pytest.mark.slow
+def test_ctrl_c_anywhere_in_silencing_warnings_leaves_no_filter_behind(ip, clean_ns):
+    import sys
+    import warnings
+
+    from gpumagic import _quiet
+
+    before = list(warnings.filters)
+    files = {warnings.__file__, _quiet.__file__}
+    n = 0
+    while True:
+        n += 1
+        seen = [0]
+        sys.settrace(_interrupt_at_line(n, files, seen))
+        try:
+            with capture_output():
+                r = ip.run_cell("%%gpumem -d cpu -q\ny = torch.ones(3) * 2", store_history=True)
+        finally:
+            sys.settrace(None)
+        assert warnings.filters == before, f"Ctrl-C at line {n} of {seen[0]} left {warnings.filters[:2]}"
+        if seen[0] < n:  # the cell ran to its end: every line was interrupted once
+            assert r.error_in_exec is None, r.error_in_exec
+            break
+        assert isinstance(r.error_in_exec, KeyboardInterrupt), (n, r.error_in_exec)
+    assert n > 3  # the cell did silence warnings (the scan of live tensors), so there were lines to hit
