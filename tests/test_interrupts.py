@@ -79,3 +79,73 @@ def test_ctrl_c_anywhere_in_silencing_warnings_leaves_no_filter_behind(ip, clean
             break
         assert isinstance(r.error_in_exec, KeyboardInterrupt), (n, r.error_in_exec)
     assert n > 3  # the cell did silence warnings (the scan of live tensors), so there were lines to hit
+
+
+AWAIT_CELL = """
+import asyncio
+async def fetch(n):
+    await asyncio.sleep(0)
+    return torch.ones(n)
+t = await fetch(4)
+"""
+
+
+@pytest.fixture
+def ipython_loop():
+    """IPython's own event loop, which a terminal's top-level await runs on; closed after the test."""
+    yield
+    from IPython.core import async_helpers
+
+    loop = async_helpers._asyncio_event_loop
+    if loop is not None and not loop.is_closed():
+        loop.close()
+
+
+def test_a_cell_with_top_level_await_runs_under_gpumem(ip, clean_ns, ipython_loop):
+    with capture_output():
+        r = ip.run_cell("%%gpumem -d cpu -q -o" + AWAIT_CELL + "(await fetch(2)).sum()", store_history=True)
+    assert r.error_in_exec is None, r.error_in_exec
+    assert ip.user_ns["t"].tolist() == [1.0] * 4
+    assert r.result.device == "cpu"
+
+
+def test_the_value_of_a_final_await_is_the_cells_value_under_gpumem(ip, clean_ns, ipython_loop):
+    with capture_output():
+        r = ip.run_cell("%%gpumem -d cpu -q" + AWAIT_CELL + "(await fetch(2)).sum().item()", store_history=True)
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result == 2.0
+
+
+def test_a_cell_with_top_level_await_runs_under_gpumem_inside_a_running_loop(ip, clean_ns):
+    import asyncio
+
+    async def kernel():  # a Jupyter kernel runs each cell inside its own event loop
+        return ip.run_cell("%%gpumem -d cpu -q" + AWAIT_CELL + "(await fetch(3)).sum().item()", store_history=True)
+
+    with capture_output():
+        r = asyncio.run(kernel())
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result == 3.0
+
+
+def test_a_cell_with_top_level_await_runs_under_find_batch(ip, clean_ns, ipython_loop):
+    ip.run_cell("""
+import asyncio
+X, Y = torch.randn(256, 8), torch.randint(0, 2, (256,))
+model = nn.Linear(8, 2)
+opt = torch.optim.SGD(model.parameters(), 0.1)
+bs = 4
+async def batches(n):
+    for i in range(0, 64, n):
+        await asyncio.sleep(0)
+        yield X[i:i + n], Y[i:i + n]
+""")
+    body = """
+async for x, y in batches(bs):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+    with capture_output():
+        r = ip.run_cell("%%find_batch --var bs -d cpu --budget 1MiB -q -o\n" + body, store_history=True)
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result.recommended_batch_size is not None
