@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 import weakref
@@ -451,9 +452,26 @@ class Tracker:
             self._patch(scaler_cls, "step", self._wrap_scaler_step)
 
     def _patch(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+        """Install ``wrap(original)`` as ``owner.name`` until teardown, which removes only what it
+        installed: when the cell replaced the attribute itself (``torch.autograd.backward = mine``,
+        perhaps calling ours), the cell's stays, and ours calls straight through from then on."""
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        setattr(owner, name, wrap(original))
-        self._cleanup.append(lambda: setattr(owner, name, original))
+        wrapper = wrap(original)
+        live = [True]
+
+        def installed(*args: Any, **kwargs: Any) -> Any:
+            return (wrapper if live[0] else original)(*args, **kwargs)
+
+        functools.update_wrapper(installed, original)
+        setattr(owner, name, installed)
+
+        def undo() -> None:
+            live[0] = False
+            current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+            if current is installed:
+                setattr(owner, name, original)
+
+        self._cleanup.append(undo)
 
     def _teardown(self) -> None:
         errors: list[BaseException] = []

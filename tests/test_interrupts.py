@@ -149,3 +149,58 @@ async for x, y in batches(bs):
         r = ip.run_cell("%%find_batch --var bs -d cpu --budget 1MiB -q -o\n" + body, store_history=True)
     assert r.error_in_exec is None, r.error_in_exec
     assert r.result.recommended_batch_size is not None
+
+
+def test_a_patch_the_cell_makes_to_backward_stays_after_gpumem(ip, clean_ns):
+    import torch
+
+    true_backward = torch.autograd.backward
+    cell = """
+calls = []
+theirs = torch.autograd.backward          # gpumagic's wrapper while the cell is measured
+def mine(*args, **kwargs):
+    calls.append(1)
+    return theirs(*args, **kwargs)
+torch.autograd.backward = mine
+w = torch.ones(3, requires_grad=True)
+(w * 2).sum().backward()
+"""
+    try:
+        with capture_output():
+            r = ip.run_cell("%%gpumem -d cpu -q -o\n" + cell, store_history=True)
+        assert r.error_in_exec is None, r.error_in_exec
+        assert torch.autograd.backward is ip.user_ns["mine"]
+        r = ip.run_cell("(w * 3).sum().backward()", store_history=True)  # after the cell: through ours to torch's
+        assert r.error_in_exec is None, r.error_in_exec
+        assert ip.user_ns["calls"] == [1, 1]
+        assert ip.user_ns["w"].grad.tolist() == [5.0] * 3
+        assert r.result is None
+    finally:
+        torch.autograd.backward = true_backward
+
+
+def test_a_patched_dataloader_iterator_stays_after_gpumem(ip, clean_ns):
+    from torch.utils.data import dataloader
+
+    true_next = dataloader._BaseDataLoaderIter.__dict__["__next__"]
+    cell = """
+from torch.utils.data import DataLoader, dataloader
+drawn = []
+theirs = dataloader._BaseDataLoaderIter.__next__
+def counted(it):
+    drawn.append(1)
+    return theirs(it)
+dataloader._BaseDataLoaderIter.__next__ = counted
+for (x,) in DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_size=4):
+    pass
+"""
+    try:
+        with capture_output():
+            r = ip.run_cell("%%gpumem -d cpu -q\n" + cell, store_history=True)
+        assert r.error_in_exec is None, r.error_in_exec
+        assert dataloader._BaseDataLoaderIter.__dict__["__next__"] is ip.user_ns["counted"]
+        during = len(ip.user_ns["drawn"])  # two batches and the end of the epoch
+        ip.run_cell("for (x,) in DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_size=4): pass")
+        assert len(ip.user_ns["drawn"]) == 2 * during == 6
+    finally:
+        dataloader._BaseDataLoaderIter.__next__ = true_next
