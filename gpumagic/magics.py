@@ -767,6 +767,17 @@ def option_words(parser: Any, line: str) -> list[str]:
     return argv
 
 
+def _refuse_nesting(magic: str) -> None:
+    """A measuring magic inside a cell that another one measures (or a search's trial)."""
+    tracking = sys.modules.get("gpumagic.tracking")
+    outer = None if tracking is None else tracking.active_tracker()
+    if outer is not None:
+        raise UsageError(
+            f"{magic} cannot run inside a cell that %%gpumem or %find_batch is already measuring (on "
+            f"{outer.device}): nesting them is not supported; run {magic} in a cell of its own"
+        )
+
+
 def _parse(fn: Any, line: str) -> Any:
     parser = fn.parser
     try:
@@ -858,6 +869,8 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
             return None
         args = _parse(self.gpumem, line)
+        if cell is not None:
+            _refuse_nesting("%%gpumem")
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
@@ -1085,6 +1098,7 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%find_batch" if cell is not None else "%find_batch")
             return None
         args = _parse(self.find_batch, line)
+        _refuse_nesting("%%find_batch" if cell is not None else "%find_batch")
         from gpumagic import batch
 
         statement = " ".join(args.statement).strip() if args.statement else ""

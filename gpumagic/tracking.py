@@ -331,7 +331,11 @@ class Tracker:
         return self._backwards
 
     def close(self) -> None:
-        """Remove every hook and stop measuring now, without a report (``%unload_ext`` mid-block)."""
+        """Remove every hook and stop measuring now (``%unload_ext`` mid-block): a report made
+        when the block ends says it is incomplete."""
+        if self._incomplete is None:
+            self._incomplete = ("gpumagic was unloaded while the block ran: measuring stopped then, "
+                                "what ran after is not in the report")
         self._teardown()
 
     def __enter__(self) -> Tracker:

@@ -204,3 +204,48 @@ for (x,) in DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_s
         assert len(ip.user_ns["drawn"]) == 2 * during == 6
     finally:
         dataloader._BaseDataLoaderIter.__next__ = true_next
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner"),
+    [
+        ("%%gpumem -d cpu -q", "get_ipython().run_cell_magic('gpumem', '-d cpu -q', 'y = 1')"),
+        ("%%gpumem -d cpu -q",
+         "get_ipython().run_line_magic('find_batch', '--var bs -d cpu --budget 1MiB -q -- f(bs)')"),
+        ("%%find_batch --var bs -d cpu --budget 1MiB -q",
+         "get_ipython().run_cell_magic('gpumem', '-d cpu -q', 'f(bs)')"),
+    ],
+)
+def test_nesting_measuring_magics_is_a_usage_error(ip, clean_ns, outer, inner):
+    import torch
+    from IPython.core.error import UsageError
+
+    true_backward = torch.autograd.backward
+    ip.run_cell("bs = 4\ndef f(n):\n    w = torch.ones(n, requires_grad=True)\n    (w * 2).sum().backward()")
+    with capture_output():
+        r = ip.run_cell(f"{outer}\nf(bs)\n{inner}", store_history=True)
+    assert isinstance(r.error_in_exec, UsageError), r.error_in_exec
+    assert "nesting them is not supported" in str(r.error_in_exec)
+    assert torch.autograd.backward is true_backward
+
+
+def test_unloading_gpumagic_inside_a_budgeted_cell_marks_the_report_incomplete(ip, clean_ns):
+    import torch
+
+    from gpumagic import tracking
+
+    true_backward = torch.autograd.backward
+    try:
+        with capture_output():
+            r = ip.run_cell("%%gpumem -d cpu --budget 64MiB -q -o\nx = torch.ones(3)\n"
+                            "get_ipython().run_line_magic('unload_ext', 'gpumagic')\ny = torch.ones(5)",
+                            store_history=True)
+        assert r.error_in_exec is None, r.error_in_exec
+        assert r.result.incomplete is not None
+        assert "unloaded" in r.result.incomplete
+        assert tracking.active_tracker() is None
+        assert torch.autograd.backward is true_backward
+        r = ip.run_cell("z = torch.ones(10**7)")  # no budget left behind
+        assert r.error_in_exec is None, r.error_in_exec
+    finally:
+        ip.run_line_magic("load_ext", "gpumagic")
