@@ -29,6 +29,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
+from IPython.utils.capture import capture_output
 
 from gpumagic._batchmath import PICKS
 from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
@@ -1112,8 +1113,10 @@ class GPUMagics(Magics):
                     "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
                     "(%find_batch then re-runs it, or the last cell that ran out of memory)"
                 )
+        # -q: the trials' own prints and displays are not shown either (they run many times)
+        silenced = capture_output(stdout=True, stderr=False, display=True) if args.quiet else contextlib.nullcontext()
         try:
-            with search_progress(self.shell, args.quiet) as progress:
+            with silenced, search_progress(self.shell, args.quiet) as progress:
                 result = find_batch_in_shell(
                     self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                     start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,

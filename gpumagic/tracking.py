@@ -333,9 +333,8 @@ class Tracker:
     def close(self) -> None:
         """Remove every hook and stop measuring now (``%unload_ext`` mid-block): a report made
         when the block ends says it is incomplete."""
-        if self._incomplete is None:
-            self._incomplete = ("gpumagic was unloaded while the block ran: measuring stopped then, "
-                                "what ran after is not in the report")
+        self._note_incomplete("gpumagic was unloaded while the block ran: measuring stopped then, "
+                              "what ran after is not in the report")
         self._teardown()
 
     def __enter__(self) -> Tracker:
@@ -630,6 +629,10 @@ class Tracker:
         """An error of ours: the report says it is incomplete, the user's code goes on."""
         if self._incomplete is None:
             self._incomplete = f"{where} failed: {describe(e)}"
+
+    def _note_incomplete(self, why: str) -> None:
+        if self._incomplete is None:
+            self._incomplete = why
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None

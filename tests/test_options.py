@@ -129,3 +129,12 @@ def test_the_statement_after_two_dashes_runs_as_typed(shell):
         )
     assert r.error_in_exec is None, r.error_in_exec
     assert set(shell.user_ns["seen_tags"]) == {'a  "b"  c'}
+
+
+def test_quiet_search_does_not_show_the_trials_prints(shell):
+    with capture_output() as out:
+        r = shell.run_cell(f"%%find_batch --var batch_size -d cpu --budget 4MiB -q -o\n{LOOP}print('step', i)\n",
+                           store_history=True)
+    assert r.error_in_exec is None, r.error_in_exec
+    assert "step" not in out.stdout
+    assert out.outputs == []
