@@ -32,6 +32,7 @@ from IPython.display import display
 from IPython.utils.capture import capture_output
 
 from gpumagic._batchmath import PICKS
+from gpumagic._imports import orphans_dropped
 from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
 
 __all__ = ["GPUMagics", "load", "unload"]
@@ -876,7 +877,8 @@ class GPUMagics(Magics):
 
         ns = self.shell.user_ns
         if cell is not None and (args.dry_run or args.gpu is not None):
-            return self._gpumem_planned(args, cell)
+            with orphans_dropped():  # a Ctrl-C in torch's first import of sympy must not break later cells
+                return self._gpumem_planned(args, cell)
         if args.steps != 3:
             raise UsageError("--steps applies to %%gpumem --dry-run")
         from gpumagic import distributed
@@ -923,7 +925,8 @@ class GPUMagics(Magics):
             child_device = args.device if launcher else str(device)
             with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
                 try:
-                    value = run_cell_source(self.shell, cell)
+                    with orphans_dropped():
+                        value = run_cell_source(self.shell, cell)
                 finally:
                     children = distributed.collect_children(reports_dir)
         except BaseException as exc:
@@ -1116,7 +1119,7 @@ class GPUMagics(Magics):
         # -q: the trials' own prints and displays are not shown either (they run many times)
         silenced = capture_output(stdout=True, stderr=False, display=True) if args.quiet else contextlib.nullcontext()
         try:
-            with silenced, search_progress(self.shell, args.quiet) as progress:
+            with orphans_dropped(), silenced, search_progress(self.shell, args.quiet) as progress:
                 result = find_batch_in_shell(
                     self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                     start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,

@@ -249,3 +249,50 @@ def test_unloading_gpumagic_inside_a_budgeted_cell_marks_the_report_incomplete(i
         assert r.error_in_exec is None, r.error_in_exec
     finally:
         ip.run_line_magic("load_ext", "gpumagic")
+
+
+SYMPY_INTERRUPTED = r'''
+import sys
+from IPython.testing import globalipapp
+ip = globalipapp.start_ipython()
+ip.run_line_magic("load_ext", "gpumagic")
+ip.run_cell("import torch\nfrom torch import nn")
+assert "sympy" not in sys.modules
+
+class CtrlC:  # a Ctrl-C landing while torch imports sympy for the first time
+    def find_spec(self, name, path=None, target=None):
+        if name == "sympy.printing":
+            sys.meta_path.remove(self)
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+CELL = "m = nn.Linear(4, 2)\nfor _ in range(2):\n    m(torch.randn(3, 4)).sum().backward()"
+r = ip.run_cell("%%gpumem --dry-run -d cpu -q\n" + CELL)
+print("interrupted:", type(r.error_in_exec).__name__)
+r = ip.run_cell("%%gpumem -d cpu -q -o\n" + CELL)
+print("plain:", r.error_in_exec, type(r.result).__name__, "sympy" in sys.modules)
+r = ip.run_cell("%%gpumem --dry-run -d cpu -q -o\n" + CELL)
+print("dry run:", r.error_in_exec, type(r.result).__name__)
+r = ip.run_cell("import sympy\nsympy.printing.sstr(sympy.Symbol('x') + 1)")
+print("sympy:", r.error_in_exec, r.result)
+'''
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_first_sympy_import_breaks_no_later_cell(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "sympy_interrupted.py"
+    script.write_text(SYMPY_INTERRUPTED)
+    env = dict(os.environ, IPYTHONDIR=str(tmp_path / "ipython"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.split(":")[0] in ("interrupted", "plain", "dry run", "sympy")]
+    assert lines == [
+        "interrupted: KeyboardInterrupt",
+        "plain: None MemoryReport False",  # the plain path never imports sympy
+        "dry run: None MemoryReport",
+        "sympy: None x + 1",
+    ], out.stdout[-3000:] + out.stderr[-3000:]
