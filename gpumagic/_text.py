@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 from gpumagic._units import format_percent, format_seconds
 
 if TYPE_CHECKING:
-    from gpumagic.report import BatchSearchResult, MemoryReport, Trial
+    from gpumagic.report import BatchSearchResult, DeviceSample, MemoryReport, Trial
 
 __all__ = [
     "bold",
     "describe_trial",
     "memory_report_text",
+    "monitor_text",
     "render",
     "search_text",
     "terminal_width",
@@ -241,3 +242,29 @@ def _trials_table(r: BatchSearchResult, width: int) -> list[str]:
     if max(len(line) for line in lines) > width:
         lines = [line[:width] for line in lines]
     return lines
+
+
+def monitor_text(devices: Sequence[DeviceSample], width: int | None = None) -> str:
+    """``%gpumon`` where no widget can be drawn (terminal IPython): every device now, one row each.
+
+    The live panel redraws itself in a notebook; a terminal gets the moment the magic ran.
+    """
+    from gpumagic._units import format_bytes
+
+    rows = []
+    for d in devices:
+        parts = []
+        if d.used_bytes is not None:
+            share = f" ({format_percent(d.used_bytes / d.total_bytes)})" if d.total_bytes else ""
+            total = f" of {format_bytes(d.total_bytes)}" if d.total_bytes is not None else ""
+            parts.append(f"used {format_bytes(d.used_bytes)}{total}{share}")
+        if d.process_bytes is not None:
+            parts.append(f"this process {format_bytes(d.process_bytes)}")
+        if d.tracked_bytes is not None:
+            parts.append(f"tracked tensors {format_bytes(d.tracked_bytes)}")
+        if d.utilization_percent is not None:
+            parts.append(f"{d.utilization_label} {d.utilization_percent:.0f}%")
+        label = d.device + (f" ({d.name})" if d.name else "")
+        rows.append((label, "; ".join(parts) or "nothing known"))
+    headline = "gpumon: the devices now (the live panel needs a notebook; run %gpumon again to refresh)"
+    return render(headline, rows, width or terminal_width())

@@ -947,11 +947,16 @@ class GPUMagics(Magics):
             raise
         report = distributed.with_children(tracker.report, children)
         self.presenter.completed(report, cell, rebound)
-        if not args.quiet and shows:
+        if not args.quiet and shows and not self._shown_as_value(args):
             display(report)
         if args.output:
             return report
         return value
+
+    def _shown_as_value(self, args: Any) -> bool:
+        """With ``-o`` in a text-only shell the result is the cell's value, which IPython prints
+        (``Out[N]:``), as ``%timeit -o`` does: displaying it first would print it twice."""
+        return bool(args.output) and _text_only(self.shell)
 
     def _gpumem_planned(self, args: Any, cell: str) -> Any:
         """%%gpumem --dry-run, or --gpu NAME as a budget."""
@@ -993,7 +998,7 @@ class GPUMagics(Magics):
         if not report.dry_run:
             self.presenter.last_report = report
             self.presenter.last_report_cell = cell
-        if not args.quiet:
+        if not args.quiet and not self._shown_as_value(args):
             display(report)
         if args.output:
             return report
@@ -1131,7 +1136,7 @@ class GPUMagics(Magics):
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
         self.presenter.last_search_code = code
-        if not args.quiet:
+        if not args.quiet and not self._shown_as_value(args):
             display(result)
         return result if args.output else None
 
@@ -1168,6 +1173,11 @@ class GPUMagics(Magics):
             mon = monitor.Monitor(interval=args.interval)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if _text_only(self.shell):  # no widget to redraw: one text panel of the devices now
+            from gpumagic._text import monitor_text
+
+            print(monitor_text(mon.sample_now().devices))
+            return None
         mon.start()
         show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
         return None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic._bundles import mimebundle
 from gpumagic._html import html_table
-from gpumagic._text import memory_report_text, search_text, use_color
+from gpumagic._text import memory_report_text, render, search_text, terminal_width, use_color
 from gpumagic._units import format_bytes, format_percent, format_seconds
 
 if TYPE_CHECKING:
@@ -585,13 +585,16 @@ class DeviceStatus:
     notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
+        # one line for logs, with what the notes say (the names still holding memory after --free)
+        notes = "".join(f"; {n}" for n in self.notes)
         return (
             f"<DeviceStatus {self.device}: allocated {format_bytes(self.allocated_bytes)}, "
             f"reserved {format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}, "
-            f"free {format_bytes(self.free_bytes)}>"
+            f"free {format_bytes(self.free_bytes)}{notes}>"
         )
 
-    def _repr_html_(self) -> str:
+    def _rows(self) -> list[tuple[str, str]]:
+        """The one row model that the text and the HTML forms both show."""
         rows = [
             ("device", f"{self.device}" + (f" ({self.name})" if self.name else "")),
             ("allocated by tensors", format_bytes(self.allocated_bytes)),
@@ -602,7 +605,17 @@ class DeviceStatus:
         rows.extend((f"process {p.pid}" + (f" ({p.name})" if p.name else ""), format_bytes(p.used_bytes))
                     for p in self.processes)
         rows.extend(("note", n) for n in self.notes)
-        return html_table("gpumagic device status", rows)
+        return rows
+
+    def to_text(self, width: int | None = None) -> str:
+        """The status as aligned plain text, wrapped to ``width`` (default: the terminal's)."""
+        return render("gpumagic device status", self._rows(), width or terminal_width())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.to_text())
+
+    def _repr_html_(self) -> str:
+        return html_table("gpumagic device status", self._rows())
 
 
 @dataclass(frozen=True)
