@@ -866,6 +866,8 @@ def _after_search(
     against the per-step input size when the trials could not choose their samples."""
     import dataclasses
 
+    from gpumagic._units import format_percent
+
     notes: list[str] = []
     changes: dict[str, Any] = {}
     rec = result.recommended_batch_size
@@ -908,6 +910,12 @@ def _after_search(
                     and result.accumulation_steps == 1 and result.effective_batch_size is None):
                 changes["recommended_batch_size"] = vi.surviving_batch_size
                 changes["predicted_peak_bytes"] = vi.surviving_peak_bytes
+                # the why states the number the headline shows: the one computed here, not the search's
+                changes["reason"] = (
+                    f"{vi.surviving_batch_size} is the largest whose largest input ({vi.worst_source}) is "
+                    f"predicted to fit {format_percent(1 - margin)} of {_fmt(capacity)}; the trials' own "
+                    f"batches alone gave {rec}")
+                notes.append(f"before allowing for the largest input: {result.reason}")
                 msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
                         + ("" if plan is not None else "; --loader NAME with a loader built in an earlier cell "
                            "lets the trials draw the heaviest batches"))
