@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpumagic import backends, heaviest
-from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic._plain import plain_container
-from gpumagic._progress import text_progress
 from gpumagic._quiet import ignored_warnings
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
 from gpumagic.backends import Backend
+from gpumagic.batchmath import Pick
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
+from gpumagic.render.progress import text_progress
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -539,8 +539,8 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     two real trials, and an out-of-memory error only if the plan is off by more than the margin.
     Otherwise the ordinary search runs on real trials and the result says why.
     """
-    from gpumagic._units import format_bytes, format_percent
     from gpumagic.report import Fit
+    from gpumagic.units import format_bytes, format_percent
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
@@ -866,7 +866,7 @@ def _after_search(
     against the per-step input size when the trials could not choose their samples."""
     import dataclasses
 
-    from gpumagic._units import format_percent
+    from gpumagic.units import format_percent
 
     notes: list[str] = []
     changes: dict[str, Any] = {}
@@ -929,7 +929,7 @@ def _after_search(
 
 
 def _fmt(n: int) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(n)
 

@@ -200,7 +200,7 @@ def test_gpumem_records_the_input_elements_of_each_step(texts):
 
 def test_per_step_view_plots_peak_against_input_size(texts):
     pytest.importorskip("matplotlib")
-    from gpumagic.widgets import memory_figure
+    from gpumagic.render.widgets import memory_figure
 
     with capture_output():
         r = run(texts, f"%%gpumem -d cpu --budget {BUDGET} -o -q\n"
@@ -331,7 +331,7 @@ for x, y in DataLoader(data, batch_size=bs):   # 1000 samples: most sizes end wi
 
 
 def test_headline_and_why_state_the_same_recommendation_when_inputs_vary(texts):
-    from gpumagic._text import search_text
+    from gpumagic.render.text import search_text
 
     # samples grow longer with their index and the loader does not shuffle: a trial's few steps see
     # the short ones only, so the size that survives the longest is below what the trials allowed

@@ -7,9 +7,9 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
-from gpumagic._batchmath import accumulation_plan
-from gpumagic._units import format_percent, parse_size
+from gpumagic.batchmath import accumulation_plan
 from gpumagic.report import BatchSearchResult, MemoryReport
+from gpumagic.units import format_percent, parse_size
 
 SETUP = """
 torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_the_search_result_states_the_margin_given(shell):
     assert r.error_in_exec is None, r.error_in_exec
     res = r.result
     assert isinstance(res, BatchSearchResult)
-    from gpumagic._text import search_text
+    from gpumagic.render.text import search_text
 
     shown = [res.reason, res.to_text(), search_text(res, color=False)]
     assert all("12.5%" in text for text in shown[1:]), shown
