@@ -7,9 +7,10 @@ mapping them to their types and selecting with C-level ``itertools.compress`` co
 from __future__ import annotations
 
 import gc
-import warnings
 from itertools import compress
 from typing import Any
+
+from gpumagic._quiet import ignored_warnings
 
 __all__ = ["instances_of"]
 
@@ -32,8 +33,6 @@ def instances_of(kinds: tuple[type, ...]) -> list[Any]:
     One pass at C speed: the wanted types come from the class hierarchy, not from the objects.
     """
     wanted = _subclasses(kinds)
-    with warnings.catch_warnings():
-        # hashing an exotic type could warn (FutureWarning from torch.distributed)
-        warnings.simplefilter("ignore")
+    with ignored_warnings():  # hashing an exotic type could warn (FutureWarning from torch.distributed)
         objs = gc.get_objects()
         return list(compress(objs, map(wanted.__contains__, map(type, objs))))

@@ -7,8 +7,10 @@ The core never sees a shell: the trial runner and the tracker get plain callable
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +45,41 @@ def run_cell_source(shell: InteractiveShell, cell: str) -> Any:
         last = ast.Expression(tree.body[-1].value)
         tree.body.pop()
     filename = shell.compile.cache(src, _cell_number(shell, cell), raw_code=cell)
-    code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
-    exec(code, shell.user_global_ns, shell.user_ns)
-    if last is not None:
-        return eval(shell.compile(last, filename, "eval"), shell.user_global_ns, shell.user_ns)  # type: ignore[arg-type]
+    # top-level await compiles as IPython compiles it for a plain cell; such code evaluates to a
+    # coroutine, run to its end here (a magic is synchronous)
+    with shell.compile.extra_flags(ast.PyCF_ALLOW_TOP_LEVEL_AWAIT if shell.autoawait else 0):
+        code = shell.compile(tree, filename, "exec")  # type: ignore[arg-type]
+        tail = None if last is None else shell.compile(last, filename, "eval")  # type: ignore[arg-type]
+    _finish(shell, eval(code, shell.user_global_ns, shell.user_ns), code)
+    if tail is not None:
+        return _finish(shell, eval(tail, shell.user_global_ns, shell.user_ns), tail)
     return None
+
+
+def _finish(shell: InteractiveShell, value: Any, code: types.CodeType) -> Any:
+    """``value`` of ``code``; when the code awaits at top level, what its coroutine returns."""
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return value
+    runner = getattr(shell, "trio_runner", None)
+    if runner:
+        return runner(value)
+    import asyncio  # not at load: IPython itself imports it only when a loop is needed
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a terminal: IPython's own loop, the one a plain cell's await runs on
+        return shell.loop_runner(value)
+    # a kernel runs this (synchronous) magic inside its event loop, which cannot be re-entered:
+    # the cell's coroutine runs to its end on a loop of its own, in this thread (so the measuring
+    # layers, which are per thread, see it), and the kernel's loop is current again after
+    running = asyncio.events._get_running_loop()
+    asyncio.events._set_running_loop(None)
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(value)
+    finally:
+        loop.close()
+        asyncio.events._set_running_loop(running)
 
 
 def hints(ns: Mapping[str, Any]) -> list[Any]:

@@ -382,7 +382,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     Otherwise the ordinary search runs on real trials and the result says why.
     """
     from gpumagic.report import Fit
-    from gpumagic.units import format_bytes
+    from gpumagic.units import format_bytes, format_percent
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
@@ -436,7 +436,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
 
     verified = [dataclasses.replace(t, planned=False) for t in real]
     reason = (f"planned on fake tensors ({len(plan.trials)} planned trials), verified by {len(real)} real "
-              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {kw['margin']:.0%} margin")
+              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {format_percent(kw['margin'])} margin")
     return dataclasses.replace(
         plan, trials=(*plan.trials, *verified), max_batch_size=largest, recommended_batch_size=b1, fit=corrected,
         predicted_peak_bytes=first_trial.peak_bytes, reason=reason,
@@ -715,6 +715,8 @@ def _after_search(
     against the per-step input size when the trials could not choose their samples."""
     import dataclasses
 
+    from gpumagic.units import format_percent
+
     notes: list[str] = []
     changes: dict[str, Any] = {}
     rec = result.recommended_batch_size
@@ -757,6 +759,12 @@ def _after_search(
                     and result.accumulation_steps == 1 and result.effective_batch_size is None):
                 changes["recommended_batch_size"] = vi.surviving_batch_size
                 changes["predicted_peak_bytes"] = vi.surviving_peak_bytes
+                # the why states the number the headline shows: the one computed here, not the search's
+                changes["reason"] = (
+                    f"{vi.surviving_batch_size} is the largest whose largest input ({vi.worst_source}) is "
+                    f"predicted to fit {format_percent(1 - margin)} of {_fmt(capacity)}; the trials' own "
+                    f"batches alone gave {rec}")
+                notes.append(f"before allowing for the largest input: {result.reason}")
                 msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
                         + ("" if plan is not None else "; --loader NAME with a loader built in an earlier cell "
                            "lets the trials draw the heaviest batches"))
@@ -780,6 +788,8 @@ def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin
     for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
         if value is not None and value < 1:
             raise BadOptions(f"{flag} must be >= 1, got {value}")
+        if value is not None and value > sys.maxsize:  # sizes index sequences: Python's limit for them
+            raise BadOptions(f"{flag} must be <= {sys.maxsize} (sys.maxsize), got {value}")
     if max_size is not None and min_size > max_size:
         raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
     if start is not None and start < min_size:

@@ -101,8 +101,8 @@ def accumulation_plan(effective: int, micro_max: int) -> tuple[int, int]:
     """
     if effective < 1 or micro_max < 1:
         raise ValueError(f"effective batch and micro-batch must be >= 1, got {effective} and {micro_max}")
-    k = math.ceil(effective / micro_max)
-    return math.ceil(effective / k), k
+    k = -(-effective // micro_max)  # integer ceilings: a float quotient rounds huge batches
+    return -(-effective // k), k
 
 
 def fit_from_report(report: Any) -> tuple[float, float] | None:

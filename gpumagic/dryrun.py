@@ -54,7 +54,6 @@ import gc
 import math
 import random
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from types import TracebackType
@@ -66,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gpumagic import backends
 from gpumagic._plain import PLAIN
+from gpumagic._quiet import ignored_warnings
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import StopTrial, Tracker
@@ -904,11 +904,9 @@ class DryTracker(Tracker):
                 try:
                     # torch's copier warns about what it reads (a non-leaf tensor's .grad): its noise,
                     # not the user's, and never an error under the user's warning filters
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        with FakeCopyMode(fake_mode):
-                            values = copy.deepcopy([originals[k] for k in names], memo)
-                            _carry_dropped([originals[k] for k in names], memo)
+                    with ignored_warnings(), FakeCopyMode(fake_mode):
+                        values = copy.deepcopy([originals[k] for k in names], memo)
+                        _carry_dropped([originals[k] for k in names], memo)
                 except Exception as e:
                     failed = f"could not make fake copies of {', '.join(names)} ({type(e).__name__}: {e})"
                     e.__traceback__ = None  # its frames hold the originals

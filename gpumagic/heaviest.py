@@ -338,6 +338,14 @@ class StepInput:
     step: int
     elements: int
     peak_bytes: int
+    samples: int | None = None
+    """Samples in this step's own batch (the last batch of an epoch may hold fewer), None when unknown."""
+
+    @property
+    def per_sample(self) -> float:
+        """Elements per sample of the step's own batch: what a varying input changes, and a short
+        final batch of an epoch does not."""
+        return self.elements / (self.samples or self.batch_size)
 
 
 def variable_inputs(
@@ -355,7 +363,8 @@ def variable_inputs(
     by_trial: dict[int, list[StepInput]] = {}
     for s in steps:
         by_trial.setdefault(s.batch_size, []).append(s)
-    varied = any(len(v) >= 2 and max(x.elements for x in v) > (1 + VARIES) * min(x.elements for x in v)
+    # varied: the samples' size, not the batch's (a short final batch of an epoch is no larger input)
+    varied = any(len(v) >= 2 and max(x.per_sample for x in v) > (1 + VARIES) * min(x.per_sample for x in v)
                  for v in by_trial.values())
     if not varied:
         return None
@@ -429,5 +438,5 @@ class _LoaderLike:
 
 
 def step_inputs(records: Sequence[StepRecord], batch_size: int) -> list[StepInput]:
-    return [StepInput(batch_size, i, r.input_elements, r.peak_bytes) for i, r in enumerate(records)
-            if r.input_elements is not None and r.peak_bytes is not None]
+    return [StepInput(batch_size, i, r.input_elements, r.peak_bytes, r.batch_size or None)
+            for i, r in enumerate(records) if r.input_elements is not None and r.peak_bytes is not None]

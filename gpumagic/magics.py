@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shlex
 import sys
 import traceback
 import types
@@ -28,7 +29,9 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
+from IPython.utils.capture import capture_output
 
+from gpumagic._imports import orphans_dropped
 from gpumagic._shell import (
     find_batch_in_shell,
     hints,
@@ -732,9 +735,70 @@ def _asks_for_help(line: str) -> bool:
     return "-h" in options or "--help" in options
 
 
-def _parse(fn: Any, line: str) -> Any:
+def _split_statement(line: str) -> tuple[str, str | None]:
+    """The options, and the raw statement after the first ``--`` that stands alone outside quotes
+    (kept as typed: its quotes and spaces are Python's, not the shell's)."""
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote is not None:
+            if c == "\\" and quote == '"':
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif (line.startswith("--", i) and (i == 0 or line[i - 1].isspace())
+              and (i + 2 == len(line) or line[i + 2].isspace())):
+            return line[:i], line[i + 2:].strip()
+        i += 1
+    return line, None
+
+
+def option_words(parser: Any, line: str) -> list[str]:
+    """A magic's line as argv, split the way a POSIX shell does: quotes group and are removed
+    (``-d 'cuda:0'``, ``--size-fn "lambda i: lengths[i]"``). A value that starts with ``-``
+    after an option that takes one is kept as that option's value (``--budget -5MiB``), so the
+    option's own check names it instead of argparse's "expected one argument". The statement
+    after ``--`` is one word, as typed. The one splitter of every magic (``%%gpumem``,
+    ``%find_batch`` and the magics built on their options)."""
+    options, statement = _split_statement(line)
     try:
-        return magic_arguments.parse_argstring(fn, line)
+        words = shlex.split(options, posix=True)
+    except ValueError as e:  # "No closing quotation"
+        raise UsageError(f"could not split options {options.strip()!r}: {e}") from None
+    takes_value = {
+        flag for action in parser._actions if action.option_strings and action.nargs != 0
+        for flag in action.option_strings
+    }
+    known = set(parser._option_string_actions)
+    argv: list[str] = []
+    for word in words:
+        if argv and argv[-1] in takes_value and word.startswith("-") and word.split("=")[0] not in known:
+            argv[-1] = f"{argv[-1]}={word}"
+        else:
+            argv.append(word)
+    if statement is not None:
+        argv += ["--", statement] if statement else ["--"]
+    return argv
+
+
+def _refuse_nesting(magic: str) -> None:
+    """A measuring magic inside a cell that another one measures (or a search's trial)."""
+    tracking = sys.modules.get("gpumagic.tracking")
+    outer = None if tracking is None else tracking.active_tracker()
+    if outer is not None:
+        raise UsageError(
+            f"{magic} cannot run inside a cell that %%gpumem or %find_batch is already measuring (on "
+            f"{outer.device}): nesting them is not supported; run {magic} in a cell of its own"
+        )
+
+
+def _parse(fn: Any, line: str) -> Any:
+    parser = fn.parser
+    try:
+        return parser.parse_args(option_words(parser, line))
     except UsageError:
         raise
     except SystemExit as e:  # argparse on --help or odd input
@@ -822,11 +886,14 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%gpumem" if cell is not None else "%gpumem")
             return None
         args = _parse(self.gpumem, line)
+        if cell is not None:
+            _refuse_nesting("%%gpumem")
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
         if cell is not None and (args.dry_run or args.gpu is not None):
-            return self._gpumem_planned(args, cell)
+            with orphans_dropped():  # a Ctrl-C in torch's first import of sympy must not break later cells
+                return self._gpumem_planned(args, cell)
         if args.steps != 3:
             raise UsageError("--steps applies to %%gpumem --dry-run")
         from gpumagic import distributed
@@ -873,7 +940,8 @@ class GPUMagics(Magics):
             child_device = args.device if launcher else str(device)
             with distributed.propagate_to_children(child_device, budget) as reports_dir, tracker:
                 try:
-                    value = run_cell_source(self.shell, cell)
+                    with orphans_dropped():
+                        value = run_cell_source(self.shell, cell)
                 finally:
                     children = distributed.collect_children(reports_dir)
         except BaseException as exc:
@@ -894,11 +962,16 @@ class GPUMagics(Magics):
             raise
         report = distributed.with_children(tracker.report, children)
         self.presenter.completed(report, cell, rebound)
-        if not args.quiet and shows:
+        if not args.quiet and shows and not self._shown_as_value(args):
             display(report)
         if args.output:
             return report
         return value
+
+    def _shown_as_value(self, args: Any) -> bool:
+        """With ``-o`` in a text-only shell the result is the cell's value, which IPython prints
+        (``Out[N]:``), as ``%timeit -o`` does: displaying it first would print it twice."""
+        return bool(args.output) and _text_only(self.shell)
 
     def _gpumem_planned(self, args: Any, cell: str) -> Any:
         """%%gpumem --dry-run, or --gpu NAME as a budget."""
@@ -941,7 +1014,7 @@ class GPUMagics(Magics):
         if not report.dry_run:
             self.presenter.last_report = report
             self.presenter.last_report_cell = cell
-        if not args.quiet:
+        if not args.quiet and not self._shown_as_value(args):
             display(report)
         if args.output:
             return report
@@ -1050,6 +1123,7 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%find_batch" if cell is not None else "%find_batch")
             return None
         args = _parse(self.find_batch, line)
+        _refuse_nesting("%%find_batch" if cell is not None else "%find_batch")
         from gpumagic import batch
 
         statement = " ".join(args.statement).strip() if args.statement else ""
@@ -1063,8 +1137,10 @@ class GPUMagics(Magics):
                     "nothing to run: give a cell body, a statement after `--`, or run a %%gpumem cell first "
                     "(%find_batch then re-runs it, or the last cell that ran out of memory)"
                 )
+        # -q: the trials' own prints and displays are not shown either (they run many times)
+        silenced = capture_output(stdout=True, stderr=False, display=True) if args.quiet else contextlib.nullcontext()
         try:
-            with search_progress(self.shell, args.quiet) as progress:
+            with orphans_dropped(), silenced, search_progress(self.shell, args.quiet) as progress:
                 result = find_batch_in_shell(
                     self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
                     start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
@@ -1076,7 +1152,7 @@ class GPUMagics(Magics):
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
         self.presenter.last_search_code = code
-        if not args.quiet:
+        if not args.quiet and not self._shown_as_value(args):
             display(result)
         return result if args.output else None
 
@@ -1223,6 +1299,11 @@ class GPUMagics(Magics):
             mon = monitor.Monitor(interval=args.interval)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if _text_only(self.shell):  # no widget to redraw: one text panel of the devices now
+            from gpumagic.render.text import monitor_text
+
+            print(monitor_text(mon.sample_now().devices))
+            return None
         mon.start()
         show_monitor(mon, sidebar=args.sidebar)  # displays it; returning it would show it twice
         return None
@@ -1260,6 +1341,14 @@ def _registered(shell: InteractiveShell) -> GPUMagics | None:
     return reg if isinstance(reg, GPUMagics) else None
 
 
+def _drop_left_filters(*_: Any) -> None:
+    """After every cell: a Ctrl-C that landed while gpumagic took out a warnings filter it added
+    must not leave warnings silenced for the rest of the session."""
+    from gpumagic._quiet import forget_left_behind
+
+    forget_left_behind()
+
+
 def load(shell: InteractiveShell) -> None:
     """Register the magics; loading again replaces the previous registration cleanly."""
     if _registered(shell) is not None:
@@ -1267,6 +1356,7 @@ def load(shell: InteractiveShell) -> None:
     magics = GPUMagics(shell)
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.presenter.before_cell)
+    shell.events.register("post_run_cell", _drop_left_filters)
     if shell.display_formatter is not None:
         bundles = shell.display_formatter.mimebundle_formatter
         printer = _text_bundle(shell)
@@ -1285,6 +1375,8 @@ def unload(shell: InteractiveShell) -> None:
             magics.oom_handler.uninstall()
             with contextlib.suppress(ValueError):  # not registered
                 shell.events.unregister("pre_run_cell", magics.presenter.before_cell)
+            with contextlib.suppress(ValueError):
+                shell.events.unregister("post_run_cell", _drop_left_filters)
             if shell.display_formatter is not None:
                 bundles = shell.display_formatter.mimebundle_formatter
                 for key, saved in magics.saved_printers.items():
@@ -1306,4 +1398,5 @@ def unload(shell: InteractiveShell) -> None:
         if tracking is not None:
             while (t := tracking.active_tracker()) is not None:
                 t.close()
+        _drop_left_filters()
 

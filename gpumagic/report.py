@@ -586,10 +586,12 @@ class DeviceStatus:
     notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
+        # one line for logs, with what the notes say (the names still holding memory after --free)
+        notes = "".join(f"; {n}" for n in self.notes)
         return (
             f"<DeviceStatus {self.device}: allocated {format_bytes(self.allocated_bytes)}, "
             f"reserved {format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}, "
-            f"free {format_bytes(self.free_bytes)}>"
+            f"free {format_bytes(self.free_bytes)}{notes}>"
         )
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:

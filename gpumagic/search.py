@@ -31,6 +31,7 @@ above it.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,7 +39,7 @@ from typing import Literal
 from gpumagic.batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
 from gpumagic.dataloading import DATA_WAIT_THRESHOLD
 from gpumagic.report import BatchSearchResult, Fit, Trial
-from gpumagic.units import format_bytes
+from gpumagic.units import format_bytes, format_percent
 
 __all__ = ["PICKS", "search"]
 
@@ -102,6 +103,8 @@ def _check_int(name: str, value: object, low: int) -> int:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > sys.maxsize:  # sizes index sequences and ranges: Python's limit for them
+        raise ValueError(f"{name} must be <= {sys.maxsize} (sys.maxsize), got {value}")
     return value
 
 
@@ -643,7 +646,7 @@ def _limit(s: _Search) -> _Limit | None:
     if keep is None:
         keep = min(largest, s.min_size)
         s.notes.append(
-            f"no batch size keeps a {s.margin:.0%} margin: even {keep} is predicted at "
+            f"no batch size keeps a {format_percent(s.margin)} margin: even {keep} is predicted at "
             f"{format_bytes(fit.predict(keep) if fit else s.ran.get(keep))} of {format_bytes(cap)}; "
             "it runs, but with less headroom than asked"
         )
@@ -690,7 +693,7 @@ def _pick(s: _Search, pick: Pick, lim: _Limit) -> tuple[int, str]:
     cap, keep, fit = s.capacity, lim.keep, lim.fit
     basis = (f"by the fit ({_describe_fit(fit)})" if lim.affine and fit is not None
              else f"by interpolating the measured peaks ({_shape(s, lim.largest)})")
-    pct = f"{1 - s.margin:.0%}"
+    pct = format_percent(1 - s.margin)
 
     if pick == "pow2":
         p2 = pow2_floor(keep)
@@ -909,7 +912,7 @@ def _throughput_trials(s: _Search, keep: int, largest: int) -> None:
 
 def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
     """The smallest size within 5% of the best measured samples/s, at most ``keep``."""
-    pct = f"{1 - s.margin:.0%}"
+    pct = format_percent(1 - s.margin)
     measured = _rates(s, largest)
     if not measured:
         return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "

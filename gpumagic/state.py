@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from gpumagic import backends
 from gpumagic._gcscan import instances_of
+from gpumagic._quiet import ignored_warnings
 from gpumagic._safe import describe
 
 __all__ = ["MISSING", "SHELL_NAMES", "Bindings", "Snapshot", "UndoLog", "history_name"]
@@ -736,8 +737,7 @@ class Snapshot:
             snap.walk.names = {id(v): k for k, v in reversed(user)}
             top.extend(v for _, v in user)
         top.extend(_global_hook_tables())
-        with warnings.catch_warnings():  # torch's warnings about what it reads are not the user's
-            warnings.simplefilter("ignore")
+        with ignored_warnings():  # torch's warnings about what it reads are not the user's
             snap.walk.walk(top)
         if snap.walk.truncated:
             snap.problems.append(f"more than {_MAX_OBJECTS:,} objects are reachable from the namespace: only "

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ import torch
 
 from gpumagic import dataloading
 from gpumagic._hostmem import HostPeak, process_memory
+from gpumagic._quiet import ignored_warnings
 from gpumagic._safe import describe
 from gpumagic._tensors import is_fake
 from gpumagic.backends import Backend, MemorySession
@@ -160,14 +161,6 @@ def _wrap_next_index(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     return next(_batch_tensors(batch, 3), None)
-
-
-def _remove_filter(entry: Any) -> None:
-    if entry in warnings.filters:
-        warnings.filters.remove(entry)  # type: ignore[attr-defined]  # typeshed: a Sequence; it is a list
-        mutated = getattr(warnings, "_filters_mutated", None)  # warnings caches what filters decided
-        if mutated is not None:
-            mutated()
 
 
 def leading_dimension(args: Any) -> int | None:
@@ -357,7 +350,10 @@ class Tracker:
         return self._backwards
 
     def close(self) -> None:
-        """Remove every hook and stop measuring now, without a report (``%unload_ext`` mid-block)."""
+        """Remove every hook and stop measuring now (``%unload_ext`` mid-block): a report made
+        when the block ends says it is incomplete."""
+        self._note_incomplete("gpumagic was unloaded while the block ran: measuring stopped then, "
+                              "what ran after is not in the report")
         self._teardown()
 
     def __enter__(self) -> Tracker:
@@ -485,9 +481,9 @@ class Tracker:
             # torch.compile's module warns when any global module hook exists: ours reads the first
             # call of a step (the compiled wrapper's, with the same inputs) and is gone before the
             # inner module's call, so the extra call it warns about never reaches it
-            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
-            entry = warnings.filters[0]
-            self._cleanup.append(lambda: _remove_filter(entry))
+            quiet = contextlib.ExitStack()
+            quiet.enter_context(ignored_warnings(_COMPILE_HOOK_WARNING, UserWarning))
+            self._cleanup.append(quiet.close)
             self._cleanup.append(self._unhook_inputs)
             self._hook_inputs()
         self._patch(torch.autograd, "backward", self._wrap_backward)
@@ -501,9 +497,26 @@ class Tracker:
             self._patch(scaler_cls, "step", self._wrap_scaler_step)
 
     def _patch(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+        """Install ``wrap(original)`` as ``owner.name`` until teardown, which removes only what it
+        installed: when the cell replaced the attribute itself (``torch.autograd.backward = mine``,
+        perhaps calling ours), the cell's stays, and ours calls straight through from then on."""
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        setattr(owner, name, wrap(original))
-        self._cleanup.append(lambda: setattr(owner, name, original))
+        wrapper = wrap(original)
+        live = [True]
+
+        def installed(*args: Any, **kwargs: Any) -> Any:
+            return (wrapper if live[0] else original)(*args, **kwargs)
+
+        functools.update_wrapper(installed, original)
+        setattr(owner, name, installed)
+
+        def undo() -> None:
+            live[0] = False
+            current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+            if current is installed:
+                setattr(owner, name, original)
+
+        self._cleanup.append(undo)
 
     def _teardown(self) -> None:
         errors: list[BaseException] = []
@@ -742,6 +755,10 @@ class Tracker:
         """An error of ours: the report says it is incomplete, the user's code goes on."""
         if self._incomplete is None:
             self._incomplete = f"{where} failed: {describe(e)}"
+
+    def _note_incomplete(self, why: str) -> None:
+        if self._incomplete is None:
+            self._incomplete = why
 
     def _end_step(self, optimizer: Any) -> None:
         assert self._session is not None

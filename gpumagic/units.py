@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
-__all__ = ["format_bytes", "format_count", "format_seconds", "format_size_torch", "parse_size", "unit_bytes"]
+__all__ = [
+    "format_bytes", "format_count", "format_percent", "format_seconds", "format_size_torch", "parse_size", "unit_bytes",
+]
 
 _PREFIXES = "kmgtpe"
 MAX_SIZE = 2**63 - 1
 """The largest size accepted: torch counts bytes in 64-bit signed integers."""
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
+_ALLOWED = "B, KiB, MiB, GiB, TiB (binary) or kB, MB, GB, TB (decimal)"
 
 
 def unit_bytes(unit: str, *, si_decimal: bool = True) -> int | None:
@@ -39,8 +43,18 @@ def unit_bytes(unit: str, *, si_decimal: bool = True) -> int | None:
     return int(1000**power) if rest == "b" else None
 
 
+def _bits(unit: str) -> bool:
+    """A unit that ends in a lower-case ``b`` (``Mb``, ``Gib``, ``b``) counts bits, not bytes."""
+    return unit.endswith("b") and unit.lower() not in ("byte", "bytes")
+
+
 def parse_size(value: str | int, *, name: str = "size") -> int:
     """Turn ``"1.5GiB"``, ``"800MB"``, ``"1024"`` or an int into bytes.
+
+    A size is a whole number of bytes: a byte count (no unit, or ``B``) must be an integer, and a
+    size in a larger unit is rounded down to whole bytes (``"1.3MiB"`` is 1363148); the result must
+    be at least one byte. The arithmetic is exact (no float rounding). Units that count bits
+    (``"5Mb"``) are refused, as are negative sizes.
 
     >>> parse_size("1.5GiB")
     1610612736
@@ -58,19 +72,28 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
             f"{name} must be a size such as '2GiB', '800MB' or a byte count, got {type(value).__name__} {value!r}"
         )
     m = _SIZE_RE.match(value)
-    scale = unit_bytes(m.group(3)) if m else None
+    if m is not None and _bits(m.group(4)):
+        unit = m.group(4)
+        prefix = unit[:-1]
+        bytes_unit = (prefix if prefix in ("", "k") else prefix[0].upper() + prefix[1:]) + "B"
+        raise ValueError(
+            f"{name}: {unit!r} counts bits, not bytes; write {bytes_unit!r} for bytes, got {value!r}"
+        )
+    scale = unit_bytes(m.group(4)) if m else None
     if m is None or scale is None:
-        allowed = "B, KiB, MiB, GiB, TiB (binary) or kB, MB, GB, TB (decimal)"
-        raise ValueError(f"{name} must be a number with a unit ({allowed}), got {value!r}")
-    exponent = int(m.group(2)) if m.group(2) else 0
-    number = float(m.group(1)) * scale
-    if number and exponent > 30:  # 1e30 bytes is already far past any device: no float overflow below
-        number = math.inf
-    else:
-        number *= 10.0**exponent
-    if not math.isfinite(number) or number > MAX_SIZE:
+        raise ValueError(f"{name} must be a number with a unit ({_ALLOWED}), got {value!r}")
+    if m.group(1) == "-":
+        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    exponent = int(m.group(3)) if m.group(3) else 0
+    number = Fraction(m.group(2))
+    if number and exponent > 30:  # 1e30 bytes is already far past any device; keeps the power small
         raise ValueError(f"{name} must be between 1 byte and 8 EiB (2**63 - 1 bytes), got {value!r}")
-    result = math.floor(number + 0.5)
+    exact = number * scale * Fraction(10) ** max(exponent, -400)
+    if scale == 1 and exact.denominator != 1:
+        raise ValueError(f"{name} must be a whole number of bytes, got {value!r} ({float(exact):g} bytes)")
+    result = math.floor(exact)
+    if result > MAX_SIZE:
+        raise ValueError(f"{name} must be between 1 byte and 8 EiB (2**63 - 1 bytes), got {value!r}")
     if result <= 0:
         raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
     return result
@@ -107,6 +130,15 @@ def format_size_torch(n: int) -> str:
     if n <= 2**30:
         return f"{n / 2**20:.2f} MiB"
     return f"{n / 2**30:.2f} GiB"
+
+
+def format_percent(fraction: float) -> str:
+    """A fraction as a percentage with the digits it has (up to four): a margin of 0.499 is not "50%".
+
+    >>> format_percent(0.05), format_percent(0.499), format_percent(0.95)
+    ('5%', '49.9%', '95%')
+    """
+    return f"{fraction * 100:.4g}%"
 
 
 def format_seconds(s: float | None) -> str:

@@ -236,7 +236,9 @@ _REGISTRY: list[Backend] = []
 
 def _load() -> list[Backend]:
     if not _REGISTRY:
-        _REGISTRY.extend(importlib.import_module(m).BACKEND for m in _BUILTIN)
+        # all or nothing: a Ctrl-C between two imports must not leave a registry of the first only
+        loaded = [importlib.import_module(m).BACKEND for m in _BUILTIN]
+        _REGISTRY[:] = loaded
     return _REGISTRY
 
 

@@ -212,17 +212,20 @@ def _register_dynamo_skips() -> bool:
     Returns False when this torch has no such registry; the shimmed mode is used then.
     """
     try:
-        from torch._dynamo.eval_frame import (  # type: ignore[attr-defined]
-            FrameAction,
-            FrameExecStrategy,
-            set_code_exec_strategy,
-        )
+        # dynamo's C half: importing torch._dynamo itself would import sympy (and its half-import,
+        # should a Ctrl-C land there, would break every later cell), for a registry that lives here
+        from torch._C._dynamo import eval_frame
     except ImportError:
         return False
-    strategy = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    action = getattr(eval_frame, "_FrameAction", None)
+    make = getattr(eval_frame, "_FrameExecStrategy", None)
+    register = getattr(eval_frame, "set_code_exec_strategy", None)
+    if action is None or make is None or register is None:
+        return False
+    strategy = make(action.SKIP, action.SKIP)
     for fn in (_Mode.__torch_dispatch__, CPUSession._add, CPUSession._add_other, CPUSession._free,
                CPUSession._raise_oom):
-        set_code_exec_strategy(fn.__code__, strategy)
+        register(fn.__code__, strategy)
     return True
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpumagic.report import trial_counts
-from gpumagic.units import format_bytes, format_count, format_seconds
+from gpumagic.units import format_bytes, format_count, format_percent, format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
@@ -228,7 +228,7 @@ def search_view(r: BatchSearchResult) -> View:
     if r.capacity_bytes is not None:
         peak = (f"predicted peak {format_bytes(r.predicted_peak_bytes)} of "
                 if r.predicted_peak_bytes is not None else "")
-        rows.append(Row("memory", f"{peak}{format_bytes(r.capacity_bytes)} (margin {_percent(r.margin)})"))
+        rows.append(Row("memory", f"{peak}{format_bytes(r.capacity_bytes)} (margin {format_percent(r.margin)})"))
     elif r.predicted_peak_bytes is not None:
         rows.append(Row("memory", f"predicted peak {format_bytes(r.predicted_peak_bytes)}"))
     if r.fit is not None:
@@ -236,15 +236,6 @@ def search_view(r: BatchSearchResult) -> View:
     rows.extend(Row("note", n) for n in r.notes)
     title = "gpumagic batch-size plan (dry run)" if r.dry_run else "gpumagic batch-size search"
     return View(title, _search_headline(r), tuple(rows), (_trials_table(r),) if r.trials else ())
-
-
-def _percent(share: float) -> str:
-    """``5%``, or as many decimals as it takes not to round a margin up or down to another figure."""
-    for digits in range(4):
-        text = f"{100 * share:.{digits}f}"
-        if math.isclose(float(text), 100 * share, rel_tol=0, abs_tol=1e-9):
-            return f"{text}%"
-    return f"{100 * share:.3g}%"
 
 
 def _trials_table(r: BatchSearchResult) -> Table:

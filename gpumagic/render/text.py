@@ -23,12 +23,13 @@ from gpumagic.render.rows import Table, view
 from gpumagic.views import register_view
 
 if TYPE_CHECKING:
-    from gpumagic.report import Trial
+    from gpumagic.report import DeviceSample, Trial
 
 __all__ = [
     "bold",
     "describe_trial",
     "memory_report_text",
+    "monitor_text",
     "render",
     "result_text",
     "search_text",
@@ -190,6 +191,32 @@ def _lay_table(table: Table, width: int | None) -> list[str]:
         lines = [line[:width] for line in lines]
     return lines
 
+
+
+def monitor_text(devices: Sequence[DeviceSample], width: int | None = None) -> str:
+    """``%gpumon`` where no widget can be drawn (terminal IPython): every device now, one row each.
+
+    The live panel redraws itself in a notebook; a terminal gets the moment the magic ran.
+    """
+    from gpumagic.units import format_bytes, format_percent
+
+    rows = []
+    for d in devices:
+        parts = []
+        if d.used_bytes is not None:
+            share = f" ({format_percent(d.used_bytes / d.total_bytes)})" if d.total_bytes else ""
+            total = f" of {format_bytes(d.total_bytes)}" if d.total_bytes is not None else ""
+            parts.append(f"used {format_bytes(d.used_bytes)}{total}{share}")
+        if d.process_bytes is not None:
+            parts.append(f"this process {format_bytes(d.process_bytes)}")
+        if d.tracked_bytes is not None:
+            parts.append(f"tracked tensors {format_bytes(d.tracked_bytes)}")
+        if d.utilization_percent is not None:
+            parts.append(f"{d.utilization_label} {d.utilization_percent:.0f}%")
+        label = d.device + (f" ({d.name})" if d.name else "")
+        rows.append((label, "; ".join(parts) or "nothing known"))
+    headline = "gpumon: the devices now (the live panel needs a notebook; run %gpumon again to refresh)"
+    return render(headline, rows, width or terminal_width())
 
 for _name in ("MemoryReport", "BatchSearchResult", "DeviceStatus", "SweepResult"):  # the results with a row model
     register_view("pretty", _name, lambda result: result_text(result, color=use_color()))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic.batchmath import interpolate, lr_note
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
-from gpumagic.units import format_bytes
+from gpumagic.units import format_bytes, format_percent
 from gpumagic.views import register as register_renderer
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ def search_readout(result: BatchSearchResult, batch_size: int) -> list[str]:
     if cap is not None and predicted is not None:
         room = f"headroom {format_bytes(cap - predicted)} of {format_bytes(cap)} capacity"
         if predicted > cap * (1 - result.margin):
-            room += f" (inside the {result.margin:.0%} safety margin)"
+            room += f" (inside the {format_percent(result.margin)} safety margin)"
         lines.append(room)
     rates = [(t.batch_size, t.samples_per_second) for t in _measured(result) if t.samples_per_second]
     rate = interpolate([(x, float(y)) for x, y in rates if y is not None], b)
@@ -343,7 +343,7 @@ class _SearchPlot:
             ax.axhline(cap / scale, color=_RED, lw=1.2, label=f"capacity {format_bytes(cap)}")
             if result.margin > 0:
                 ax.axhline(cap * (1 - result.margin) / scale, color=_ORANGE, lw=1.0, ls="--",
-                           label=f"capacity − {result.margin:.0%} margin")
+                           label=f"capacity − {format_percent(result.margin)} margin")
 
     def _draw_trials(self, ran: list[Trial], top: int, rec: int | None, rec_peak: int | None) -> None:
         """The measured (and planned) peaks, the trials that ran out of memory and the recommendation."""

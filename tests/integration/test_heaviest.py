@@ -1,6 +1,8 @@
 """Variable-length data in a real IPython shell: heaviest-batch trials for --loader, the fit
 against input size for --var, per-step input sizes in %%gpumem, and --eval trials."""
 
+import re
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -288,3 +290,59 @@ def test_evaluation_steps_are_outermost_forwards_of_the_model_not_the_loss():
         evaluate()
     assert len(calls) == 2
     assert tracker.report.total_steps == 2
+
+
+def test_readme_size_fn_lambdas_work_as_written(texts):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    options = re.findall(r'`(--size-fn "lambda i: [^"`]+")`', readme)
+    assert options, "the README's --size-fn lambda examples are gone"
+    # the README's names: the raw sequences, and a length column, one per index
+    run(texts, "texts = ds.items\nlengths = [len(t) for t in ds.items]")
+    for option in options:
+        res = find(texts, f"--loader loader {option}")
+        assert res.sample_sizes is not None, option
+        assert res.sample_sizes.measure == "the given size function"
+        assert res.sample_sizes.largest == 128
+        assert res.recommended_batch_size is not None
+
+
+def test_a_short_final_batch_of_an_epoch_is_not_a_varying_input(ip, clean_ns):
+    run(ip, """
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(1000, 32), torch.randint(0, 4, (1000,)))
+model = nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 4))
+opt = torch.optim.SGD(model.parameters(), 0.1)
+bs = 16
+""")
+    body = """
+for x, y in DataLoader(data, batch_size=bs):   # 1000 samples: most sizes end with a short batch
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+    with capture_output():
+        r = run(ip, f"%%find_batch --var bs -d cpu --budget 6MiB -q -o\n{body}")
+    assert r.error_in_exec is None, r.error_in_exec
+    res = r.result
+    assert any(t.batch_size > 334 and not t.oom for t in res.trials)  # 3 steps: the third batch is short
+    assert res.variable_inputs is None
+    assert not any("input sizes varied" in n for n in res.notes)
+
+
+def test_headline_and_why_state_the_same_recommendation_when_inputs_vary(texts):
+    from gpumagic.render.text import search_text
+
+    # samples grow longer with their index and the loader does not shuffle: a trial's few steps see
+    # the short ones only, so the size that survives the longest is below what the trials allowed
+    run(texts, "ds = Texts(torch.arange(2000) // 20 + 4); bs = 8")
+    body = "loader = DataLoader(ds, batch_size=bs, collate_fn=pad)\n" + TRAIN
+    res = find(texts, "--var bs --steps 4", body)
+    rec = res.recommended_batch_size
+    assert res.variable_inputs is not None
+    assert rec == res.variable_inputs.surviving_batch_size < res.variable_inputs.drawn_batch_size
+    assert res.reason.startswith(f"{rec} is the largest"), res.reason
+    why = re.search(r"^  why +(\d+)", search_text(res, width=200), re.MULTILINE)
+    assert why is not None
+    assert int(why.group(1)) == rec

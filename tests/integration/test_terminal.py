@@ -47,6 +47,9 @@ SESSION = [
     DEEP,
     "%%gpumem -d cpu --budget 4MiB\ngrow(bs)\n",
     "%tb",
+    f"%%gpumem -d cpu -o\n{TRAIN}\n",
+    "%gpumem -d cpu --free",
+    "%gpumon",
 ]
 
 
@@ -173,6 +176,32 @@ def test_tb_after_an_oom_shows_the_user_frames_with_their_arguments(tty_session:
     assert "gpumagic" not in tb.replace("(simulated by gpumagic", "")
     assert "run_cell_source" not in tb
     assert "_raise_oom" not in tb
+
+
+@pytest.mark.slow
+def test_gpumem_o_in_a_terminal_prints_the_report_once_as_the_value(tty_session: list[str]) -> None:
+    text = "\n".join(_lines(ANSI.sub("", tty_session[8])))
+
+    assert len(re.findall(r"gpumem: peak \d", text)) == 1, text
+    assert re.search(r"Out\[\d+\]:\s+gpumem: peak \d", text), text
+
+
+@pytest.mark.slow
+def test_gpumem_free_in_a_terminal_lists_the_names_holding_memory(tty_session: list[str]) -> None:
+    text = " ".join(line.strip() for line in _lines(ANSI.sub("", tty_session[9])))
+
+    assert "gpumagic device status" in text
+    assert "still held by 'model'" in text
+
+
+@pytest.mark.slow
+def test_gpumon_in_a_terminal_prints_a_text_panel(tty_session: list[str]) -> None:
+    text = "\n".join(_lines(ANSI.sub("", tty_session[10])))
+
+    assert "VBox" not in text
+    assert "HBox" not in text
+    assert re.search(r"^gpumon: the devices now", text, re.MULTILINE), text
+    assert re.search(r"^  cpu.*used \d", text, re.MULTILINE), text
 
 
 # --- through a pipe (a log, CI) ------------------------------------------------------------------

@@ -76,7 +76,9 @@ def read_readme(text: str) -> dict[str, Documented]:
     current: str | None = None
     for line in magics_section(text):
         magic = _MAGIC_LINE.match(line)
-        if magic:
+        if line.startswith("#"):  # a sub-heading ends the options tables of the magic above it
+            current = None
+        elif magic:
             current = magic.group(1)
             usage = docs.setdefault(current, Documented()).usage
             first_span = re.match(r"`([^`]+)`", line)
