@@ -10,14 +10,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 __all__ = [
     "PICKS",
     "LRRule",
     "Pick",
     "accumulation_plan",
-    "fit_from_report",
     "interpolate",
     "is_power_of_two",
     "lr_note",
@@ -103,23 +102,6 @@ def accumulation_plan(effective: int, micro_max: int) -> tuple[int, int]:
         raise ValueError(f"effective batch and micro-batch must be >= 1, got {effective} and {micro_max}")
     k = math.ceil(effective / micro_max)
     return math.ceil(effective / k), k
-
-
-def fit_from_report(report: Any) -> tuple[float, float] | None:
-    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
-    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
-    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
-    if not steps:
-        return None
-    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
-    fixed = float(report.baseline_bytes)
-    b = report.breakdown
-    if b is not None:
-        fixed += b.gradients_bytes + b.optimizer_state_bytes
-        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
-            fixed += b.parameters_bytes
-    slope = (step.peak_bytes - fixed) / step.batch_size
-    return (fixed, slope) if slope > 0 else None
 
 
 def lr_note(old_effective: int | None, new_effective: int, optimizer: object | str | None = None) -> str:

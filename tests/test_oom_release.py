@@ -13,7 +13,7 @@ from IPython.utils.capture import capture_output
 
 import gpumagic.oom
 from gpumagic.backends.cpu import live_storages
-from gpumagic.magics import _user_frame
+from gpumagic.oom.context import user_frame as _user_frame
 
 SETUP = """
 import torch, torch.nn as nn, torch.nn.functional as F

@@ -1,0 +1,406 @@
+"""What the notebook knows when a cell runs out of memory, as an :class:`AdviceContext`.
+
+Pure functions of the namespace, the cell's source (as Python, after IPython's transforms) and
+the measurements remembered from earlier runs: which variable holds the batch size, which
+DataLoader or prebuilt batches the cell draws from, the line through a run that worked, the
+command that measures the size that fits. No IPython here: the magics pass the shell's
+namespace and the transformed cell in, and show what comes out.
+
+    >>> names_used({}, "loss = model(x).sum()") >= {"loss", "model", "x"}
+    True
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import re
+import traceback
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpumagic.oom._advice import AdviceContext
+
+__all__ = [
+    "Earlier",
+    "batch_variable",
+    "build_context",
+    "device_for",
+    "fit_from_report",
+    "int_literals",
+    "loader_variable",
+    "looks_like_evaluation",
+    "measure_options",
+    "names_used",
+    "oom_backend",
+    "optimizer_name",
+    "prebuilt_batches",
+    "same_code",
+    "same_code_but_numbers",
+    "size_arg",
+    "user_frame",
+]
+
+
+def optimizer_name(ns: Mapping[str, Any]) -> str | None:
+    import torch
+
+    for name, v in list(ns.items()):
+        if not name.startswith("_") and isinstance(v, torch.optim.Optimizer):
+            return type(v).__name__
+    return None
+
+
+def names_used(ns: Mapping[str, Any], code: str | None) -> set[str]:
+    """Names the code (a cell as Python) reads or binds, and the globals that the functions it
+    calls read (two levels deep): advice must not suggest deleting what the cell works with, and
+    a batch size read inside ``get_batch()`` is still the cell's batch size."""
+    if not code:
+        return set()
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    todo = [(n, 0) for n in names]
+    while todo:
+        name, depth = todo.pop()
+        fn_code = getattr(ns.get(name), "__code__", None)
+        if fn_code is None or depth >= 2 or not isinstance(fn_code, types.CodeType):
+            continue
+        for inner in _code_names(fn_code):
+            if inner not in names:
+                names.add(inner)
+                todo.append((inner, depth + 1))
+    return names
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    out = set(code.co_names)
+    for const in code.co_consts:  # nested functions, comprehensions
+        if isinstance(const, types.CodeType):
+            out |= _code_names(const)
+    return out
+
+
+_BATCH_NAME = re.compile(r"^(bs|mbs|batch|.*batch_?size.*|.*_bs|batch_?sz)$", re.IGNORECASE)
+
+
+def batch_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """The batch-size variable the code reads, by its name (``batch_size``, ``bs``, ``BATCH_SIZE``,
+    ``train_batch_size``...): a positive int in the namespace. None when the code reads none."""
+    found = []
+    for name in used:
+        v = ns.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and _BATCH_NAME.match(name):
+            found.append((0 if name.lower() in ("batch_size", "bs") else 1, name, v))
+    if not found:
+        return None
+    _, name, v = min(found)
+    return name, v
+
+
+def loader_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """A DataLoader from an earlier cell that the code iterates: its name and batch size."""
+    from torch.utils.data import DataLoader
+
+    for name in sorted(used):
+        v = ns.get(name)
+        if isinstance(v, DataLoader) and isinstance(v.batch_size, int):
+            return name, v.batch_size
+    return None
+
+
+def prebuilt_batches(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
+    """A list of batches built earlier that the code iterates (``[(x, y), ...]`` or ``[x, ...]``):
+    its name and the leading dimension its first batch's tensors share."""
+    import torch
+
+    for name in sorted(used):
+        v = ns.get(name)
+        if not isinstance(v, (list, tuple)) or not v or isinstance(v, str):
+            continue
+        first = v[0]
+        parts = first if isinstance(first, (list, tuple)) else (first,)
+        dims = {t.shape[0] for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(dims) == 1 and all(isinstance(t, torch.Tensor) for t in parts):
+            return name, dims.pop()
+    return None
+
+
+def size_arg(n: int) -> str:
+    """A size as a --budget argument: 96MiB, 2GiB, or bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def looks_like_evaluation(cell: str | None) -> bool:
+    """A cell that runs the model without gradients and never calls backward or an optimizer step."""
+    if not cell:
+        return False
+    no_grad = any(w in cell for w in ("no_grad", "inference_mode", ".generate(", "set_grad_enabled(False)"))
+    return no_grad and "backward" not in cell and ".step(" not in cell
+
+
+def evaluation_batch_variable(ns: Mapping[str, Any], code: str | None, batch_size: int | None) -> str | None:
+    """The name the cell reads that holds the batch size: one whose value is the size the loader
+    drew, else one named like a batch size (batch_size, bs)."""
+    ints = {n: v for n in names_used(ns, code)
+            if isinstance(v := ns.get(n), int) and not isinstance(v, bool) and v > 0}
+    same = sorted(n for n, v in ints.items() if v == batch_size)
+    if len(same) == 1:
+        return same[0]
+    named = sorted(n for n in ints if "batch" in n.lower() or n.lower() in ("bs", "b"))
+    if named:
+        return named[0]
+    return next(iter(ints)) if len(ints) == 1 else None  # the one int the cell reads
+
+
+def int_literals(code: str | None, value: int) -> int:
+    """How many times the integer ``value`` is written as a literal in the code."""
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return 0
+    return sum(1 for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int and n.value == value)
+
+
+def same_code(a: str | None, b: str | None) -> bool:
+    """The same cell, up to a leading cell-magic line and blank lines or trailing spaces."""
+    def norm(c: str | None) -> str:
+        lines = (c or "").strip().splitlines()
+        if lines and lines[0].lstrip().startswith("%%"):
+            lines = lines[1:]
+        return "\n".join(line.rstrip() for line in lines if line.strip())
+
+    return norm(a) == norm(b)
+
+
+def same_code_but_numbers(a: str | None, b: str | None) -> bool:
+    """The same cell up to its numbers (a batch size written as a literal, changed between runs)."""
+    number = re.compile(r"\b\d+\b")
+    return a is not None and b is not None and same_code(number.sub("0", a), number.sub("0", b))
+
+
+def user_frame(tb: Any) -> str | None:
+    """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
+    frames = traceback.extract_tb(tb)
+    for fr in reversed(frames):
+        f = fr.filename.replace("\\", "/")
+        if "/torch/" in f or "/gpumagic/" in f or "/IPython/" in f:
+            continue
+        where = f"{fr.name}()" if fr.name != "<module>" else "the cell"
+        return f"line {fr.lineno} in {where}: {(fr.line or '').strip()}"
+    return None
+
+
+def fit_from_report(
+    report: Any, batch_size: int | None = None, rebound_bytes: int = 0
+) -> tuple[float, float] | None:
+    """(intercept, bytes per sample) of a line that over-counts memory per sample, from a run that
+    worked: through its largest-batch step's peak and the memory before the cell.
+
+    Everything at the peak beyond the memory before the cell is charged to the batch (gradients,
+    optimizer state, temporaries of the optimizer step): the slope can only be too steep, so the
+    size the line says fits is a lower bound. ``batch_size`` stands for the steps' size when the
+    loop does not use a DataLoader. ``rebound_bytes``: what the names the cell rebinds held
+    before it (the previous run's batch and outputs, freed during the run): not part of the
+    memory that stays, so the line starts below it.
+    """
+    def size_of(s: Any) -> int | None:  # a size the loop reads beats one guessed from its inputs
+        return int(batch_size) if batch_size and getattr(s, "batch_size_guessed", False) else \
+            s.batch_size or batch_size
+
+    steps = [s for s in getattr(report, "steps", ()) if size_of(s) and s.peak_bytes and s.count == 1]
+    if not steps:
+        return None
+    step = max(steps, key=lambda s: (size_of(s), s.peak_bytes))
+    size = size_of(step)
+    assert size is not None
+    fixed = float(max(0, report.baseline_bytes - rebound_bytes))
+    slope = (step.peak_bytes - fixed) / size
+    return (fixed, slope) if slope > 0 else None
+
+
+def oom_backend(info: Any) -> Any:
+    """The backend whose device an out-of-memory message names; None for the host (a simulated OOM,
+    a host error, a device no backend claims)."""
+    from gpumagic import backends
+
+    device_type = getattr(info, "device_type", None)
+    if getattr(info, "simulated", False) or device_type is None:
+        return None
+    return next((b for b in backends.registry() if device_type in getattr(b, "oom_device_types", ())), None)
+
+
+def device_for(info: Any) -> Any:
+    """The torch device an out-of-memory message names (the host for a simulated or host OOM);
+    None when no backend here can resolve it."""
+    import torch
+
+    from gpumagic.devices import resolve_device
+
+    backend = oom_backend(info)
+    try:
+        if backend is None:
+            return torch.device("cpu")
+        index = getattr(info, "device_index", None)
+        return resolve_device(backend.name if index is None else f"{backend.name}:{index}")
+    except ValueError:
+        return None
+
+
+def measure_options(info: Any) -> str:
+    """-d/--budget for a cell the global handler saw: the device the message names."""
+    if getattr(info, "simulated", False):
+        cap = getattr(info, "total_capacity", None)
+        return "-d cpu" + (f" --budget {size_arg(cap)}" if cap else "")
+    backend = oom_backend(info)
+    if backend is None:
+        return ""
+    index = getattr(info, "device_index", None)
+    return f"-d {backend.name}" + (f":{index}" if getattr(backend, "indexed", False) and index is not None else "")
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """What earlier cells measured, remembered for advice after a later OOM.
+
+    ``report``: the last ``%%gpumem`` report that completed, with the batch variable's value
+    during that run (``report_batch``), the bytes the names it rebound held before it
+    (``report_rebound``) and its code (``report_cell``); ``search``: the last batch-size search
+    and the code it searched over (``search_code``).
+    """
+
+    report: Any = None
+    report_batch: int | None = None
+    report_rebound: int = 0
+    report_cell: str | None = None
+    search: Any = None
+    search_code: str | None = None
+
+
+def _guessed_batch(
+    report: Any, input_batch: int | None, cell: str | None, code: str | None, earlier: Earlier
+) -> tuple[int, tuple[float, float]] | None:
+    """(batch size, fit) for a loop that reads no batch variable and draws from no DataLoader:
+    the size read from the failing step's inputs, when it is written once as a literal in the
+    cell, and a line through a run that worked at a smaller size: an earlier run of the same
+    cell (up to its numbers), else the failing run's own completed steps. None otherwise:
+    without such a run the size is a guess that nothing confirms."""
+    steps = getattr(report, "steps", ())
+    b = input_batch
+    if b is None:
+        sizes = [s.batch_size for s in steps if s.batch_size and s.batch_size_guessed]
+        b = sizes[-1] if sizes else None
+    if b is None or int_literals(code, b) != 1:
+        return None
+
+    def smaller(r: Any) -> bool:
+        sizes = [s.batch_size for s in getattr(r, "steps", ()) if s.batch_size_guessed and s.batch_size]
+        return bool(sizes) and all(s.batch_size_guessed for s in r.steps if s.batch_size) and max(sizes) < b
+
+    prev = earlier.report
+    line = None
+    if smaller(prev) and same_code_but_numbers(earlier.report_cell, cell):
+        line = fit_from_report(prev, None, earlier.report_rebound)
+    if line is None and report is not None and smaller(report):
+        line = fit_from_report(report)
+    return (b, line) if line is not None else None
+
+
+def build_context(
+    info: Any, exc: BaseException, *, ns: Mapping[str, Any], cell: str | None, code: str | None,
+    report: Any, batch_size: int | None, dev: Any, released: tuple[tuple[str, int], ...],
+    measure: str | None, earlier: Earlier, evaluation: bool = False, input_batch: int | None = None,
+) -> AdviceContext:
+    """The :class:`AdviceContext` for ``exc`` raised by ``cell`` (``code``: the cell as Python).
+
+    ``report``: the failing run's report, ``batch_size`` the size its loader drew, ``dev`` the
+    device the message names, ``released`` what was given back after the error, ``measure`` the
+    options that reproduce the device and budget, ``input_batch`` the leading dimension of the
+    failing step's inputs.
+    """
+    from gpumagic.devices import holders
+
+    in_use = names_used(ns, code)
+    var = batch_variable(ns, in_use)
+    loader = loader_variable(ns, in_use) if var is None else None
+    prebuilt = prebuilt_batches(ns, in_use) if var is None and loader is None else None
+    tracked = batch_size
+    if batch_size is None and report is not None:
+        sizes = [s.batch_size for s in report.steps if s.batch_size and not s.batch_size_guessed]
+        tracked = sizes[-1] if sizes else None
+    if var is not None:
+        batch_size = var[1]
+    elif tracked is not None:
+        batch_size = tracked
+    elif loader is not None:
+        batch_size = loader[1]
+    elif prebuilt is not None:
+        batch_size = prebuilt[1]
+    dependent = var is not None or loader is not None or tracked is not None or prebuilt is not None
+    guessed = None
+    if not dependent and not evaluation:
+        guessed = _guessed_batch(report, input_batch, cell, code, earlier)
+        if guessed is not None:
+            batch_size, dependent = guessed[0], True
+    # memory held by earlier cells: what the failing cell itself uses is not a candidate
+    held = () if dev is None else tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
+    line: tuple[float, float] | None = None
+    source = None
+    fit = getattr(earlier.search, "fit", None)
+    if evaluation and not getattr(earlier.search, "evaluation", False):
+        fit = None  # a training measurement says nothing about an evaluation batch
+    if fit is not None and earlier.search_code is not None and same_code(earlier.search_code, cell):
+        line, source = (fit.intercept_bytes, fit.bytes_per_sample), "search"
+    if guessed is not None:
+        line, source = guessed[1], "run"
+    if line is None and not evaluation:
+        # the last run that worked at a smaller batch (steps that completed at the failing size
+        # say little: later steps hold more, gradients and optimizer state from the first)
+        prev, prev_b = earlier.report, earlier.report_batch
+        sizes = [(prev_b if s.batch_size_guessed else s.batch_size) or prev_b or s.batch_size
+                 for s in getattr(prev, "steps", ())]
+        sizes = [v for v in sizes if v]
+        if sizes and batch_size is not None and max(sizes) < batch_size:
+            line = fit_from_report(prev, prev_b, earlier.report_rebound)
+            source = "run" if line is not None else None
+    measure_code = None
+    if measure is not None and (var is not None or loader is not None):
+        what = f"--var {var[0]}" if var is not None else f"--loader {loader[0]}" if loader else ""
+        measure_code = f"%find_batch {what}{' --eval' if evaluation else ''} {measure}".strip()
+    processes: tuple[tuple[int, int, str | None], ...] = ()
+    backend = oom_backend(info)
+    if backend is not None:
+        import torch
+
+        # the device the message names, whether or not this process can use it (NVML still answers)
+        index = int(getattr(info, "device_index", None) or 0)
+        with contextlib.suppress(RuntimeError):  # a registered device torch has no type for
+            named = torch.device(backend.name, index) if getattr(backend, "indexed", False) else \
+                torch.device(backend.name)
+            processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(named))
+    return AdviceContext(
+        batch_size=batch_size if dependent else None,
+        optimizer=optimizer_name(ns),
+        peak_bytes=getattr(earlier.report, "peak_bytes", None),
+        baseline_bytes=getattr(report, "baseline_bytes", None),
+        capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
+        bytes_per_sample=line[1] if line else None,
+        intercept_bytes=line[0] if line else None,
+        holders=held,
+        processes=processes,
+        fit_source=source,
+        batch_dependent=dependent,
+        measure_code=measure_code,
+        released=released,
+        where=user_frame(exc.__traceback__),
+        world_size=getattr(report, "world_size", None),
+        batch_literal=str(batch_size) if guessed is not None else None,
+    )
+
