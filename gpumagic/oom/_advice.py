@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from gpumagic._batchmath import accumulation_plan, lr_note
 from gpumagic._units import format_bytes
-from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
+from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host, parse
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
 
@@ -73,6 +73,13 @@ class AdviceContext:
     world_size: int | None = None
     """Ranks training together (data parallel): batch sizes are per rank, the global batch is
     per-rank size × world_size; by default torch.distributed's world size."""
+
+    def __post_init__(self) -> None:
+        # a figure that is not a finite number (nan from a failed fit, inf) is unknown, like None
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                object.__setattr__(self, f.name, None)
 
 
 @dataclass(frozen=True)
@@ -770,8 +777,10 @@ def last_advice() -> Advice | None:
     return _LAST[0] if _LAST else None
 
 
-def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice:
+def advise(info: OOMInfo | str | BaseException | None, context: AdviceContext | None = None) -> Advice:
     """Ranked suggestions for an out-of-memory error, each with numbers derived from what is known.
+
+    ``info`` is what :func:`parse` read, or the error itself (an exception or its text), parsed here.
 
     >>> info = parse("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8.00 GiB "
     ...              "of which 1.00 GiB is free. Of the allocated memory 6.00 GiB is allocated by PyTorch, "
@@ -779,6 +788,12 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     >>> advise(info, AdviceContext(batch_size=64, measure_code="%find_batch --var bs")).suggestions[0].kind
     'measure'
     """
+    if isinstance(info, (str, bytes, BaseException)):
+        info = parse(info)
+    elif info is not None and not isinstance(info, OOMInfo):
+        raise TypeError(f"advise() takes an OOMInfo, an exception or its text, got {type(info).__name__}")
+    if context is not None and not isinstance(context, AdviceContext):
+        raise TypeError(f"advise()'s context must be an AdviceContext or None, got {type(context).__name__}")
     ctx = context or AdviceContext()
     unknown: list[str] = []
     f = _facts(info, ctx)

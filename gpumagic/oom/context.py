@@ -266,6 +266,16 @@ def measure_options(info: Any) -> str:
     return f"-d {backend.name}" + (f":{index}" if getattr(backend, "indexed", False) and index is not None else "")
 
 
+def measured_the_failing_device(info: Any, report: Any, dev: Any) -> bool:
+    """Whether ``report`` measured the device the error is about: its budget, baseline and steps
+    describe the failure only then (a "CUDA out of memory" raised by the code inside a cell
+    measured on the host says nothing about the host's budget)."""
+    if getattr(info, "simulated", False):
+        return True  # gpumagic's own budget, on the device the report measured
+    label = str(getattr(report, "device", "") or "")
+    return dev is not None and label.split(":")[0] == dev.type
+
+
 @dataclass(frozen=True)
 class Earlier:
     """What earlier cells measured, remembered for advice after a later OOM.
@@ -327,6 +337,10 @@ def build_context(
     """
     from gpumagic.devices import holders
 
+    if report is not None and not measured_the_failing_device(info, report, dev):
+        # its figures, and the options that measured it, are another device's
+        report, batch_size, input_batch = None, None, None
+        measure = measure_options(info) or None
     in_use = names_used(ns, code)
     var = batch_variable(ns, in_use)
     loader = loader_variable(ns, in_use) if var is None else None
