@@ -103,9 +103,9 @@ class TracebackView:
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory.
 
-    After an OOM, the names the failed cell bound that hold device memory (its outputs, the loss
-    and their autograd graph) are released (:func:`gpumagic.devices.release_names`): otherwise
-    the next run at a size that fits runs out of memory too.
+    After an OOM, the autograd graphs the failed cell's results hold are freed, their values kept
+    (:func:`gpumagic.devices.release_names`): otherwise the next run at a size that fits runs out
+    of memory too.
     """
 
     def __init__(self, shell: InteractiveShell) -> None:
@@ -176,11 +176,13 @@ class OOMPresenter:
 
                 code = self._python(cell)
                 ns = self.shell.user_ns
+                bound = () if before is None else tuple(
+                    n for n, v in list(ns.items()) if not n.startswith("_") and not before.same(n, v))
                 evaluation = cell is not None and context.looks_like_evaluation(cell)
                 ctx = context.build_context(
                     info, exc, ns=ns, cell=cell, code=code, report=report, batch_size=batch_size, dev=dev,
                     released=released, measure=measure, earlier=self._earlier(), evaluation=evaluation,
-                    input_batch=input_batch)
+                    input_batch=input_batch, bound=bound)
                 ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
                 if evaluation:
                     var = context.evaluation_batch_variable(ns, code, ctx.batch_size)

@@ -53,6 +53,9 @@ class AdviceContext:
     intercept_bytes: float | None = None
     holders: tuple[tuple[str, int], ...] = ()
     processes: tuple[tuple[int, int, str | None], ...] = ()
+    kept: tuple[tuple[str, int], ...] = ()
+    """Results the failed cell bound that hold device memory, kept after the error (gpumagic
+    never deletes a value): (name, bytes that ``del name`` frees), largest first."""
     mixed_precision: bool | None = None
     activation_bytes: int | None = None
     evaluation: bool = False
@@ -113,19 +116,24 @@ class Advice:
     fits_batch_size: int | None = None
     info: OOMInfo | None = field(default=None, repr=False, compare=False)
     released: tuple[tuple[str, int], ...] = ()
-    """(name, bytes) of the names the failed cell bound that gpumagic released after the error."""
+    """(name, bytes) of what gpumagic gave back after the error: the autograd graphs the failed
+    cell's results held (``out``, ``loss``: their values stay, detached), and gradients or
+    optimizer state the failed step added (``model (gradients)``)."""
 
     @property
     def released_note(self) -> str | None:
-        """One line saying which names were released and how much they held, or None."""
+        """One line saying which graphs were freed (values kept) and how much was given back, or None."""
         if not self.released:
             return None
-        names = ", ".join(f"`{n}`" for n, _ in self.released)
+        graphs = [f"`{n}`" for n, _ in self.released if " (" not in n]
+        added = [n for n, _ in self.released if " (" in n]
         total = format_bytes(sum(b for _, b in self.released))
-        return (
-            f"Released {names} ({total}): names this cell bound that held device memory (outputs, the loss "
-            "and their autograd graph) are put back to their values before the cell, or deleted if they are new"
-        )
+        parts = []
+        if graphs:
+            parts.append(f"the autograd graph of {', '.join(graphs)} (the values stay, detached)")
+        if added:
+            parts.append("what the failed step added: " + ", ".join(added))
+        return f"Gave back {total}: " + " and ".join(parts) + "; gpumagic never deletes a value"
 
     def text(self) -> str:
         """Plain text: the headline, one line per suggestion (code for the first two), what is unknown."""
@@ -572,6 +580,43 @@ def _holders_rule(x: _In) -> _Made:
     return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
 
 
+def _kept_rule(x: _In) -> _Made:
+    """The failed cell's own results, kept after the error: deleting them frees their memory for
+    the cells run next. Never strong: a rerun of the failed cell computes them again."""
+    kept = x.ctx.kept
+    total = sum(n for _, n in kept[:5])
+    if not kept or x.shortfall is None or not 0 < x.shortfall <= total:
+        return None  # only when freeing them is what would make the allocation fit
+    fb = format_bytes
+    names = [n for n, _ in kept[:5]]
+    what = ", ".join(f"{n}: {fb(b)}" for n, b in kept[:5])
+    return Suggestion(
+        f"`del {', '.join(names)}` frees {fb(total)}",
+        f"results the failed cell computed ({what}) are kept, without their autograd graph: gpumagic never "
+        "deletes a value. Delete the ones you no longer need before running other cells; a rerun of the failed "
+        "cell computes them again, so it does not need this",
+        "kept_results",
+        code=f"del {', '.join(names)}",
+    ), False
+
+
+def _baseline_rule(x: _In) -> _Made:
+    """What existed before the cell already fills the device: no change inside the cell can fit."""
+    ctx, f = x.ctx, x.facts
+    base = ctx.baseline_bytes
+    if base is None or f.usable is None or base < f.usable:
+        return None
+    fb = format_bytes
+    named = sorted(ctx.holders, key=lambda h: -h[1])[:5]
+    detail = (
+        f"{fb(base)} was held before the cell ran, more than {fb(f.usable)} ({f.usable_how}): the models and data "
+        "of earlier cells do not fit, so no batch size or change inside this cell can. Free memory held by "
+        "earlier cells, or give a larger budget"
+    )
+    code = f"del {', '.join(n for n, _ in named)}\nimport gc; gc.collect()" if named else "%gpumem --free"
+    return Suggestion("What existed before the cell does not fit", detail, "baseline", code=code), True
+
+
 def _held_before_rule(x: _In) -> _Made:
     """Memory held before the cell when no names are known: the model and data the cell may use."""
     ctx = x.ctx
@@ -744,6 +789,7 @@ class _Rule:
 # Every rule and its scores, in one place; the advice lists suggestions by score (ties keep this order).
 _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_limit_rule, strong=100, weak=40),
+    _Rule(_baseline_rule, strong=98, weak=98),
     _Rule(_allocation_rule, strong=95, weak=95),
     _Rule(_fragmentation_rule, strong=90, weak=40),
     _Rule(_process_rule, strong=85, weak=45),
@@ -755,6 +801,7 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_cuda_error_rule, strong=60, weak=60),
     _Rule(_host_rule, strong=60, weak=60),
     _Rule(_generic_batch_rule, strong=55, weak=55),
+    _Rule(_kept_rule, strong=45, weak=45),
     _Rule(_held_before_rule, strong=35, weak=35),
     _Rule(_mixed_precision_rule, strong=30, weak=30),
     _Rule(_checkpointing_rule, strong=20, weak=20),

@@ -276,6 +276,66 @@ def measured_the_failing_device(info: Any, report: Any, dev: Any) -> bool:
     return dev is not None and label.split(":")[0] == dev.type
 
 
+_NOT_HOLDERS = frozenset({"exit", "quit", "get_ipython", "In", "_ih", "__builtins__", "__builtin__"})
+_NOT_WALKED = (types.ModuleType, type, types.BuiltinFunctionType, types.MethodType, str, bytes, int, float)
+_WALK_LIMIT = 200_000  # objects looked at per walk: a namespace with more says less, never wrong by excess
+
+
+def _reachable_storages(roots: list[Any], device: Any, ns: Mapping[str, Any]) -> dict[int, int]:
+    """{storage key: bytes} of every tensor on ``device`` reachable from ``roots`` through the
+    objects that refer to it (containers, attributes, closures, a Dataset's tensors, a model's
+    parameters and their gradients, an optimizer's state), the namespace itself left out."""
+    import gc
+
+    import torch
+
+    from gpumagic._tensors import storages
+
+    out: dict[int, int] = {}
+    seen = {id(ns)}
+    todo = list(roots)
+    while todo and len(seen) < _WALK_LIMIT:
+        o = todo.pop()
+        kind = type(o)  # type(), not isinstance: an odd object's __class__ may warn or raise
+        if id(o) in seen or issubclass(kind, _NOT_WALKED):
+            continue
+        seen.add(id(o))
+        if issubclass(kind, torch.Tensor):
+            with contextlib.suppress(Exception):  # an unreadable tensor holds nothing we can count
+                if o.device.type == device.type and (device.index is None or o.device.index in (None, device.index)):
+                    for key, st in storages(o) or ():
+                        out[key] = int(st.nbytes())
+                if o.grad is not None:
+                    todo.append(o.grad)
+            continue
+        todo.extend(gc.get_referents(o))
+    return out
+
+
+def freed_by_deleting(ns: Mapping[str, Any], names: list[str], device: Any) -> list[tuple[str, int]]:
+    """[(name, bytes)] for each of ``names`` that holds memory on ``device`` nothing else holds:
+    ``del name`` frees those bytes. A storage that another name also reaches (a ``TensorDataset``
+    holding ``X``, a model's parameter, a list that stays) counts for neither; largest first.
+
+    >>> import torch; x = torch.zeros(256)
+    >>> freed_by_deleting({"x": x, "y": x[:8], "z": torch.zeros(4)}, ["x", "z"], torch.device("cpu"))
+    [('z', 16)]
+    """
+    names = [n for n in dict.fromkeys(names) if n in ns and n not in _NOT_HOLDERS]
+    if not names:
+        return []
+    rest = [v for k, v in list(ns.items()) if k not in names and k not in _NOT_HOLDERS]
+    held = _reachable_storages(rest, device, ns)
+    each = {n: _reachable_storages([ns[n]], device, ns) for n in names}
+    out = []
+    for n, mine in each.items():
+        others = set(held).union(*(each[m] for m in names if m != n))
+        freed = sum(b for key, b in mine.items() if key not in others)
+        if freed:
+            out.append((n, freed))
+    return sorted(out, key=lambda kv: -kv[1])
+
+
 @dataclass(frozen=True)
 class Earlier:
     """What earlier cells measured, remembered for advice after a later OOM.
@@ -327,13 +387,14 @@ def build_context(
     info: Any, exc: BaseException, *, ns: Mapping[str, Any], cell: str | None, code: str | None,
     report: Any, batch_size: int | None, dev: Any, released: tuple[tuple[str, int], ...],
     measure: str | None, earlier: Earlier, evaluation: bool = False, input_batch: int | None = None,
+    bound: tuple[str, ...] = (),
 ) -> AdviceContext:
     """The :class:`AdviceContext` for ``exc`` raised by ``cell`` (``code``: the cell as Python).
 
     ``report``: the failing run's report, ``batch_size`` the size its loader drew, ``dev`` the
     device the message names, ``released`` what was given back after the error, ``measure`` the
     options that reproduce the device and budget, ``input_batch`` the leading dimension of the
-    failing step's inputs.
+    failing step's inputs, ``bound`` the names the failed cell bound or rebound.
     """
     from gpumagic.devices import holders
 
@@ -363,8 +424,17 @@ def build_context(
         guessed = _guessed_batch(report, input_batch, cell, code, earlier)
         if guessed is not None:
             batch_size, dependent = guessed[0], True
-    # memory held by earlier cells: what the failing cell itself uses is not a candidate
-    held = () if dev is None else tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
+    # memory held by earlier cells: what the failing cell itself uses is not a candidate; the bytes
+    # are what `del` frees (a storage a name the cell uses also reaches, as a TensorDataset holds
+    # its tensors, is not freed by deleting)
+    held: tuple[tuple[str, int], ...] = ()
+    kept: tuple[tuple[str, int], ...] = ()
+    if dev is not None:
+        with contextlib.suppress(Exception):  # an object that cannot be walked: advice without these names
+            others = {k: v for k, v in ns.items() if k not in in_use}
+            held = tuple(freed_by_deleting(ns, [n for n, _ in holders(others, dev, top=50)], dev))
+        with contextlib.suppress(Exception):
+            kept = tuple(freed_by_deleting(ns, [n for n in bound if n in ns], dev))
     line: tuple[float, float] | None = None
     source = None
     fit = getattr(earlier.search, "fit", None)
@@ -408,6 +478,7 @@ def build_context(
         bytes_per_sample=line[1] if line else None,
         intercept_bytes=line[0] if line else None,
         holders=held,
+        kept=kept,
         processes=processes,
         fit_source=source,
         batch_dependent=dependent,
