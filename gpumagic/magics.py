@@ -116,6 +116,10 @@ class OOMPresenter:
         self.last_report_cell: str | None = None  # the code of that run
         self.last_search: Any = None  # the last BatchSearchResult
         self.last_search_code: str | None = None  # the code it searched over
+        # what each measurement measured (oom.context.measurement_key): one whose key no longer
+        # matches (another model, other data, after %reset) is not used
+        self.last_report_key: Any = None
+        self.last_search_key: Any = None
         self.last_oom_cell: str | None = None  # the code of the last cell that ran out of memory
         self.pre_cell: Any = None  # Bindings of the namespace before the running cell
 
@@ -246,13 +250,23 @@ class OOMPresenter:
         from gpumagic.oom.context import Earlier
 
         return Earlier(self.last_report, self.last_report_batch, self.last_report_rebound, self.last_report_cell,
-                       self.last_search, self.last_search_code)
+                       self.last_search, self.last_search_code, self.last_report_key, self.last_search_key)
+
+    def key(self, cell: str | None) -> Any:
+        """What a measurement of ``cell`` measured, to remember with it (None if it cannot be read)."""
+        from gpumagic.oom.context import measurement_key
+
+        try:
+            return measurement_key(self.shell.user_ns, self._python(cell))
+        except Exception:  # an odd object: a measurement without a key is never reused
+            return None
 
     def completed(self, report: Any, cell: str, rebound_bytes: int = 0) -> None:
         """A ``%%gpumem`` cell finished: keep its report (and batch size) for advice after a later OOM."""
         self.last_report = report
         self.last_report_rebound = rebound_bytes
         self.last_report_cell = cell
+        self.last_report_key = self.key(cell)
         from gpumagic.oom.context import batch_variable, names_used
 
         var = batch_variable(self.shell.user_ns, names_used(self.shell.user_ns, self._python(cell)))
@@ -626,6 +640,7 @@ class GPUMagics(Magics):
         if not report.dry_run:
             self.presenter.last_report = report
             self.presenter.last_report_cell = cell
+            self.presenter.last_report_key = self.presenter.key(cell)
         if not args.quiet:
             display(report)
         if args.output:
@@ -761,6 +776,7 @@ class GPUMagics(Magics):
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
         self.presenter.last_search_code = code
+        self.presenter.last_search_key = self.presenter.key(code)
         if not args.quiet:
             display(result)
         return result if args.output else None

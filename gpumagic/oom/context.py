@@ -352,6 +352,80 @@ class Earlier:
     report_cell: str | None = None
     search: Any = None
     search_code: str | None = None
+    report_key: Any = None
+    search_key: Any = None
+    """What each measured (:func:`measurement_key`): used only while the key still matches."""
+
+    def current(self, key: Any) -> Earlier:
+        """Only the measurements whose key is ``key``: a measurement of the same cell text on another
+        model, other data or after ``%reset`` describes something else and is forgotten here."""
+        keep_report = key is not None and self.report_key == key
+        keep_search = key is not None and self.search_key == key
+        return Earlier(
+            self.report if keep_report else None, self.report_batch if keep_report else None,
+            self.report_rebound if keep_report else 0, self.report_cell if keep_report else None,
+            self.search if keep_search else None, self.search_code if keep_search else None,
+            self.report_key if keep_report else None, self.search_key if keep_search else None,
+        )
+
+
+def _stored_names(code: str | None) -> set[str]:
+    """Names the code assigns (anywhere in it, loops and ``with`` included)."""
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def measurement_key(ns: Mapping[str, Any], code: str | None) -> tuple[Any, ...]:
+    """What a run of ``code`` measures, beyond its batch size: the code (up to its numbers) and the
+    models, optimizers, tensors and data sets it uses, by identity and shape (parameter count and
+    dtypes, tensor shapes, data-set lengths). Objects the code creates itself count by shape only
+    (each run makes new ones); tensors it creates, plain numbers and lists of batches not at all
+    (they follow the batch size). Two runs with equal keys measured the same thing.
+
+    >>> import torch
+    >>> ns = {"model": torch.nn.Linear(4, 2)}
+    >>> measurement_key(ns, "model(x)") == measurement_key({"model": torch.nn.Linear(4, 2)}, "model(x)")
+    False
+    """
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    created = _stored_names(code)
+    parts: list[tuple[Any, ...]] = []
+    for name in sorted(names_used(ns, code)):
+        v = ns.get(name)
+        ident = None if name in created else id(v)
+        if isinstance(v, torch.nn.Module):
+            params = list(v.parameters())
+            dtypes = tuple(sorted({str(p.dtype) for p in params}))
+            parts.append((name, "module", ident, type(v).__name__, sum(p.numel() for p in params), dtypes))
+        elif isinstance(v, torch.optim.Optimizer):
+            count = sum(len(g["params"]) for g in v.param_groups)
+            parts.append((name, "optimizer", ident, type(v).__name__, count))
+        elif name in created:
+            continue
+        elif isinstance(v, torch.Tensor):
+            parts.append((name, "tensor", ident, tuple(v.shape), str(v.dtype)))
+        elif isinstance(v, DataLoader):
+            parts.append((name, "loader", id(v.dataset), _length(v.dataset)))
+        elif isinstance(v, Dataset):
+            parts.append((name, "dataset", ident, _length(v)))
+    number = re.compile(r"\b\d+\b")
+    return number.sub("0", _normal(code)), tuple(parts)
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except Exception:  # an IterableDataset
+        return None
+
+
+def _normal(code: str | None) -> str:
+    return "\n".join(line.rstrip() for line in (code or "").strip().splitlines() if line.strip())
 
 
 def _guessed_batch(
@@ -398,6 +472,7 @@ def build_context(
     """
     from gpumagic.devices import holders
 
+    earlier = earlier.current(measurement_key(ns, code))
     if report is not None and not measured_the_failing_device(info, report, dev):
         # its figures, and the options that measured it, are another device's
         report, batch_size, input_batch = None, None, None
