@@ -142,13 +142,15 @@ class OOMPresenter:
         bindings: Any = None,
         measure: str | None = None,
         input_batch: int | None = None,
+        stepped: tuple[str, ...] = (),
     ) -> bool:
         """Show advice for ``exc`` if it is an OOM; returns whether it was one.
 
         ``bindings``: the namespace before the cell (default: as the ``pre_run_cell`` event saw
         it); ``measure``: the magic's options that reproduce the device and budget (``-d cpu
         --budget 96MiB``); ``input_batch``: the batch size read from the failing step's inputs
-        (their leading dimension), for a loop that draws from no DataLoader.
+        (their leading dimension), for a loop that draws from no DataLoader; ``stepped``: the
+        class names of the optimizers that stepped in the cell.
         """
         if getattr(exc, "_gpumagic_handled", False):
             return True
@@ -186,7 +188,7 @@ class OOMPresenter:
                 ctx = context.build_context(
                     info, exc, ns=ns, cell=cell, code=code, report=report, batch_size=batch_size, dev=dev,
                     released=released, measure=measure, earlier=self._earlier(), evaluation=evaluation,
-                    input_batch=input_batch, bound=bound)
+                    input_batch=input_batch, bound=bound, stepped=stepped)
                 ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
                 if evaluation:
                     var = context.evaluation_batch_variable(ns, code, ctx.batch_size)
@@ -586,6 +588,7 @@ class GPUMagics(Magics):
                 shown = isinstance(exc, Exception) and self.presenter.present(
                     exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
                     bindings=before, measure=measure, input_batch=tracker.last_input_batch,
+                    stepped=tracker.optimizer_names,
                 )
             except Exception:  # advice must never replace the user's exception
                 shown = False

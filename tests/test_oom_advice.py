@@ -217,13 +217,23 @@ def test_accumulation_counts_the_steps_already_used() -> None:
     assert acc.batch_size * acc.accumulation_steps >= 1024
 
 
-@pytest.mark.parametrize(("optimizer", "rule"), [("AdamW", "square-root scaling"), ("SGD", "linear scaling")])
-def test_padded_accumulation_says_how_to_scale_the_learning_rate(optimizer: str, rule: str) -> None:
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_accumulation_padded_by_a_sample_keeps_the_learning_rate(optimizer: str) -> None:
     device = Device(fixed=100 * MiB, per_sample=1 * MiB, capacity=580 * MiB)  # 95%: fits 451
     advice = advise(device.oom(1001), device.fit_context(batch_size=1001, optimizer=optimizer))
     acc = next(s for s in advice.suggestions if s.kind == "accumulation")
     assert (acc.batch_size, acc.accumulation_steps) == (334, 3)  # 1002 samples for 1001
-    assert "1001 → 1002" in acc.detail
+    assert "keep the learning rate: the effective batch goes from 1001 to 1002" in acc.detail
+    assert "multiply" not in acc.detail
+
+
+@pytest.mark.parametrize(("optimizer", "rule"), [("AdamW", "square-root scaling"), ("SGD", "linear scaling")])
+def test_padded_accumulation_says_how_to_scale_the_learning_rate(optimizer: str, rule: str) -> None:
+    device = Device(fixed=100 * MiB, per_sample=1 * MiB, capacity=120 * MiB)  # 95%: fits 14
+    advice = advise(device.oom(29), device.fit_context(batch_size=29, optimizer=optimizer))
+    acc = next(s for s in advice.suggestions if s.kind == "accumulation")
+    assert (acc.batch_size, acc.accumulation_steps) == (10, 3)  # 30 samples for 29
+    assert "29 → 30: multiply the learning rate by" in acc.detail
     assert rule in acc.detail
 
 

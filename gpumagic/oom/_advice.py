@@ -70,6 +70,9 @@ class AdviceContext:
     rank: int | None = None
     """The data-parallel rank that ran out of memory; by default this process's rank under
     torch.distributed, or the rank a launcher's error message names."""
+    loop: tuple[tuple[str, str], ...] = ()
+    """The failing loop's own code, for snippets: ("loop", ...), ("body", ...), ("loss", ...),
+    ("optimizer", ...) as :func:`gpumagic.oom.context.loop_names` reads them from the cell."""
     batch_literal: str | None = None
     """The batch size is this number written in the failing code (read from the inputs' leading
     dimension): a size to use says to change it there."""
@@ -374,6 +377,21 @@ for i, (x, y) in enumerate(loader):  # DataLoader(..., batch_size={micro})
         optimizer.zero_grad()"""
 
 
+def _accumulation_code(ctx: AdviceContext, micro: int, k: int) -> str:
+    """The accumulation loop, written with the failing loop's own code where it is known."""
+    names = dict(ctx.loop)
+    if not {"loop", "body", "optimizer"} <= names.keys():
+        return _ACCUMULATION_CODE.format(micro=micro, k=k)
+    opt = names["optimizer"]
+    body = "\n".join("    " + line for line in names["body"].replace("__accumulation_steps__", str(k)).splitlines())
+    return (
+        f"{names['loop']}  # batch size {micro}\n{body}\n"
+        f"    if (i + 1) % {k} == 0:\n"
+        f"        {opt}.step()\n"
+        f"        {opt}.zero_grad()"
+    )
+
+
 def _accumulation_suggestion(ctx: AdviceContext, fits: int | None, torch_code: bool) -> Suggestion | None:
     """Keep the effective batch: micro-batches that fit, gradients accumulated over k steps."""
     effective = ctx.effective_batch_size
@@ -401,7 +419,7 @@ def _accumulation_suggestion(ctx: AdviceContext, fits: int | None, torch_code: b
         "accumulation",
         batch_size=micro,
         accumulation_steps=k,
-        code=_ACCUMULATION_CODE.format(micro=micro, k=k) if torch_code else None,
+        code=_accumulation_code(ctx, micro, k) if torch_code else None,
     )
 
 

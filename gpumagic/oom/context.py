@@ -44,13 +44,35 @@ __all__ = [
 ]
 
 
-def optimizer_name(ns: Mapping[str, Any]) -> str | None:
+def optimizer_name(ns: Mapping[str, Any], code: str | None = None, stepped: tuple[str, ...] = ()) -> str | None:
+    """The class name of the optimizer the code steps: one that stepped while it ran, else one the
+    code (or a function it calls) builds, else one from the namespace that the code uses; None
+    when none is known or they disagree (the advice then says the family is unknown).
+
+    >>> optimizer_name({}, "opt = torch.optim.AdamW(model.parameters())")
+    'AdamW'
+    """
     import torch
 
-    for name, v in list(ns.items()):
-        if not name.startswith("_") and isinstance(v, torch.optim.Optimizer):
-            return type(v).__name__
-    return None
+    if stepped:
+        return stepped[0] if len(set(stepped)) == 1 else None
+    classes = {n for n in dir(torch.optim) if isinstance(c := getattr(torch.optim, n), type)
+               and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    used = names_used(ns, code)
+    built = sorted((used | _attributes(code)) & classes)
+    if built:
+        return built[0] if len(built) == 1 else None
+    found = sorted({type(v).__name__ for n in used if isinstance(v := ns.get(n), torch.optim.Optimizer)})
+    return found[0] if len(found) == 1 else None
+
+
+def _attributes(code: str | None) -> set[str]:
+    """Attribute names the code reads (``torch.optim.AdamW`` gives ``optim`` and ``AdamW``)."""
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return set()
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
 
 
 def names_used(ns: Mapping[str, Any], code: str | None) -> set[str]:
@@ -369,6 +391,57 @@ class Earlier:
         )
 
 
+_K = "__accumulation_steps__"
+"""Where :func:`loop_names` leaves the accumulation steps in the loop body, for the advice to fill in."""
+
+
+def loop_names(code: str | None) -> tuple[tuple[str, str], ...]:
+    """The training loop's own code, for an accumulation snippet: its ``for`` header (counting
+    steps in ``i``), its body with the loss divided by ``_K`` (the steps, filled in later) and
+    the optimizer's ``step()`` and ``zero_grad()`` left out (the snippet runs them every k steps), the name ``backward()`` is
+    called on and the optimizer that steps. Empty when the code has no such loop.
+
+    >>> dict(loop_names("for xb, yb in dl:\\n    l = crit(net(xb), yb)\\n    l.backward()\\n    sgd.step()"))["loop"]
+    'for i, (xb, yb) in enumerate(dl):'
+    """
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return ()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.For):
+            continue
+        calls = [n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and isinstance(n.func.value, ast.Name)]
+        backward = [c.func.value.id for c in calls if c.func.attr == "backward"]  # type: ignore[attr-defined]
+        step = [c.func.value.id for c in calls if c.func.attr == "step" and not c.args]  # type: ignore[attr-defined]
+        if len(set(backward)) != 1 or len(set(step)) != 1:
+            continue
+        loss, opt = backward[0], step[0]
+        body: list[str] = []
+        assigned = False
+        for stmt in node.body:
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and \
+                    isinstance(f := stmt.value.func, ast.Attribute) and isinstance(f.value, ast.Name) and \
+                    f.value.id == opt and f.attr in ("step", "zero_grad"):
+                continue
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name) \
+                    and stmt.targets[0].id == loss:
+                body.append(f"{loss} = ({ast.unparse(stmt.value)}) / {_K}")
+                assigned = True
+                continue
+            body.extend(ast.unparse(stmt).splitlines())
+        if not assigned:
+            continue
+        it, target = node.iter, node.target
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "enumerate" and \
+                isinstance(target, ast.Tuple) and len(target.elts) == 2 and it.args:
+            it, target = it.args[0], target.elts[1]  # count with our own i
+        header = f"for i, {ast.unparse(target)} in enumerate({ast.unparse(it)}):"  # a tuple unparses in parentheses
+        return (("loop", header), ("body", "\n".join(body)), ("loss", loss), ("optimizer", opt))
+    return ()
+
+
 def _stored_names(code: str | None) -> set[str]:
     """Names the code assigns (anywhere in it, loops and ``with`` included)."""
     try:
@@ -461,14 +534,15 @@ def build_context(
     info: Any, exc: BaseException, *, ns: Mapping[str, Any], cell: str | None, code: str | None,
     report: Any, batch_size: int | None, dev: Any, released: tuple[tuple[str, int], ...],
     measure: str | None, earlier: Earlier, evaluation: bool = False, input_batch: int | None = None,
-    bound: tuple[str, ...] = (),
+    bound: tuple[str, ...] = (), stepped: tuple[str, ...] = (),
 ) -> AdviceContext:
     """The :class:`AdviceContext` for ``exc`` raised by ``cell`` (``code``: the cell as Python).
 
     ``report``: the failing run's report, ``batch_size`` the size its loader drew, ``dev`` the
     device the message names, ``released`` what was given back after the error, ``measure`` the
     options that reproduce the device and budget, ``input_batch`` the leading dimension of the
-    failing step's inputs, ``bound`` the names the failed cell bound or rebound.
+    failing step's inputs, ``bound`` the names the failed cell bound or rebound, ``stepped`` the
+    class names of the optimizers that stepped while it ran.
     """
     from gpumagic.devices import holders
 
@@ -546,7 +620,8 @@ def build_context(
             processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(named))
     return AdviceContext(
         batch_size=batch_size if dependent else None,
-        optimizer=optimizer_name(ns),
+        optimizer=optimizer_name(ns, code, stepped),
+        loop=loop_names(code),
         peak_bytes=getattr(earlier.report, "peak_bytes", None),
         baseline_bytes=getattr(report, "baseline_bytes", None),
         capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
