@@ -398,8 +398,8 @@ _K = "__accumulation_steps__"
 def loop_names(code: str | None) -> tuple[tuple[str, str], ...]:
     """The training loop's own code, for an accumulation snippet: its ``for`` header (counting
     steps in ``i``), its body with the loss divided by ``_K`` (the steps, filled in later) and
-    the optimizer's ``step()`` and ``zero_grad()`` left out (the snippet runs them every k steps), the name ``backward()`` is
-    called on and the optimizer that steps. Empty when the code has no such loop.
+    the optimizer's ``step()`` and ``zero_grad()`` left out (the snippet runs them every k
+    steps), the name ``backward()`` is called on and the optimizer that steps. Empty when the code has no such loop.
 
     >>> dict(loop_names("for xb, yb in dl:\\n    l = crit(net(xb), yb)\\n    l.backward()\\n    sgd.step()"))["loop"]
     'for i, (xb, yb) in enumerate(dl):'
