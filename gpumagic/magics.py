@@ -191,8 +191,7 @@ class OOMPresenter:
                     input_batch=input_batch, bound=bound, stepped=stepped)
                 ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
                 if evaluation:
-                    var = context.evaluation_batch_variable(ns, code, ctx.batch_size)
-                    ctx = dataclasses.replace(ctx, evaluation=True, batch_variable=var)
+                    ctx = dataclasses.replace(ctx, evaluation=True)
             except Exception:  # advice with less context, never an error of gpumagic's in the cell
                 ctx = oom.AdviceContext(released=released)
             advice = oom.advise(info, ctx)
@@ -269,9 +268,10 @@ class OOMPresenter:
         self.last_report_rebound = rebound_bytes
         self.last_report_cell = cell
         self.last_report_key = self.key(cell)
-        from gpumagic.oom.context import batch_variable, names_used
+        from gpumagic.oom.context import batch_variable
 
-        var = batch_variable(self.shell.user_ns, names_used(self.shell.user_ns, self._python(cell)))
+        steps = [s.batch_size for s in getattr(report, "steps", ()) if s.batch_size]
+        var = batch_variable(self.shell.user_ns, self._python(cell), steps[-1] if steps else None)
         self.last_report_batch = var[1] if var is not None else None
         self.last_oom_cell = None  # `%find_batch` alone now re-runs this cell
 

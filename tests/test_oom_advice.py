@@ -94,9 +94,9 @@ def test_message_alone_gives_a_bound_never_a_size_to_use() -> None:
     advice = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024))
     assert advice.fits_batch_size is None
     first = advice.suggestions[0]
-    assert first.kind == "batch_size"
+    assert first.kind == "bound"
     assert first.batch_size is None
-    assert "at most" in first.title
+    assert "At most" in first.title
 
 
 def test_message_with_a_measuring_command_suggests_measuring_first() -> None:
@@ -145,9 +145,11 @@ def test_fit_suggestion_fits_and_is_the_largest_power_of_two(device: Device) -> 
 
 
 def test_step_that_failed_part_way_says_the_size_is_an_upper_bound() -> None:
-    title = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024)).suggestions[0].title
-    assert title.startswith("Use a smaller batch size: at most ")
-    assert title.endswith(" fit (now 1024)")
+    first = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024)).suggestions[0]
+    assert first.title.startswith("At most ")
+    assert first.title.endswith(" samples can fit (now 1024): a bound, not a size known to fit")
+    assert first.kind == "bound"
+    assert first.batch_size is None  # never a size to use
 
 
 def test_fixed_part_larger_than_the_device_says_no_batch_fits() -> None:

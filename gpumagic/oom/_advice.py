@@ -60,8 +60,10 @@ class AdviceContext:
     activation_bytes: int | None = None
     evaluation: bool = False
     """The failing code only evaluates (no backward): no accumulation or checkpointing advice;
-    ``%find_batch --eval`` finds the evaluation batch. ``batch_variable`` names the size it reads."""
+    ``%find_batch --eval`` finds the evaluation batch."""
     batch_variable: str | None = None
+    """Where the code reads its batch size: a name (``batch_size``) or an expression
+    (``cfg['bs']``, ``args.batch_size``); a size to use says to set it there."""
     fit_source: str | None = None
     batch_dependent: bool | None = None
     measure_code: str | None = None
@@ -318,6 +320,8 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
     now = f" (now {b})" if b is not None else ""
     if ctx.batch_literal is not None:
         now += f": change {ctx.batch_literal} in the cell"
+    elif ctx.batch_variable is not None and not ctx.batch_variable.isidentifier():
+        now += f": set {ctx.batch_variable}"  # cfg['bs'], args.batch_size
     fit, fit_how, stop = _exact_fit(ctx, f, unknown)
     if stop is not None:
         return stop
@@ -353,9 +357,15 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
     if lower is not None:
         return Suggestion(f"Use batch size {lower}{now}", "; ".join(bounds), "batch_size", batch_size=lower)
     if upper is not None:
+        # an upper bound is never the size to use: the step failed part-way, so the rest of it (the
+        # backward, the optimizer step) may need more; say so, and how to measure one that fits
+        var = ctx.batch_variable
+        how = f"`%find_batch --var {var}` measures the size that fits" if var and var.isidentifier() else (
+            "to measure the size that fits, let the code that builds the batches read a variable "
+            "(`bs = ...`) and run `%find_batch --var bs`")
         return Suggestion(
-            f"Use a smaller batch size: at most {upper} fit{now}",
-            f"{known}; `%find_batch --var NAME` measures the size that fits", "batch_size",
+            f"At most {upper} samples can fit{now}: a bound, not a size known to fit",
+            f"{known}; a smaller size can still run out of memory later in the step; {how}", "bound",
         )
     return None
 
@@ -771,7 +781,7 @@ def _batch_rule(x: _In) -> _Made:
 
 def _evaluation_suggestion(ctx: AdviceContext) -> Suggestion:
     """Evaluation needs no gradients, saved activations or optimizer state: its own, larger batch."""
-    var = ctx.batch_variable or "batch_size"
+    var = ctx.batch_variable if ctx.batch_variable and ctx.batch_variable.isidentifier() else "batch_size"
     return Suggestion(
         "Find the evaluation batch with `%find_batch --eval`",
         "an evaluation loop holds no gradients, saved activations or optimizer state, so its largest batch is "

@@ -110,18 +110,68 @@ def _code_names(code: types.CodeType) -> set[str]:
 _BATCH_NAME = re.compile(r"^(bs|mbs|batch|.*batch_?size.*|.*_bs|batch_?sz)$", re.IGNORECASE)
 
 
-def batch_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
-    """The batch-size variable the code reads, by its name (``batch_size``, ``bs``, ``BATCH_SIZE``,
-    ``train_batch_size``...): a positive int in the namespace. None when the code reads none."""
-    found = []
-    for name in used:
-        v = ns.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and _BATCH_NAME.match(name):
-            found.append((0 if name.lower() in ("batch_size", "bs") else 1, name, v))
-    if not found:
-        return None
-    _, name, v = min(found)
-    return name, v
+def _ints_read(ns: Mapping[str, Any], code: str | None) -> dict[str, tuple[str, int]]:
+    """Positive ints the code reads, by the expression that reads them: a name (also one a
+    function the code calls reads), a dict item with a constant key (``cfg['bs']``) or an
+    attribute (``args.batch_size``) of a namespace object -> (the key or attribute name, value)."""
+    out: dict[str, tuple[str, int]] = {}
+
+    def ok(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    for name in names_used(ns, code):
+        if (n := ok(ns.get(name))) is not None:
+            out[name] = (name, n)
+    try:
+        tree = ast.parse(code or "")
+    except SyntaxError:
+        return out
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and \
+                isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            holder = ns.get(node.value.id)
+            if isinstance(holder, Mapping) and (n := ok(holder.get(node.slice.value))) is not None:
+                out[f"{node.value.id}[{node.slice.value!r}]"] = (node.slice.value, n)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ns:
+            holder = ns[node.value.id]
+            if isinstance(holder, (type, types.ModuleType)):
+                continue  # torch.float16 and the like are no settings of the notebook
+            with contextlib.suppress(Exception):  # an attribute that raises is no batch size
+                if (n := ok(vars(holder).get(node.attr))) is not None:
+                    out[f"{node.value.id}.{node.attr}"] = (node.attr, n)
+    return out
+
+
+def batch_variable(ns: Mapping[str, Any], code: str | None, observed: int | None = None) -> tuple[str, int] | None:
+    """The expression the code reads its batch size from, and its value; None when it reads none.
+
+    One rule: among the positive ints the code reads (names, also inside the functions it calls;
+    ``cfg['bs']``; ``args.batch_size``), the one whose value is the batch size the steps were
+    seen to consume (``observed``: the DataLoader's batch, the inputs' leading dimension); else,
+    or when several have that value, the one named like a batch size (``batch_size``, ``bs``,
+    ``BATCH_SIZE``, ``train_batch_size``...), ``batch_size`` and ``bs`` first.
+
+    >>> batch_variable({"cfg": {"bs": 64}, "n": 3}, "x = X[:cfg['bs']]")
+    ("cfg['bs']", 64)
+    >>> batch_variable({"n": 48, "steps": 3}, "for i in range(steps): f(X[:n])", observed=48)
+    ('n', 48)
+    """
+    ints = _ints_read(ns, code)
+
+    def by_name(exprs: list[str]) -> str | None:
+        named = [(0 if ints[e][0].lower() in ("batch_size", "bs") else 1, e) for e in exprs
+                 if _BATCH_NAME.match(ints[e][0])]
+        return min(named)[1] if named else None
+
+    if observed is not None:
+        same = sorted(e for e, (_, v) in ints.items() if v == observed)
+        if len(same) == 1:
+            return same[0], observed
+        chosen = by_name(same)
+        if chosen is not None:
+            return chosen, observed
+    chosen = by_name(sorted(ints))
+    return (chosen, ints[chosen][1]) if chosen is not None else None
 
 
 def loader_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
@@ -166,20 +216,6 @@ def looks_like_evaluation(cell: str | None) -> bool:
         return False
     no_grad = any(w in cell for w in ("no_grad", "inference_mode", ".generate(", "set_grad_enabled(False)"))
     return no_grad and "backward" not in cell and ".step(" not in cell
-
-
-def evaluation_batch_variable(ns: Mapping[str, Any], code: str | None, batch_size: int | None) -> str | None:
-    """The name the cell reads that holds the batch size: one whose value is the size the loader
-    drew, else one named like a batch size (batch_size, bs)."""
-    ints = {n: v for n in names_used(ns, code)
-            if isinstance(v := ns.get(n), int) and not isinstance(v, bool) and v > 0}
-    same = sorted(n for n, v in ints.items() if v == batch_size)
-    if len(same) == 1:
-        return same[0]
-    named = sorted(n for n in ints if "batch" in n.lower() or n.lower() in ("bs", "b"))
-    if named:
-        return named[0]
-    return next(iter(ints)) if len(ints) == 1 else None  # the one int the cell reads
 
 
 def int_literals(code: str | None, value: int) -> int:
@@ -552,13 +588,15 @@ def build_context(
         report, batch_size, input_batch = None, None, None
         measure = measure_options(info) or None
     in_use = names_used(ns, code)
-    var = batch_variable(ns, in_use)
-    loader = loader_variable(ns, in_use) if var is None else None
-    prebuilt = prebuilt_batches(ns, in_use) if var is None and loader is None else None
     tracked = batch_size
     if batch_size is None and report is not None:
         sizes = [s.batch_size for s in report.steps if s.batch_size and not s.batch_size_guessed]
         tracked = sizes[-1] if sizes else None
+    guessed_sizes = [s.batch_size for s in getattr(report, "steps", ()) if s.batch_size and s.batch_size_guessed]
+    observed = tracked or input_batch or (guessed_sizes[-1] if guessed_sizes else None)
+    var = batch_variable(ns, code, observed)
+    loader = loader_variable(ns, in_use) if var is None else None
+    prebuilt = prebuilt_batches(ns, in_use) if var is None and loader is None else None
     if var is not None:
         batch_size = var[1]
     elif tracked is not None:
@@ -604,7 +642,9 @@ def build_context(
             line = fit_from_report(prev, prev_b, earlier.report_rebound)
             source = "run" if line is not None else None
     measure_code = None
-    if measure is not None and (var is not None or loader is not None):
+    if var is not None and not var[0].isidentifier():
+        measure_code = None  # %find_batch --var takes a name: a size in cfg['bs'] is advised, not searched
+    elif measure is not None and (var is not None or loader is not None):
         what = f"--var {var[0]}" if var is not None else f"--loader {loader[0]}" if loader else ""
         measure_code = f"%find_batch {what}{' --eval' if evaluation else ''} {measure}".strip()
     processes: tuple[tuple[int, int, str | None], ...] = ()
@@ -637,5 +677,6 @@ def build_context(
         where=user_frame(exc.__traceback__),
         world_size=getattr(report, "world_size", None),
         batch_literal=str(batch_size) if guessed is not None else None,
+        batch_variable=var[0] if var is not None else None,
     )
 
