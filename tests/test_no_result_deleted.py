@@ -99,3 +99,18 @@ def test_a_baseline_above_the_budget_is_said_first(ip, clean_ns):
     assert first.kind == "baseline"
     assert first.title == "What existed before the cell does not fit"
     assert "del hoard" in first.code
+
+
+def test_tensors_a_dataset_the_cell_uses_holds_are_not_offered_for_deletion(ip, clean_ns):
+    run(ip, "from torch.utils.data import DataLoader, TensorDataset\n"
+            "X = torch.randn(8192, 256); Y = torch.randint(0, 10, (8192,))\n"
+            "data = TensorDataset(X, Y)\n"
+            "model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10))\n")
+    r = run(ip, "%%gpumem -d cpu --budget 24MiB -q\n"
+                "for xb, yb in DataLoader(data, batch_size=4096):\n"
+                "    F.cross_entropy(model(xb), yb).backward()\n")
+    assert isinstance(r.error_in_exec, torch.OutOfMemoryError)
+    advice = r.error_in_exec.advice
+    deleted = [c for s in advice.suggestions for c in (s.code or "").splitlines() if c.startswith("del ")]
+    assert not any(name in line.replace(",", " ").split() for line in deleted for name in ("X", "Y"))
+    assert "X: " not in advice.text()
