@@ -199,3 +199,16 @@ def test_weakref_bindings_do_not_keep_rebound_values_alive(ip, cnn):
     ref = weakref.ref(ip.user_ns["old"])
     run(ip, "old = None")
     assert ref() is None
+
+
+@pytest.mark.slow
+def test_after_an_oom_in_backward_the_true_maximum_still_fits(ip, cnn):
+    lo, hi = FITS, IN_BACKWARD  # fits, does not: bisect to the largest that fits from a clean start
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        run(ip, SETUP)
+        lo, hi = (mid, hi) if at(ip, mid).error_in_exec is None else (lo, mid)
+    run(ip, SETUP)
+    assert at(ip, IN_BACKWARD).error_in_exec is not None
+    assert ip.user_ns["out"].grad_fn is None  # the value stays
+    assert at(ip, lo).error_in_exec is None
