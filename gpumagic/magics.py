@@ -10,7 +10,6 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import os
@@ -274,19 +273,6 @@ class OOMPresenter:
         var = batch_variable(self.shell.user_ns, self._python(cell), steps[-1] if steps else None)
         self.last_report_batch = var[1] if var is not None else None
         self.last_oom_cell = None  # `%find_batch` alone now re-runs this cell
-
-
-def _rebound_bytes(shell: InteractiveShell, cell: str, device: Any) -> int:
-    """Device bytes held now by the names a cell assigns at its top level (its last run's outputs)."""
-    from gpumagic.devices import holders
-
-    try:
-        tree = ast.parse(shell.transform_cell(cell))
-    except SyntaxError:
-        return 0
-    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    ns = shell.user_ns
-    return sum(n for _, n in holders({k: ns[k] for k in stored if k in ns}, device, top=len(stored)))
 
 
 def _cell_body(cell: str | None) -> str | None:
@@ -567,7 +553,9 @@ class GPUMagics(Magics):
         shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
             before: Bindings | None = Bindings(ns)
-            rebound = _rebound_bytes(self.shell, cell, device)
+            from gpumagic.oom.context import rebound_bytes
+
+            rebound = rebound_bytes(ns, self.shell.transform_cell(cell), device)
         except Exception:  # measuring must not break the cell: no release, a cruder estimate
             before, rebound = None, 0
         try:

@@ -29,14 +29,19 @@ __all__ = [
     "build_context",
     "device_for",
     "fit_from_report",
+    "freed_by_deleting",
     "int_literals",
     "loader_variable",
     "looks_like_evaluation",
+    "loop_names",
     "measure_options",
+    "measured_the_failing_device",
+    "measurement_key",
     "names_used",
     "oom_backend",
     "optimizer_name",
     "prebuilt_batches",
+    "rebound_bytes",
     "same_code",
     "same_code_but_numbers",
     "size_arg",
@@ -524,6 +529,15 @@ def measurement_key(ns: Mapping[str, Any], code: str | None) -> tuple[Any, ...]:
             parts.append((name, "dataset", ident, _length(v)))
     number = re.compile(r"\b\d+\b")
     return number.sub("0", _normal(code)), tuple(parts)
+
+
+def rebound_bytes(ns: Mapping[str, Any], code: str | None, device: Any) -> int:
+    """Device bytes held now by the names the code assigns (its last run's outputs): freed when a
+    new run rebinds them, so not part of the memory that stays."""
+    from gpumagic.devices import holders
+
+    stored = _stored_names(code)
+    return sum(n for _, n in holders({k: ns[k] for k in stored if k in ns}, device, top=len(stored)))
 
 
 def _length(data: Any) -> int | None:
