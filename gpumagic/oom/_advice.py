@@ -615,6 +615,8 @@ def _kept_rule(x: _In) -> _Made:
     total = sum(n for _, n in kept[:5])
     if not kept or x.shortfall is None or not 0 < x.shortfall <= total:
         return None  # only when freeing them is what would make the allocation fit
+    if x.ctx.batch_dependent:
+        return None  # a training loop's batch and outputs: its next run rebinds them before its peak
     fb = format_bytes
     names = [n for n, _ in kept[:5]]
     what = ", ".join(f"{n}: {fb(b)}" for n, b in kept[:5])
