@@ -103,6 +103,10 @@ def follow(ip: Any, loop: Any, tmax: int, *, warm: bool, factor: float) -> Any:
         res = ip.magics_manager.registry["GPUMagics"].presenter.last_search
         if m.error_in_exec is None and res is not None:
             b = res.recommended_batch_size
+    elif first is not None and first.code:  # free memory as it says, then the same size again
+        with capture_output():
+            done = ip.run_cell(first.code, store_history=True)
+        b = ip.user_ns[loop.var] if done.error_in_exec is None else None
     fits = b is not None and run_at(ip, loop, b, fresh=False).error_in_exec is None
     return Case(loop.name, warm, factor, tmax, first.kind if first else None, b, fits)
 

@@ -114,3 +114,26 @@ def test_tensors_a_dataset_the_cell_uses_holds_are_not_offered_for_deletion(ip, 
     deleted = [c for s in advice.suggestions for c in (s.code or "").splitlines() if c.startswith("del ")]
     assert not any(name in line.replace(",", " ").split() for line in deleted for name in ("X", "Y"))
     assert "X: " not in advice.text()
+
+
+SIM = ("CUDA out of memory. Tried to allocate 4.00 MiB. GPU 0 has a total capacity of 64.00 MiB of which 2.00 MiB "
+       "is free. Of the allocated memory 62.00 MiB is allocated by PyTorch, and 0 bytes is reserved by PyTorch but "
+       "unallocated.")
+
+
+def test_freeing_less_than_the_steps_known_need_does_not_rank_first_in_a_training_loop():
+    import gpumagic.oom as oom
+
+    ctx = oom.AdviceContext(batch_size=4096, batch_dependent=True, holders=(("old", 3 * MiB),),
+                            measure_code="%find_batch --var batch_size -d cpu --budget 64MiB")
+    advice = oom.advise(SIM, ctx)  # short by 2 MiB, but the step needed 66 MiB of 64 + 3 freed
+    assert advice.suggestions[0].kind == "measure"
+    assert any(s.kind == "holders" for s in advice.suggestions)
+
+
+def test_freeing_what_the_steps_known_need_lacks_ranks_first():
+    import gpumagic.oom as oom
+
+    ctx = oom.AdviceContext(batch_size=4096, batch_dependent=True, holders=(("old", 16 * MiB),),
+                            measure_code="%find_batch --var batch_size -d cpu --budget 64MiB")
+    assert oom.advise(SIM, ctx).suggestions[0].kind == "holders"

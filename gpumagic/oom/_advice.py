@@ -603,6 +603,11 @@ def _holders_rule(x: _In) -> _Made:
     elif device_type in ("mps", "xpu"):
         lines.append(f"torch.{device_type}.empty_cache()")
     helps = shortfall is not None and 0 < shortfall <= total
+    f = x.facts
+    if helps and ctx.batch_dependent and f.needed is not None and f.usable is not None:
+        # the failed allocation is only part of what a step that grows with the batch needs: freeing
+        # ranks first only when the step's known need fits the memory freed plus what was usable
+        helps = f.needed <= (f.usable + total) * _MARGIN
     if helps and shortfall is not None:
         detail += f"; the allocation was short by {fb(shortfall)}"
     return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
