@@ -28,7 +28,6 @@ from IPython.display import display
 
 from gpumagic._batchmath import PICKS
 from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
-from gpumagic.oom.context import size_arg, user_frame
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -73,6 +72,8 @@ class TracebackView:
     def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
         lines = str(exc).strip().splitlines()
         self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
+        from gpumagic.oom.context import user_frame  # imported on the first OOM, not at %load_ext
+
         where = user_frame(exc.__traceback__)
         if where:
             self.short.append(f"  at {where}")
@@ -546,6 +547,8 @@ class GPUMagics(Magics):
         from gpumagic import _ranks
         from gpumagic.devices import Bindings
         from gpumagic.tracking import Tracker
+
+        from gpumagic.oom.context import size_arg
 
         measure = f"-d {device}" + (f" --budget {size_arg(budget)}" if budget is not None else "")
         tracker = Tracker(device, budget, backend=backend)
