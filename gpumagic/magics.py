@@ -546,9 +546,8 @@ class GPUMagics(Magics):
             raise UsageError("%%gpumem needs a cell body to run")
         from gpumagic import _ranks
         from gpumagic.devices import Bindings
-        from gpumagic.tracking import Tracker
-
         from gpumagic.oom.context import size_arg
+        from gpumagic.tracking import Tracker
 
         measure = f"-d {device}" + (f" --budget {size_arg(budget)}" if budget is not None else "")
         tracker = Tracker(device, budget, backend=backend)
