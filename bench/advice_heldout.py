@@ -5,8 +5,9 @@
 Five training loops that the tests do not hold (index-batched MLP, CNN and LSTM; DataLoader MLP
 and CNN). The three index-batched loops run the very same cell text, and so do the two DataLoader
 loops: only the model and data, defined in an earlier cell, change. Unlike bench/advice_followed.py
-nothing measured is forgotten between cases, as in a notebook where a new model is defined after
-an earlier one was measured: a measurement of the same cell text on another model must not be
+nothing gpumagic measured is forgotten between cases (the names each loop made are deleted
+before the next, so each starts from an empty device), as in a notebook where a new model is
+defined after an earlier one was measured: a measurement of the same cell text on another model must not be
 reused (issue 19, section 4). Per loop: the true maximum batch size by bisection; then out of
 memory at 1.3x and 4x of it, cold (no run of this model before) and warm (after a run at a third
 of it); suggestion 1 is done literally (a batch size is used, a measuring command is run and its
@@ -121,15 +122,22 @@ def main() -> int:
     chosen = [loops()[int(i)] for i in sys.argv[1:]] or list(loops())
     cases = []
     for loop in chosen:
-        tmax = true_max(ip, loop)
-        for warm in (False, True):
-            for factor in (1.3, 4.0):
-                c = follow(ip, loop, tmax, warm=warm, factor=factor)
-                cases.append(c)
-                share = f"{c.followed / c.true_max:.0%}" if c.followed else "-"
-                print(f"{c.loop[:32]:32} {'warm' if c.warm else 'cold'} {c.factor:>3}x  max {c.true_max:>5}  "
-                      f"suggestion 1: {c.kind!s:<10} -> {c.followed!s:>6} ({share:>5})  {'fits' if c.fits else 'OOM'}",
-                      flush=True)
+        names = set(ip.user_ns)
+        try:
+            tmax = true_max(ip, loop)
+            for warm in (False, True):
+                for factor in (1.3, 4.0):
+                    c = follow(ip, loop, tmax, warm=warm, factor=factor)
+                    cases.append(c)
+                    share = f"{c.followed / c.true_max:.0%}" if c.followed else "-"
+                    print(f"{c.loop[:32]:32} {'warm' if c.warm else 'cold'} {c.factor:>3}x  max {c.true_max:>5}  "
+                          f"suggestion 1: {c.kind!s:<10} -> {c.followed!s:>6} ({share:>5})  "
+                          f"{'fits' if c.fits else 'OOM'}", flush=True)
+        finally:
+            # the next loop starts from an empty device (its true maximum holds for every case), but
+            # what gpumagic measured is never forgotten: the same cell text comes back on another model
+            for name in set(ip.user_ns) - names:
+                del ip.user_ns[name]
     n, m, mean = summary(cases)
     print(f"held-out advice followed: {n}/{m} fit, mean {mean:.0%} of the true max "
           f"({time.perf_counter() - t0:.0f} s)")
