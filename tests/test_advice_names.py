@@ -3,7 +3,7 @@
 import torch
 
 import gpumagic.oom as oom
-from gpumagic._batchmath import lr_note
+from gpumagic.batchmath import lr_note
 from gpumagic.oom.context import loop_names, optimizer_name
 
 CUDA = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8.00 GiB of which "

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpumagic.oom._advice import AdviceContext
+from gpumagic.oom.advice import AdviceContext
 
 __all__ = [
     "Earlier",
