@@ -10,16 +10,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 __all__ = [
     "PICKS",
     "LRRule",
     "Pick",
     "accumulation_plan",
-    "fit_from_report",
     "interpolate",
     "is_power_of_two",
+    "lr_family",
     "lr_note",
     "lr_rule_for",
     "pow2_floor",
@@ -105,36 +105,78 @@ def accumulation_plan(effective: int, micro_max: int) -> tuple[int, int]:
     return -(-effective // k), k
 
 
-def fit_from_report(report: Any) -> tuple[float, float] | None:
-    """(intercept, bytes per sample) from a run that worked: its largest-batch step's peak, minus
-    what does not grow with the batch (the memory before the cell, gradients, optimizer state)."""
-    steps = [s for s in getattr(report, "steps", ()) if s.batch_size and s.peak_bytes and s.count == 1]
-    if not steps:
+_SGD_LIKE = ("sgd", "asgd", "lars", "lbfgs", "rprop")
+
+_VERIFIED_RATIO = 32.0
+"""How far the rules were verified: Goyal et al. scaled linearly from batch 256 to 8,192 (32x);
+Malladi et al. report square-root scaling for Adam over a comparable range. A change of the
+effective batch beyond 32x either way is an extrapolation, and the note says so."""
+
+
+def lr_family(optimizer: object | str | None) -> LRRule | None:
+    """The learning-rate rule for a known optimizer family; None when the family is unknown.
+
+    >>> lr_family("AdamW"), lr_family("SGD"), lr_family("Sophia"), lr_family(None)
+    ('sqrt', 'linear', None, None)
+    """
+    if optimizer is None:
         return None
-    step = max(steps, key=lambda s: (s.batch_size, s.peak_bytes))
-    fixed = float(report.baseline_bytes)
-    b = report.breakdown
-    if b is not None:
-        fixed += b.gradients_bytes + b.optimizer_state_bytes
-        if b.parameters_bytes > report.baseline_bytes:  # the model was built inside the cell
-            fixed += b.parameters_bytes
-    slope = (step.peak_bytes - fixed) / step.batch_size
-    return (fixed, slope) if slope > 0 else None
+    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
+    name = name.lower().replace("_", "")
+    if any(name.startswith(a) for a in _ADAM_LIKE):
+        return "sqrt"
+    if any(name.startswith(a) for a in _SGD_LIKE):
+        return "linear"
+    return None
 
 
 def lr_note(old_effective: int | None, new_effective: int, optimizer: object | str | None = None) -> str:
-    """What the learning rate should do when the effective batch goes from old to new."""
-    rule = lr_rule_for(optimizer)
+    """What the learning rate should do when the effective batch goes from old to new.
+
+    ``optimizer``: the optimizer (or its class name) the code steps; when its family is unknown,
+    the note gives both rules rather than pick one.
+
+    >>> lr_note(4096, 4100, "SGD")
+    'keep the learning rate: the effective batch goes from 4096 to 4100, a change under 0.5%'
+    """
+    family = lr_family(optimizer)
+    named = f"{optimizer if isinstance(optimizer, str) else type(optimizer).__name__}" if optimizer else None
     if old_effective is None:
+        if family is None:
+            return (
+                f"scale the learning rate with the effective batch {new_effective}: linearly for an SGD-like "
+                f"optimizer, by the square root for an Adam-like one ({_unknown(named)})"
+            )
         return (
             f"scale the learning rate with the effective batch {new_effective}: "
-            + ("linearly (SGD-like optimizer)" if rule == "linear" else "by the square root (Adam-like optimizer)")
+            + ("linearly (SGD-like optimizer)" if family == "linear" else "by the square root (Adam-like optimizer)")
         )
     if old_effective == new_effective:
         return f"keep the learning rate: the effective batch stays {new_effective}"
     ratio = new_effective / old_effective
-    factor = ratio if rule == "linear" else math.sqrt(ratio)
-    how = "linear scaling, SGD-like optimizer" if rule == "linear" else "square-root scaling, Adam-like optimizer"
-    return (
-        f"effective batch {old_effective} → {new_effective}: multiply the learning rate by {factor:.3g} ({how})"
-    )
+    linear, sqrt = ratio, math.sqrt(ratio)
+    shown = linear if family == "linear" else sqrt if family == "sqrt" else None
+    if shown is not None and f"{shown:.3g}" == "1":
+        return (
+            f"keep the learning rate: the effective batch goes from {old_effective} to {new_effective}, "
+            "a change under 0.5%"
+        )
+    change = f"effective batch {old_effective} → {new_effective}"
+    beyond = ""
+    if max(ratio, 1 / ratio) > _VERIFIED_RATIO:
+        beyond = (
+            f"; a {max(ratio, 1 / ratio):.3g}x change is an extrapolation: the rule was verified up to 32x "
+            "(start there and tune)"
+        )
+    if family is None:
+        return (
+            f"{change}: multiply the learning rate by {linear:.3g} if the optimizer is SGD-like (linear scaling) "
+            f"or by {sqrt:.3g} if it is Adam-like (square-root scaling): {_unknown(named)}{beyond}"
+        )
+    how = "linear scaling, SGD-like optimizer" if family == "linear" else "square-root scaling, Adam-like optimizer"
+    return f"{change}: multiply the learning rate by {shown:.3g} ({how}{f': {named}' if named else ''}){beyond}"
+
+
+def _unknown(named: str | None) -> str:
+    return f"{named} is neither a known SGD-like nor Adam-like optimizer" if named else \
+        "the optimizer the code steps is unknown"

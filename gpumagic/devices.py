@@ -275,45 +275,76 @@ def _graph_tensors(t: torch.Tensor, limit: int = 100_000) -> Iterable[torch.Tens
 def release_names(
     namespace: MutableMapping[str, Any], before: Bindings, device: torch.device
 ) -> tuple[tuple[str, int], ...]:
-    """After an out-of-memory error: release the names a failed cell bound that hold memory on ``device``.
+    """After an out-of-memory error: free the autograd graphs the failed cell's results hold; never a value.
 
-    A name the cell bound or rebound (``out``, ``loss``, a batch, a list of outputs) whose value
-    holds tensors on the device is put back to its value from before the cell when that still
-    exists, and deleted otherwise; its autograd graph goes with it. Names the cell only used (the
-    model, the data, the optimizer) are left alone. Returns ``(name, bytes)`` per released name:
-    the bytes only it held (tensors and saved activations), not counting what kept names share.
+    A tensor on ``device`` that the failed cell bound to a name (bound or rebound, also through
+    ``global``), or put in a list, dict or tuple it bound, and that carries an autograd graph
+    (``grad_fn``: ``out``, ``loss``) is replaced by its detached value: the value stays, the
+    activations the graph saved for backward are freed. Tensors without a graph and every other
+    object stay as they are: a result the cell computed is never lost. Gradients and optimizer
+    state that the failed step added to models and optimizers bound before the cell are dropped
+    (:func:`_drop_added_state`). Returns ``(name, bytes)`` per name whose graph was freed: the
+    bytes of saved tensors that nothing kept still holds.
     """
     changed = [
         n for n, v in list(namespace.items())
         if not n.startswith("_") and n not in _SHELL_NAMES and not before.same(n, v)
     ]
-    holding: list[tuple[str, list[torch.Tensor]]] = []
+    graphs: list[tuple[str, list[torch.Tensor]]] = []
     for name in changed:
-        tensors = [t for t in _tensors_in(namespace[name]) if _on(t, device)]
-        if tensors:
-            holding.append((name, tensors))
+        found: list[torch.Tensor] = []
+        namespace[name] = _detached(namespace[name], device, found, 0)
+        if found:
+            graphs.append((name, found))
     added = _drop_added_state(namespace, before, device)
-    if not holding:
+    if not graphs:
         return added
-    released = {n for n, _ in holding}
     seen: set[int] = set()
-    for name, value in list(namespace.items()):  # what kept names hold is not freed by releasing
-        if name not in released and not name.startswith("_"):
+    for name, value in list(namespace.items()):  # what stays is not freed
+        if not name.startswith("_"):
             for t in _tensors_in(value):
                 storage_bytes(t, device, seen)
     out = []
-    for name, tensors in holding:
-        n = 0
-        for t in tensors:
-            n += storage_bytes(t, device, seen)
-            n += sum(storage_bytes(s, device, seen) for s in _graph_tensors(t))
+    for name, tensors in graphs:
+        n = sum(storage_bytes(s, device, seen) for t in tensors for s in _graph_tensors(t))
         out.append((name, n))
-        found, value = before.previous(name)
-        if found:
-            namespace[name] = value
-        else:
-            del namespace[name]
+    del graphs, tensors
     return tuple(out) + added
+
+
+_DETACH_ITEMS = 10_000  # items looked at per container
+
+
+def _detached(value: Any, device: torch.device, found: list[torch.Tensor], depth: int) -> Any:
+    """``value`` with every tensor on ``device`` that carries a graph replaced by its detached
+    value: lists and dicts changed in place, tuples rebuilt (the same type); ``found`` collects
+    the tensors whose graphs are let go."""
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None and _on(value, device):
+            found.append(value)
+            return value.detach()
+        return value
+    if depth >= 3:
+        return value
+    if isinstance(value, list):
+        for i, v in enumerate(value[:_DETACH_ITEMS]):
+            new = _detached(v, device, found, depth + 1)
+            if new is not v:
+                value[i] = new
+    elif isinstance(value, MutableMapping):
+        with contextlib.suppress(Exception):  # a mapping that refuses item assignment keeps its graph
+            for k, v in list(value.items())[:_DETACH_ITEMS]:
+                new = _detached(v, device, found, depth + 1)
+                if new is not v:
+                    value[k] = new
+    elif isinstance(value, tuple) and len(value) <= _DETACH_ITEMS:
+        items = [_detached(v, device, found, depth + 1) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            try:
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            except Exception:  # a tuple type that cannot be rebuilt from its items keeps its graph
+                return value
+    return value
 
 
 def _drop_added_state(

@@ -10,16 +10,13 @@ namespace, so line magics and ``!`` work inside, and an exception reaches IPytho
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import os
-import re
 import shlex
 import sys
 import traceback
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -49,153 +46,8 @@ _MAGIC_NAMES = {"line": ("gpumem", "find_batch", "batch_sweep", "gpumon", "gpuma
                 "cell": ("gpumem", "find_batch", "batch_sweep")}
 
 
-def _optimizer_name(ns: Mapping[str, Any]) -> str | None:
-    import torch
-
-    for name, v in list(ns.items()):
-        if not name.startswith("_") and isinstance(v, torch.optim.Optimizer):
-            return type(v).__name__
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # out-of-memory presentation
-
-
-def names_used(shell: InteractiveShell, cell: str | None) -> set[str]:
-    """Names a cell reads or binds, and the globals that the functions it calls read (two levels
-    deep): advice must not suggest deleting what the cell works with, and a batch size read
-    inside ``get_batch()`` is still the cell's batch size."""
-    if not cell:
-        return set()
-    try:
-        tree = ast.parse(shell.transform_cell(cell))
-    except SyntaxError:
-        return set()
-    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    ns = shell.user_ns
-    todo = [(n, 0) for n in names]
-    while todo:
-        name, depth = todo.pop()
-        code = getattr(ns.get(name), "__code__", None)
-        if code is None or depth >= 2 or not isinstance(code, types.CodeType):
-            continue
-        for inner in _code_names(code):
-            if inner not in names:
-                names.add(inner)
-                todo.append((inner, depth + 1))
-    return names
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    out = set(code.co_names)
-    for const in code.co_consts:  # nested functions, comprehensions
-        if isinstance(const, types.CodeType):
-            out |= _code_names(const)
-    return out
-
-
-_BATCH_NAME = re.compile(r"^(bs|mbs|batch|.*batch_?size.*|.*_bs|batch_?sz)$", re.IGNORECASE)
-
-
-def batch_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
-    """The batch-size variable the code reads, by its name (``batch_size``, ``bs``, ``BATCH_SIZE``,
-    ``train_batch_size``...): a positive int in the namespace. None when the code reads none."""
-    found = []
-    for name in used:
-        v = ns.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and _BATCH_NAME.match(name):
-            found.append((0 if name.lower() in ("batch_size", "bs") else 1, name, v))
-    if not found:
-        return None
-    _, name, v = min(found)
-    return name, v
-
-
-def _loader_variable(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
-    """A DataLoader from an earlier cell that the code iterates: its name and batch size."""
-    from torch.utils.data import DataLoader
-
-    for name in sorted(used):
-        v = ns.get(name)
-        if isinstance(v, DataLoader) and isinstance(v.batch_size, int):
-            return name, v.batch_size
-    return None
-
-
-def _prebuilt_batches(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] | None:
-    """A list of batches built earlier that the code iterates (``[(x, y), ...]`` or ``[x, ...]``):
-    its name and the leading dimension its first batch's tensors share."""
-    import torch
-
-    for name in sorted(used):
-        v = ns.get(name)
-        if not isinstance(v, (list, tuple)) or not v or isinstance(v, str):
-            continue
-        first = v[0]
-        parts = first if isinstance(first, (list, tuple)) else (first,)
-        dims = {t.shape[0] for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0}
-        if len(dims) == 1 and all(isinstance(t, torch.Tensor) for t in parts):
-            return name, dims.pop()
-    return None
-
-
-def _size_arg(n: int) -> str:
-    """A size as a --budget argument: 96MiB, 2GiB, or bytes."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
-def looks_like_evaluation(cell: str | None) -> bool:
-    """A cell that runs the model without gradients and never calls backward or an optimizer step."""
-    if not cell:
-        return False
-    no_grad = any(w in cell for w in ("no_grad", "inference_mode", ".generate(", "set_grad_enabled(False)"))
-    return no_grad and "backward" not in cell and ".step(" not in cell
-
-
-def _batch_variable(shell: InteractiveShell, cell: str | None, batch_size: int | None) -> str | None:
-    """The name the cell reads that holds the batch size: one whose value is the size the loader
-    drew, else one named like a batch size (batch_size, bs)."""
-    ns = shell.user_ns
-    ints = {n: v for n in names_used(shell, cell)
-            if isinstance(v := ns.get(n), int) and not isinstance(v, bool) and v > 0}
-    same = sorted(n for n, v in ints.items() if v == batch_size)
-    if len(same) == 1:
-        return same[0]
-    named = sorted(n for n in ints if "batch" in n.lower() or n.lower() in ("bs", "b"))
-    if named:
-        return named[0]
-    return next(iter(ints)) if len(ints) == 1 else None  # the one int the cell reads
-
-
-def _int_literals(shell: InteractiveShell, cell: str | None, value: int) -> int:
-    """How many times the integer ``value`` is written as a literal in the cell."""
-    try:
-        tree = ast.parse(shell.transform_cell(cell or ""))
-    except SyntaxError:
-        return 0
-    return sum(1 for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is int and n.value == value)
-
-
-def _same_code_but_numbers(a: str | None, b: str | None) -> bool:
-    """The same cell up to its numbers (a batch size written as a literal, changed between runs)."""
-    number = re.compile(r"\b\d+\b")
-    return a is not None and b is not None and _same_code(number.sub("0", a), number.sub("0", b))
-
-
-def _user_frame(tb: Any) -> str | None:
-    """'line 7 in train(): x = model(batch)' for the innermost frame outside torch and gpumagic."""
-    frames = traceback.extract_tb(tb)
-    for fr in reversed(frames):
-        f = fr.filename.replace("\\", "/")
-        if "/torch/" in f or "/gpumagic/" in f or "/IPython/" in f:
-            continue
-        where = f"{fr.name}()" if fr.name != "<module>" else "the cell"
-        return f"line {fr.lineno} in {where}: {(fr.line or '').strip()}"
-    return None
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -232,7 +84,9 @@ class TracebackView:
     def __init__(self, shell: InteractiveShell, exc: BaseException) -> None:
         lines = str(exc).strip().splitlines()
         self.short = [f"{type(exc).__name__}: {lines[0] if lines else ''}"]
-        where = _user_frame(exc.__traceback__)
+        from gpumagic.oom.context import user_frame  # imported on the first OOM, not at %load_ext
+
+        where = user_frame(exc.__traceback__)
         if where:
             self.short.append(f"  at {where}")
         self.short.append("  (full traceback: %tb)")
@@ -258,51 +112,12 @@ class TracebackView:
         return self.full
 
 
-def fit_from_report(
-    report: Any, batch_size: int | None = None, rebound_bytes: int = 0
-) -> tuple[float, float] | None:
-    """(intercept, bytes per sample) of a line that over-counts memory per sample, from a run that
-    worked: through its largest-batch step's peak and the memory before the cell.
-
-    Everything at the peak beyond the memory before the cell is charged to the batch (gradients,
-    optimizer state, temporaries of the optimizer step): the slope can only be too steep, so the
-    size the line says fits is a lower bound. ``batch_size`` stands for the steps' size when the
-    loop does not use a DataLoader. ``rebound_bytes``: what the names the cell rebinds held
-    before it (the previous run's batch and outputs, freed during the run): not part of the
-    memory that stays, so the line starts below it.
-    """
-    def size_of(s: Any) -> int | None:  # a size the loop reads beats one guessed from its inputs
-        return int(batch_size) if batch_size and getattr(s, "batch_size_guessed", False) else \
-            s.batch_size or batch_size
-
-    steps = [s for s in getattr(report, "steps", ()) if size_of(s) and s.peak_bytes and s.count == 1]
-    if not steps:
-        return None
-    step = max(steps, key=lambda s: (size_of(s), s.peak_bytes))
-    size = size_of(step)
-    assert size is not None
-    fixed = float(max(0, report.baseline_bytes - rebound_bytes))
-    slope = (step.peak_bytes - fixed) / size
-    return (fixed, slope) if slope > 0 else None
-
-
-def _oom_backend(info: Any) -> Any:
-    """The backend whose device an out-of-memory message names; None for the host (a simulated OOM,
-    a host error, a device no backend claims)."""
-    from gpumagic import backends
-
-    device_type = getattr(info, "device_type", None)
-    if getattr(info, "simulated", False) or device_type is None:
-        return None
-    return next((b for b in backends.registry() if device_type in getattr(b, "oom_device_types", ())), None)
-
-
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory.
 
-    After an OOM, the names the failed cell bound that hold device memory (its outputs, the loss
-    and their autograd graph) are released (:func:`gpumagic.devices.release_names`): otherwise
-    the next run at a size that fits runs out of memory too.
+    After an OOM, the autograd graphs the failed cell's results hold are freed, their values kept
+    (:func:`gpumagic.devices.release_names`): otherwise the next run at a size that fits runs out
+    of memory too.
     """
 
     def __init__(self, shell: InteractiveShell) -> None:
@@ -313,6 +128,10 @@ class OOMPresenter:
         self.last_report_cell: str | None = None  # the code of that run
         self.last_search: Any = None  # the last BatchSearchResult
         self.last_search_code: str | None = None  # the code it searched over
+        # what each measurement measured (oom.context.measurement_key): one whose key no longer
+        # matches (another model, other data, after %reset) is not used
+        self.last_report_key: Any = None
+        self.last_search_key: Any = None
         self.last_oom_cell: str | None = None  # the code of the last cell that ran out of memory
         self.pre_cell: Any = None  # Bindings of the namespace before the running cell
 
@@ -335,13 +154,15 @@ class OOMPresenter:
         bindings: Any = None,
         measure: str | None = None,
         input_batch: int | None = None,
+        stepped: tuple[str, ...] = (),
     ) -> bool:
         """Show advice for ``exc`` if it is an OOM; returns whether it was one.
 
         ``bindings``: the namespace before the cell (default: as the ``pre_run_cell`` event saw
         it); ``measure``: the magic's options that reproduce the device and budget (``-d cpu
         --budget 96MiB``); ``input_batch``: the batch size read from the failing step's inputs
-        (their leading dimension), for a loop that draws from no DataLoader.
+        (their leading dimension), for a loop that draws from no DataLoader; ``stepped``: the
+        class names of the optimizers that stepped in the cell.
         """
         if getattr(exc, "_gpumagic_handled", False):
             return True
@@ -369,13 +190,20 @@ class OOMPresenter:
             if measure is None and from_history:
                 measure = self._measure_options(info)
             try:
-                evaluation = cell is not None and looks_like_evaluation(cell)
-                ctx = self._context(info, report, batch_size, cell, dev, released, measure, exc, evaluation=evaluation,
-                                    input_batch=input_batch)
+                from gpumagic.oom import context
+
+                code = self._python(cell)
+                ns = self.shell.user_ns
+                bound = () if before is None else tuple(
+                    n for n, v in list(ns.items()) if not n.startswith("_") and not before.same(n, v))
+                evaluation = cell is not None and context.looks_like_evaluation(cell)
+                ctx = context.build_context(
+                    info, exc, ns=ns, cell=cell, code=code, report=report, batch_size=batch_size, dev=dev,
+                    released=released, measure=measure, earlier=self._earlier(), evaluation=evaluation,
+                    input_batch=input_batch, bound=bound, stepped=stepped)
                 ctx = dataclasses.replace(ctx, rank=_advice.rank_in_error(exc))
                 if evaluation:
-                    ctx = dataclasses.replace(
-                        ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell, ctx.batch_size))
+                    ctx = dataclasses.replace(ctx, evaluation=True)
             except Exception:  # advice with less context, never an error of gpumagic's in the cell
                 ctx = oom.AdviceContext(released=released)
             advice = oom.advise(info, ctx)
@@ -412,166 +240,52 @@ class OOMPresenter:
 
     @staticmethod
     def _device(info: Any) -> Any:
-        import torch
+        from gpumagic.oom.context import device_for
 
-        from gpumagic.devices import resolve_device
-
-        backend = _oom_backend(info)
-        try:
-            if backend is None:
-                return torch.device("cpu")
-            index = getattr(info, "device_index", None)
-            return resolve_device(backend.name if index is None else f"{backend.name}:{index}")
-        except ValueError:
-            return None
+        return device_for(info)
 
     @staticmethod
     def _measure_options(info: Any) -> str:
-        """-d/--budget for a cell the global handler saw: the device the message names."""
-        if getattr(info, "simulated", False):
-            cap = getattr(info, "total_capacity", None)
-            return "-d cpu" + (f" --budget {_size_arg(cap)}" if cap else "")
-        backend = _oom_backend(info)
-        if backend is None:
-            return ""
-        index = getattr(info, "device_index", None)
-        return f"-d {backend.name}" + (f":{index}" if getattr(backend, "indexed", False) and index is not None else "")
+        from gpumagic.oom.context import measure_options
 
-    def _context(
-        self, info: Any, report: Any, batch_size: int | None, cell: str | None, dev: Any,
-        released: tuple[tuple[str, int], ...], measure: str | None, exc: BaseException, *, evaluation: bool = False,
-        input_batch: int | None = None,
-    ) -> Any:
-        from gpumagic import oom
-        from gpumagic.devices import holders
+        return measure_options(info)
 
-        ns = self.shell.user_ns
-        in_use = names_used(self.shell, cell)
-        var = batch_variable(ns, in_use)
-        loader = _loader_variable(ns, in_use) if var is None else None
-        prebuilt = _prebuilt_batches(ns, in_use) if var is None and loader is None else None
-        tracked = batch_size
-        if batch_size is None and report is not None:
-            sizes = [s.batch_size for s in report.steps if s.batch_size and not s.batch_size_guessed]
-            tracked = sizes[-1] if sizes else None
-        if var is not None:
-            batch_size = var[1]
-        elif tracked is not None:
-            batch_size = tracked
-        elif loader is not None:
-            batch_size = loader[1]
-        elif prebuilt is not None:
-            batch_size = prebuilt[1]
-        dependent = var is not None or loader is not None or tracked is not None or prebuilt is not None
-        guessed = None
-        if not dependent and not evaluation:
-            guessed = self._guessed_batch(report, input_batch, cell)
-            if guessed is not None:
-                batch_size, dependent = guessed[0], True
-        # memory held by earlier cells: what the failing cell itself uses is not a candidate
-        held = () if dev is None else tuple(holders({k: v for k, v in ns.items() if k not in in_use}, dev))
-        line: tuple[float, float] | None = None
-        source = None
-        fit = getattr(self.last_search, "fit", None)
-        if evaluation and not getattr(self.last_search, "evaluation", False):
-            fit = None  # a training measurement says nothing about an evaluation batch
-        if fit is not None and self.last_search_code is not None and _same_code(self.last_search_code, cell):
-            line, source = (fit.intercept_bytes, fit.bytes_per_sample), "search"
-        if guessed is not None:
-            line, source = guessed[1], "run"
-        if line is None and not evaluation:
-            # the last run that worked at a smaller batch (steps that completed at the failing size
-            # say little: later steps hold more, gradients and optimizer state from the first)
-            prev, prev_b = self.last_report, self.last_report_batch
-            sizes = [(prev_b if s.batch_size_guessed else s.batch_size) or prev_b or s.batch_size
-                     for s in getattr(prev, "steps", ())]
-            sizes = [v for v in sizes if v]
-            if sizes and batch_size is not None and max(sizes) < batch_size:
-                line = fit_from_report(prev, prev_b, self.last_report_rebound)
-                source = "run" if line is not None else None
-        code = None
-        if measure is not None and (var is not None or loader is not None):
-            what = f"--var {var[0]}" if var is not None else f"--loader {loader[0]}" if loader else ""
-            code = f"%find_batch {what}{' --eval' if evaluation else ''} {measure}".strip()
-        processes: tuple[tuple[int, int, str | None], ...] = ()
-        backend = _oom_backend(info)
-        if backend is not None:
-            import torch
-
-            # the device the message names, whether or not this process can use it (NVML still answers)
-            index = int(getattr(info, "device_index", None) or 0)
-            with contextlib.suppress(RuntimeError):  # a registered device torch has no type for
-                named = torch.device(backend.name, index) if getattr(backend, "indexed", False) else \
-                    torch.device(backend.name)
-                processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(named))
-        return oom.AdviceContext(
-            batch_size=batch_size if dependent else None,
-            optimizer=_optimizer_name(ns),
-            peak_bytes=getattr(self.last_report, "peak_bytes", None),
-            baseline_bytes=getattr(report, "baseline_bytes", None),
-            capacity_bytes=getattr(report, "budget_bytes", None) or getattr(report, "capacity_bytes", None),
-            bytes_per_sample=line[1] if line else None,
-            intercept_bytes=line[0] if line else None,
-            holders=held,
-            processes=processes,
-            fit_source=source,
-            batch_dependent=dependent,
-            measure_code=code,
-            released=released,
-            where=_user_frame(exc.__traceback__),
-            world_size=getattr(report, "world_size", None),
-            batch_literal=str(batch_size) if guessed is not None else None,
-        )
-
-    def _guessed_batch(
-        self, report: Any, input_batch: int | None, cell: str | None
-    ) -> tuple[int, tuple[float, float]] | None:
-        """(batch size, fit) for a loop that reads no batch variable and draws from no DataLoader:
-        the size read from the failing step's inputs, when it is written once as a literal in the
-        cell, and a line through a run that worked at a smaller size: an earlier run of the same
-        cell (up to its numbers), else the failing run's own completed steps. None otherwise:
-        without such a run the size is a guess that nothing confirms."""
-        steps = getattr(report, "steps", ())
-        b = input_batch
-        if b is None:
-            sizes = [s.batch_size for s in steps if s.batch_size and s.batch_size_guessed]
-            b = sizes[-1] if sizes else None
-        if b is None or _int_literals(self.shell, cell, b) != 1:
+    def _python(self, cell: str | None) -> str | None:
+        """The cell as Python (IPython's transforms applied), for the heuristics in ``oom.context``."""
+        if cell is None:
+            return None
+        try:
+            return str(self.shell.transform_cell(cell))
+        except Exception:  # a cell IPython cannot transform: no names read from it
             return None
 
-        def smaller(r: Any) -> bool:
-            sizes = [s.batch_size for s in getattr(r, "steps", ()) if s.batch_size_guessed and s.batch_size]
-            return bool(sizes) and all(s.batch_size_guessed for s in r.steps if s.batch_size) and max(sizes) < b
+    def _earlier(self) -> Any:
+        from gpumagic.oom.context import Earlier
 
-        prev = self.last_report
-        line = None
-        if smaller(prev) and _same_code_but_numbers(self.last_report_cell, cell):
-            line = fit_from_report(prev, None, self.last_report_rebound)
-        if line is None and report is not None and smaller(report):
-            line = fit_from_report(report)
-        return (b, line) if line is not None else None
+        return Earlier(self.last_report, self.last_report_batch, self.last_report_rebound, self.last_report_cell,
+                       self.last_search, self.last_search_code, self.last_report_key, self.last_search_key)
+
+    def key(self, cell: str | None) -> Any:
+        """What a measurement of ``cell`` measured, to remember with it (None if it cannot be read)."""
+        from gpumagic.oom.context import measurement_key
+
+        try:
+            return measurement_key(self.shell.user_ns, self._python(cell))
+        except Exception:  # an odd object: a measurement without a key is never reused
+            return None
 
     def completed(self, report: Any, cell: str, rebound_bytes: int = 0) -> None:
         """A ``%%gpumem`` cell finished: keep its report (and batch size) for advice after a later OOM."""
         self.last_report = report
         self.last_report_rebound = rebound_bytes
         self.last_report_cell = cell
-        var = batch_variable(self.shell.user_ns, names_used(self.shell, cell))
+        self.last_report_key = self.key(cell)
+        from gpumagic.oom.context import batch_variable
+
+        steps = [s.batch_size for s in getattr(report, "steps", ()) if s.batch_size]
+        var = batch_variable(self.shell.user_ns, self._python(cell), steps[-1] if steps else None)
         self.last_report_batch = var[1] if var is not None else None
         self.last_oom_cell = None  # `%find_batch` alone now re-runs this cell
-
-
-def _rebound_bytes(shell: InteractiveShell, cell: str, device: Any) -> int:
-    """Device bytes held now by the names a cell assigns at its top level (its last run's outputs)."""
-    from gpumagic.devices import holders
-
-    try:
-        tree = ast.parse(shell.transform_cell(cell))
-    except SyntaxError:
-        return 0
-    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    ns = shell.user_ns
-    return sum(n for _, n in holders({k: ns[k] for k in stored if k in ns}, device, top=len(stored)))
 
 
 def _cell_body(cell: str | None) -> str | None:
@@ -583,16 +297,6 @@ def _cell_body(cell: str | None) -> str | None:
         lines = lines[1:]
     body = "\n".join(lines)
     return body if body.strip() else None
-
-
-def _same_code(a: str | None, b: str | None) -> bool:
-    def norm(c: str | None) -> str:
-        lines = (c or "").strip().splitlines()
-        if lines and lines[0].lstrip().startswith("%%"):
-            lines = lines[1:]
-        return "\n".join(line.rstrip() for line in lines if line.strip())
-
-    return norm(a) == norm(b)
 
 
 class OOMHandler:
@@ -924,15 +628,18 @@ class GPUMagics(Magics):
             raise UsageError("%%gpumem needs a cell body to run")
         from gpumagic import _ranks
         from gpumagic.devices import Bindings
+        from gpumagic.oom.context import size_arg
         from gpumagic.tracking import Tracker
 
-        measure = f"-d {device}" + (f" --budget {_size_arg(budget)}" if budget is not None else "")
+        measure = f"-d {device}" + (f" --budget {size_arg(budget)}" if budget is not None else "")
         tracker = Tracker(device, budget, backend=backend)
         children: tuple[Any, ...] = ()
         shows = _ranks.rank() in (None, 0)  # in a data-parallel job only rank 0 displays
         try:
             before: Bindings | None = Bindings(ns)
-            rebound = _rebound_bytes(self.shell, cell, device)
+            from gpumagic.oom.context import rebound_bytes
+
+            rebound = rebound_bytes(ns, self.shell.transform_cell(cell), device)
         except Exception:  # measuring must not break the cell: no release, a cruder estimate
             before, rebound = None, 0
         try:
@@ -954,6 +661,7 @@ class GPUMagics(Magics):
                 shown = isinstance(exc, Exception) and self.presenter.present(
                     exc, report=report, batch_size=tracker.last_batch_size, cell=cell,
                     bindings=before, measure=measure, input_batch=tracker.last_input_batch,
+                    stepped=tracker.optimizer_names,
                 )
             except Exception:  # advice must never replace the user's exception
                 shown = False
@@ -1014,6 +722,7 @@ class GPUMagics(Magics):
         if not report.dry_run:
             self.presenter.last_report = report
             self.presenter.last_report_cell = cell
+            self.presenter.last_report_key = self.presenter.key(cell)
         if not args.quiet and not self._shown_as_value(args):
             display(report)
         if args.output:
@@ -1152,6 +861,7 @@ class GPUMagics(Magics):
             raise UsageError(str(e)) from None
         self.presenter.last_search = result
         self.presenter.last_search_code = code
+        self.presenter.last_search_key = self.presenter.key(code)
         if not args.quiet and not self._shown_as_value(args):
             display(result)
         return result if args.output else None
@@ -1262,7 +972,7 @@ class GPUMagics(Magics):
             )
         except batch.BadOptions as e:
             raise UsageError(sweep.flag_names(str(e))) from None
-        if not args.quiet:
+        if not args.quiet and not self._shown_as_value(args):
             display(result)
         return result if args.output else None
 

@@ -345,6 +345,11 @@ class Tracker:
         return self._opt_steps
 
     @property
+    def optimizer_names(self) -> tuple[str, ...]:
+        """Class names of the optimizers that stepped in the block (``("AdamW",)``), sorted."""
+        return tuple(sorted({type(o).__name__ for o in list(self._optimizers)}))
+
+    @property
     def backward_calls(self) -> int:
         """backward() calls seen so far in the block."""
         return self._backwards

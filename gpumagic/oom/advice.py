@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from gpumagic.batchmath import accumulation_plan, lr_note
 from gpumagic.oom._families import family_advice
-from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
+from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host, parse
 from gpumagic.units import format_bytes
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
@@ -54,12 +54,17 @@ class AdviceContext:
     intercept_bytes: float | None = None
     holders: tuple[tuple[str, int], ...] = ()
     processes: tuple[tuple[int, int, str | None], ...] = ()
+    kept: tuple[tuple[str, int], ...] = ()
+    """Results the failed cell bound that hold device memory, kept after the error (gpumagic
+    never deletes a value): (name, bytes that ``del name`` frees), largest first."""
     mixed_precision: bool | None = None
     activation_bytes: int | None = None
     evaluation: bool = False
     """The failing code only evaluates (no backward): no accumulation or checkpointing advice;
-    ``%find_batch --eval`` finds the evaluation batch. ``batch_variable`` names the size it reads."""
+    ``%find_batch --eval`` finds the evaluation batch."""
     batch_variable: str | None = None
+    """Where the code reads its batch size: a name (``batch_size``) or an expression
+    (``cfg['bs']``, ``args.batch_size``); a size to use says to set it there."""
     fit_source: str | None = None
     batch_dependent: bool | None = None
     measure_code: str | None = None
@@ -68,12 +73,22 @@ class AdviceContext:
     rank: int | None = None
     """The data-parallel rank that ran out of memory; by default this process's rank under
     torch.distributed, or the rank a launcher's error message names."""
+    loop: tuple[tuple[str, str], ...] = ()
+    """The failing loop's own code, for snippets: ("loop", ...), ("body", ...), ("loss", ...),
+    ("optimizer", ...) as :func:`gpumagic.oom.context.loop_names` reads them from the cell."""
     batch_literal: str | None = None
     """The batch size is this number written in the failing code (read from the inputs' leading
     dimension): a size to use says to change it there."""
     world_size: int | None = None
     """Ranks training together (data parallel): batch sizes are per rank, the global batch is
     per-rank size × world_size; by default torch.distributed's world size."""
+
+    def __post_init__(self) -> None:
+        # a figure that is not a finite number (nan from a failed fit, inf) is unknown, like None
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                object.__setattr__(self, f.name, None)
 
 
 @dataclass(frozen=True)
@@ -107,19 +122,24 @@ class Advice:
     fits_batch_size: int | None = None
     info: OOMInfo | None = field(default=None, repr=False, compare=False)
     released: tuple[tuple[str, int], ...] = ()
-    """(name, bytes) of the names the failed cell bound that gpumagic released after the error."""
+    """(name, bytes) of what gpumagic gave back after the error: the autograd graphs the failed
+    cell's results held (``out``, ``loss``: their values stay, detached), and gradients or
+    optimizer state the failed step added (``model (gradients)``)."""
 
     @property
     def released_note(self) -> str | None:
-        """One line saying which names were released and how much they held, or None."""
+        """One line saying which graphs were freed (values kept) and how much was given back, or None."""
         if not self.released:
             return None
-        names = ", ".join(f"`{n}`" for n, _ in self.released)
+        graphs = [f"`{n}`" for n, _ in self.released if " (" not in n]
+        added = [n for n, _ in self.released if " (" in n]
         total = format_bytes(sum(b for _, b in self.released))
-        return (
-            f"Released {names} ({total}): names this cell bound that held device memory (outputs, the loss "
-            "and their autograd graph) are put back to their values before the cell, or deleted if they are new"
-        )
+        parts = []
+        if graphs:
+            parts.append(f"the autograd graph of {', '.join(graphs)} (the values stay, detached)")
+        if added:
+            parts.append("what the failed step added: " + ", ".join(added))
+        return f"Gave back {total}: " + " and ".join(parts) + "; gpumagic never deletes a value"
 
     def text(self) -> str:
         """Plain text: the headline, one line per suggestion (code for the first two), what is unknown."""
@@ -301,6 +321,8 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
     now = f" (now {b})" if b is not None else ""
     if ctx.batch_literal is not None:
         now += f": change {ctx.batch_literal} in the cell"
+    elif ctx.batch_variable is not None and not ctx.batch_variable.isidentifier():
+        now += f": set {ctx.batch_variable}"  # cfg['bs'], args.batch_size
     fit, fit_how, stop = _exact_fit(ctx, f, unknown)
     if stop is not None:
         return stop
@@ -336,9 +358,15 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
     if lower is not None:
         return Suggestion(f"Use batch size {lower}{now}", "; ".join(bounds), "batch_size", batch_size=lower)
     if upper is not None:
+        # an upper bound is never the size to use: the step failed part-way, so the rest of it (the
+        # backward, the optimizer step) may need more; say so, and how to measure one that fits
+        var = ctx.batch_variable
+        how = f"`%find_batch --var {var}` measures the size that fits" if var and var.isidentifier() else (
+            "to measure the size that fits, let the code that builds the batches read a variable "
+            "(`bs = ...`) and run `%find_batch --var bs`")
         return Suggestion(
-            f"Use a smaller batch size: at most {upper} fit{now}",
-            f"{known}; `%find_batch --var NAME` measures the size that fits", "batch_size",
+            f"At most {upper} samples can fit{now}: a bound, not a size known to fit",
+            f"{known}; a smaller size can still run out of memory later in the step; {how}", "bound",
         )
     return None
 
@@ -358,6 +386,21 @@ for i, (x, y) in enumerate(loader):  # DataLoader(..., batch_size={micro})
     if (i + 1) % {k} == 0:
         optimizer.step()
         optimizer.zero_grad()"""
+
+
+def _accumulation_code(ctx: AdviceContext, micro: int, k: int) -> str:
+    """The accumulation loop, written with the failing loop's own code where it is known."""
+    names = dict(ctx.loop)
+    if not {"loop", "body", "optimizer"} <= names.keys():
+        return _ACCUMULATION_CODE.format(micro=micro, k=k)
+    opt = names["optimizer"]
+    body = "\n".join("    " + line for line in names["body"].replace("__accumulation_steps__", str(k)).splitlines())
+    return (
+        f"{names['loop']}  # batch size {micro}\n{body}\n"
+        f"    if (i + 1) % {k} == 0:\n"
+        f"        {opt}.step()\n"
+        f"        {opt}.zero_grad()"
+    )
 
 
 def _accumulation_suggestion(ctx: AdviceContext, fits: int | None, torch_code: bool) -> Suggestion | None:
@@ -387,7 +430,7 @@ def _accumulation_suggestion(ctx: AdviceContext, fits: int | None, torch_code: b
         "accumulation",
         batch_size=micro,
         accumulation_steps=k,
-        code=_ACCUMULATION_CODE.format(micro=micro, k=k) if torch_code else None,
+        code=_accumulation_code(ctx, micro, k) if torch_code else None,
     )
 
 
@@ -561,9 +604,53 @@ def _holders_rule(x: _In) -> _Made:
     elif device_type in ("mps", "xpu"):
         lines.append(f"torch.{device_type}.empty_cache()")
     helps = shortfall is not None and 0 < shortfall <= total
+    f = x.facts
+    if helps and ctx.batch_dependent and f.needed is not None and f.usable is not None:
+        # the failed allocation is only part of what a step that grows with the batch needs: freeing
+        # ranks first only when the step's known need fits the memory freed plus what was usable
+        helps = f.needed <= (f.usable + total) * _MARGIN
     if helps and shortfall is not None:
         detail += f"; the allocation was short by {fb(shortfall)}"
     return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
+
+
+def _kept_rule(x: _In) -> _Made:
+    """The failed cell's own results, kept after the error: deleting them frees their memory for
+    the cells run next. Never strong: a rerun of the failed cell computes them again."""
+    kept = x.ctx.kept
+    total = sum(n for _, n in kept[:5])
+    if not kept or x.shortfall is None or not 0 < x.shortfall <= total:
+        return None  # only when freeing them is what would make the allocation fit
+    if x.ctx.batch_dependent:
+        return None  # a training loop's batch and outputs: its next run rebinds them before its peak
+    fb = format_bytes
+    names = [n for n, _ in kept[:5]]
+    what = ", ".join(f"{n}: {fb(b)}" for n, b in kept[:5])
+    return Suggestion(
+        f"`del {', '.join(names)}` frees {fb(total)}",
+        f"results the failed cell computed ({what}) are kept, without their autograd graph: gpumagic never "
+        "deletes a value. Delete the ones you no longer need before running other cells; a rerun of the failed "
+        "cell computes them again, so it does not need this",
+        "kept_results",
+        code=f"del {', '.join(names)}",
+    ), False
+
+
+def _baseline_rule(x: _In) -> _Made:
+    """What existed before the cell already fills the device: no change inside the cell can fit."""
+    ctx, f = x.ctx, x.facts
+    base = ctx.baseline_bytes
+    if base is None or f.usable is None or base < f.usable:
+        return None
+    fb = format_bytes
+    named = sorted(ctx.holders, key=lambda h: -h[1])[:5]
+    detail = (
+        f"{fb(base)} was held before the cell ran, more than {fb(f.usable)} ({f.usable_how}): the models and data "
+        "of earlier cells do not fit, so no batch size or change inside this cell can. Free memory held by "
+        "earlier cells, or give a larger budget"
+    )
+    code = f"del {', '.join(n for n, _ in named)}\nimport gc; gc.collect()" if named else "%gpumem --free"
+    return Suggestion("What existed before the cell does not fit", detail, "baseline", code=code), True
 
 
 def _held_before_rule(x: _In) -> _Made:
@@ -702,7 +789,7 @@ def _batch_rule(x: _In) -> _Made:
 
 def _evaluation_suggestion(ctx: AdviceContext) -> Suggestion:
     """Evaluation needs no gradients, saved activations or optimizer state: its own, larger batch."""
-    var = ctx.batch_variable or "batch_size"
+    var = ctx.batch_variable if ctx.batch_variable and ctx.batch_variable.isidentifier() else "batch_size"
     return Suggestion(
         "Find the evaluation batch with `%find_batch --eval`",
         "an evaluation loop holds no gradients, saved activations or optimizer state, so its largest batch is "
@@ -738,6 +825,7 @@ class _Rule:
 # Every rule and its scores, in one place; the advice lists suggestions by score (ties keep this order).
 _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_limit_rule, strong=100, weak=40),
+    _Rule(_baseline_rule, strong=98, weak=98),
     _Rule(_allocation_rule, strong=95, weak=95),
     _Rule(_fragmentation_rule, strong=90, weak=40),
     _Rule(_process_rule, strong=85, weak=45),
@@ -749,6 +837,7 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_cuda_error_rule, strong=60, weak=60),
     _Rule(_host_rule, strong=60, weak=60),
     _Rule(_generic_batch_rule, strong=55, weak=55),
+    _Rule(_kept_rule, strong=45, weak=45),
     _Rule(_held_before_rule, strong=35, weak=35),
     _Rule(_mixed_precision_rule, strong=30, weak=30),
     _Rule(_checkpointing_rule, strong=20, weak=20),
@@ -771,8 +860,10 @@ def last_advice() -> Advice | None:
     return _LAST[0] if _LAST else None
 
 
-def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice:
+def advise(info: OOMInfo | str | BaseException | None, context: AdviceContext | None = None) -> Advice:
     """Ranked suggestions for an out-of-memory error, each with numbers derived from what is known.
+
+    ``info`` is what :func:`parse` read, or the error itself (an exception or its text), parsed here.
 
     >>> info = parse("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8.00 GiB "
     ...              "of which 1.00 GiB is free. Of the allocated memory 6.00 GiB is allocated by PyTorch, "
@@ -780,6 +871,12 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
     >>> advise(info, AdviceContext(batch_size=64, measure_code="%find_batch --var bs")).suggestions[0].kind
     'measure'
     """
+    if isinstance(info, (str, bytes, BaseException)):
+        info = parse(info)
+    elif info is not None and not isinstance(info, OOMInfo):
+        raise TypeError(f"advise() takes an OOMInfo, an exception or its text, got {type(info).__name__}")
+    if context is not None and not isinstance(context, AdviceContext):
+        raise TypeError(f"advise()'s context must be an AdviceContext or None, got {type(context).__name__}")
     ctx = context or AdviceContext()
     unknown: list[str] = []
     f = _facts(info, ctx)

@@ -1066,7 +1066,8 @@ def _class_name(exc: BaseException) -> str:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, then its ``__cause__`` and ``__context__`` chains, each once."""
+    """The exception, then its ``__cause__`` and ``__context__`` chains and the exceptions an
+    ``ExceptionGroup`` holds, each once."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -1076,6 +1077,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(e))
         yield e
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        todo.extend(x for x in getattr(e, "exceptions", ()) if isinstance(x, BaseException))
 
 
 def _parse_exception(exc: BaseException) -> OOMInfo | None:
@@ -1121,11 +1123,13 @@ def _last(matches: Iterator[re.Match[str]]) -> re.Match[str] | None:
     return last
 
 
-def parse(text_or_exception: str | BaseException) -> OOMInfo | None:
+def parse(text_or_exception: str | bytes | BaseException | None) -> OOMInfo | None:
     """Read an out-of-memory error; ``None`` if it is not one.
 
     Accepts the exception itself (its class, message and ``__cause__``/``__context__`` chain are
-    read) or any text holding the message: the message alone, a traceback, a log, an issue.
+    read, and the exceptions of an ``ExceptionGroup``) or any text holding the message: the
+    message alone, a traceback, a log, an issue; bytes are read as UTF-8. ``None`` (no error,
+    as ``sys.last_value`` before any) is not an out-of-memory error.
 
     >>> parse(RuntimeError("CUDA error: device-side assert triggered")) is None
     True
@@ -1139,8 +1143,12 @@ def parse(text_or_exception: str | BaseException) -> OOMInfo | None:
             if info is not None and (best is None or _score(info) > _score(best)):
                 best = info
         return best
+    if text_or_exception is None:
+        return None
+    if isinstance(text_or_exception, (bytes, bytearray)):
+        text_or_exception = bytes(text_or_exception).decode("utf-8", errors="replace")
     if not isinstance(text_or_exception, str):
-        raise TypeError(f"parse() takes an exception or a str, got {type(text_or_exception).__name__}")
+        raise TypeError(f"parse() takes an exception, a str or bytes, got {type(text_or_exception).__name__}")
     return _parse_any_text(text_or_exception)
 
 

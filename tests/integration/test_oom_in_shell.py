@@ -225,5 +225,6 @@ def test_a_list_of_batches_built_earlier_gets_batch_advice_with_its_leading_dime
         r = run(ip, "%%gpumem -d cpu --budget 6MiB\nfor x, y in batches:\n"
                     "    loss = F.cross_entropy(model(x), y)\n    opt.zero_grad(); loss.backward(); opt.step()\n")
     advice = r.error_in_exec.advice
-    assert advice.suggestions[0].kind == "batch_size"
+    assert advice.suggestions[0].kind == "bound"  # only the failure's upper bound: never a size to use
+    assert advice.suggestions[0].batch_size is None
     assert "(now 4096)" in advice.suggestions[0].title

@@ -172,3 +172,15 @@ def test_only_the_ipython_layer_imports_ipython() -> None:
 
 def test_only_the_renderers_import_ipywidgets_and_matplotlib() -> None:
     assert {m for m in modules() if third_party(m) & {"ipywidgets", "matplotlib"}} <= PLOTTERS
+
+def test_the_oom_heuristics_import_no_ipython_even_indirectly() -> None:
+    # oom.context guesses the batch variable and builds the advice's context from a namespace and
+    # a cell's source: testable without a shell, so nothing it reaches may import IPython
+    todo, reached = ["gpumagic.oom.context"], set()
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(internal(module))
+    assert "gpumagic.oom.context" in modules()
+    assert sorted(m for m in reached if "IPython" in third_party(m)) == []

@@ -94,9 +94,9 @@ def test_message_alone_gives_a_bound_never_a_size_to_use() -> None:
     advice = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024))
     assert advice.fits_batch_size is None
     first = advice.suggestions[0]
-    assert first.kind == "batch_size"
+    assert first.kind == "bound"
     assert first.batch_size is None
-    assert "at most" in first.title
+    assert "At most" in first.title
 
 
 def test_message_with_a_measuring_command_suggests_measuring_first() -> None:
@@ -145,9 +145,11 @@ def test_fit_suggestion_fits_and_is_the_largest_power_of_two(device: Device) -> 
 
 
 def test_step_that_failed_part_way_says_the_size_is_an_upper_bound() -> None:
-    title = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024)).suggestions[0].title
-    assert title.startswith("Use a smaller batch size: at most ")
-    assert title.endswith(" fit (now 1024)")
+    first = advise(DEVICE.oom(1024), AdviceContext(batch_size=1024)).suggestions[0]
+    assert first.title.startswith("At most ")
+    assert first.title.endswith(" samples can fit (now 1024): a bound, not a size known to fit")
+    assert first.kind == "bound"
+    assert first.batch_size is None  # never a size to use
 
 
 def test_fixed_part_larger_than_the_device_says_no_batch_fits() -> None:
@@ -217,13 +219,23 @@ def test_accumulation_counts_the_steps_already_used() -> None:
     assert acc.batch_size * acc.accumulation_steps >= 1024
 
 
-@pytest.mark.parametrize(("optimizer", "rule"), [("AdamW", "square-root scaling"), ("SGD", "linear scaling")])
-def test_padded_accumulation_says_how_to_scale_the_learning_rate(optimizer: str, rule: str) -> None:
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_accumulation_padded_by_a_sample_keeps_the_learning_rate(optimizer: str) -> None:
     device = Device(fixed=100 * MiB, per_sample=1 * MiB, capacity=580 * MiB)  # 95%: fits 451
     advice = advise(device.oom(1001), device.fit_context(batch_size=1001, optimizer=optimizer))
     acc = next(s for s in advice.suggestions if s.kind == "accumulation")
     assert (acc.batch_size, acc.accumulation_steps) == (334, 3)  # 1002 samples for 1001
-    assert "1001 → 1002" in acc.detail
+    assert "keep the learning rate: the effective batch goes from 1001 to 1002" in acc.detail
+    assert "multiply" not in acc.detail
+
+
+@pytest.mark.parametrize(("optimizer", "rule"), [("AdamW", "square-root scaling"), ("SGD", "linear scaling")])
+def test_padded_accumulation_says_how_to_scale_the_learning_rate(optimizer: str, rule: str) -> None:
+    device = Device(fixed=100 * MiB, per_sample=1 * MiB, capacity=120 * MiB)  # 95%: fits 14
+    advice = advise(device.oom(29), device.fit_context(batch_size=29, optimizer=optimizer))
+    acc = next(s for s in advice.suggestions if s.kind == "accumulation")
+    assert (acc.batch_size, acc.accumulation_steps) == (10, 3)  # 30 samples for 29
+    assert "29 → 30: multiply the learning rate by" in acc.detail
     assert rule in acc.detail
 
 
