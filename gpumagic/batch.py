@@ -185,6 +185,9 @@ class TrialRunner:
                 gather_ranks=False,
             )
         self._watch_loader(tracker)
+        # the batches this trial draws, and only those: a planned trial before it (the plan phase
+        # shares this runner's observations) must not make its loader look like it ignores the size
+        self.observed.loader_batches = []
         oom = False
         t0 = time.perf_counter()
         try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import logging
 import os
 import random
@@ -263,7 +264,12 @@ _ATOMS = (int, float, complex, str, bytes, bool, type(None), range, slice, torch
 
 
 def _skipped(obj: Any) -> bool:
+    """Objects that are not the user's state: those of the listed packages, and functions those
+    packages made (gpumagic's own trial bodies and callbacks close over its bookkeeping, which a
+    restore must never put back)."""
     mod = getattr(type(obj), "__module__", None) or ""
+    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+        mod = getattr(getattr(obj, "func", obj), "__module__", None) or ""
     return mod.split(".", 1)[0] in _SKIP_MODULES
 
 

@@ -57,6 +57,8 @@ class AdviceContext:
     kept: tuple[tuple[str, int], ...] = ()
     """Results the failed cell bound that hold device memory, kept after the error (gpumagic
     never deletes a value): (name, bytes that ``del name`` frees), largest first."""
+    rerun_binds_first: frozenset[str] = frozenset()
+    """Names the failed cell binds before it reads them: a rerun computes them afresh."""
     mixed_precision: bool | None = None
     activation_bytes: int | None = None
     evaluation: bool = False
@@ -352,8 +354,8 @@ def _batch_suggestion(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> Sugg
     if ctx.measure_code:
         return Suggestion(
             "Measure the batch size that fits", f"{known}. This tries a few sizes of the failed cell on the same "
-            "device and budget, puts the model and data back, and recommends a size",
-            "measure", code=ctx.measure_code,
+            "device and budget, puts the model and data back, and recommends a size" + _kept_note(ctx),
+            "measure", code=_measure_code(ctx),
         )
     if lower is not None:
         return Suggestion(f"Use batch size {lower}{now}", "; ".join(bounds), "batch_size", batch_size=lower)
@@ -614,6 +616,29 @@ def _holders_rule(x: _In) -> _Made:
     return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
 
 
+def _measure_code(ctx: AdviceContext) -> str | None:
+    """The measuring command, after deleting the failed cell's kept results: a rerun of the cell
+    computes them again, but until it rebinds a name (``out = model(x)`` rebinds ``out`` only after
+    the forward) the old value would share the memory the trials measure."""
+    names = [n for n, _ in _rebound_kept(ctx)]
+    if not ctx.measure_code or not names:
+        return ctx.measure_code
+    return f"del {', '.join(names)}  # the failed cell's results; running it computes them again\n{ctx.measure_code}"
+
+
+def _rebound_kept(ctx: AdviceContext) -> list[tuple[str, int]]:
+    """Kept results a rerun of the cell binds before it reads them: deleting those loses nothing."""
+    return [(n, b) for n, b in ctx.kept if n in ctx.rerun_binds_first]
+
+
+def _kept_note(ctx: AdviceContext) -> str:
+    kept = _rebound_kept(ctx)
+    if not kept or not ctx.measure_code:
+        return ""
+    return (f"; it first deletes the failed cell's kept results ({format_bytes(sum(b for _, b in kept))}), "
+            "which would otherwise stay alive during the trials until the cell rebinds them")
+
+
 def _kept_rule(x: _In) -> _Made:
     """The failed cell's own results, kept after the error: deleting them frees their memory for
     the cells run next. Never strong: a rerun of the failed cell computes them again."""
@@ -719,8 +744,8 @@ def _generic_batch_rule(x: _In) -> _Made:
     if ctx.measure_code:
         return Suggestion(
             f"Measure the batch size that fits{now}",
-            "the figures to compute one are missing; this measures the largest that fits",
-            "measure", code=ctx.measure_code,
+            "the figures to compute one are missing; this measures the largest that fits" + _kept_note(ctx),
+            "measure", code=_measure_code(ctx),
         ), False
     return Suggestion(
         f"Use a smaller batch size{now}",

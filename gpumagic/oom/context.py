@@ -580,6 +580,55 @@ def _guessed_batch(
     return (b, line) if line is not None else None
 
 
+class _Order(ast.NodeVisitor):
+    """Names in the order the code first reads or binds them, evaluating as Python does: an
+    assignment's value before its targets, a loop's iterable before its target."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, bool] = {}  # name -> bound (True) or read (False) first
+
+    def visit_Name(self, node: ast.Name) -> None:
+        self.first.setdefault(node.id, isinstance(node.ctx, ast.Store))
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.visit(node.value)
+        for t in node.targets:
+            self.visit(t)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        if isinstance(node.target, ast.Name):
+            self.first.setdefault(node.target.id, False)  # read, then written
+        self.visit(node.value)
+
+    def visit_For(self, node: ast.For) -> None:
+        self.visit(node.iter)
+        self.visit(node.target)
+        for stmt in (*node.body, *node.orelse):
+            self.visit(stmt)
+
+    visit_AsyncFor = visit_For  # type: ignore[assignment]
+
+
+def bound_before_read(code: str | None) -> frozenset[str]:
+    """Names the code binds before it reads them: a rerun computes them afresh, so deleting them
+    first loses nothing the rerun needs (``for x, y in loader``'s ``x``; ``out = model(x)``'s
+    ``out``; not ``x = x.to(device)``'s ``x``)."""
+    if not code:
+        return frozenset()
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return frozenset()
+    order = _Order()
+    order.visit(tree)
+    return frozenset(name for name, bound in order.first.items() if bound)
+
+
 def build_context(
     info: Any, exc: BaseException, *, ns: Mapping[str, Any], cell: str | None, code: str | None,
     report: Any, batch_size: int | None, dev: Any, released: tuple[tuple[str, int], ...],
@@ -630,12 +679,14 @@ def build_context(
     # its tensors, is not freed by deleting)
     held: tuple[tuple[str, int], ...] = ()
     kept: tuple[tuple[str, int], ...] = ()
+    rebound: frozenset[str] = frozenset()
     if dev is not None:
         with contextlib.suppress(Exception):  # an object that cannot be walked: advice without these names
             others = {k: v for k, v in ns.items() if k not in in_use}
             held = tuple(freed_by_deleting(ns, [n for n, _ in holders(others, dev, top=50)], dev))
         with contextlib.suppress(Exception):
             kept = tuple(freed_by_deleting(ns, [n for n in bound if n in ns], dev))
+            rebound = bound_before_read(code or cell)
     line: tuple[float, float] | None = None
     source = None
     fit = getattr(earlier.search, "fit", None)
@@ -683,6 +734,7 @@ def build_context(
         intercept_bytes=line[0] if line else None,
         holders=held,
         kept=kept,
+        rerun_binds_first=rebound,
         processes=processes,
         fit_source=source,
         batch_dependent=dependent,
