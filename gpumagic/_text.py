@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "bold",
     "describe_trial",
+    "grid_text",
     "memory_report_text",
     "render",
     "search_text",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 _MIN_WIDTH = 20
+WHAT_IF_HEADER = ("remedy", "planned peak", "saved", "batch that then fits", "cost")
+"""The columns of ``MemoryReport.what_if_rows()``, for every renderer of the what-if table."""
 
 
 def terminal_width() -> int:
@@ -176,7 +179,25 @@ def memory_report_text(report: MemoryReport, width: int | None = None, *, color:
     if r.error:
         rows.append(("stopped by", r.error.splitlines()[0] if r.error.strip() else r.error))
     rows.extend(("note", n) for n in r.notes)
-    return render(f"gpumem: {r.summary()}", rows, width, color=color)
+    text = render(f"gpumem: {r.summary()}", rows, width, color=color)
+    grid = r.what_if_rows()
+    if grid:
+        text += "\n" + grid_text("what if (each remedy planned)", WHAT_IF_HEADER, grid)
+    return text
+
+
+def grid_text(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A title, then columns aligned under a header row (no wrapping: each row is one line).
+
+    >>> print(grid_text("t", ("a", "b"), [("1", "22")]))
+    t
+      a  b
+      1  22
+    """
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [title] + ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                       for r in [header, *rows]]
+    return "\n".join(lines)
 
 
 def _signed(n: int) -> str:

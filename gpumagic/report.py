@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpumagic._bundles import mimebundle
-from gpumagic._html import html_table
-from gpumagic._text import memory_report_text, search_text, use_color
+from gpumagic._html import html_grid, html_table
+from gpumagic._text import WHAT_IF_HEADER, grid_text, memory_report_text, search_text, use_color
 from gpumagic._units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ __all__ = [
     "MemoryReport",
     "ProcessMemory",
     "RankRecord",
+    "Remedy",
     "SampleSizes",
     "StepRecord",
     "Trial",
@@ -111,6 +112,31 @@ class RankRecord:
 
 
 @dataclass(frozen=True)
+class Remedy:
+    """One memory remedy planned on the cell (``%%gpumem --what-if``): what it would change.
+
+    ``peak_bytes`` is the planned peak with the remedy (absolute, like ``MemoryReport.peak_bytes``);
+    ``saved_bytes`` the plan as written minus it, at the cell's own batch size (negative: it costs
+    memory). ``batch_size_that_fits``: with the remedy, the largest batch planned to fit under the
+    capacity with %find_batch's margin (``None``: no capacity or no batch knob known). ``code``:
+    the change to make. ``cost``: the compute it costs where the plan knows it, else ``None``.
+    ``trade_off``: it changes the training itself (another optimizer), shown for its numbers only.
+    """
+
+    name: str
+    peak_bytes: int
+    saved_bytes: int
+    batch_size_that_fits: int | None
+    code: str
+    notes: tuple[str, ...] = ()
+    cost: str | None = None
+    trade_off: bool = False
+    micro_batch_size: int | None = None
+    """Gradient accumulation: the micro-batch planned (``accumulation_steps`` of them per step)."""
+    accumulation_steps: int | None = None
+
+
+@dataclass(frozen=True)
 class MemoryReport:
     """What ``%%gpumem`` / :func:`gpumagic.track` measured for one cell or block.
 
@@ -145,6 +171,23 @@ class MemoryReport:
     """Under torch.distributed (or for the child processes a tracked cell started): every rank's
     summary, in rank order. Empty for a single process."""
     world_size: int | None = None
+    what_if: tuple[Remedy, ...] = ()
+    """With ``--what-if``: each remedy that applies to the cell, planned (see :mod:`gpumagic.remedies`)."""
+    batch_size_that_fits: int | None = None
+    """With ``--what-if`` and a capacity: the largest batch planned to fit as written (margin kept)."""
+
+    def what_if_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """The what-if table's rows (``WHAT_IF_HEADER``), the code as written first: every renderer reads these."""
+        if not self.what_if:
+            return []
+        fits = "" if self.batch_size_that_fits is None else str(self.batch_size_that_fits)
+        rows = [("as written", format_bytes(self.peak_bytes), "", fits, "")]
+        for r in self.what_if:
+            name = r.name + (" (trade-off)" if r.trade_off else "")
+            b = r.batch_size_that_fits
+            rows.append((name, format_bytes(r.peak_bytes), format_bytes(r.saved_bytes, signed=True),
+                         "" if b is None else str(b), r.cost or "not measured"))
+        return rows
 
     @property
     def peak_rank(self) -> RankRecord | None:
@@ -292,14 +335,18 @@ class MemoryReport:
 
     def to_text(self) -> str:
         """The report as an aligned plain-text table (for scripts and terminals)."""
-        return _text_table(self._title(), self._rows())
+        text = _text_table(self._title(), self._rows())
+        rows = self.what_if_rows()
+        return text + "\n" + grid_text("what if (each remedy planned)", WHAT_IF_HEADER, rows) if rows else text
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """IPython's plain-text display (a terminal): the summary, then a short table fitting the terminal."""
         p.text(memory_report_text(self, color=use_color()))
 
     def _repr_html_(self) -> str:
-        return html_table(self._title(), self._rows())
+        rows = self.what_if_rows()
+        table = html_table(self._title(), self._rows())
+        return table + html_grid("what if (each remedy planned)", WHAT_IF_HEADER, rows) if rows else table
 
     def _title(self) -> str:
         return "gpumagic memory plan (dry run)" if self.dry_run else "gpumagic memory report"
