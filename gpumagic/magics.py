@@ -773,6 +773,12 @@ class GPUMagics(Magics):
         "--steps", type=int, default=3,
         help="With --dry-run: optimizer steps planned before the cell stops (default 3).",
     )
+    @magic_arguments.argument(
+        "--what-if", dest="what_if", action="store_true",
+        help="Plan the cell as written and once per memory remedy that applies (autocast, activation "
+        "checkpointing, optimizer choices, gradient accumulation, freeing the last step's outputs), each on fake "
+        "copies; show what each saves and, with --budget or --gpu, the batch that then fits.",
+    )
     @no_var_expand
     @line_cell_magic
     def gpumem(self, line: str = "", cell: str | None = None) -> Any:
@@ -810,8 +816,10 @@ class GPUMagics(Magics):
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
-        if cell is not None and (args.dry_run or args.gpu is not None):
+        if cell is not None and (args.dry_run or args.gpu is not None or args.what_if):
             return self._gpumem_planned(args, cell)
+        if args.what_if:
+            raise UsageError("--what-if applies to the cell magic %%gpumem")
         if args.steps != 3:
             raise UsageError("--steps applies to %%gpumem --dry-run")
         from gpumagic import distributed
@@ -896,6 +904,8 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        if args.what_if:
+            return self._gpumem_what_if(args, cell)
         try:
             if args.dry_run:
                 tracker = track(args.device, args.budget, dry_run=True, gpu=args.gpu, steps=args.steps,
@@ -930,6 +940,24 @@ class GPUMagics(Magics):
         if args.output:
             return report
         return None if report.dry_run else value
+
+    def _gpumem_what_if(self, args: Any, cell: str) -> Any:
+        """%%gpumem --what-if: the plan as written and one per remedy (gpumagic.remedies)."""
+        from gpumagic.devices import resolve_budget
+        from gpumagic.dryrun import plan_target
+        from gpumagic.remedies import plan_what_if
+
+        try:
+            budget = resolve_budget(args.budget, name="--budget")
+            plan_target(args.device, args.gpu, budget)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        # the cell's own errors (and DryRunError) are the user's to see, as under --dry-run
+        report = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=args.device,
+                              gpu=args.gpu, budget=budget, steps=args.steps, source=cell)
+        if not args.quiet:
+            display(report)
+        return report if args.output else None
 
     # -- %find_batch / %%find_batch ----------------------------------------------------------
     @magic_arguments.magic_arguments()

@@ -296,7 +296,9 @@ def _blocks(plan: _Plan) -> tuple[str, str, list[torch.nn.Module]] | None:
             for child in mod.children():
                 groups.setdefault(type(child), []).append(child)
             for cls, blocks in groups.items():
-                if len(blocks) < 2 or not any(True for _ in blocks[0].parameters()):
+                # a block is a module of modules (a layer, a stage): one Linear alone saves nothing
+                if len(blocks) < 2 or not any(True for _ in blocks[0].children()) or \
+                        not any(True for _ in blocks[0].parameters()):
                     continue
                 size = sum(p.numel() for b in blocks for p in b.parameters())
                 key = (len(blocks), size)
@@ -347,7 +349,7 @@ def _checkpoint_code(plan: _Plan, report: MemoryReport) -> str:
     assert found is not None
     container, cls, blocks = found
     every = len(blocks) == len(list(_container(plan, container).children()))
-    it = container if every else f"[m for m in {container} if isinstance(m, {cls})]"
+    it = container if every else f"[m for m in {container} if type(m).__name__ == {cls!r}]"
     return ("import functools, torch.utils.checkpoint\n"
             f"for block in {it}:  # {len(blocks)} × {cls}, once, before the loop\n"
             "    block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, "
@@ -564,21 +566,21 @@ def _fits(plan_at: Callable[[int], int | None], b0: int, p0: int, limit: float) 
     b1 = b0 // 2 if b0 >= 2 else 2
     p1 = plan_at(b1)
     if p1 is None:
-        return None, "the batch size did not follow the knob"
+        return None, f"not found (the code gave no batch of {b1} when asked for one)"
     slope = (p0 - p1) / (b0 - b1)
     if slope <= 0:
-        return None, "the planned peak does not grow with the batch size"
+        return None, "not found (the planned peak does not grow with the batch size)"
     pick = math.floor((limit - (p0 - slope * b0)) / slope)
     for _ in range(3):
         if pick < 1:
-            return None, "no batch size fits"
+            return None, f"none (the planned peak at batch 1 is over {_fmt(limit)}, the capacity less the margin)"
         p = plan_at(pick)
         if p is None:
-            return None, f"batch {pick} could not be planned (the data gives smaller batches)"
+            return None, f"not found (the code gave no batch of {pick}: the data may hold fewer samples)"
         if p <= limit:
             return pick, None
         pick = min(pick - 1, math.floor(pick * limit / p))
-    return None, "the plans did not settle on a batch size"
+    return None, "not found (the plans did not settle on a batch size)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,7 +627,7 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
 
     now_fits, why = fits(None, base.peak_bytes)
     if why:
-        notes.append(f"the batch that fits as written: not found ({why})")
+        notes.append(f"the batch that fits as written: {why}")
     # which remedies apply is read on the real objects (names, types, groups), never changing them
     probe = _Plan(namespace, kind, bool(_target_of(kind).foreach_optimizers), seen)
     remedies: list[Remedy] = []
@@ -648,7 +650,7 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
                 cost = "not measured"
         rnotes = list(cand.notes)
         if why:
-            rnotes.append(f"the batch that then fits: not found ({why})")
+            rnotes.append(f"the batch that then fits: {why}")
         remedies.append(Remedy(
             name=cand.name, peak_bytes=rep.peak_bytes, saved_bytes=base.peak_bytes - rep.peak_bytes,
             batch_size_that_fits=fit, code=cand.code(probe, base), notes=tuple(rnotes), cost=cost,
@@ -667,18 +669,28 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
 def _accumulation(run: Callable[[], Any], ns: MutableMapping[str, Any], opts: _Options, seen: _Seen, knob: _Knob,
                   b0: int, base: MemoryReport, limit: float | None, notes: list[str]) -> list[Remedy]:
     """Micro-batches of b0/k, k the smallest power of two that fits (2 without a capacity)."""
+    found: tuple[int, int, MemoryReport] | None = None
     k = 2
     try:
-        while True:
-            micro = b0 // k
-            rep, _ = _run_plan(run, ns, opts, seen, _accumulate(k), knob, micro)
-            if limit is None or rep.peak_bytes <= limit or micro <= 1:
+        while b0 // k >= 1:
+            rep, _ = _run_plan(run, ns, opts, seen, _accumulate(k), knob, b0 // k)
+            if rep.total_steps < min(2, base.total_steps):
+                # a loop of fixed length makes fewer optimizer steps of k micro-batches: the plan says nothing
+                if found is None:
+                    notes.append(f"gradient accumulation: not planned (the loop ended after {rep.total_steps} "
+                                 f"optimizer step(s) of {k} micro-batches)")
+                break
+            found = (k, b0 // k, rep)
+            if limit is None or rep.peak_bytes <= limit:
                 break
             k *= 2
     except Exception as e:
         notes.append(f"gradient accumulation: could not be planned ({type(e).__name__})")
         e.__traceback__ = None
         return []
+    if found is None:
+        return []
+    k, micro, rep = found
     code = (f"# {knob.says(micro)}: micro-batches of {micro}, {k} per optimizer step (effective batch {micro * k})\n"
             "for i, (x, y) in enumerate(loader):\n"
             f"    loss = loss_fn(model(x), y) / {k}\n"
@@ -692,3 +704,9 @@ def _accumulation(run: Callable[[], Any], ns: MutableMapping[str, Any], opts: _O
                "FLOPs are the same, smaller kernels may run slower (not measured)",),
         cost="same FLOPs", micro_batch_size=micro, accumulation_steps=k,
     )]
+
+
+def _fmt(n: float) -> str:
+    from gpumagic._units import format_bytes
+
+    return format_bytes(round(n))
