@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpumagic.report import MemoryReport, Remedy
 
@@ -132,17 +133,36 @@ def _run_plan(run: Callable[[], Any], ns: MutableMapping[str, Any], opts: _Optio
                 stack.enter_context(_watch(plan))
             if apply is not None:
                 stack.enter_context(apply(plan))
-            counter = None
-            if count_flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                counter = stack.enter_context(FlopCounterMode(display=False))
+            counter = stack.enter_context(_FlopMode()) if count_flops else None
             try:
                 run_planned(run)
             finally:
                 if counter is not None:
-                    flops = int(counter.get_total_flops())
+                    flops = counter.total
     return tracker.report, flops
+
+
+class _FlopMode(TorchDispatchMode):
+    """Sums the FLOPs of the ops torch.utils.flop_counter knows (matmuls, convolutions, attention).
+
+    Not FlopCounterMode itself: its module tracker's hooks keep a checkpointed block's recomputed
+    activations alive, which changes the very peak being planned.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
 
 
 def _batch_of(report: MemoryReport) -> int | None:
@@ -613,9 +633,12 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
     notes: list[str] = []
     limit = None if capacity is None else capacity * (1 - margin)
 
+    # the fit's plans stop after two optimizer steps: the peak is the same from the second step on
+    fit_opts = dataclasses.replace(opts, steps=min(steps, 2))
+
     def plan_at(apply: _Apply | None) -> Callable[[int], int | None]:
         def at(b: int) -> int | None:
-            rep, _ = _run_plan(run, namespace, opts, seen, apply, knob, b)
+            rep, _ = _run_plan(run, namespace, fit_opts, seen, apply, knob, b)
             return rep.peak_bytes if _batch_of(rep) == b else None
 
         return at
