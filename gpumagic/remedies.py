@@ -599,7 +599,9 @@ def _fits(plan_at: Callable[[int], int | None], b0: int, p0: int, limit: float) 
             return None, f"not found (the code gave no batch of {pick}: the data may hold fewer samples)"
         if p <= limit:
             return pick, None
-        pick = min(pick - 1, math.floor(pick * limit / p))
+        if pick != b0:  # the secant through the cell's own batch and this one
+            slope = (p - p0) / (pick - b0)
+        pick = min(pick - 1, math.floor(b0 + (limit - p0) / slope)) if slope > 0 else pick - 1
     return None, "not found (the plans did not settle on a batch size)"
 
 

@@ -103,7 +103,7 @@ def test_the_batch_that_then_fits_runs_under_the_same_budget(ip: InteractiveShel
         assert exact.peak_bytes <= budget
 
 
-# --- small and fast: the table, the namespace, the options -----------------------------------------
+# --- a tiny model: the table, the namespace, the options -----------------------------------------
 
 _TINY = """
 torch.manual_seed(0)
@@ -127,19 +127,24 @@ for step in range(4):
 """
 
 
+@pytest.mark.slow  # a dozen plans: 8-40 s on a loaded 2-core machine
 def test_what_if_changes_nothing_of_the_users(ip: InteractiveShell, clean_ns: None) -> None:
     _run(ip, _TINY)
     ns = ip.user_ns
     model, opt = ns["model"], ns["opt"]
     weights = [p.detach().clone() for p in model.parameters()]
     _run(ip, f"%%gpumem --what-if -d cpu -q\n{_TINY_CELL}")
-    assert ns["model"] is model and ns["opt"] is opt and ns["bs"] == 8
-    assert "out" not in ns and "loss" not in ns
+    assert ns["model"] is model
+    assert ns["opt"] is opt
+    assert ns["bs"] == 8
+    assert "out" not in ns
+    assert "loss" not in ns
     assert not opt.state
     assert all(torch.equal(p, w) and p.grad is None for p, w in zip(model.parameters(), weights, strict=True))
     assert all("forward" not in vars(m) for m in model.modules())  # checkpointing patched only the copies
 
 
+@pytest.mark.slow  # a dozen plans: 8-40 s on a loaded 2-core machine
 def test_checkpointing_the_repeated_blocks_names_them_and_counts_the_recomputed_flops(
     ip: InteractiveShell, clean_ns: None
 ) -> None:
@@ -147,10 +152,13 @@ def test_checkpointing_the_repeated_blocks_names_them_and_counts_the_recomputed_
     rep = _run(ip, f"%%gpumem --what-if -d cpu -q -o\n{_TINY_CELL}")
     ck = next(r for r in rep.what_if if r.name == "activation checkpointing")
     assert "[m for m in model if type(m).__name__ == 'Block']" in ck.code
-    assert ck.cost is not None and ck.cost.startswith("+") and "FLOPs" in ck.cost
+    assert ck.cost is not None
+    assert ck.cost.startswith("+")
+    assert "FLOPs" in ck.cost
     assert ck.cost != "+0% FLOPs per step (the recomputed forward)"
 
 
+@pytest.mark.slow  # a dozen plans: 8-40 s on a loaded 2-core machine
 def test_without_a_budget_no_batch_that_fits_is_claimed(ip: InteractiveShell, clean_ns: None) -> None:
     _run(ip, _TINY)
     rep = _run(ip, f"%%gpumem --what-if -d cpu -q -o\n{_TINY_CELL}")
@@ -158,6 +166,7 @@ def test_without_a_budget_no_batch_that_fits_is_claimed(ip: InteractiveShell, cl
     assert all(r.batch_size_that_fits is None for r in rep.what_if)
 
 
+@pytest.mark.slow  # a dozen plans: 8-40 s on a loaded 2-core machine
 def test_a_cell_already_under_autocast_gets_no_autocast_rows(ip: InteractiveShell, clean_ns: None) -> None:
     _run(ip, _TINY)
     cell = _TINY_CELL.replace("    out = model(x)", '    with torch.autocast("cpu", dtype=torch.bfloat16):\n'
@@ -167,11 +176,13 @@ def test_a_cell_already_under_autocast_gets_no_autocast_rows(ip: InteractiveShel
     assert not [r for r in rep.what_if if r.name.startswith("autocast")]
 
 
+@pytest.mark.slow  # a dozen plans: 8-40 s on a loaded 2-core machine
 def test_text_and_html_show_the_same_rows(ip: InteractiveShell, clean_ns: None) -> None:
     _run(ip, _TINY)
     rep = _run(ip, f"%%gpumem --what-if -d cpu -q -o --budget 1MiB\n{_TINY_CELL}")
     rows = rep.what_if_rows()
-    assert rows[0][0] == "as written" and len(rows) == len(rep.what_if) + 1
+    assert rows[0][0] == "as written"
+    assert len(rows) == len(rep.what_if) + 1
     text, html = rep.to_text(), rep._repr_html_()
     for row in rows:
         assert row[0] in text
