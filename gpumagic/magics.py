@@ -366,6 +366,7 @@ class OOMPresenter:
                         ctx, evaluation=True, batch_variable=_batch_variable(self.shell, cell, ctx.batch_size))
             except Exception:  # advice with less context, never an error of gpumagic's in the cell
                 ctx = oom.AdviceContext(released=released)
+            ctx = self._with_remedies(ctx, cell, dev, exc)
             advice = oom.advise(info, ctx)
             _advice.remember(advice)
             with contextlib.suppress(AttributeError):  # an exception type with __slots__
@@ -379,6 +380,26 @@ class OOMPresenter:
                 exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
+
+    def _with_remedies(self, ctx: Any, cell: str | None, dev: Any, exc: BaseException) -> Any:
+        """``ctx`` with the failing cell's remedies planned on fake copies (gpumagic.remedies), or why not."""
+        if cell is None or dev is None or ctx.evaluation or ctx.batch_dependent is False:
+            return ctx
+        import io
+
+        from gpumagic.devices import release_memory
+        from gpumagic.remedies import plan_what_if
+
+        try:
+            release_memory(exc)  # the failed step's frames first: a plan's baseline counts what is alive
+            with contextlib.redirect_stdout(io.StringIO()):  # the cell's prints, once per plan: not the user's output
+                rep = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=str(dev),
+                                   budget=ctx.capacity_bytes, source=cell, fit_all=False)
+        except Exception as e:  # a cell the dry run cannot plan: the advice says so and keeps its wording
+            e.__traceback__ = None
+            why = f"a dry run could not plan this cell ({type(e).__name__})"
+            return dataclasses.replace(ctx, remedies_unplanned=why)
+        return dataclasses.replace(ctx, remedies=rep.what_if, remedies_fits_now=rep.batch_size_that_fits)
 
     def _show(self, advice: Any) -> None:
         """The advice as text/HTML, and in a kernel with widgets a button that runs its measuring command."""

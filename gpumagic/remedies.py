@@ -611,13 +611,14 @@ def _fits(plan_at: Callable[[int], int | None], b0: int, p0: int, limit: float) 
 
 def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *, device: str | None = None,
                  gpu: Any = None, budget: int | None = None, steps: int = 3, margin: float = _MARGIN,
-                 source: str | None = None) -> MemoryReport:
+                 source: str | None = None, fit_all: bool = True) -> MemoryReport:
     """Plan ``run`` as written and once per remedy that applies; the plan's report with ``what_if``.
 
     ``run`` executes the code (reading its objects from ``namespace``); ``source`` is its text,
     used only to find the batch knob (a DataLoader or an int it names). A plan that fails for a
     remedy leaves the remedy out with a note; a failure of the plan as written raises
-    :class:`~gpumagic.dryrun.DryRunError`.
+    :class:`~gpumagic.dryrun.DryRunError`. ``fit_all=False`` finds the batch that then fits only
+    for the remedy that saves the most (no trade-off), as the OOM advice needs: fewer plans.
 
     >>> rep = plan_what_if(lambda: exec(cell, ns), ns, device="cpu", budget=2**30, source=cell)  # doctest: +SKIP
     >>> [(r.name, r.saved_bytes) for r in rep.what_if]                                          # doctest: +SKIP
@@ -655,18 +656,26 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
         notes.append(f"the batch that fits as written: {why}")
     # which remedies apply is read on the real objects (names, types, groups), never changing them
     probe = _Plan(namespace, kind, bool(_target_of(kind).foreach_optimizers), seen)
-    remedies: list[Remedy] = []
+    planned: list[tuple[_Candidate, MemoryReport, int | None]] = []
     for cand in _candidates(probe):
         if not cand.applies(probe, base):
             continue
         try:
             rep, flops = _run_plan(run, namespace, opts, seen, cand.apply, count_flops=cand.flops)
-            fit, why = fits(cand.apply, rep.peak_bytes)
         except Exception as e:  # one remedy that cannot be planned leaves the others
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            notes.append(f"{cand.name}: could not be planned ({type(e).__name__}: {first})")
-            e.__traceback__ = None
+            notes.append(f"{cand.name}: could not be planned ({_one_line(e)})")
             continue
+        planned.append((cand, rep, flops))
+    useful = [(c, r) for c, r, _ in planned if not c.trade_off and r.peak_bytes < base.peak_bytes]
+    best = min(useful, key=lambda cr: cr[1].peak_bytes)[0] if useful else None
+    remedies: list[Remedy] = []
+    for cand, rep, flops in planned:
+        fit, why = None, None
+        if fit_all or cand is best:
+            try:
+                fit, why = fits(cand.apply, rep.peak_bytes)
+            except Exception as e:
+                why = f"not found ({_one_line(e)})"
         cost = None
         if cand.flops:
             if flops is not None and base_flops:
@@ -681,7 +690,7 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
             batch_size_that_fits=fit, code=cand.code(probe, base), notes=tuple(rnotes), cost=cost,
             trade_off=cand.trade_off,
         ))
-    if knob is not None and b0 is not None and b0 >= 2:
+    if knob is not None and b0 is not None and b0 >= 2 and fit_all:
         remedies.extend(_accumulation(run, namespace, opts, seen, knob, b0, base, limit, notes))
     if b0 is not None and knob is None and limit is not None:
         notes.append(f"the batch that fits: no batch knob found (a DataLoader or an int equal to {b0} that the "
@@ -710,8 +719,7 @@ def _accumulation(run: Callable[[], Any], ns: MutableMapping[str, Any], opts: _O
                 break
             k *= 2
     except Exception as e:
-        notes.append(f"gradient accumulation: could not be planned ({type(e).__name__})")
-        e.__traceback__ = None
+        notes.append(f"gradient accumulation: could not be planned ({_one_line(e)})")
         return []
     if found is None:
         return []
@@ -735,3 +743,10 @@ def _fmt(n: float) -> str:
     from gpumagic._units import format_bytes
 
     return format_bytes(round(n))
+
+
+def _one_line(e: BaseException) -> str:
+    """``"KeyError: 'x'"``; the exception's frames are dropped (they hold the plan's fake copies)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    e.__traceback__ = None
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -4,6 +4,7 @@ namespace left as it was."""
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -39,6 +40,7 @@ def _run(ip: InteractiveShell, src: str) -> Any:
 def _what_if(ip: InteractiveShell, name: str, budget: int | None) -> MemoryReport:
     setup, cell, _ = MODELS[name]
     _run(ip, setup)
+    gc.collect()
     opts = f" --budget {budget}" if budget is not None else ""
     rep = _run(ip, f"%%gpumem --what-if -d cpu -q -o{opts}\n{cell}")
     assert isinstance(rep, MemoryReport)
@@ -64,6 +66,9 @@ def _by_hand(name: str, remedy: Remedy, batch: int | None = None) -> tuple[str, 
 
 def _exact(ip: InteractiveShell, before: str, cell: str, budget: int | None = None) -> MemoryReport:
     _run(ip, before)
+    # the previous measurement's objects live in reference cycles: uncollected, %%gpumem's baseline
+    # counts them and the cell's peak reads as the baseline (seen after a GradScaler cell)
+    gc.collect()
     opts = f" --budget {budget}" if budget is not None else ""
     rep = _run(ip, f"%%gpumem -d cpu -q -o{opts}\n{cell}")
     assert isinstance(rep, MemoryReport)

@@ -8,11 +8,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gpumagic._batchmath import accumulation_plan, lr_note
 from gpumagic._units import format_bytes
 from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
+
+if TYPE_CHECKING:
+    from gpumagic.report import Remedy
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
 
@@ -73,6 +76,13 @@ class AdviceContext:
     world_size: int | None = None
     """Ranks training together (data parallel): batch sizes are per rank, the global batch is
     per-rank size × world_size; by default torch.distributed's world size."""
+    remedies: tuple[Remedy, ...] | None = None
+    """The failing cell's remedies, planned (:mod:`gpumagic.remedies`): what each saves and the
+    batch that then fits. ``None``: not planned (``remedies_unplanned`` may say why); the
+    generic autocast and checkpointing lines are given then."""
+    remedies_fits_now: int | None = None
+    """With ``remedies``: the batch the plan says fits as the cell is written."""
+    remedies_unplanned: str | None = None
 
 
 @dataclass(frozen=True)
@@ -582,8 +592,8 @@ def _held_before_rule(x: _In) -> _Made:
 def _mixed_precision_rule(x: _In) -> _Made:
     """Autocast, with the saving when the activation size is known."""
     info, ctx = x.info, x.ctx
-    if _is_host(info) or ctx.mixed_precision is True or ctx.batch_dependent is False:
-        return None
+    if _is_host(info) or ctx.mixed_precision is True or ctx.batch_dependent is False or ctx.remedies is not None:
+        return None  # planned remedies say it with numbers (_planned_remedy_rule)
     act = ctx.activation_bytes
     device_type = "cuda" if info is None or info.device_type in (None, "hip") else info.device_type
     saving = f"about {format_bytes(act // 2)}" if act else "about half of the activations (their size is unknown)"
@@ -606,6 +616,8 @@ def _checkpointing_rule(x: _In) -> _Made:
     """Activation checkpointing: recompute in backward instead of keeping."""
     if _is_host(x.info) or x.ctx.batch_dependent is False or x.ctx.evaluation:  # no backward: nothing to recompute
         return None
+    if x.ctx.remedies is not None:
+        return None  # planned remedies say it with numbers (_planned_remedy_rule)
     act = x.ctx.activation_bytes
     saving = f"most of the {format_bytes(act)} of activations" if act else "an unknown part of the activations"
     return Suggestion(
@@ -717,6 +729,34 @@ def _evaluation_rule(x: _In) -> _Made:
     return (_evaluation_suggestion(x.ctx), True) if x.ctx.evaluation else None
 
 
+def _planned_remedy_rule(x: _In) -> _Made:
+    """The remedy whose plan lets the largest batch fit (or saves the most), with its numbers; the
+    trade-offs (another optimizer) are never the line, only mentioned."""
+    ctx = x.ctx
+    if ctx.remedies is None:
+        return None
+    useful = [r for r in ctx.remedies if r.saved_bytes > 0 and r.accumulation_steps is None]
+    if not useful:
+        return None
+    plain = [r for r in useful if not r.trade_off] or useful
+    best = max(plain, key=lambda r: (r.batch_size_that_fits or 0, r.saved_bytes))
+    detail = f"planned on this cell: peak {format_bytes(best.peak_bytes)}"
+    if best.batch_size_that_fits is not None:
+        now = ctx.remedies_fits_now
+        detail += f"; batch {best.batch_size_that_fits} then fits" + (
+            f" (now {now} fits)" if now is not None else " (as written, no batch fits)")
+    others = [r for r in useful if r is not best][:3]
+    if others:
+        detail += "; also planned: " + ", ".join(
+            f"{r.name} saves {format_bytes(r.saved_bytes)}" + (" (a trade-off)" if r.trade_off else "") for r in others)
+    if best.cost:
+        detail += f"; cost: {best.cost}"
+    return Suggestion(
+        f"{best.name} saves {format_bytes(best.saved_bytes)} on this cell", detail, "remedy",
+        batch_size=best.batch_size_that_fits, code=best.code,
+    ), best.batch_size_that_fits is not None
+
+
 def _accumulation_rule(x: _In) -> _Made:
     if x.ctx.evaluation:  # no gradients to accumulate
         return None
@@ -744,6 +784,7 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_batch_rule, strong=70, weak=70),
     _Rule(_accumulation_rule, strong=69, weak=69),
     _Rule(_evaluation_rule, strong=69, weak=69),
+    _Rule(_planned_remedy_rule, strong=66, weak=36),
     _Rule(_mps_limit_rule, strong=65, weak=65),
     _Rule(_cuda_error_rule, strong=60, weak=60),
     _Rule(_host_rule, strong=60, weak=60),
@@ -797,7 +838,9 @@ def advise(info: OOMInfo | None, context: AdviceContext | None = None) -> Advice
             suggestion, strong = made
             ranked.append((rule.strong if strong else rule.weak, suggestion))
     ranked.sort(key=lambda item: -item[0])  # stable: equal scores keep the table's order
-    if not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
+    if ctx.remedies is None and ctx.remedies_unplanned:
+        unknown.append(f"what autocast or checkpointing would save: {ctx.remedies_unplanned}")
+    elif ctx.remedies is None and not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
     advice = Advice(
         headline=_headline(info),
