@@ -203,3 +203,39 @@ def test_what_if_on_the_line_magic_is_a_usage_error(ip: InteractiveShell) -> Non
 def test_what_if_with_a_bad_budget_names_it(ip: InteractiveShell, clean_ns: None) -> None:
     with pytest.raises(UsageError, match="--budget"):
         ip.run_cell_magic("gpumem", "--what-if -d cpu --budget lots", "x = 1\n")
+
+
+# --- the OOM advice uses the same plans ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_following_the_oom_advice_remedy_line_literally_fits(ip: InteractiveShell, clean_ns: None) -> None:
+    setup, cell, hand = MODELS["gpt"]
+    budget = 48 * MiB
+    _run(ip, setup + "\nbs = 40")  # the plan says 27 fits as written
+    res = ip.run_cell(f"%%gpumem -d cpu --budget {budget} -q\n{cell}")
+    assert isinstance(res.error_in_exec, torch.OutOfMemoryError)
+    advice = res.error_in_exec.advice
+    line = next(s for s in advice.suggestions if s.kind == "remedy")
+    assert " saves " in line.title
+    assert "on this cell" in line.title
+    assert line.batch_size is not None
+    assert line.batch_size > 40
+    assert f"batch {line.batch_size} then fits (now " in line.detail
+    assert not [s for s in advice.suggestions if s.kind in ("mixed_precision", "checkpointing")]
+    key = next((k for k in hand if k and line.title.startswith(k)), None)
+    before, body = (line.code or "", cell) if key is None else ("", hand[key])
+    report = _exact(ip, f"{setup}\nbs = {line.batch_size}\n{before}", body, budget=budget)
+    assert report.error is None
+
+
+@pytest.mark.slow
+def test_a_cell_the_dry_run_cannot_plan_keeps_the_advice_and_says_why(ip: InteractiveShell, clean_ns: None) -> None:
+    _run(ip, _TINY.replace("bs = 8", "bs = 4096"))
+    cell = _TINY_CELL.replace("    loss.backward()", "    loss = loss + out[out > 0].sum() * 0\n    loss.backward()")
+    res = ip.run_cell(f"%%gpumem -d cpu --budget 2MiB -q\n{cell}")
+    assert isinstance(res.error_in_exec, torch.OutOfMemoryError)
+    advice = res.error_in_exec.advice
+    assert any("a dry run could not plan this cell (DryRunError)" in u for u in advice.unknown)
+    assert not [s for s in advice.suggestions if s.kind == "remedy"]
+    assert [s for s in advice.suggestions if s.kind == "mixed_precision"]
