@@ -24,7 +24,7 @@ from gpumagic._version import __version__
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from gpumagic._track import track
+    from gpumagic._track import track, what_if
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
@@ -65,6 +65,7 @@ __all__ = [
     "parse_size",
     "track",
     "unload_ipython_extension",
+    "what_if",
 ]
 
 # results render through the registry; the widgets register when the first result renders
@@ -76,6 +77,7 @@ _LAZY = {
     **dict.fromkeys(("BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport", "RankRecord",
                      "StepRecord", "Trial"), "gpumagic.report"),
     "track": "gpumagic._track",
+    "what_if": "gpumagic._track",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "device_status": "gpumagic.devices",

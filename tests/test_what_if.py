@@ -239,3 +239,23 @@ def test_a_cell_the_dry_run_cannot_plan_keeps_the_advice_and_says_why(ip: Intera
     assert any("a dry run could not plan this cell (DryRunError)" in u for u in advice.unknown)
     assert not [s for s in advice.suggestions if s.kind == "remedy"]
     assert [s for s in advice.suggestions if s.kind == "mixed_precision"]
+
+
+@pytest.mark.slow
+def test_the_api_plans_a_callable_and_finds_its_global_batch_knob(ip: InteractiveShell, clean_ns: None) -> None:
+    import gpumagic
+
+    ns: dict[str, Any] = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
+    exec(_TINY + "\ndef train():\n" + "\n".join("    " + ln for ln in _TINY_CELL.strip().splitlines()), ns)
+    rep = gpumagic.what_if(ns["train"], device="cpu", budget="1MiB")
+    assert rep.dry_run
+    assert rep.batch_size_that_fits is not None
+    assert "activation checkpointing" in {r.name for r in rep.what_if}
+    assert ns["bs"] == 8
+
+
+def test_the_api_names_a_bad_steps_value() -> None:
+    import gpumagic
+
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        gpumagic.what_if(lambda: None, device="cpu", steps=0)
