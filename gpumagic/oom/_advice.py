@@ -740,11 +740,13 @@ def _planned_remedy_rule(x: _In) -> _Made:
         return None
     plain = [r for r in useful if not r.trade_off] or useful
     best = max(plain, key=lambda r: (r.batch_size_that_fits or 0, r.saved_bytes))
-    detail = f"planned on this cell: peak {format_bytes(best.peak_bytes)}"
+    parts = []
     if best.batch_size_that_fits is not None:
         now = ctx.remedies_fits_now
-        detail += f"; batch {best.batch_size_that_fits} then fits" + (
-            f" (now {now} fits)" if now is not None else " (as written, no batch fits)")
+        parts.append(f"batch {best.batch_size_that_fits} then fits" + (
+            f" (now {now} fits)" if now is not None else " (as written, no batch fits)"))
+    parts.append(f"planned peak {format_bytes(best.peak_bytes)} at the cell's batch")
+    detail = "; ".join(parts)
     others = [r for r in useful if r is not best][:3]
     if others:
         detail += "; also planned: " + ", ".join(
