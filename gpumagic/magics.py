@@ -285,6 +285,10 @@ def _oom_backend(info: Any) -> Any:
     return next((b for b in backends.registry() if device_type in getattr(b, "oom_device_types", ())), None)
 
 
+_REMEDY_PLANS_SECONDS = 20.0
+"""After an OOM, no further what-if plan starts past this: the advice must not keep the user waiting."""
+
+
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory.
 
@@ -394,7 +398,8 @@ class OOMPresenter:
             release_memory(exc)  # the failed step's frames first: a plan's baseline counts what is alive
             with contextlib.redirect_stdout(io.StringIO()):  # the cell's prints, once per plan: not the user's output
                 rep = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=str(dev),
-                                   budget=ctx.capacity_bytes, source=cell, fit_all=False)
+                                   budget=ctx.capacity_bytes, source=cell, fit_all=False,
+                                   time_limit=_REMEDY_PLANS_SECONDS)
         except Exception as e:  # a cell the dry run cannot plan: the advice says so and keeps its wording
             e.__traceback__ = None
             why = f"a dry run could not plan this cell ({type(e).__name__})"

@@ -611,7 +611,8 @@ def _fits(plan_at: Callable[[int], int | None], b0: int, p0: int, limit: float) 
 
 def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *, device: str | None = None,
                  gpu: Any = None, budget: int | None = None, steps: int = 3, margin: float = _MARGIN,
-                 source: str | None = None, fit_all: bool = True) -> MemoryReport:
+                 source: str | None = None, fit_all: bool = True,
+                 time_limit: float | None = None) -> MemoryReport:
     """Plan ``run`` as written and once per remedy that applies; the plan's report with ``what_if``.
 
     ``run`` executes the code (reading its objects from ``namespace``); ``source`` is its text,
@@ -619,12 +620,20 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
     remedy leaves the remedy out with a note; a failure of the plan as written raises
     :class:`~gpumagic.dryrun.DryRunError`. ``fit_all=False`` finds the batch that then fits only
     for the remedy that saves the most (no trade-off), as the OOM advice needs: fewer plans.
+    ``time_limit`` (seconds): no plan starts after it; what was left is named in a note.
 
     >>> rep = plan_what_if(lambda: exec(cell, ns), ns, device="cpu", budget=2**30, source=cell)  # doctest: +SKIP
     >>> [(r.name, r.saved_bytes) for r in rep.what_if]                                          # doctest: +SKIP
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be >= 0 and < 1, got {margin}")
+    import time
+
+    start = time.perf_counter()
+
+    def late() -> bool:
+        return time_limit is not None and time.perf_counter() - start > time_limit
+
     opts = _Options(device, gpu, budget, steps, margin)
     seen = _Seen()
     base, base_flops = _run_plan(run, namespace, opts, seen, count_flops=True, watch=True)
@@ -651,7 +660,8 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
             return None, None
         return _fits(plan_at(apply), b0, p0, limit)
 
-    now_fits, why = fits(None, base.peak_bytes)
+    skipped: list[str] = []
+    now_fits, why = fits(None, base.peak_bytes) if not late() else (None, None)
     if why:
         notes.append(f"the batch that fits as written: {why}")
     # which remedies apply is read on the real objects (names, types, groups), never changing them
@@ -659,6 +669,9 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
     planned: list[tuple[_Candidate, MemoryReport, int | None]] = []
     for cand in _candidates(probe):
         if not cand.applies(probe, base):
+            continue
+        if late():
+            skipped.append(cand.name)
             continue
         try:
             rep, flops = _run_plan(run, namespace, opts, seen, cand.apply, count_flops=cand.flops)
@@ -671,7 +684,7 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
     remedies: list[Remedy] = []
     for cand, rep, flops in planned:
         fit, why = None, None
-        if fit_all or cand is best:
+        if (fit_all or cand is best) and not late():
             try:
                 fit, why = fits(cand.apply, rep.peak_bytes)
             except Exception as e:
@@ -690,7 +703,9 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
             batch_size_that_fits=fit, code=cand.code(probe, base), notes=tuple(rnotes), cost=cost,
             trade_off=cand.trade_off,
         ))
-    if knob is not None and b0 is not None and b0 >= 2 and fit_all:
+    if skipped:
+        notes.append(f"not planned within the time limit ({time_limit:.0f} s): {', '.join(skipped)}")
+    if knob is not None and b0 is not None and b0 >= 2 and fit_all and not late():
         remedies.extend(_accumulation(run, namespace, opts, seen, knob, b0, base, limit, notes))
     if b0 is not None and knob is None and limit is not None:
         notes.append(f"the batch that fits: no batch knob found (a DataLoader or an int equal to {b0} that the "

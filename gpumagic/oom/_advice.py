@@ -786,11 +786,12 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_batch_rule, strong=70, weak=70),
     _Rule(_accumulation_rule, strong=69, weak=69),
     _Rule(_evaluation_rule, strong=69, weak=69),
-    _Rule(_planned_remedy_rule, strong=66, weak=36),
     _Rule(_mps_limit_rule, strong=65, weak=65),
     _Rule(_cuda_error_rule, strong=60, weak=60),
     _Rule(_host_rule, strong=60, weak=60),
     _Rule(_generic_batch_rule, strong=55, weak=55),
+    # after every batch-size line: its code (autocast) may be a pattern to adapt, not a literal line
+    _Rule(_planned_remedy_rule, strong=50, weak=32),
     _Rule(_held_before_rule, strong=35, weak=35),
     _Rule(_mixed_precision_rule, strong=30, weak=30),
     _Rule(_checkpointing_rule, strong=20, weak=20),
