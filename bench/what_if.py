@@ -14,7 +14,9 @@ BatchNorm, a transformer encoder, a GPT-style decoder). Each model runs in a rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import sys
 import time
 from pathlib import Path
@@ -41,7 +43,8 @@ def _shell() -> Any:
 
 
 def _run(ip: Any, src: str) -> Any:
-    res = ip.run_cell(src)
+    with contextlib.redirect_stdout(io.StringIO()):  # the shell echoes -o's report as Out[...]
+        res = ip.run_cell(src)
     if res.error_in_exec is not None:
         raise res.error_in_exec
     return res.result
@@ -65,7 +68,8 @@ def _by_hand(name: str, remedy: Any, batch: int | None = None) -> tuple[str, str
 def _measure(ip: Any, before: str, cell: str, budget: int | None = None) -> Any:
     _run(ip, before)
     gc.collect()
-    res = ip.run_cell(f"%%gpumem -d cpu -q -o{f' --budget {budget}' if budget else ''}\n{cell}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = ip.run_cell(f"%%gpumem -d cpu -q -o{f' --budget {budget}' if budget else ''}\n{cell}")
     return None if res.error_in_exec is not None else res.result
 
 
