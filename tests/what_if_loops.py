@@ -88,7 +88,8 @@ for step, (x, y) in enumerate(loader):
     opt.step()
 """
 _c = _variants("    x, y = next(it)", "model(x)", "F.cross_entropy(out, y)")
-_c = {k: "it = iter(loader)\n" + v for k, v in _c.items()}
+# the iterator holds the loader and its data set: gone with the loop, or the next setup's baseline counts two
+_c = {k: "it = iter(loader)\n" + v + "del it\n" for k, v in _c.items()}
 MODELS["cnn_bn"] = (_CNN_SETUP, _CNN_CELL, _c)
 
 _ENC_SETUP = """
