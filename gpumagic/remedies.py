@@ -661,7 +661,12 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
         return _fits(plan_at(apply), b0, p0, limit)
 
     skipped: list[str] = []
-    now_fits, why = fits(None, base.peak_bytes) if not late() else (None, None)
+    now_fits, why = None, None
+    if not late():
+        try:
+            now_fits, why = fits(None, base.peak_bytes)
+        except Exception as e:  # a knob that cannot take another size (a custom batch sampler)
+            why = f"not found ({_one_line(e)})"
     if why:
         notes.append(f"the batch that fits as written: {why}")
     # which remedies apply is read on the real objects (names, types, groups), never changing them
