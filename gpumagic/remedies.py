@@ -563,7 +563,8 @@ def _candidates(plan: _Plan) -> list[_Candidate]:
 def _find_knob(ns: MutableMapping[str, Any], source: str | None, b0: int) -> _Knob | None:
     from torch.utils.data import DataLoader
 
-    names = _names_in(source) if source is not None else set(ns)
+    # a name the code binds itself (`loader = DataLoader(..., batch_size=bs)`) is rebuilt by it: not a knob
+    names = (_names_in(source) - _bound_in(source)) if source is not None else set(ns)
     loaders = [n for n in names if isinstance(ns.get(n), DataLoader) and getattr(ns[n], "batch_size", None) == b0]
     ints = [n for n in names if type(ns.get(n)) is int and ns[n] == b0 and not n.startswith("_")]
     if len(loaders) == 1:
@@ -571,6 +572,16 @@ def _find_knob(ns: MutableMapping[str, Any], source: str | None, b0: int) -> _Kn
     if not loaders and len(ints) == 1:
         return _Knob(ints[0], False)
     return None
+
+
+def _bound_in(source: str) -> set[str]:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython syntax (%magics, !shell): nothing known to be bound
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
 def _names_in(source: str) -> set[str]:
