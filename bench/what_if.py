@@ -65,7 +65,18 @@ def _by_hand(name: str, remedy: Any, batch: int | None = None) -> tuple[str, str
     return setup + "\n" + before, body
 
 
+def _fresh(ip: Any, keep: set[str]) -> None:
+    """Every measurement from what its own setup builds: earlier runs' names dropped, garbage collected."""
+    for name in [n for n in ip.user_ns if n not in keep]:
+        del ip.user_ns[name]
+    gc.collect()
+
+
+KEEP: set[str] = set()
+
+
 def _measure(ip: Any, before: str, cell: str, budget: int | None = None) -> Any:
+    _fresh(ip, KEEP)
     _run(ip, before)
     gc.collect()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -81,9 +92,11 @@ def main() -> None:
     from gpumagic._units import format_bytes
 
     ip = _shell()
+    KEEP.update(ip.user_ns)
     for name in [args.only] if args.only else sorted(MODELS):
         setup, cell, _ = MODELS[name]
         budget = BUDGETS[name]
+        _fresh(ip, KEEP)
         _run(ip, setup)
         gc.collect()
         t = time.perf_counter()

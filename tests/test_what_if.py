@@ -39,6 +39,8 @@ def _run(ip: InteractiveShell, src: str) -> Any:
 
 def _what_if(ip: InteractiveShell, name: str, budget: int | None) -> MemoryReport:
     setup, cell, _ = MODELS[name]
+    _KEEP.clear()
+    _KEEP.update(ip.user_ns)
     _run(ip, setup)
     gc.collect()
     opts = f" --budget {budget}" if budget is not None else ""
@@ -64,10 +66,20 @@ def _by_hand(name: str, remedy: Remedy, batch: int | None = None) -> tuple[str, 
     return setup + "\n" + before, body
 
 
+_KEEP: set[str] = set()
+
+
+def _fresh(ip: InteractiveShell) -> None:
+    """Drop every name an earlier measurement of the test made (its outputs, iterators, blocks), then
+    collect: each measurement starts from what its own setup builds, like the plan did."""
+    for name in [n for n in ip.user_ns if _KEEP and n not in _KEEP]:
+        del ip.user_ns[name]
+    gc.collect()
+
+
 def _exact(ip: InteractiveShell, before: str, cell: str, budget: int | None = None) -> MemoryReport:
+    _fresh(ip)
     _run(ip, before)
-    # the previous measurement's objects live in reference cycles: uncollected, %%gpumem's baseline
-    # counts them and the cell's peak reads as the baseline (seen after a GradScaler cell)
     gc.collect()
     opts = f" --budget {budget}" if budget is not None else ""
     rep = _run(ip, f"%%gpumem -d cpu -q -o{opts}\n{cell}")
