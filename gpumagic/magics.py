@@ -389,6 +389,8 @@ class OOMPresenter:
         """``ctx`` with the failing cell's remedies planned on fake copies (gpumagic.remedies), or why not."""
         if cell is None or dev is None or ctx.evaluation or ctx.batch_dependent is False:
             return ctx
+        if cell.lstrip().startswith("%%"):  # another cell magic's body: not code a plan can run as is
+            return dataclasses.replace(ctx, remedies_unplanned="the cell runs under a cell magic")
         import io
 
         from gpumagic.devices import release_memory
