@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(MODELS))
     ap.add_argument("--no-fits", action="store_true", help="skip running the batches that then fit")
     args = ap.parse_args()
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     ip = _shell()
     KEEP.update(ip.user_ns)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from gpumagic import _bundles
-from gpumagic._units import format_bytes, parse_size
+from gpumagic import views
 from gpumagic._version import __version__
+from gpumagic.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from gpumagic._track import track, what_if
+    from gpumagic.measure import track, what_if
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
@@ -69,15 +69,15 @@ __all__ = [
 ]
 
 # results render through the registry; the widgets register when the first result renders
-_bundles.add_module("gpumagic.widgets")
+views.add_module("gpumagic.render.widgets")
 
 # name -> module that defines it; imported on first attribute access (PEP 562), so that
 # %load_ext pays for none of it (the result types' dataclasses alone cost ~18 ms to create)
 _LAZY = {
     **dict.fromkeys(("BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport", "RankRecord",
                      "StepRecord", "Trial"), "gpumagic.report"),
-    "track": "gpumagic._track",
-    "what_if": "gpumagic._track",
+    "track": "gpumagic.measure",
+    "what_if": "gpumagic.measure",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "device_status": "gpumagic.devices",

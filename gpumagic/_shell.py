@@ -96,7 +96,7 @@ def show_monitor(monitor: Monitor, sidebar: bool = False, *,
         from IPython.display import display as ipython_display
 
         display = ipython_display
-    from gpumagic.widgets import monitor_widget
+    from gpumagic.render.widgets import monitor_widget
 
     panel = monitor_widget(monitor)
     if sidebar:

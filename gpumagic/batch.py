@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpumagic import backends, heaviest
-from gpumagic._batchmath import Pick
 from gpumagic._gcscan import instances_of
 from gpumagic._plain import plain_container
-from gpumagic._progress import text_progress
 from gpumagic._safe import describe
 from gpumagic._tensors import storages
 from gpumagic.backends import Backend
+from gpumagic.batchmath import Pick
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
+from gpumagic.render.progress import text_progress
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.tracking import StopTrial, Tracker
 
@@ -541,8 +541,8 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     two real trials, and an out-of-memory error only if the plan is off by more than the margin.
     Otherwise the ordinary search runs on real trials and the result says why.
     """
-    from gpumagic._units import format_bytes
     from gpumagic.report import Fit
+    from gpumagic.units import format_bytes
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
@@ -923,7 +923,7 @@ def _after_search(
 
 
 def _fmt(n: int) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(n)
 

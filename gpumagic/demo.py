@@ -36,7 +36,7 @@ for x, y in loader:
 
 
 def _cell(ip: Any, title: str, src: str) -> Any:
-    from gpumagic._text import bold
+    from gpumagic.render.text import bold
 
     print(f"\n{bold(title)}")  # escape codes only on a terminal that takes them
     print(textwrap.indent(src.strip("\n"), "  │ "))

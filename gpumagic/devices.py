@@ -22,9 +22,9 @@ import torch
 
 from gpumagic import backends
 from gpumagic._tensors import is_fake, storages
-from gpumagic._units import format_bytes, parse_size
 from gpumagic.backends import Backend, MemorySession
 from gpumagic.report import DeviceStatus
+from gpumagic.units import format_bytes, parse_size
 
 __all__ = [
     "Bindings",

@@ -240,7 +240,7 @@ class TrialAgreement:
 
     def result(self, result: BatchSearchResult, objects: list[Any]) -> BatchSearchResult:
         """The search's result stated per rank and for the global batch (× world size)."""
-        from gpumagic._batchmath import lr_note
+        from gpumagic.batchmath import lr_note
 
         optimizer = next((o for o in objects if isinstance(o, torch.optim.Optimizer)), None)
         notes = [f"searched together on {self.world_size} ranks: every trial's outcome agreed, out of memory on "

@@ -1031,7 +1031,7 @@ def _swap_in_place(objects: Iterable[Any], fake_mode: Any, undo: list[Callable[[
 
 
 def _fmt(n: int) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(n)
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from gpumagic._units import format_bytes
 from gpumagic.report import SampleSizes, StepRecord, Trial, VariableInputs
 from gpumagic.tracking import input_elements
+from gpumagic.units import format_bytes
 
 __all__ = [
     "MEASURE_ALL",

@@ -29,8 +29,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
-from gpumagic._batchmath import PICKS
 from gpumagic._shell import find_batch_in_shell, hints, last_gpumem_cell, run_cell_source, show_monitor
+from gpumagic.batchmath import PICKS
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -231,7 +231,7 @@ class TracebackView:
             self.full = traceback.format_exception(type(exc), exc, tb)
         self.wrap = _text_only(shell)  # a terminal: lines within its width (a notebook wraps by itself)
         if self.wrap and self.full:
-            from gpumagic._text import wrap_block
+            from gpumagic.render.text import wrap_block
 
             self.full[-1] = wrap_block(self.full[-1])  # the message: one line of 300 characters
         self.shown = False
@@ -239,7 +239,7 @@ class TracebackView:
     def __call__(self) -> list[str]:
         if not self.shown:
             self.shown = True
-            from gpumagic._text import wrap_block
+            from gpumagic.render.text import wrap_block
 
             text = "\n".join(self.short)
             return (wrap_block(text) if self.wrap else text).splitlines()
@@ -347,7 +347,7 @@ class OOMPresenter:
             if cell is None:  # the global handler: the cell that just ran
                 hist = getattr(self.shell.history_manager, "input_hist_raw", None) or [""]
                 cell = hist[-1]
-            from gpumagic.oom import _advice
+            from gpumagic.oom import advice as _advice
 
             self.last_oom_cell = cell
             released: tuple[tuple[str, int], ...] = ()
@@ -413,7 +413,7 @@ class OOMPresenter:
         widget = None
         if getattr(self.shell, "kernel", None) is not None:  # a Jupyter kernel: a widget manager may render it
             try:
-                from gpumagic.widgets import advice_widget
+                from gpumagic.render.widgets import advice_widget
 
                 widget = advice_widget(advice, lambda code: self.shell.run_cell(code, store_history=True))
             except Exception:  # no ipywidgets, or it failed: the text and HTML still show
@@ -697,14 +697,14 @@ class _ShownProgress:
 def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
     """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
     terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
-    from gpumagic._progress import LineProgress, text_progress
+    from gpumagic.render.progress import LineProgress, text_progress
 
     progress: Any = None
     if quiet:
         pass
     elif _kernel_frontend(shell):
         try:
-            from gpumagic.widgets import WidgetProgress
+            from gpumagic.render.widgets import WidgetProgress
 
             bar = WidgetProgress()
         except ImportError:  # no ipywidgets: lines in the cell's stderr
@@ -923,7 +923,7 @@ class GPUMagics(Magics):
 
     def _gpumem_planned(self, args: Any, cell: str) -> Any:
         """%%gpumem --dry-run, or --gpu NAME as a budget."""
-        from gpumagic._track import track
+        from gpumagic.measure import track
         from gpumagic.dryrun import DryRunError
 
         if not cell.strip():

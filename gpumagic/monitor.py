@@ -7,7 +7,7 @@ processes included), else torch's own CUDA counters (only when this process has 
 initialised CUDA: the monitor never does), else MPS, else the CPU (this process's resident
 memory against the machine's, plus the live bytes of gpumagic's CPU tracker while one runs).
 Nothing here imports torch, IPython or ipywidgets; the panel is drawn by
-:func:`gpumagic.widgets.monitor_widget`.
+:func:`gpumagic.render.widgets.monitor_widget`.
 
 >>> mon = Monitor(interval=0.5)   # doctest: +SKIP
 >>> mon.start(); ...; mon.stop()  # doctest: +SKIP

@@ -771,7 +771,7 @@ def _accumulation(run: Callable[[], Any], ns: MutableMapping[str, Any], opts: _O
 
 
 def _fmt(n: float) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(round(n))
 

@@ -4,7 +4,7 @@ Memory is always ``int`` bytes and time ``float`` seconds; ``None`` means "not k
 Objects render themselves: ``repr`` is a one-line summary, ``_repr_pretty_`` (IPython's
 plain-text display, a terminal) a headline and a short table fitting the terminal, ``_repr_html_`` a compact table, and
 ``_repr_mimebundle_`` adds what the renderers registered for the type make (a widget and a PNG,
-from :mod:`gpumagic.widgets`), through the registry in :mod:`gpumagic._bundles`.
+from :mod:`gpumagic.render.widgets`), through the registry in :mod:`gpumagic.views`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._bundles import mimebundle
-from gpumagic._html import html_grid, html_table
-from gpumagic._text import WHAT_IF_HEADER, grid_text, memory_report_text, search_text, use_color
-from gpumagic._units import format_bytes, format_seconds
+from gpumagic.render.html import html_grid, html_table
+from gpumagic.render.text import WHAT_IF_HEADER, grid_text, memory_report_text, search_text, use_color
+from gpumagic.units import format_bytes, format_seconds
+from gpumagic.views import mimebundle
 
 if TYPE_CHECKING:
     import pandas
 
-    from gpumagic._batchmath import LRRule, Pick
+    from gpumagic.batchmath import LRRule, Pick
 
 __all__ = [
     "BatchSearchResult",

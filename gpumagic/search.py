@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpumagic._batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
-from gpumagic._units import format_bytes
+from gpumagic.batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
 from gpumagic.report import BatchSearchResult, Fit, Trial
+from gpumagic.units import format_bytes
 
 __all__ = ["PICKS", "search"]
 

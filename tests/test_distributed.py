@@ -199,7 +199,7 @@ LAUNCH_CELLS = [
     "from accelerate import notebook_launcher\n"
     "notebook_launcher(train, num_processes=2)",
     "rep = _\n"
-    "from gpumagic.widgets import memory_figure\n"
+    "from gpumagic.render.widgets import memory_figure\n"
     "fig = memory_figure(rep)\n"
     "print([(r.rank, r.steps) for r in rep.ranks], rep.world_size, rep.peak_rank.rank,"
     " len(fig.axes[0].patches))",
@@ -258,7 +258,7 @@ def test_oom_advice_names_the_rank_and_states_the_global_batch() -> None:
 
 def test_oom_advice_finds_the_rank_in_a_start_processes_error() -> None:
     from gpumagic.oom import AdviceContext, advise, parse
-    from gpumagic.oom._advice import rank_in_error
+    from gpumagic.oom.advice import rank_in_error
 
     text = "\n\n-- Process 3 terminated with the following error:\nTraceback ...\ntorch.OutOfMemoryError: " + CUDA_OOM
     assert advise(parse(text), AdviceContext(rank=rank_in_error(text))).headline.startswith("Rank 3: ")
@@ -275,8 +275,8 @@ def test_report_names_the_rank_with_the_highest_peak_and_the_spread() -> None:
 
 
 def test_the_memory_figure_has_one_bar_per_rank() -> None:
+    from gpumagic.render.widgets import memory_figure
     from gpumagic.report import MemoryReport, RankRecord
-    from gpumagic.widgets import memory_figure
 
     ranks = tuple(RankRecord(r, "cpu", 1000 * (r + 1), 10, None, 3, 1.0, budget_bytes=4096) for r in range(3))
     rep = MemoryReport("cpu", "cpu", 0, 0, 0, 0, None, None, 1.0, ranks=ranks, world_size=3)

@@ -391,7 +391,7 @@ def test_find_batch_api_dry_run_for_a_gpu() -> None:
 
 def test_widget_draws_planned_trials_distinctly(ip: InteractiveShell, clean_ns: None) -> None:
     pytest.importorskip("matplotlib")
-    from gpumagic.widgets import search_readout
+    from gpumagic.render.widgets import search_readout
 
     ip.run_cell("model = nn.Linear(64, 64); opt = torch.optim.SGD(model.parameters(), lr=0.1)")
     res = ip.run_cell("%%find_batch --dry-run -d cpu --budget 2MiB --var bs -o -q\n"

@@ -198,7 +198,7 @@ def test_gpumem_records_the_input_elements_of_each_step(texts):
 
 def test_per_step_view_plots_peak_against_input_size(texts):
     pytest.importorskip("matplotlib")
-    from gpumagic.widgets import memory_figure
+    from gpumagic.render.widgets import memory_figure
 
     with capture_output():
         r = run(texts, f"%%gpumem -d cpu --budget {BUDGET} -o -q\n"

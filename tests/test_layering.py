@@ -15,11 +15,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpumagic"
 EDGE = {
-    "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.widgets", "gpumagic.monitor",
+    "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.render.widgets", "gpumagic.monitor",
     "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__",
 }
 IPYTHON_LAYER = {"gpumagic.magics", "gpumagic._shell"}
-RENDERERS = {"gpumagic.widgets", "gpumagic.monitor"}
+RENDERERS = {"gpumagic.render.widgets", "gpumagic.monitor"}
 
 
 @cache

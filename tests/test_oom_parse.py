@@ -17,10 +17,10 @@ from typing import get_args
 import pytest
 import torch
 
-from gpumagic._units import format_size_torch
 from gpumagic.backends.cpu import simulated_oom_message
 from gpumagic.oom import FIGURES, OOMInfo, parse
-from gpumagic.oom._parse import OOMKind
+from gpumagic.oom.parsing import OOMKind
+from gpumagic.units import format_size_torch
 
 CORPUS = Path(__file__).parent / "oom_corpus"
 MiB = 2**20

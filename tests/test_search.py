@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gpumagic._batchmath import lr_note
+from gpumagic.batchmath import lr_note
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.search import search
 

@@ -176,7 +176,7 @@ def test_a_failing_report_keeps_the_users_exception_and_gives_a_partial_report(i
 def test_a_failing_renderer_still_shows_the_text_and_html_report(ip, clean_ns, monkeypatch):
     from IPython.utils.capture import capture_output
 
-    from gpumagic import widgets
+    from gpumagic.render import widgets
 
     def broken(obj, kind):
         raise RuntimeError("renderer")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpumagic
-from gpumagic._progress import BarProgress, LineProgress, text_progress
-from gpumagic._text import bold, memory_report_text, search_text, use_color, wrap_block
+from gpumagic.render.progress import BarProgress, LineProgress, text_progress
+from gpumagic.render.text import bold, memory_report_text, search_text, use_color, wrap_block
 from gpumagic.report import BatchSearchResult, Trial
 
 ESC = "\x1b"

@@ -1,6 +1,6 @@
 import pytest
 
-from gpumagic._units import format_bytes, format_size_torch, parse_size
+from gpumagic.units import format_bytes, format_size_torch, parse_size
 
 
 @pytest.mark.parametrize(

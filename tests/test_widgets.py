@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from gpumagic import _shell, widgets
-from gpumagic._batchmath import lr_note
-from gpumagic._units import format_bytes
+from gpumagic import _shell
+from gpumagic.batchmath import lr_note
 from gpumagic.monitor import DeviceSample, Monitor
+from gpumagic.render import widgets
 from gpumagic.report import BatchSearchResult, Fit, MemoryReport, StepRecord, Trial
+from gpumagic.units import format_bytes
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +158,7 @@ def test_mimebundle_in_a_plain_process_has_a_widget_and_does_not_import_pyplot()
 def test_importing_gpumagic_imports_neither_ipywidgets_nor_matplotlib() -> None:
     out = run_python("""
         import sys, gpumagic
-        print([m for m in ("ipywidgets", "matplotlib", "gpumagic.widgets", "gpumagic.monitor") if m in sys.modules])
+        print([m for m in ("ipywidgets", "matplotlib", "gpumagic.render.widgets", "gpumagic.monitor") if m in sys.modules])
     """)
     assert out == "[]"
 
@@ -536,8 +537,8 @@ def test_show_monitor_sidebar_opens_a_sidecar(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_readout_uses_square_root_scaling_for_adam_even_when_the_effective_batch_is_kept():
+    from gpumagic.render.widgets import search_readout
     from gpumagic.report import BatchSearchResult, Fit, Trial
-    from gpumagic.widgets import search_readout
 
     res = BatchSearchResult(
         trials=(Trial(2, 2**20, False, None, 0.1, 3), Trial(512, 513 * 2**20, False, None, 0.1, 3)),
@@ -552,7 +553,7 @@ def test_readout_uses_square_root_scaling_for_adam_even_when_the_effective_batch
 
 def test_the_advice_button_runs_the_measuring_command_in_place():
     from gpumagic.oom import Advice, Suggestion
-    from gpumagic.widgets import advice_widget
+    from gpumagic.render.widgets import advice_widget
 
     code = "%find_batch --var batch_size -d cpu --budget 96MiB"
     advice = Advice("Out of memory", (Suggestion("Measure the batch size that fits", "", "measure", code=code),))
@@ -565,7 +566,7 @@ def test_the_advice_button_runs_the_measuring_command_in_place():
 
 def test_advice_without_a_measuring_command_has_no_button():
     from gpumagic.oom import Advice, Suggestion
-    from gpumagic.widgets import advice_widget
+    from gpumagic.render.widgets import advice_widget
 
     advice = Advice("Out of memory", (Suggestion("Checkpoint activations", "", "checkpointing"),))
     assert advice_widget(advice, print) is None

@@ -29,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gpumagic._gcscan import instances_of
 from gpumagic._safe import describe
 from gpumagic._tensors import storages, unreadable_kind
-from gpumagic._units import format_size_torch
 from gpumagic.backends import PeakWindows
+from gpumagic.units import format_size_torch
 
 __all__ = [
     "CPUSession",

@@ -16,13 +16,13 @@ exception carries it too, as ``exc.advice``).
     >>> info.tried_to_allocate, info.free
     (20971520, 22020096)
 
-Parsing lives in ``_parse.py`` (formats), advice in ``_advice.py`` (rules). Only the standard
+Parsing lives in ``parsing.py`` (formats), advice in ``advice.py`` (rules). Only the standard
 library and gpumagic's private modules are imported: no torch needed.
 """
 
 from __future__ import annotations
 
-from gpumagic.oom._advice import Advice, AdviceContext, Suggestion, advise, last_advice
-from gpumagic.oom._parse import FIGURES, OOMInfo, parse
+from gpumagic.oom.advice import Advice, AdviceContext, Suggestion, advise, last_advice
+from gpumagic.oom.parsing import FIGURES, OOMInfo, parse
 
 __all__ = ["FIGURES", "Advice", "AdviceContext", "OOMInfo", "Suggestion", "advise", "last_advice", "parse"]

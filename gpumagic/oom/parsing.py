@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final, Literal
 
-from gpumagic._units import format_bytes, unit_bytes
+from gpumagic.units import format_bytes, unit_bytes
 
 __all__ = ["FIGURES", "OOMInfo", "OOMKind", "parse"]
 

@@ -19,7 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from gpumagic._units import format_seconds
+from gpumagic.units import format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, MemoryReport, Trial
@@ -120,7 +120,7 @@ def render(headline: str, rows: Sequence[tuple[str, str]], width: int, *, color:
 
 
 def _bytes(n: int | float | None) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(None if n is None else round(n))
 
@@ -201,7 +201,7 @@ def grid_text(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) 
 
 
 def _signed(n: int) -> str:
-    from gpumagic._units import format_bytes
+    from gpumagic.units import format_bytes
 
     return format_bytes(n, signed=True)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import TYPE_CHECKING, Any, Final
 
-from gpumagic._batchmath import accumulation_plan, lr_note
-from gpumagic._units import format_bytes
-from gpumagic.oom._parse import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
+from gpumagic.batchmath import accumulation_plan, lr_note
+from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host
+from gpumagic.units import format_bytes
 
 if TYPE_CHECKING:
     from gpumagic.report import Remedy
@@ -152,7 +152,7 @@ class Advice:
         return f"<Advice: {self.headline} ({len(self.suggestions)} suggestions)>"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        from gpumagic._text import wrap_block
+        from gpumagic.render.text import wrap_block
 
         p.text(wrap_block(self.text(), code_indent=5))  # a terminal: prose within its width, code whole
 

@@ -3,7 +3,7 @@
 Results (:mod:`gpumagic.report`) know nothing of renderers. A renderer is a function from a
 result to extra mimebundle entries (a PNG, a widget view); it registers for a type with
 :func:`register`. Renderer modules are named with :func:`add_module` and imported on the first
-render only, so importing gpumagic stays cheap (the package face names :mod:`gpumagic.widgets`).
+render only, so importing gpumagic stays cheap (the package face names :mod:`gpumagic.render.widgets`).
 
 >>> register(MyResult, lambda r: {"image/svg+xml": draw(r)})   # doctest: +SKIP
 """

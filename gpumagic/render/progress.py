@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from gpumagic._text import describe_trial
+from gpumagic.render.text import describe_trial
 
 if TYPE_CHECKING:
     from gpumagic.report import Trial

@@ -4,7 +4,7 @@ The only module that imports ipywidgets and matplotlib, both inside functions, a
 only through :class:`matplotlib.figure.Figure` and the Agg canvas: the user's pyplot state
 (current figure, backend, ``plt.show()`` queue) is never touched.
 
-Registered with :mod:`gpumagic._bundles` for :class:`MemoryReport` and :class:`BatchSearchResult`:
+Registered with :mod:`gpumagic.views` for :class:`MemoryReport` and :class:`BatchSearchResult`:
 :func:`rich_bundle` adds a widget view (an interactive panel where a widget manager runs) and a
 PNG of the same plot (for GitHub, nbviewer, nbconvert and frontends without widgets) to the text
 and HTML the result makes itself. Nothing here displays or prints: the IPython layer does.
@@ -25,10 +25,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpumagic._batchmath import interpolate, lr_note
-from gpumagic._bundles import register as register_renderer
-from gpumagic._units import format_bytes
+from gpumagic.batchmath import interpolate, lr_note
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
+from gpumagic.units import format_bytes
+from gpumagic.views import register as register_renderer
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -838,7 +838,7 @@ class WidgetProgress:
         self.widget = w.HBox([self._bar, self._text])
 
     def __call__(self, trial: Trial, index: int) -> None:
-        from gpumagic._text import describe_trial
+        from gpumagic.render.text import describe_trial
 
         self._bar.value = min(index + 1, self._bar.max)
         done = f"{index + 1} trial{'s' if index else ''} done"
