@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from gpumagic.batch import find_batch
     from gpumagic.devices import device_status, free_memory
-    from gpumagic.measure import track
+    from gpumagic.measure import track, what_if
     from gpumagic.noise import NoiseScale
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
@@ -72,6 +72,7 @@ __all__ = [
     "parse_size",
     "track",
     "unload_ipython_extension",
+    "what_if",
 ]
 
 # results render through the registry; the widgets register when the first result renders
@@ -84,6 +85,7 @@ _LAZY = {
     **dict.fromkeys(("BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport", "RankRecord",
                      "StepRecord", "Trial"), "gpumagic.report"),
     "track": "gpumagic.measure",
+    "what_if": "gpumagic.measure",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
     "batch_sweep": "gpumagic.sweep",

@@ -1053,6 +1053,8 @@ class DryTracker(Tracker):
     def _dry_exit(self) -> None:
         self.namespace = None  # the report stays; the namespace is the caller's
         errors: list[BaseException] = []
+        if not self._dry_undo:
+            return  # already undone (__exit__ and _teardown both come here): no second collection
         while self._dry_undo:
             try:
                 self._dry_undo.pop()()

@@ -112,6 +112,10 @@ class TracebackView:
         return self.full
 
 
+_REMEDY_PLANS_SECONDS = 20.0
+"""After an OOM, no further what-if plan starts past this: the advice must not keep the user waiting."""
+
+
 class OOMPresenter:
     """Turns an out-of-memory exception into advice, a short traceback and freed memory.
 
@@ -206,6 +210,7 @@ class OOMPresenter:
                     ctx = dataclasses.replace(ctx, evaluation=True)
             except Exception:  # advice with less context, never an error of gpumagic's in the cell
                 ctx = oom.AdviceContext(released=released)
+            ctx = self._with_remedies(ctx, cell, dev, exc)
             advice = oom.advise(info, ctx)
             _advice.remember(advice)
             with contextlib.suppress(AttributeError):  # an exception type with __slots__
@@ -219,6 +224,29 @@ class OOMPresenter:
                 exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
+
+    def _with_remedies(self, ctx: Any, cell: str | None, dev: Any, exc: BaseException) -> Any:
+        """``ctx`` with the failing cell's remedies planned on fake copies (gpumagic.remedies), or why not."""
+        if cell is None or dev is None or ctx.evaluation or ctx.batch_dependent is False:
+            return ctx
+        if cell.lstrip().startswith("%%"):  # another cell magic's body: not code a plan can run as is
+            return dataclasses.replace(ctx, remedies_unplanned="the cell runs under a cell magic")
+        import io
+
+        from gpumagic.devices import release_memory
+        from gpumagic.remedies import plan_what_if
+
+        try:
+            release_memory(exc)  # the failed step's frames first: a plan's baseline counts what is alive
+            with contextlib.redirect_stdout(io.StringIO()):  # the cell's prints, once per plan: not the user's output
+                rep = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=str(dev),
+                                   budget=ctx.capacity_bytes, source=cell, fit_all=False,
+                                   time_limit=_REMEDY_PLANS_SECONDS)
+        except Exception as e:  # a cell the dry run cannot plan: the advice says so and keeps its wording
+            e.__traceback__ = None
+            why = f"a dry run could not plan this cell ({type(e).__name__})"
+            return dataclasses.replace(ctx, remedies_unplanned=why)
+        return dataclasses.replace(ctx, remedies=rep.what_if, remedies_fits_now=rep.batch_size_that_fits)
 
     def _show(self, advice: Any) -> None:
         """The advice as text/HTML, and in a kernel with widgets a button that runs its measuring command."""
@@ -556,6 +584,12 @@ class GPUMagics(Magics):
         "--steps", type=int, default=3,
         help="With --dry-run: optimizer steps planned before the cell stops (default 3).",
     )
+    @magic_arguments.argument(
+        "--what-if", dest="what_if", action="store_true",
+        help="Plan the cell as written and once per memory remedy that applies (autocast, activation "
+        "checkpointing, optimizer choices, gradient accumulation, freeing the last step's outputs), each on fake "
+        "copies; show what each saves and, with --budget or --gpu, the batch that then fits.",
+    )
     @no_var_expand
     @line_cell_magic
     def gpumem(self, line: str = "", cell: str | None = None) -> Any:
@@ -595,9 +629,11 @@ class GPUMagics(Magics):
         from gpumagic.devices import device_status, free_memory, resolve, resolve_budget
 
         ns = self.shell.user_ns
-        if cell is not None and (args.dry_run or args.gpu is not None):
+        if cell is not None and (args.dry_run or args.gpu is not None or args.what_if):
             with orphans_dropped():  # a Ctrl-C in torch's first import of sympy must not break later cells
                 return self._gpumem_planned(args, cell)
+        if args.what_if:
+            raise UsageError("--what-if applies to the cell magic %%gpumem")
         if args.steps != 3:
             raise UsageError("--steps applies to %%gpumem --dry-run")
         from gpumagic import distributed
@@ -692,6 +728,8 @@ class GPUMagics(Magics):
             raise UsageError("--free is for the line magic %gpumem, not for %%gpumem")
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        if args.what_if:
+            return self._gpumem_what_if(args, cell)
         try:
             if args.dry_run:
                 tracker = track(args.device, args.budget, dry_run=True, gpu=args.gpu, steps=args.steps,
@@ -728,6 +766,24 @@ class GPUMagics(Magics):
         if args.output:
             return report
         return None if report.dry_run else value
+
+    def _gpumem_what_if(self, args: Any, cell: str) -> Any:
+        """%%gpumem --what-if: the plan as written and one per remedy (gpumagic.remedies)."""
+        from gpumagic.devices import resolve_budget
+        from gpumagic.dryrun import plan_target
+        from gpumagic.remedies import plan_what_if
+
+        try:
+            budget = resolve_budget(args.budget, name="--budget")
+            plan_target(args.device, args.gpu, budget)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        # the cell's own errors (and DryRunError) are the user's to see, as under --dry-run
+        report = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=args.device,
+                              gpu=args.gpu, budget=budget, steps=args.steps, source=cell)
+        if not args.quiet:
+            display(report)
+        return report if args.output else None
 
     # -- %find_batch / %%find_batch ----------------------------------------------------------
     @magic_arguments.magic_arguments()

@@ -6,14 +6,17 @@ The public entry point above the tracker (:mod:`gpumagic.tracking`) and the plan
 from __future__ import annotations
 
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from gpumagic.devices import DeviceLike
 from gpumagic.gpus import GPU
 from gpumagic.tracking import MAX_RECORDS, Tracker
 
-__all__ = ["track"]
+if TYPE_CHECKING:
+    from gpumagic.report import MemoryReport
+
+__all__ = ["track", "what_if"]
 
 
 def track(
@@ -63,3 +66,47 @@ def track(
         raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
     ns = namespace if namespace is not None else sys._getframe(1).f_globals
     return DryTracker(ns, device=device, gpu=gpu, budget=budget, steps=steps)
+
+
+def what_if(
+    fn: Callable[[], Any],
+    *,
+    device: str | None = None,
+    budget: str | int | None = None,
+    gpu: str | GPU | None = None,
+    steps: int = 3,
+    namespace: MutableMapping[str, Any] | None = None,
+) -> MemoryReport:
+    """Plan ``fn()`` as written and once per memory remedy that applies (``%%gpumem --what-if``).
+
+    A ``with`` block runs once and cannot be planned again per remedy, so the code comes as a
+    callable. Its objects are read from ``namespace`` (default: ``fn``'s module globals) and
+    fake-copied for every plan; nothing of yours changes. The batch knob is a global ``fn``
+    reads (a DataLoader, or an int equal to the batch size). Returns the plan's
+    :class:`~gpumagic.report.MemoryReport` with ``what_if`` set.
+
+    >>> rep = gpumagic.what_if(train, device="cpu", budget="1GiB")   # doctest: +SKIP
+    >>> [(r.name, r.batch_size_that_fits) for r in rep.what_if]     # doctest: +SKIP
+    """
+    from gpumagic.devices import resolve_budget
+    from gpumagic.dryrun import plan_target
+    from gpumagic.remedies import plan_what_if
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not callable(fn):
+        raise TypeError(f"what_if needs a callable taking no arguments, got {type(fn).__name__}")
+    bud = resolve_budget(budget)
+    plan_target(device, gpu, bud)  # the options' errors before any plan
+    ns = namespace if namespace is not None else getattr(fn, "__globals__", None)
+    if ns is None:
+        raise ValueError("what_if needs namespace= for a callable without module globals")
+    code = getattr(fn, "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:  # the globals fn and the functions it defines read
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return plan_what_if(fn, ns, device=device, gpu=gpu, budget=bud, steps=steps,
+                        source=" ".join(sorted(names)) if code is not None else None)

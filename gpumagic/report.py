@@ -35,6 +35,7 @@ __all__ = [
     "MemoryReport",
     "ProcessMemory",
     "RankRecord",
+    "Remedy",
     "SampleSizes",
     "StepRecord",
     "Trial",
@@ -173,6 +174,31 @@ class RankRecord:
 
 
 @dataclass(frozen=True)
+class Remedy:
+    """One memory remedy planned on the cell (``%%gpumem --what-if``): what it would change.
+
+    ``peak_bytes`` is the planned peak with the remedy (absolute, like ``MemoryReport.peak_bytes``);
+    ``saved_bytes`` the plan as written minus it, at the cell's own batch size (negative: it costs
+    memory). ``batch_size_that_fits``: with the remedy, the largest batch planned to fit under the
+    capacity with %find_batch's margin (``None``: no capacity or no batch knob known). ``code``:
+    the change to make. ``cost``: the compute it costs where the plan knows it, else ``None``.
+    ``trade_off``: it changes the training itself (another optimizer), shown for its numbers only.
+    """
+
+    name: str
+    peak_bytes: int
+    saved_bytes: int
+    batch_size_that_fits: int | None
+    code: str
+    notes: tuple[str, ...] = ()
+    cost: str | None = None
+    trade_off: bool = False
+    micro_batch_size: int | None = None
+    """Gradient accumulation: the micro-batch planned (``accumulation_steps`` of them per step)."""
+    accumulation_steps: int | None = None
+
+
+@dataclass(frozen=True)
 class MemoryReport:
     """What ``%%gpumem`` / :func:`gpumagic.track` measured for one cell or block.
 
@@ -276,6 +302,24 @@ class MemoryReport:
         compute = sum(s.compute_seconds or 0.0 for s in timed) / n
         return (f"data wait {f:.0%} of the step time ({format_seconds(data)} data, "
                 f"{format_seconds(compute)} compute per step, after the first)")
+
+    what_if: tuple[Remedy, ...] = ()
+    """With ``--what-if``: each remedy that applies to the cell, planned (see :mod:`gpumagic.remedies`)."""
+    batch_size_that_fits: int | None = None
+    """With ``--what-if`` and a capacity: the largest batch planned to fit as written (margin kept)."""
+
+    def what_if_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """The what-if table's rows (``WHAT_IF_HEADER``), the code as written first: every renderer reads these."""
+        if not self.what_if:
+            return []
+        fits = "" if self.batch_size_that_fits is None else str(self.batch_size_that_fits)
+        rows = [("as written", format_bytes(self.peak_bytes), "", fits, "")]
+        for r in self.what_if:
+            name = r.name + (" (trade-off)" if r.trade_off else "")
+            b = r.batch_size_that_fits
+            rows.append((name, format_bytes(r.peak_bytes), format_bytes(r.saved_bytes, signed=True),
+                         "" if b is None else str(b), r.cost or "not measured"))
+        return rows
 
     @property
     def peak_rank(self) -> RankRecord | None:

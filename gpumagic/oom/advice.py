@@ -8,12 +8,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gpumagic.batchmath import accumulation_plan, lr_note
 from gpumagic.oom._families import family_advice
 from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host, parse
 from gpumagic.units import format_bytes
+
+if TYPE_CHECKING:
+    from gpumagic.report import Remedy
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
 
@@ -84,6 +87,13 @@ class AdviceContext:
     world_size: int | None = None
     """Ranks training together (data parallel): batch sizes are per rank, the global batch is
     per-rank size × world_size; by default torch.distributed's world size."""
+    remedies: tuple[Remedy, ...] | None = None
+    """The failing cell's remedies, planned (:mod:`gpumagic.remedies`): what each saves and the
+    batch that then fits. ``None``: not planned (``remedies_unplanned`` may say why); the
+    generic autocast and checkpointing lines are given then."""
+    remedies_fits_now: int | None = None
+    """With ``remedies``: the batch the plan says fits as the cell is written."""
+    remedies_unplanned: str | None = None
 
     def __post_init__(self) -> None:
         # a figure that is not a finite number (nan from a failed fit, inf) is unknown, like None
@@ -695,8 +705,8 @@ def _held_before_rule(x: _In) -> _Made:
 def _mixed_precision_rule(x: _In) -> _Made:
     """Autocast, with the saving when the activation size is known."""
     info, ctx = x.info, x.ctx
-    if _is_host(info) or ctx.mixed_precision is True or ctx.batch_dependent is False:
-        return None
+    if _is_host(info) or ctx.mixed_precision is True or ctx.batch_dependent is False or ctx.remedies is not None:
+        return None  # planned remedies say it with numbers (_planned_remedy_rule)
     act = ctx.activation_bytes
     device_type = "cuda" if info is None or info.device_type in (None, "hip") else info.device_type
     saving = f"about {format_bytes(act // 2)}" if act else "about half of the activations (their size is unknown)"
@@ -719,6 +729,8 @@ def _checkpointing_rule(x: _In) -> _Made:
     """Activation checkpointing: recompute in backward instead of keeping."""
     if _is_host(x.info) or x.ctx.batch_dependent is False or x.ctx.evaluation:  # no backward: nothing to recompute
         return None
+    if x.ctx.remedies is not None:
+        return None  # planned remedies say it with numbers (_planned_remedy_rule)
     act = x.ctx.activation_bytes
     saving = f"most of the {format_bytes(act)} of activations" if act else "an unknown part of the activations"
     return Suggestion(
@@ -830,6 +842,36 @@ def _evaluation_rule(x: _In) -> _Made:
     return (_evaluation_suggestion(x.ctx), True) if x.ctx.evaluation else None
 
 
+def _planned_remedy_rule(x: _In) -> _Made:
+    """The remedy whose plan lets the largest batch fit (or saves the most), with its numbers; the
+    trade-offs (another optimizer) are never the line, only mentioned."""
+    ctx = x.ctx
+    if ctx.remedies is None:
+        return None
+    useful = [r for r in ctx.remedies if r.saved_bytes > 0 and r.accumulation_steps is None]
+    if not useful:
+        return None
+    plain = [r for r in useful if not r.trade_off] or useful
+    best = max(plain, key=lambda r: (r.batch_size_that_fits or 0, r.saved_bytes))
+    parts = []
+    if best.batch_size_that_fits is not None:
+        now = ctx.remedies_fits_now
+        parts.append(f"batch {best.batch_size_that_fits} then fits" + (
+            f" (now {now} fits)" if now is not None else " (as written, no batch fits)"))
+    parts.append(f"planned peak {format_bytes(best.peak_bytes)} at the cell's batch")
+    detail = "; ".join(parts)
+    others = [r for r in useful if r is not best][:3]
+    if others:
+        detail += "; also planned: " + ", ".join(
+            f"{r.name} saves {format_bytes(r.saved_bytes)}" + (" (a trade-off)" if r.trade_off else "") for r in others)
+    if best.cost:
+        detail += f"; cost: {best.cost}"
+    return Suggestion(
+        f"{best.name} saves {format_bytes(best.saved_bytes)} on this cell", detail, "remedy",
+        batch_size=best.batch_size_that_fits, code=best.code,
+    ), best.batch_size_that_fits is not None
+
+
 def _accumulation_rule(x: _In) -> _Made:
     if x.ctx.evaluation:  # no gradients to accumulate
         return None
@@ -863,6 +905,8 @@ _RULES: Final[tuple[_Rule, ...]] = (
     _Rule(_host_rule, strong=60, weak=60),
     _Rule(_generic_batch_rule, strong=55, weak=55),
     _Rule(_kept_rule, strong=45, weak=45),
+    # after every batch-size line: its code (autocast) may be a pattern to adapt, not a literal line
+    _Rule(_planned_remedy_rule, strong=50, weak=32),
     _Rule(_held_before_rule, strong=35, weak=35),
     _Rule(_mixed_precision_rule, strong=30, weak=30),
     _Rule(_checkpointing_rule, strong=20, weak=20),
@@ -928,7 +972,9 @@ def advise(info: OOMInfo | str | BaseException | None, context: AdviceContext | 
     if "batch_size" in family.displaces:  # what only batch advice needed is not unknown, and no size fits
         unknown.clear()
         fits = None
-    elif not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
+    elif ctx.remedies is None and ctx.remedies_unplanned:
+        unknown.append(f"what autocast or checkpointing would save: {ctx.remedies_unplanned}")
+    elif ctx.remedies is None and not _is_host(info) and ctx.batch_dependent is not False and not ctx.activation_bytes:
         unknown.append("the size of the activations (so the saving from autocast or checkpointing)")
     advice = Advice(
         headline=_headline(info),

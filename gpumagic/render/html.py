@@ -42,7 +42,9 @@ def _columns(table: Table) -> str:
             f"{escape(c)}</{tag}>" for i, c in enumerate(row)
         )
 
-    return (f'<table class="gpumagic-trials" style="{_STYLE}"><tr>{cells(table.header, "th")}</tr>'
+    caption = ("" if table.title is None else
+               f'<caption style="text-align:left;font-weight:600;padding-bottom:2px">{escape(table.title)}</caption>')
+    return (f'<table class="gpumagic-trials" style="{_STYLE}">{caption}<tr>{cells(table.header, "th")}</tr>'
             + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in table.body) + "</table>")
 
 

@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
     from gpumagic.sweep_results import SweepResult, SweepRun
 
-__all__ = ["Row", "Table", "View", "view"]
+__all__ = ["WHAT_IF_HEADER", "Row", "Table", "View", "view"]
+
+WHAT_IF_HEADER = ("remedy", "planned peak", "saved", "batch that then fits", "cost")
+"""The columns of ``MemoryReport.what_if_rows()``: the what-if table in every renderer."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Table:
     body: tuple[tuple[str, ...], ...]
     right: frozenset[int] = frozenset()
     drop: tuple[int, ...] = ()
+    title: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,9 @@ def memory_report_view(r: MemoryReport) -> View:
     rows.extend(_rank_rows(r))
     rows.extend(Row("note", n) for n in r.notes)
     title = "gpumagic memory plan (dry run)" if r.dry_run else "gpumagic memory report"
-    return View(title, f"gpumem{' plan' if r.dry_run else ''}: {r.summary()}", tuple(rows))
+    what_if = r.what_if_rows()
+    tables = (Table(WHAT_IF_HEADER, tuple(what_if), title="what if (each remedy planned)"),) if what_if else ()
+    return View(title, f"gpumem{' plan' if r.dry_run else ''}: {r.summary()}", tuple(rows), tables)
 
 
 def _rank_rows(r: MemoryReport) -> list[Row]:

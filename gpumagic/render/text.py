@@ -180,8 +180,9 @@ def _lay_table(table: Table, width: int | None) -> list[str]:
         return out
 
     lines = lay(columns)
+    title = [] if table.title is None else [table.title]
     if width is None:
-        return lines
+        return title + lines
     for drop in table.drop:  # narrow terminals lose these columns first, until it fits
         if max(len(line) for line in lines) <= width:
             break
@@ -189,7 +190,7 @@ def _lay_table(table: Table, width: int | None) -> list[str]:
         lines = lay(columns)
     if max(len(line) for line in lines) > width:
         lines = [line[:width] for line in lines]
-    return lines
+    return title + lines
 
 
 
