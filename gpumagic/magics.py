@@ -363,7 +363,10 @@ class OOMHandler:
             sh.showtraceback((etype, value, tb), tb_offset=tb_offset)
             return []
 
-        types = tuple(dict.fromkeys((RuntimeError, MemoryError, *prev_types)))
+        # every error is read: an out-of-memory error is known by what its message says (the parser's
+        # families), not by its type: torch's RuntimeError subclasses, MemoryError, but also a host's
+        # OSError [Errno 12], a serving engine's ValueError. Any other error shows as it would anyway.
+        types = tuple(dict.fromkeys((Exception, *prev_types)))
         shell.set_custom_exc(types, handler)
         self._ours = shell.CustomTB
 

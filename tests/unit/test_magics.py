@@ -138,11 +138,11 @@ def test_unload_removes_magics_and_handler_and_reload_is_idempotent(ip):
         assert ip.find_cell_magic("gpumem") is None
         assert ip.find_line_magic("find_batch") is None
         assert ip.find_line_magic("gpumon") is None
-        assert RuntimeError not in ip.custom_exceptions
+        assert Exception not in ip.custom_exceptions
     finally:
         ip.run_line_magic("load_ext", "gpumagic")
     assert ip.find_cell_magic("gpumem") is not None
-    assert ip.custom_exceptions == exc_before or RuntimeError in ip.custom_exceptions
+    assert ip.custom_exceptions == exc_before or Exception in ip.custom_exceptions
     del handler_before
 
 
@@ -206,3 +206,27 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkp
 def test_run_cell_source_returns_the_last_expression(ip, clean_ns):
     assert gm.run_cell_source(ip, "a = 2\na * 21") == 42
     assert gm.run_cell_source(ip, "b = 1") is None
+
+
+@pytest.mark.parametrize("raise_", [
+    'raise OSError(12, "Cannot allocate memory")',  # the host: fork() of DataLoader workers, mmap
+    'raise ValueError("The model\'s max seq len (32768) is larger than the maximum number of tokens that can be '
+    'stored in KV cache (2048). Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when '
+    'initializing the engine.")',  # vLLM's capacity check
+])
+def test_an_out_of_memory_error_of_any_type_is_explained_and_keeps_its_type(ip, clean_ns, raise_):
+    with capture_output() as cap:
+        r = run(ip, raise_)
+    assert type(r.error_in_exec).__name__ == raise_.split("(")[0].split()[-1]
+    advice = getattr(r.error_in_exec, "advice", None)
+    assert advice is not None, cap.stdout
+    assert advice.suggestions
+    assert "(full traceback: %tb)" in cap.stdout  # the short traceback, as for a CUDA OOM
+
+
+def test_an_ordinary_error_shows_as_without_gpumagic(ip, clean_ns):
+    with capture_output() as cap:
+        r = run(ip, "raise KeyError('nope')")
+    assert isinstance(r.error_in_exec, KeyError)
+    assert getattr(r.error_in_exec, "advice", None) is None
+    assert "KeyError" in cap.stdout + cap.stderr
