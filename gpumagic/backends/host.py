@@ -13,7 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
+from gpumagic.backends import BackendBase
+from gpumagic.report import DeviceSample, DeviceStatus
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +110,7 @@ class CPUPlan:
         return []
 
 
-class CPUBackend:
+class CPUBackend(BackendBase):
     name = "cpu"
     session_enforces_capacity = True
     plans_on_fake_tensors = True
@@ -163,12 +164,6 @@ class CPUBackend:
 
     def sample_source(self) -> CPUSource:
         return CPUSource()
-
-    def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
-        return ()
-
-    def rank_device(self, local_rank: int) -> torch.device | None:
-        return None
 
 
 BACKEND = CPUBackend()
