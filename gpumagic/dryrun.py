@@ -3,7 +3,7 @@
 A dry run executes the user's unchanged code under ``FakeTensorMode``: tensors have shapes,
 dtypes and storage sizes but no data, kernels compute nothing, and a step of a billion-parameter
 model takes seconds and almost no host memory. Memory is counted like the exact CPU tracker
-(:mod:`gpumagic.backends.cpu`) counts it: each new output storage once, views and in-place
+(:mod:`gpumagic.backends.cpu_exact`) counts it: each new output storage once, views and in-place
 results never, a storage uncounted when it dies. The same :class:`~gpumagic.tracking.Tracker`
 records the steps, so a plan and a measurement read the same.
 
@@ -477,7 +477,7 @@ class _CountMode(TorchDispatchMode):
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
-        return False  # no per-op dynamo shim (as in backends.cpu); a dry run is never compiled
+        return False  # no per-op dynamo shim (as in backends.cpu_exact); a dry run is never compiled
 
     def __init__(self, session: FakeSession) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -940,7 +940,7 @@ class DryTracker(Tracker):
         baseline = [(t, t.device.type) for t in _tensors_of(held)]
         real = 0
         if self.target.host:
-            from gpumagic.backends.cpu import live_storages
+            from gpumagic.backends.cpu_exact import live_storages
 
             copied_real: set[int] = set()
             for v in originals.values():

@@ -1008,7 +1008,7 @@ class Tracker:
 
     def _host_fields(self, steps: tuple[StepRecord, ...]) -> dict[str, Any]:
         """The report's step anatomy and host memory: data wait, loader advice, host and worker peaks."""
-        from gpumagic.backends.host import host_memory
+        from gpumagic.backends.cpu import host_memory
 
         if not self._measures_time_and_host:
             return {}

@@ -283,7 +283,7 @@ def _complete(backend: BackendCore) -> Backend:
     return cast("Backend", backend)  # every optional member is there now
 
 
-_BUILTIN = ("gpumagic.backends.cuda", "gpumagic.backends.mps", "gpumagic.backends.host")
+_BUILTIN = ("gpumagic.backends.cuda", "gpumagic.backends.mps", "gpumagic.backends.cpu")
 _REGISTRY: list[Backend] = []
 
 

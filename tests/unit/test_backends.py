@@ -14,8 +14,8 @@ import torch
 from IPython.utils.capture import capture_output
 
 from gpumagic import backends
-from gpumagic.backends.cpu import CPUSession
-from gpumagic.backends.host import CPUSource
+from gpumagic.backends.cpu import CPUSource
+from gpumagic.backends.cpu_exact import CPUSession
 from gpumagic.devices import device_status, resolve, resolve_device
 from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
 
@@ -121,7 +121,7 @@ def test_register_refuses_a_backend_that_cannot_take_a_missing_member() -> None:
         session_enforces_capacity = True
 
     bare = Bare()
-    with pytest.raises(TypeError, match="'slotted' has no 'plans_on_fake_tensors'.*BackendBase"):
+    with pytest.raises(TypeError, match=r"'slotted' has no 'plans_on_fake_tensors'.*BackendBase"):
         backends.register(bare)  # type: ignore[arg-type]
     assert backends.get("slotted") is None
 
