@@ -586,7 +586,7 @@ def find_batch(
         )
         plan_runner = None
         # ranks would plan apart; heaviest batches and forward-only trials are not planned
-        plannable = getattr(backend, "plans_on_fake_tensors", False) and not _compiled(objects)
+        plannable = backend.plans_on_fake_tensors and not _compiled(objects)
         if plan_first and plannable and agreement is None and heavy is None and not eval:
             # the trial function reaches its objects through a closure: their tensors are swapped in place
             plan_runner = TrialRunner(
@@ -933,7 +933,7 @@ def find_batch_in_namespace(
                          has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation, plan=plan)
     plan_runner = None
     # forward-only trials and heaviest batches (--loader) are not planned
-    if (plan is None and loader is None and not evaluation and getattr(backend, "plans_on_fake_tensors", False)
+    if (plan is None and loader is None and not evaluation and backend.plans_on_fake_tensors
             and not _compiled(objects)):
         plan_runner = TrialRunner(
             body, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,

@@ -391,8 +391,7 @@ def _start_child(spec: dict[str, Any], index: int | None = None) -> None:
     named = spec.get("device")
     backend, device = resolve(named)
     if index is not None and (named is None or named == backend.name):  # no index given: one per rank
-        rank_device = getattr(backend, "rank_device", None)
-        own = rank_device(index) if rank_device is not None else None
+        own = backend.rank_device(index)
         device = own if own is not None else device
     _keep_process_groups()
     tracker = Tracker(device, spec.get("budget"), gather_ranks=False)

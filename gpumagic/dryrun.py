@@ -3,7 +3,7 @@
 A dry run executes the user's unchanged code under ``FakeTensorMode``: tensors have shapes,
 dtypes and storage sizes but no data, kernels compute nothing, and a step of a billion-parameter
 model takes seconds and almost no host memory. Memory is counted like the exact CPU tracker
-(:mod:`gpumagic.backends.cpu`) counts it: each new output storage once, views and in-place
+(:mod:`gpumagic.backends.cpu_exact`) counts it: each new output storage once, views and in-place
 results never, a storage uncounted when it dies. The same :class:`~gpumagic.tracking.Tracker`
 records the steps, so a plan and a measurement read the same.
 
@@ -143,7 +143,7 @@ def plan_target(device: str | None, gpu: str | GPU | None, budget: int | None) -
     kind = str(device).split(":")[0]
     names = [name for name, _, _ in plannable]
     if kind not in names or (":" in str(device) and not str(device).split(":")[1].isdigit()):
-        allowed = [f"'{n}', '{n}:N'" if getattr(b, "indexed", False) else f"'{n}'" for n, _, b in plannable]
+        allowed = [f"'{n}', '{n}:N'" if b.indexed else f"'{n}'" for n, _, b in plannable]
         raise ValueError(f"device must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {device!r}"
                          if len(allowed) > 1 else f"device must be {allowed[0]}, got {device!r}")
     if g is not None and not _target_of(kind).named_gpu:
@@ -236,7 +236,7 @@ class FakeSession(PeakWindows):
         backend = backends.get(kind)
         self.target = _target_of(kind)
         self.backend = kind
-        self.device = f"{kind}:{index}" if getattr(backend, "indexed", False) else kind
+        self.device = f"{kind}:{index}" if backend is not None and backend.indexed else kind
         self.kind = kind
         self.budget_bytes = budget
         self.gpu = gpu
@@ -477,7 +477,7 @@ class _CountMode(TorchDispatchMode):
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
-        return False  # no per-op dynamo shim (as in backends.cpu); a dry run is never compiled
+        return False  # no per-op dynamo shim (as in backends.cpu_exact); a dry run is never compiled
 
     def __init__(self, session: FakeSession) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -808,7 +808,7 @@ class DryTracker(Tracker):
                          steps * 16, exclude_storages=exclude_storages, on_step=on_step)
         backend = backends.get(kind)
         self.target = _target_of(kind)
-        self.device = torch.device(kind, index) if getattr(backend, "indexed", False) else torch.device(kind)
+        self.device = torch.device(kind, index) if backend is not None and backend.indexed else torch.device(kind)
         self.budget = bud
         self.gpu = g
         self.kind = kind
@@ -940,7 +940,7 @@ class DryTracker(Tracker):
         baseline = [(t, t.device.type) for t in _tensors_of(held)]
         real = 0
         if self.target.host:
-            from gpumagic.backends.cpu import live_storages
+            from gpumagic.backends.cpu_exact import live_storages
 
             copied_real: set[int] = set()
             for v in originals.values():

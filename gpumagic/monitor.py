@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from gpumagic import backends
 from gpumagic.backends import SampleSource
-from gpumagic.backends.host import CPUSource
+from gpumagic.backends.cpu import CPUSource
 from gpumagic.report import DeviceSample
 
 __all__ = [

@@ -1008,7 +1008,7 @@ class Tracker:
 
     def _host_fields(self, steps: tuple[StepRecord, ...]) -> dict[str, Any]:
         """The report's step anatomy and host memory: data wait, loader advice, host and worker peaks."""
-        from gpumagic.backends.host import host_memory
+        from gpumagic.backends.cpu import host_memory
 
         if not self._measures_time_and_host:
             return {}
@@ -1022,7 +1022,7 @@ class Tracker:
         peaks = [ld.worker_peak_bytes for ld in workers if ld.worker_peak_bytes is not None]
         privates = [ld.worker_private_bytes for ld in workers if ld.worker_private_bytes is not None]
         advice = dataloading.loader_advice(steps, loaders, cores=dataloading.available_cores(),
-                                           pin_helps=bool(getattr(self.backend, "loader_pin_memory", False)))
+                                           pin_helps=self.backend.loader_pin_memory)
         return {
             "data_wait_fraction": dataloading.data_wait_fraction(steps),
             "loader_advice": advice,

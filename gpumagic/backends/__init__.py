@@ -14,6 +14,10 @@ Adding a device is one module with a ``BACKEND`` object and one :func:`register`
     from gpumagic import backends
     backends.register(MyBackend())      # after the built-ins; or index=0 to come first
 
+The optional members (:data:`OPTIONAL`) have their defaults in :class:`BackendBase`; a backend
+that does not subclass it gets every missing one from :func:`register`, so the rest of gpumagic
+reads them as plain attributes of any registered backend.
+
 Importing this package is cheap: it never imports torch (the monitor runs without it).
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +34,8 @@ if TYPE_CHECKING:
     from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 
 __all__ = [
-    "Backend", "DryRunTarget", "MemorySession", "PeakWindows", "PlannedMemory", "SampleSource", "dry_run_target", "get",
-    "register", "registry", "unregister",
+    "OPTIONAL", "Backend", "BackendBase", "BackendCore", "DryRunTarget", "MemorySession", "PeakWindows",
+    "PlannedMemory", "SampleSource", "dry_run_target", "get", "register", "registry", "unregister",
 ]
 
 
@@ -168,28 +172,15 @@ class DryRunTarget(Protocol):
         capacity), its autocast run on the CPU. Empty when nothing needs answering."""
 
 
-class Backend(Protocol):
-    """One kind of device. Methods that take a device get one this backend's :meth:`parse` made."""
+class BackendCore(Protocol):
+    """The members every backend must have; :class:`Backend` adds the optional ones. Methods that
+    take a device get one this backend's :meth:`parse` made."""
 
     name: str
     """The word users write: ``-d cuda:1`` selects the backend named "cuda"."""
     session_enforces_capacity: bool
     """True when the device has no allocator limit of its own (cpu): a batch-size search then
     hands the capacity to the session as a budget, and says so in a note."""
-    plans_on_fake_tensors: bool
-    """True when a real search on this device may plan on fake tensors first (its dry run is close
-    enough to pick the sizes to verify). Optional: a backend without it is never planned for."""
-    indexed: bool
-    """There can be several of this device, named ``name:N`` (cuda); else ``name`` is the one
-    device. Optional: False when absent."""
-    oom_device_types: tuple[str, ...]
-    """The ``device_type`` words of a parsed out-of-memory message (:class:`gpumagic.oom.OOMInfo`)
-    that mean this device: advice after such an error inspects and measures it. Optional: none."""
-    dry_run: DryRunTarget | None
-    """How a dry run plans memory for this device; None (or absent): it cannot be planned for."""
-    loader_pin_memory: bool
-    """Whether a DataLoader feeding this device should pin its batches (``pin_memory=True``: the
-    copy to the device is faster and can be asynchronous); loader advice says so. Optional: False."""
 
     def available(self) -> bool:
         """Whether this device can be used in this process (never initialises it)."""
@@ -221,6 +212,26 @@ class Backend(Protocol):
     def sample_source(self) -> SampleSource | None:
         """A monitor source for this device when it can be sampled now without initialising it."""
 
+
+class Backend(BackendCore, Protocol):
+    """One kind of device, with the optional members (defaults in :class:`BackendBase`; every
+    backend in the :func:`registry` has them all)."""
+
+    plans_on_fake_tensors: bool
+    """True when a real search on this device may plan on fake tensors first (its dry run is close
+    enough to pick the sizes to verify). Optional: a backend without it is never planned for."""
+    indexed: bool
+    """There can be several of this device, named ``name:N`` (cuda); else ``name`` is the one
+    device. Optional: False when absent."""
+    oom_device_types: tuple[str, ...]
+    """The ``device_type`` words of a parsed out-of-memory message (:class:`gpumagic.oom.OOMInfo`)
+    that mean this device: advice after such an error inspects and measures it. Optional: none."""
+    dry_run: DryRunTarget | None
+    """How a dry run plans memory for this device; None: it cannot be planned for. Optional: None."""
+    loader_pin_memory: bool
+    """Whether a DataLoader feeding this device should pin its batches (``pin_memory=True``: the
+    copy to the device is faster and can be asynchronous); loader advice says so. Optional: False."""
+
     def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
         """Other processes holding memory on ``device`` (empty when unknown)."""
 
@@ -230,7 +241,49 @@ class Backend(Protocol):
         named for all ranks. Optional: None when absent."""
 
 
-_BUILTIN = ("gpumagic.backends.cuda", "gpumagic.backends.mps", "gpumagic.backends.host")
+class BackendBase:
+    """The defaults of a backend's optional members: subclass it and set only what differs.
+
+    A backend that does not subclass it gets the same defaults from :func:`register`.
+    """
+
+    plans_on_fake_tensors = False
+    indexed = False
+    oom_device_types: tuple[str, ...] = ()
+    dry_run: DryRunTarget | None = None
+    loader_pin_memory = False
+
+    def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
+        return ()
+
+    def rank_device(self, local_rank: int) -> torch.device | None:
+        return None
+
+
+OPTIONAL = ("plans_on_fake_tensors", "indexed", "oom_device_types", "dry_run", "loader_pin_memory", "processes",
+            "rank_device")
+"""The members of :class:`Backend` a backend may leave out: :class:`BackendBase` has their defaults."""
+
+
+def _complete(backend: BackendCore) -> Backend:
+    """``backend`` itself, given each optional member it lacks (the default of :class:`BackendBase`,
+    a method bound to it); TypeError naming the member when the object takes no new attributes."""
+    for member in OPTIONAL:
+        if hasattr(backend, member):
+            continue
+        default = getattr(BackendBase, member)
+        value = default.__get__(backend) if callable(default) else default
+        try:
+            setattr(backend, member, value)
+        except (AttributeError, TypeError) as e:
+            raise TypeError(
+                f"backend {backend.name!r} has no {member!r} and cannot be given the default ({e}): "
+                f"define it, or subclass gpumagic.backends.BackendBase"
+            ) from None
+    return cast("Backend", backend)  # every optional member is there now
+
+
+_BUILTIN = ("gpumagic.backends.cuda", "gpumagic.backends.mps", "gpumagic.backends.cpu")
 _REGISTRY: list[Backend] = []
 
 
@@ -247,11 +300,13 @@ def registry() -> tuple[Backend, ...]:
     return tuple(_load())
 
 
-def register(backend: Backend, index: int | None = None) -> None:
-    """Add ``backend`` (at the end, or at ``index``); a backend of the same name is replaced."""
+def register(backend: BackendCore, index: int | None = None) -> None:
+    """Add ``backend`` (at the end, or at ``index``); a backend of the same name is replaced.
+    Each optional member it lacks is set on it with its default (:class:`BackendBase`)."""
+    completed = _complete(backend)
     reg = _load()
-    unregister(backend.name)
-    reg.insert(len(reg) if index is None else index, backend)
+    unregister(completed.name)
+    reg.insert(len(reg) if index is None else index, completed)
 
 
 def unregister(name: str) -> Backend | None:
@@ -271,5 +326,4 @@ def get(name: str) -> Backend | None:
 
 def dry_run_target(backend: Backend) -> DryRunTarget | None:
     """``backend``'s dry-run target, None when it cannot be planned for (also when it has none)."""
-    target: DryRunTarget | None = getattr(backend, "dry_run", None)
-    return target
+    return backend.dry_run

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from gpumagic.backends import nvml
+from gpumagic.backends import BackendBase, nvml
 from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
 
 if TYPE_CHECKING:
@@ -233,8 +233,8 @@ class CUDAPlan:
     foreach_optimizers = True
     fused_attention = True
     moves_from: tuple[str, ...] = ()
-    notes = ("reserved memory predicted by a model of the CUDA caching allocator (512-byte rounding, "
-             "2 MiB small and 20 MiB large segments); the CUDA context is not in these figures",)
+    notes: tuple[str, ...] = ("reserved memory predicted by a model of the CUDA caching allocator (512-byte rounding, "
+                               "2 MiB small and 20 MiB large segments); the CUDA context is not in these figures",)
 
     def stands_in(self) -> bool:
         return not _cuda().is_available()
@@ -267,7 +267,7 @@ class CUDAPlan:
 # the backend
 
 
-class CUDABackend:
+class CUDABackend(BackendBase):
     name = "cuda"
     session_enforces_capacity = False
     plans_on_fake_tensors = True

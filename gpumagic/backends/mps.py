@@ -10,7 +10,8 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from gpumagic.report import DeviceSample, DeviceStatus, ProcessMemory
+from gpumagic.backends import BackendBase
+from gpumagic.report import DeviceSample, DeviceStatus
 
 if TYPE_CHECKING:
     import torch
@@ -109,8 +110,8 @@ class MPSPlan:
     named_gpu = False
     foreach_optimizers = False
     fused_attention = False
-    moves_from = ("cuda",)  # the code's .cuda() lands on mps too: .to("cuda") does the same
-    notes = ("mps planned like cpu: Metal's own allocator rounding is not modelled",)
+    moves_from: tuple[str, ...] = ("cuda",)  # the code's .cuda() lands on mps too: .to("cuda") does the same
+    notes: tuple[str, ...] = ("mps planned like cpu: Metal's own allocator rounding is not modelled",)
 
     def stands_in(self) -> bool:
         return True
@@ -122,7 +123,7 @@ class MPSPlan:
         return []
 
 
-class MPSBackend:
+class MPSBackend(BackendBase):
     name = "mps"
     session_enforces_capacity = False
     plans_on_fake_tensors = False  # a plan models mps like cpu: too rough to pick the sizes to verify
@@ -176,12 +177,6 @@ class MPSBackend:
         torch = sys.modules.get("torch")  # never imported by the monitor
         if torch is not None and _available(torch) and hasattr(torch, "mps"):
             return MPSSource()
-        return None
-
-    def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
-        return ()
-
-    def rank_device(self, local_rank: int) -> torch.device | None:
         return None
 
 

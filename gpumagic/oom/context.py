@@ -297,7 +297,7 @@ def oom_backend(info: Any) -> Any:
     device_type = getattr(info, "device_type", None)
     if getattr(info, "simulated", False) or device_type is None:
         return None
-    return next((b for b in backends.registry() if device_type in getattr(b, "oom_device_types", ())), None)
+    return next((b for b in backends.registry() if device_type in b.oom_device_types), None)
 
 
 def device_for(info: Any) -> Any:
@@ -326,7 +326,7 @@ def measure_options(info: Any) -> str:
     if backend is None:
         return ""
     index = getattr(info, "device_index", None)
-    return f"-d {backend.name}" + (f":{index}" if getattr(backend, "indexed", False) and index is not None else "")
+    return f"-d {backend.name}" + (f":{index}" if backend.indexed and index is not None else "")
 
 
 def measured_the_failing_device(info: Any, report: Any, dev: Any) -> bool:
@@ -720,7 +720,7 @@ def build_context(
         # the device the message names, whether or not this process can use it (NVML still answers)
         index = int(getattr(info, "device_index", None) or 0)
         with contextlib.suppress(RuntimeError):  # a registered device torch has no type for
-            named = torch.device(backend.name, index) if getattr(backend, "indexed", False) else \
+            named = torch.device(backend.name, index) if backend.indexed else \
                 torch.device(backend.name)
             processes = tuple((p.pid, p.used_bytes or 0, p.name) for p in backend.processes(named))
     return AdviceContext(

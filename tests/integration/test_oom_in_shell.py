@@ -4,7 +4,7 @@ import pytest
 import torch
 from IPython.utils.capture import capture_output
 
-from gpumagic.backends.cpu import live_storages
+from gpumagic.backends.cpu_exact import live_storages
 
 MiB = 2**20
 LOOP = """

@@ -228,7 +228,7 @@ def test_a_piped_tb_hides_gpumagic_frames(piped_session: str) -> None:
 
     assert "in grow(n)" in tb
     assert "run_cell_source" not in tb
-    assert "backends/cpu.py" not in tb
+    assert "backends/cpu_exact.py" not in tb
 
 
 # --- the demo and headless notebooks -------------------------------------------------------------

@@ -14,10 +14,10 @@ import torch
 from IPython.utils.capture import capture_output
 
 from gpumagic import backends
-from gpumagic.backends.cpu import CPUSession
-from gpumagic.backends.host import CPUSource
+from gpumagic.backends.cpu import CPUSource
+from gpumagic.backends.cpu_exact import CPUSession
 from gpumagic.devices import device_status, resolve, resolve_device
-from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport, ProcessMemory
+from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
 
 MiB = 2**20
 CAPACITY = 24 * MiB
@@ -70,8 +70,7 @@ class FakeBackend:
     def sample_source(self) -> CPUSource | None:
         return None
 
-    def processes(self, device: torch.device) -> tuple[ProcessMemory, ...]:
-        return ()
+    # no optional member (backends.OPTIONAL): register gives each its default
 
 
 @pytest.fixture
@@ -86,6 +85,49 @@ def fake() -> Iterator[FakeBackend]:
 
 def test_a_registered_backend_is_resolved_by_its_name(fake: FakeBackend) -> None:
     assert resolve("fake") == (fake, torch.device("cpu"))
+
+
+def test_register_gives_a_backend_the_defaults_of_the_members_it_lacks(fake: FakeBackend) -> None:
+    got = backends.get("fake")
+    assert got is fake
+    assert (got.indexed, got.oom_device_types, got.dry_run, got.plans_on_fake_tensors, got.loader_pin_memory) == \
+        (False, (), None, False, False)
+    assert got.processes(torch.device("cpu")) == ()
+    assert got.rank_device(0) is None
+
+
+def test_register_keeps_the_optional_members_a_backend_defines() -> None:
+    class Indexed(FakeBackend):
+        name = "fake2"
+        indexed = True
+
+        def rank_device(self, local_rank: int) -> torch.device | None:
+            return torch.device("cpu")
+
+    backend = Indexed()
+    backends.register(backend)
+    try:
+        assert backend.indexed is True
+        assert backend.rank_device(1) == torch.device("cpu")
+        assert backend.oom_device_types == ()  # the members it lacks still get their defaults
+    finally:
+        backends.unregister("fake2")
+
+
+def test_register_refuses_a_backend_that_cannot_take_a_missing_member() -> None:
+    class Bare:  # no __dict__: a missing member cannot be set on it
+        __slots__ = ()
+        name = "slotted"
+        session_enforces_capacity = True
+
+    bare = Bare()
+    with pytest.raises(TypeError, match=r"'slotted' has no 'plans_on_fake_tensors'.*BackendBase"):
+        backends.register(bare)  # type: ignore[arg-type]
+    assert backends.get("slotted") is None
+
+
+def test_the_builtin_backends_subclass_the_defaults() -> None:
+    assert all(isinstance(b, backends.BackendBase) for b in backends.registry() if b.name in ("cuda", "mps", "cpu"))
 
 
 def test_a_backend_registered_last_does_not_change_the_default_device(fake: FakeBackend) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gpumagic
-from gpumagic.backends.cpu import simulated_oom_message
+from gpumagic.backends.cpu_exact import simulated_oom_message
 from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise, parse
 
 MiB = 2**20

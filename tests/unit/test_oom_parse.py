@@ -17,7 +17,7 @@ from typing import Final, get_args
 import pytest
 import torch
 
-from gpumagic.backends.cpu import simulated_oom_message
+from gpumagic.backends.cpu_exact import simulated_oom_message
 from gpumagic.oom import FIGURES, OOMInfo, parse
 from gpumagic.oom.parsing import OOMKind
 from gpumagic.units import format_size_torch

@@ -15,7 +15,7 @@ import torch
 from IPython.utils.capture import capture_output
 
 import gpumagic.oom
-from gpumagic.backends.cpu import live_storages
+from gpumagic.backends.cpu_exact import live_storages
 from gpumagic.oom.context import user_frame as _user_frame
 
 SETUP = """

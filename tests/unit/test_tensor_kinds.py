@@ -148,12 +148,12 @@ def test_a_failing_step_hook_marks_the_report_incomplete_and_the_loop_runs_on(ip
 
 
 def test_a_failing_cpu_tracker_marks_the_report_incomplete_and_the_op_still_runs(ip, clean_ns, monkeypatch):
-    from gpumagic.backends import cpu
+    from gpumagic.backends import cpu_exact
 
     def broken(self, t):
         raise IndexError("tracker")
 
-    monkeypatch.setattr(cpu.CPUSession, "_add_other", broken)
+    monkeypatch.setattr(cpu_exact.CPUSession, "_add_other", broken)
     run(ip, "dense = torch.eye(4)")
     rep = report_of(ip, "s = dense.to_sparse()\ntotal = float(s.to_dense().sum())\n")
     assert ip.user_ns["total"] == 4.0

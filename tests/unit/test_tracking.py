@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gpumagic
 from gpumagic import tracking
-from gpumagic.backends.cpu import CPUSession, live_tracker_bytes
+from gpumagic.backends.cpu_exact import CPUSession, live_tracker_bytes
 
 MiB = 2**20
 
