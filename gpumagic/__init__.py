@@ -103,6 +103,7 @@ _LAZY = {
 
 _SUBMODULES = (
     "report", "oom", "tracking", "batch", "search", "sweep", "noise", "devices", "distributed", "render", "views",
+    "widgets",
     "monitor", "magics", "autoload",
 )
 

@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "gpumagic"
 EDGE = {
     "gpumagic", "gpumagic.magics", "gpumagic._shell", "gpumagic.render.widgets", "gpumagic.monitor",
-    "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__",
+    "gpumagic.demo", "gpumagic.autoload", "gpumagic.__main__", "gpumagic.widgets",
 }
 IPYTHON_LAYER = {"gpumagic.magics", "gpumagic._shell"}
 RENDERERS = {"gpumagic.render", "gpumagic.monitor",

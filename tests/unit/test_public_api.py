@@ -43,3 +43,15 @@ def test_the_old_tracking_track_still_works_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="gpumagic.track"):
         old = gpumagic.tracking.track
     assert old is gpumagic.track
+
+
+def test_the_old_widgets_module_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("gpumagic.widgets", None)
+    with pytest.warns(DeprecationWarning, match="gpumagic.render.widgets"):
+        old = importlib.import_module("gpumagic.widgets")
+    from gpumagic.render import widgets
+
+    assert old.search_widget is widgets.search_widget
