@@ -1281,9 +1281,3 @@ def run_planned(fn: Callable[[], Any]) -> Any:
         return fn()
     except StopTrial:
         return None
-
-
-def capacity_note(peak: int, capacity: int | None) -> str | None:
-    if capacity is None:
-        return None
-    return f"{100 * peak / capacity:.1f}% of {_fmt(capacity)}" if math.isfinite(peak) else None

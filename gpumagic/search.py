@@ -126,10 +126,6 @@ def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
     return Fit(intercept_bytes=intercept, bytes_per_sample=slope, r2=max(0.0, min(1.0, r2)), points=len(pts))
 
 
-def _describe_fit(fit: Fit) -> str:
-    return fit.describe()
-
-
 @dataclass
 class _Search:
     run_trial: Callable[[int], Trial]
@@ -691,7 +687,7 @@ def _no_recommendation(s: _Search, *, pick: Pick, device: str) -> BatchSearchRes
 def _pick(s: _Search, pick: Pick, lim: _Limit) -> tuple[int, str]:
     """The recommended size under the ``pick`` rule, and why."""
     cap, keep, fit = s.capacity, lim.keep, lim.fit
-    basis = (f"by the fit ({_describe_fit(fit)})" if lim.affine and fit is not None
+    basis = (f"by the fit ({fit.describe()})" if lim.affine and fit is not None
              else f"by interpolating the measured peaks ({_shape(s, lim.largest)})")
     pct = format_percent(1 - s.margin)
 
