@@ -24,19 +24,17 @@ import torch
 from gpumagic import heaviest, views
 from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
-from gpumagic.batchmath import Pick
+from gpumagic.batchmath import DEFAULT_MARGIN, Pick
 from gpumagic.dataloading import data_wait_fraction
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.state import Snapshot
-from gpumagic.tracking import StopTrial, Tracker
+from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
 
 if TYPE_CHECKING:
     from gpumagic.distributed import TrialAgreement
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
-
-_BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -178,7 +176,7 @@ class TrialRunner:
                 self.budget,
                 backend=self.backend,
                 stop_after_steps=self.steps if self.has_optimizer else None,
-                stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+                stop_after_backwards=self.steps * BACKWARDS_PER_STEP_CAP if self.has_optimizer else self.steps,
                 stop_after_forwards=self.steps if self.evaluation else None,
                 exclude_storages=self.snapshot.storage_keys,
                 on_step=on_step,
@@ -483,7 +481,7 @@ def find_batch(
     start: int | None = None,
     max_size: int | None = None,
     steps: int = 3,
-    margin: float = 0.05,
+    margin: float = DEFAULT_MARGIN,
     pick: Pick = "max",
     effective: int | None = None,
     min_size: int = 1,

@@ -68,7 +68,7 @@ from gpumagic._plain import PLAIN
 from gpumagic._quiet import ignored_warnings
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
-from gpumagic.tracking import StopTrial, Tracker
+from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
 
 __all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "plan_target"]
 
@@ -805,7 +805,7 @@ class DryTracker(Tracker):
         kind, g, capacity = plan_target(device, gpu, bud)
         index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else 0
         super().__init__("cpu", None, stop_after_steps=steps, stop_after_backwards=None if steps is None else
-                         steps * 16, exclude_storages=exclude_storages, on_step=on_step)
+                         steps * BACKWARDS_PER_STEP_CAP, exclude_storages=exclude_storages, on_step=on_step)
         backend = backends.get(kind)
         self.target = _target_of(kind)
         self.device = torch.device(kind, index) if getattr(backend, "indexed", False) else torch.device(kind)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpumagic import views
+from gpumagic.batchmath import DEFAULT_MARGIN
 from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
@@ -539,7 +540,7 @@ class BatchSearchResult:
     predicted_peak_bytes: int | None
     """The fit's prediction at the recommended batch size."""
     pick: Pick = "max"
-    margin: float = 0.05
+    margin: float = DEFAULT_MARGIN
     effective_batch_size: int | None = None
     lr_note: str | None = None
     lr_rule: LRRule | None = None

@@ -36,7 +36,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpumagic.batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
+from gpumagic.batchmath import (
+    DEFAULT_MARGIN,
+    PICKS,
+    Pick,
+    accumulation_plan,
+    interpolate,
+    lr_note,
+    lr_rule_for,
+    pow2_floor,
+)
 from gpumagic.dataloading import DATA_WAIT_THRESHOLD
 from gpumagic.report import BatchSearchResult, Fit, Trial
 from gpumagic.units import format_bytes, format_percent
@@ -532,7 +541,7 @@ def search(
     max_size: int | None = None,
     dataset_size: int | None = None,
     drop_last: bool = False,
-    margin: float = 0.05,
+    margin: float = DEFAULT_MARGIN,
     pick: Pick = "max",
     effective: int | None = None,
     optimizer: str | None = None,

@@ -26,8 +26,6 @@ MiB: Final = 2**20
 # A limit printed this large means "no limit": PyTorch prints SIZE_MAX (2**64) as
 # "17179869184.00 GiB" or "16.00 EiB" when no memory fraction is set. No device holds 8 EiB.
 _UNKNOWN_FROM: Final = 2**63
-# The margin kept free when a batch size is computed from a fit or a proportion.
-_MARGIN: Final = 0.95
 
 # ---------------------------------------------------------------------------------------------
 # OOMInfo
