@@ -4,7 +4,7 @@ A message is found by its anchor and read by its reader: ``_FORMATS`` lists one 
 (name, anchor pattern, reader) per wording, and supporting a new wording is one entry there (plus
 its reader when none fits). Every anchor does bounded work wherever it is tried, so parsing time
 is linear in the length of the text (``bench/parse_time.py``). Only the standard library and
-gpumagic's private modules are imported: no torch needed.
+:mod:`gpumagic.units` are imported: no torch needed.
 """
 
 from __future__ import annotations
