@@ -393,19 +393,10 @@ class MemoryReport:
     def __repr__(self) -> str:
         return f"<MemoryReport {'PLAN (dry run) ' if self.dry_run else ''}{self.summary()}>"
 
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle
 
 
 @dataclass(frozen=True)
@@ -592,19 +583,10 @@ class BatchSearchResult:
             f"{trial_counts(self)}; {self.reason}>"
         )
 
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle
 
 
 @dataclass(frozen=True)
@@ -639,15 +621,9 @@ class DeviceStatus:
             f"free {format_bytes(self.free_bytes)}{notes}>"
         )
 
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
 
 
 @dataclass(frozen=True)

@@ -136,18 +136,10 @@ class SweepResult:
         return (f"<SweepResult recommended {self.recommended}; sizes {', '.join(map(str, self.sizes))}; "
                 f"noise scale {_num(self.noise_scale.value) if self.noise_scale else 'unknown'}; {self.why}>")
 
-    def to_text(self) -> str:
-        """The result as an aligned plain-text table (terminals, logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle
 
 
 def _num(v: float | None) -> str:
