@@ -30,6 +30,7 @@ from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, 
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.state import Snapshot
 from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
+from gpumagic.units import format_bytes, format_percent
 
 if TYPE_CHECKING:
     from gpumagic.distributed import TrialAgreement
@@ -383,7 +384,6 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     Otherwise the ordinary search runs on real trials and the result says why.
     """
     from gpumagic.report import Fit
-    from gpumagic.units import format_bytes, format_percent
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
@@ -716,8 +716,6 @@ def _after_search(
     against the per-step input size when the trials could not choose their samples."""
     import dataclasses
 
-    from gpumagic.units import format_percent
-
     notes: list[str] = []
     changes: dict[str, Any] = {}
     rec = result.recommended_batch_size
@@ -755,7 +753,7 @@ def _after_search(
                    f"({vi.smallest_elements:,} to {vi.largest_elements:,} elements): memory follows the largest input")
             if vi.predicted_peak_bytes is not None and vi.worst_elements is not None:
                 msg += (f"; {vi.worst_source} ({vi.worst_elements:,} elements) would need about "
-                        f"{_fmt(vi.predicted_peak_bytes)}")
+                        f"{format_bytes(vi.predicted_peak_bytes)}")
             if (vi.surviving_batch_size is not None and rec is not None and vi.surviving_batch_size < rec
                     and result.accumulation_steps == 1 and result.effective_batch_size is None):
                 changes["recommended_batch_size"] = vi.surviving_batch_size
@@ -763,7 +761,7 @@ def _after_search(
                 # the why states the number the headline shows: the one computed here, not the search's
                 changes["reason"] = (
                     f"{vi.surviving_batch_size} is the largest whose largest input ({vi.worst_source}) is "
-                    f"predicted to fit {format_percent(1 - margin)} of {_fmt(capacity)}; the trials' own "
+                    f"predicted to fit {format_percent(1 - margin)} of {format_bytes(capacity)}; the trials' own "
                     f"batches alone gave {rec}")
                 notes.append(f"before allowing for the largest input: {result.reason}")
                 msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
@@ -776,12 +774,6 @@ def _after_search(
         return result
     changes["notes"] = tuple(result.notes) + tuple(notes)
     return dataclasses.replace(result, **changes)
-
-
-def _fmt(n: int) -> str:
-    from gpumagic.units import format_bytes
-
-    return format_bytes(n)
 
 
 def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:

@@ -69,6 +69,7 @@ from gpumagic._quiet import ignored_warnings
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
 from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
+from gpumagic.units import format_bytes
 
 __all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "plan_target"]
 
@@ -1077,7 +1078,7 @@ class DryTracker(Tracker):
         cap = self.capacity
         if cap is not None:
             fits = "fits" if rep.peak_bytes <= cap else "does NOT fit"
-            notes.append(f"planned peak {_fmt(rep.peak_bytes)} {fits} in {_fmt(cap)}")
+            notes.append(f"planned peak {format_bytes(rep.peak_bytes)} {fits} in {format_bytes(cap)}")
         if s.placeholders:
             lines = list(s.placeholders)[:_MAX_NOTED_LINES]
             more = len(s.placeholders) - len(lines)
@@ -1253,12 +1254,6 @@ def skipped_writes_note(skipped: list[str]) -> str | None:
     more = len(skipped) - len(shown)
     return "not written: " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "") + \
         " (a plan never writes or removes files)"
-
-
-def _fmt(n: int) -> str:
-    from gpumagic.units import format_bytes
-
-    return format_bytes(n)
 
 
 def _fake_batch(batch: Any, session: FakeSession, fake_mode: Any) -> Any:

@@ -12,8 +12,8 @@ import re
 from fractions import Fraction
 
 __all__ = [
-    "IEC_UNITS", "format_bytes", "format_count", "format_percent", "format_seconds", "format_size_torch", "parse_size",
-    "unit_bytes",
+    "IEC_UNITS", "format_bytes", "format_count", "format_number", "format_percent", "format_seconds",
+    "format_size_torch", "parse_size", "unit_bytes",
 ]
 
 _PREFIXES = "kmgtpe"
@@ -164,3 +164,15 @@ def format_seconds(s: float | None) -> str:
 def format_count(v: float) -> str:
     """A count or size for people: ``1,024`` when whole, three significant digits otherwise (``2.5``)."""
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
+
+
+def format_number(v: float | None) -> str:
+    """A measured value (a loss, a noise scale) to four significant digits; ``None``, ``nan`` and
+    ``inf`` as Python writes them.
+
+    >>> format_number(0.123456), format_number(None), format_number(float("nan"))
+    ('0.1235', 'None', 'nan')
+    """
+    if v is None or not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"
