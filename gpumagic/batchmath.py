@@ -15,6 +15,7 @@ from typing import Literal, get_args
 __all__ = [
     "DEFAULT_MARGIN",
     "PICKS",
+    "THROUGHPUT_WITHIN",
     "LRRule",
     "Pick",
     "accumulation_plan",
@@ -36,6 +37,9 @@ PICKS: tuple[Pick, ...] = get_args(Pick)
 DEFAULT_MARGIN = 0.05
 """The share of memory a recommended batch leaves free: its predicted peak stays under
 capacity × (1 − margin). The search, the what-if plans and the OOM advice all use it."""
+
+THROUGHPUT_WITHIN = 0.05
+"""``pick="throughput"`` takes the smallest batch whose samples/s is within this share of the best."""
 
 _ADAM_LIKE = (
     "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb",

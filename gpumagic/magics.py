@@ -38,7 +38,7 @@ from gpumagic._shell import (
     show_monitor,
     sweep_in_shell,
 )
-from gpumagic.batchmath import DEFAULT_MARGIN, PICKS
+from gpumagic.batchmath import DEFAULT_MARGIN, PICKS, THROUGHPUT_WITHIN
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -830,8 +830,8 @@ class GPUMagics(Magics):
     )
     @magic_arguments.argument(
         "--pick", default="max", choices=PICKS,
-        help="max: largest that fits with the margin; throughput: smallest within 5%% of the best samples/s; "
-        "pow2: largest power of two that fits.",
+        help=f"max: largest that fits with the margin; throughput: smallest within {THROUGHPUT_WITHIN * 100:.0f}%% "
+        "of the best samples/s; pow2: largest power of two that fits.",
     )
     @magic_arguments.argument(
         "--effective", type=int, default=None,

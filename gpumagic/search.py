@@ -39,6 +39,7 @@ from typing import Literal
 from gpumagic.batchmath import (
     DEFAULT_MARGIN,
     PICKS,
+    THROUGHPUT_WITHIN,
     Pick,
     accumulation_plan,
     interpolate,
@@ -97,7 +98,6 @@ _MIN_GAIN = 0.01
 """A next trial that would grow the batch by less than this is not worth running."""
 _R2_AFFINE = 0.99
 _RESIDUAL_AFFINE = 0.02
-_THROUGHPUT_WITHIN = 0.05
 _THROUGHPUT_EXTRA = 2
 _THROUGHPUT_GAP = 1.25
 _FULL_BATCH_BELOW = 2000
@@ -899,9 +899,9 @@ def _throughput_trials(s: _Search, keep: int, largest: int) -> None:
     for _ in range(_THROUGHPUT_EXTRA):
         measured = _rates(s, largest)
         best = max(measured.values())
-        fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+        fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - THROUGHPUT_WITHIN) * best)
         top = fast[0] if fast else keep
-        slow = [b for b, r in measured.items() if b < top and r < (1 - _THROUGHPUT_WITHIN) * best]
+        slow = [b for b, r in measured.items() if b < top and r < (1 - THROUGHPUT_WITHIN) * best]
         if not slow or not s.budget_left():
             break
         below = max(slow)
@@ -923,11 +923,11 @@ def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
         return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
                       "its throughput, so pick='throughput' fell back to the largest)")
     best_b, best = max(measured.items(), key=lambda kv: (kv[1], -kv[0]))
-    fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+    fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - THROUGHPUT_WITHIN) * best)
     head = f"best measured {best:,.0f} samples/s at {best_b}"
     if fast:
         rec = fast[0]
-        return rec, (f"{rec} is the smallest batch within {_THROUGHPUT_WITHIN:.0%} of the best measured "
+        return rec, (f"{rec} is the smallest batch within {THROUGHPUT_WITHIN:.0%} of the best measured "
                      f"throughput ({measured[rec]:,.0f} samples/s; {head}) and within {pct} of "
                      f"{format_bytes(s.capacity)}" + _loader_limit(s, rec))
     return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)}, and throughput was "
