@@ -11,7 +11,7 @@ message at the end is still read.
 
     python bench/parse_time.py [--repeats 3] [--size 1000000]
 
-``tests/test_oom_parse.py`` uses ``cases()`` and ``MESSAGES`` to assert the scaling.
+``tests/unit/test_oom_parse.py`` uses ``cases()`` and ``MESSAGES`` to assert the scaling.
 """
 
 from __future__ import annotations

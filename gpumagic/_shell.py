@@ -1,5 +1,6 @@
 """The IPython side of running user code: cells run in the user namespace, names guessed from it,
-the live monitor shown. With :mod:`gpumagic.magics`, the only modules that import IPython.
+the live monitor shown. With :mod:`gpumagic.magics` it is the IPython layer: besides the demo,
+the only modules that import IPython (``tests/unit/test_layering.py`` checks).
 
 The core never sees a shell: the trial runner and the tracker get plain callables from here.
 """

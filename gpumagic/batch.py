@@ -24,19 +24,18 @@ import torch
 from gpumagic import heaviest, views
 from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
-from gpumagic.batchmath import Pick
+from gpumagic.batchmath import DEFAULT_MARGIN, Pick
 from gpumagic.dataloading import data_wait_fraction
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.state import Snapshot
-from gpumagic.tracking import StopTrial, Tracker
+from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
+from gpumagic.units import format_bytes, format_percent
 
 if TYPE_CHECKING:
     from gpumagic.distributed import TrialAgreement
 
 __all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
-
-_BACKWARD_SAFETY = 16  # backward calls per optimizer step (accumulation) before a trial is cut anyway
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -178,7 +177,7 @@ class TrialRunner:
                 self.budget,
                 backend=self.backend,
                 stop_after_steps=self.steps if self.has_optimizer else None,
-                stop_after_backwards=self.steps * _BACKWARD_SAFETY if self.has_optimizer else self.steps,
+                stop_after_backwards=self.steps * BACKWARDS_PER_STEP_CAP if self.has_optimizer else self.steps,
                 stop_after_forwards=self.steps if self.evaluation else None,
                 exclude_storages=self.snapshot.storage_keys,
                 on_step=on_step,
@@ -385,7 +384,6 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     Otherwise the ordinary search runs on real trials and the result says why.
     """
     from gpumagic.report import Fit
-    from gpumagic.units import format_bytes, format_percent
 
     if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
         return _run_search(runner, **kw)
@@ -483,7 +481,7 @@ def find_batch(
     start: int | None = None,
     max_size: int | None = None,
     steps: int = 3,
-    margin: float = 0.05,
+    margin: float = DEFAULT_MARGIN,
     pick: Pick = "max",
     effective: int | None = None,
     min_size: int = 1,
@@ -718,8 +716,6 @@ def _after_search(
     against the per-step input size when the trials could not choose their samples."""
     import dataclasses
 
-    from gpumagic.units import format_percent
-
     notes: list[str] = []
     changes: dict[str, Any] = {}
     rec = result.recommended_batch_size
@@ -757,7 +753,7 @@ def _after_search(
                    f"({vi.smallest_elements:,} to {vi.largest_elements:,} elements): memory follows the largest input")
             if vi.predicted_peak_bytes is not None and vi.worst_elements is not None:
                 msg += (f"; {vi.worst_source} ({vi.worst_elements:,} elements) would need about "
-                        f"{_fmt(vi.predicted_peak_bytes)}")
+                        f"{format_bytes(vi.predicted_peak_bytes)}")
             if (vi.surviving_batch_size is not None and rec is not None and vi.surviving_batch_size < rec
                     and result.accumulation_steps == 1 and result.effective_batch_size is None):
                 changes["recommended_batch_size"] = vi.surviving_batch_size
@@ -765,7 +761,7 @@ def _after_search(
                 # the why states the number the headline shows: the one computed here, not the search's
                 changes["reason"] = (
                     f"{vi.surviving_batch_size} is the largest whose largest input ({vi.worst_source}) is "
-                    f"predicted to fit {format_percent(1 - margin)} of {_fmt(capacity)}; the trials' own "
+                    f"predicted to fit {format_percent(1 - margin)} of {format_bytes(capacity)}; the trials' own "
                     f"batches alone gave {rec}")
                 notes.append(f"before allowing for the largest input: {result.reason}")
                 msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
@@ -778,12 +774,6 @@ def _after_search(
         return result
     changes["notes"] = tuple(result.notes) + tuple(notes)
     return dataclasses.replace(result, **changes)
-
-
-def _fmt(n: int) -> str:
-    from gpumagic.units import format_bytes
-
-    return format_bytes(n)
 
 
 def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:

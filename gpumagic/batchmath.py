@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Literal, get_args
 
 __all__ = [
+    "DEFAULT_MARGIN",
     "PICKS",
+    "THROUGHPUT_WITHIN",
     "LRRule",
     "Pick",
     "accumulation_plan",
@@ -31,6 +33,13 @@ Pick = Literal["max", "throughput", "pow2"]
 """How the search picks its recommendation: the largest that fits with the margin, the smallest
 within 5% of the best throughput, or the largest power of two that fits."""
 PICKS: tuple[Pick, ...] = get_args(Pick)
+
+DEFAULT_MARGIN = 0.05
+"""The share of memory a recommended batch leaves free: its predicted peak stays under
+capacity × (1 − margin). The search, the what-if plans and the OOM advice all use it."""
+
+THROUGHPUT_WITHIN = 0.05
+"""``pick="throughput"`` takes the smallest batch whose samples/s is within this share of the best."""
 
 _ADAM_LIKE = (
     "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "adafactor", "lion", "lamb",

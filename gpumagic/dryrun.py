@@ -68,7 +68,8 @@ from gpumagic._plain import PLAIN
 from gpumagic._quiet import ignored_warnings
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
-from gpumagic.tracking import StopTrial, Tracker
+from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
+from gpumagic.units import format_bytes
 
 __all__ = ["DryRunError", "DryTracker", "FakeSession", "attention_kernel", "plan_target"]
 
@@ -805,7 +806,7 @@ class DryTracker(Tracker):
         kind, g, capacity = plan_target(device, gpu, bud)
         index = int(str(device).split(":")[1]) if device is not None and ":" in str(device) else 0
         super().__init__("cpu", None, stop_after_steps=steps, stop_after_backwards=None if steps is None else
-                         steps * 16, exclude_storages=exclude_storages, on_step=on_step)
+                         steps * BACKWARDS_PER_STEP_CAP, exclude_storages=exclude_storages, on_step=on_step)
         backend = backends.get(kind)
         self.target = _target_of(kind)
         self.device = torch.device(kind, index) if backend is not None and backend.indexed else torch.device(kind)
@@ -1077,7 +1078,7 @@ class DryTracker(Tracker):
         cap = self.capacity
         if cap is not None:
             fits = "fits" if rep.peak_bytes <= cap else "does NOT fit"
-            notes.append(f"planned peak {_fmt(rep.peak_bytes)} {fits} in {_fmt(cap)}")
+            notes.append(f"planned peak {format_bytes(rep.peak_bytes)} {fits} in {format_bytes(cap)}")
         if s.placeholders:
             lines = list(s.placeholders)[:_MAX_NOTED_LINES]
             more = len(s.placeholders) - len(lines)
@@ -1255,12 +1256,6 @@ def skipped_writes_note(skipped: list[str]) -> str | None:
         " (a plan never writes or removes files)"
 
 
-def _fmt(n: int) -> str:
-    from gpumagic.units import format_bytes
-
-    return format_bytes(n)
-
-
 def _fake_batch(batch: Any, session: FakeSession, fake_mode: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._pytree import tree_map
@@ -1281,9 +1276,3 @@ def run_planned(fn: Callable[[], Any]) -> Any:
         return fn()
     except StopTrial:
         return None
-
-
-def capacity_note(peak: int, capacity: int | None) -> str | None:
-    if capacity is None:
-        return None
-    return f"{100 * peak / capacity:.1f}% of {_fmt(capacity)}" if math.isfinite(peak) else None

@@ -38,7 +38,7 @@ from gpumagic._shell import (
     show_monitor,
     sweep_in_shell,
 )
-from gpumagic.batchmath import PICKS
+from gpumagic.batchmath import DEFAULT_MARGIN, PICKS, THROUGHPUT_WITHIN
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -827,14 +827,14 @@ class GPUMagics(Magics):
         "throughput is measured from the second).",
     )
     @magic_arguments.argument(
-        "--margin", type=float, default=0.05,
-        help="Safety margin as a fraction of memory (default 0.05): the pick's predicted peak stays under "
-        "capacity × (1 − margin).",
+        "--margin", type=float, default=DEFAULT_MARGIN,
+        help=f"Safety margin as a fraction of memory (default {DEFAULT_MARGIN}): the pick's predicted peak stays "
+        "under capacity × (1 − margin).",
     )
     @magic_arguments.argument(
         "--pick", default="max", choices=PICKS,
-        help="max: largest that fits with the margin; throughput: smallest within 5%% of the best samples/s; "
-        "pow2: largest power of two that fits.",
+        help=f"max: largest that fits with the margin; throughput: smallest within {THROUGHPUT_WITHIN * 100:.0f}%% "
+        "of the best samples/s; pow2: largest power of two that fits.",
     )
     @magic_arguments.argument(
         "--effective", type=int, default=None,

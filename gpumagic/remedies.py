@@ -44,11 +44,11 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpumagic.batchmath import DEFAULT_MARGIN
 from gpumagic.report import MemoryReport, Remedy
 
 __all__ = ["plan_what_if"]
 
-_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -621,7 +621,7 @@ def _fits(plan_at: Callable[[int], int | None], b0: int, p0: int, limit: float) 
 
 
 def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *, device: str | None = None,
-                 gpu: Any = None, budget: int | None = None, steps: int = 3, margin: float = _MARGIN,
+                 gpu: Any = None, budget: int | None = None, steps: int = 3, margin: float = DEFAULT_MARGIN,
                  source: str | None = None, fit_all: bool = True,
                  time_limit: float | None = None) -> MemoryReport:
     """Plan ``run`` as written and once per remedy that applies; the plan's report with ``what_if``.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpumagic import views
+from gpumagic.batchmath import DEFAULT_MARGIN
 from gpumagic.units import format_bytes, format_count, format_seconds
 
 if TYPE_CHECKING:
@@ -392,19 +393,10 @@ class MemoryReport:
     def __repr__(self) -> str:
         return f"<MemoryReport {'PLAN (dry run) ' if self.dry_run else ''}{self.summary()}>"
 
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle
 
 
 @dataclass(frozen=True)
@@ -539,7 +531,7 @@ class BatchSearchResult:
     predicted_peak_bytes: int | None
     """The fit's prediction at the recommended batch size."""
     pick: Pick = "max"
-    margin: float = 0.05
+    margin: float = DEFAULT_MARGIN
     effective_batch_size: int | None = None
     lr_note: str | None = None
     lr_rule: LRRule | None = None
@@ -591,19 +583,10 @@ class BatchSearchResult:
             f"{trial_counts(self)}; {self.reason}>"
         )
 
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle
 
 
 @dataclass(frozen=True)
@@ -638,15 +621,9 @@ class DeviceStatus:
             f"free {format_bytes(self.free_bytes)}{notes}>"
         )
 
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def to_text(self) -> str:
-        """Every row as an aligned plain-text table (for scripts and logs)."""
-        return views.view(self, "table")
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
 
 
 @dataclass(frozen=True)

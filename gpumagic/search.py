@@ -36,7 +36,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gpumagic.batchmath import PICKS, Pick, accumulation_plan, interpolate, lr_note, lr_rule_for, pow2_floor
+from gpumagic.batchmath import (
+    DEFAULT_MARGIN,
+    PICKS,
+    THROUGHPUT_WITHIN,
+    Pick,
+    accumulation_plan,
+    interpolate,
+    lr_note,
+    lr_rule_for,
+    pow2_floor,
+)
 from gpumagic.dataloading import DATA_WAIT_THRESHOLD
 from gpumagic.report import BatchSearchResult, Fit, Trial
 from gpumagic.units import format_bytes, format_percent
@@ -88,7 +98,6 @@ _MIN_GAIN = 0.01
 """A next trial that would grow the batch by less than this is not worth running."""
 _R2_AFFINE = 0.99
 _RESIDUAL_AFFINE = 0.02
-_THROUGHPUT_WITHIN = 0.05
 _THROUGHPUT_EXTRA = 2
 _THROUGHPUT_GAP = 1.25
 _FULL_BATCH_BELOW = 2000
@@ -124,10 +133,6 @@ def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
     ss_tot = sum(b * (p - mean_p) ** 2 for b, p in pts)
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     return Fit(intercept_bytes=intercept, bytes_per_sample=slope, r2=max(0.0, min(1.0, r2)), points=len(pts))
-
-
-def _describe_fit(fit: Fit) -> str:
-    return fit.describe()
 
 
 @dataclass
@@ -536,7 +541,7 @@ def search(
     max_size: int | None = None,
     dataset_size: int | None = None,
     drop_last: bool = False,
-    margin: float = 0.05,
+    margin: float = DEFAULT_MARGIN,
     pick: Pick = "max",
     effective: int | None = None,
     optimizer: str | None = None,
@@ -691,7 +696,7 @@ def _no_recommendation(s: _Search, *, pick: Pick, device: str) -> BatchSearchRes
 def _pick(s: _Search, pick: Pick, lim: _Limit) -> tuple[int, str]:
     """The recommended size under the ``pick`` rule, and why."""
     cap, keep, fit = s.capacity, lim.keep, lim.fit
-    basis = (f"by the fit ({_describe_fit(fit)})" if lim.affine and fit is not None
+    basis = (f"by the fit ({fit.describe()})" if lim.affine and fit is not None
              else f"by interpolating the measured peaks ({_shape(s, lim.largest)})")
     pct = format_percent(1 - s.margin)
 
@@ -894,9 +899,9 @@ def _throughput_trials(s: _Search, keep: int, largest: int) -> None:
     for _ in range(_THROUGHPUT_EXTRA):
         measured = _rates(s, largest)
         best = max(measured.values())
-        fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+        fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - THROUGHPUT_WITHIN) * best)
         top = fast[0] if fast else keep
-        slow = [b for b, r in measured.items() if b < top and r < (1 - _THROUGHPUT_WITHIN) * best]
+        slow = [b for b, r in measured.items() if b < top and r < (1 - THROUGHPUT_WITHIN) * best]
         if not slow or not s.budget_left():
             break
         below = max(slow)
@@ -918,11 +923,11 @@ def _pick_throughput(s: _Search, keep: int, largest: int) -> tuple[int, str]:
         return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)} (no trial measured "
                       "its throughput, so pick='throughput' fell back to the largest)")
     best_b, best = max(measured.items(), key=lambda kv: (kv[1], -kv[0]))
-    fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - _THROUGHPUT_WITHIN) * best)
+    fast = sorted(b for b, r in measured.items() if b <= keep and r >= (1 - THROUGHPUT_WITHIN) * best)
     head = f"best measured {best:,.0f} samples/s at {best_b}"
     if fast:
         rec = fast[0]
-        return rec, (f"{rec} is the smallest batch within {_THROUGHPUT_WITHIN:.0%} of the best measured "
+        return rec, (f"{rec} is the smallest batch within {THROUGHPUT_WITHIN:.0%} of the best measured "
                      f"throughput ({measured[rec]:,.0f} samples/s; {head}) and within {pct} of "
                      f"{format_bytes(s.capacity)}" + _loader_limit(s, rec))
     return keep, (f"{keep} is the largest that fits {pct} of {format_bytes(s.capacity)}, and throughput was "

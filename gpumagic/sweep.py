@@ -29,7 +29,7 @@ import torch
 
 from gpumagic._safe import describe
 from gpumagic.batch import BadOptions, StateSnapshot, _discover_stateful, _is_oom, _reachable_stateful
-from gpumagic.batchmath import lr_rule_for, pow2_floor
+from gpumagic.batchmath import DEFAULT_MARGIN, lr_rule_for, pow2_floor
 from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
 from gpumagic.noise import GradientNorms, NoiseScale, estimate
 from gpumagic.sweep_results import By, SweepResult, SweepRule, SweepRun
@@ -650,8 +650,8 @@ def sweep_in_namespace(
     def find() -> Any:
         return find_batch_in_namespace(
             ns, run, code, hints=hints, var=var, loader=None, device=options.get("device"),
-            budget=options.get("budget"), start=None, min_size=1, max_size=None, steps=3, margin=0.05, pick="max",
-            effective=None, progress=False)
+            budget=options.get("budget"), start=None, min_size=1, max_size=None, steps=3, margin=DEFAULT_MARGIN,
+            pick="max", effective=None, progress=False)
 
     return sweep(body, objects=objects, namespace=ns, find_sizes=find, base_batch_size=base,
                  val=evaluate if val is not None else None, hints=hints, **options)

@@ -8,12 +8,12 @@ the widget come from the renderers registered for :class:`SweepResult` through
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from gpumagic import views
 from gpumagic.noise import NoiseScale
+from gpumagic.units import format_number
 
 if TYPE_CHECKING:
     import pandas
@@ -134,23 +134,9 @@ class SweepResult:
 
     def __repr__(self) -> str:
         return (f"<SweepResult recommended {self.recommended}; sizes {', '.join(map(str, self.sizes))}; "
-                f"noise scale {_num(self.noise_scale.value) if self.noise_scale else 'unknown'}; {self.why}>")
+                f"noise scale {format_number(self.noise_scale.value) if self.noise_scale else 'unknown'}; {self.why}>")
 
-    def to_text(self) -> str:
-        """The result as an aligned plain-text table (terminals, logs)."""
-        return views.view(self, "table")
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(views.view(self, "pretty"))
-
-    def _repr_html_(self) -> str:
-        return views.view(self, "html")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return views.mimebundle(self, include, exclude)
-
-
-def _num(v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return str(v)
-    return f"{v:.4g}"
+    to_text = views.to_text
+    _repr_pretty_ = views.repr_pretty
+    _repr_html_ = views.repr_html
+    _repr_mimebundle_ = views.mimebundle

@@ -47,6 +47,9 @@ from gpumagic.report import MemoryBreakdown, MemoryReport, StepRecord
 __all__ = ["StopTrial", "Tracker", "active_tracker"]
 
 MAX_RECORDS = 100_000
+BACKWARDS_PER_STEP_CAP = 16
+"""Backward calls per optimizer step (gradient accumulation) after which a trial of ``steps``
+steps is cut anyway: ``stop_after_backwards=steps * BACKWARDS_PER_STEP_CAP``."""
 _LOSS_CHUNK = 256
 _ACTIVE: list[Tracker] = []
 _COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"

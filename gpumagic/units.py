@@ -12,10 +12,13 @@ import re
 from fractions import Fraction
 
 __all__ = [
-    "format_bytes", "format_count", "format_percent", "format_seconds", "format_size_torch", "parse_size", "unit_bytes",
+    "IEC_UNITS", "format_bytes", "format_count", "format_number", "format_percent", "format_seconds",
+    "format_size_torch", "parse_size", "unit_bytes",
 ]
 
 _PREFIXES = "kmgtpe"
+IEC_UNITS: tuple[tuple[str, int], ...] = (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40))
+"""The binary units gpumagic writes sizes in, smallest first (``reversed`` for largest first)."""
 MAX_SIZE = 2**63 - 1
 """The largest size accepted: torch counts bytes in 64-bit signed integers."""
 _SIZE_RE = re.compile(r"^\s*([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*$")
@@ -114,7 +117,7 @@ def format_bytes(n: int | None, *, signed: bool = False) -> str:
         sign = "+"
     if n < 1024:
         return f"{sign}{n} B"
-    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40)):
+    for unit, scale in IEC_UNITS:
         if n < scale * 1024 or unit == "TiB":
             return f"{sign}{n / scale:.2f} {unit}"
     raise AssertionError("unreachable")
@@ -161,3 +164,15 @@ def format_seconds(s: float | None) -> str:
 def format_count(v: float) -> str:
     """A count or size for people: ``1,024`` when whole, three significant digits otherwise (``2.5``)."""
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3g}"
+
+
+def format_number(v: float | None) -> str:
+    """A measured value (a loss, a noise scale) to four significant digits; ``None``, ``nan`` and
+    ``inf`` as Python writes them.
+
+    >>> format_number(0.123456), format_number(None), format_number(float("nan"))
+    ('0.1235', 'None', 'nan')
+    """
+    if v is None or not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}"

@@ -28,6 +28,9 @@ __all__ = [
     "register_progress",
     "register_view",
     "renderers_for",
+    "repr_html",
+    "repr_pretty",
+    "to_text",
     "view",
 ]
 
@@ -73,6 +76,27 @@ def view(obj: Any, kind: str) -> str:
     import html
 
     return html.escape(repr(obj)) if kind == "html" else repr(obj)
+
+
+# A result class shows itself through these by naming them in its own body
+# (``_repr_pretty_ = views.repr_pretty``), not by inheriting them from a base class: IPython's
+# pretty printer reads ``_repr_pretty_`` only from a class's own ``__dict__`` before it falls back
+# on that class's ``__repr__`` (which every dataclass has), so an inherited one would never run.
+
+
+def to_text(obj: Any) -> str:
+    """Every row as an aligned plain-text table (for scripts and logs)."""
+    return view(obj, "table")
+
+
+def repr_pretty(obj: Any, p: Any, cycle: bool) -> None:
+    """IPython's plain-text display (a terminal): the headline, then a short table fitting the terminal."""
+    p.text(view(obj, "pretty"))
+
+
+def repr_html(obj: Any) -> str:
+    """The result's compact HTML table (a notebook)."""
+    return view(obj, "html")
 
 
 def register_progress(kind: str, factory: Callable[..., Any]) -> None:

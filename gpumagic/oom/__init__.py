@@ -16,8 +16,13 @@ exception carries it too, as ``exc.advice``).
     >>> info.tried_to_allocate, info.free
     (20971520, 22020096)
 
-Parsing lives in ``parsing.py`` (formats), advice in ``advice.py`` (rules). Only the standard
-library and gpumagic's private modules are imported: no torch needed.
+Parsing lives in ``parsing.py`` (formats), advice in ``advice.py`` (rules, with the families
+that are not a device allocator's in ``_families.py``), and what the notebook knows in
+``context.py`` (pure functions of the namespace and the cell's source, building the
+``AdviceContext``). Importing the package and parsing need no torch; ``advise`` imports
+``torch.distributed`` to read this process's rank when the context gives none, and
+``context.py`` imports torch inside its functions to read the namespace's tensors, loaders and
+optimizers. None of them imports IPython.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ never with a training batch size. A library's allocation (NCCL) has its own knob
 
 The rule, for every family: the suggestions come from the knob that governs the memory the
 message says ran out, and the training-loop suggestions that cannot change that memory are
-displaced (``FamilyAdvice.displaces``). ``_advice.advise`` ranks these with its own rules; this
-module imports only the parser, so it never forms an import circle with the advice module.
+displaced (``FamilyAdvice.displaces``). ``advice.advise`` ranks these with its own rules; this
+module imports only the parser and :mod:`gpumagic.units`, so it never forms an import circle
+with the advice module.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = ["FamilyAdvice", "FamilySuggestion", "family_advice", "killed_hint"]
 
 @dataclass(frozen=True)
 class FamilySuggestion:
-    """One suggestion and its score on ``_advice``'s scale (100 is the strongest rule there)."""
+    """One suggestion and its score on ``advice.py``'s scale (100 is the strongest rule there)."""
 
     title: str
     detail: str
@@ -54,7 +55,7 @@ _DEVICE_ONLY: Final = frozenset({"fragmentation", "other_processes", "cuda_error
 # Kinds whose message is one tensor's allocation in RAM: the batch may be what was allocated.
 _TENSOR_IN_RAM: Final = frozenset({"cpu_allocator", "numpy", "python_memory_error"})
 
-_FIRST: Final = 98  # above every device rule in _advice (the strongest there scores 100 only for a binding limit)
+_FIRST: Final = 98  # above every device rule in advice.py (the strongest there scores 100 only for a binding limit)
 _AFTER_BATCH: Final = 65  # below the batch rule (70) when the batch is what was being allocated
 
 _LAZY: Final = (

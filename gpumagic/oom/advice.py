@@ -10,15 +10,20 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import TYPE_CHECKING, Any, Final
 
-from gpumagic.batchmath import accumulation_plan, lr_note
+from gpumagic.batchmath import DEFAULT_MARGIN, accumulation_plan, lr_note
 from gpumagic.oom._families import family_advice
-from gpumagic.oom.parsing import _MARGIN, _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host, parse
-from gpumagic.units import format_bytes
+from gpumagic.oom.parsing import _NO_FIGURES, GiB, MiB, OOMInfo, _headline, _is_host, parse
+from gpumagic.units import format_bytes, format_percent
 
 if TYPE_CHECKING:
     from gpumagic.report import Remedy
 
 __all__ = ["Advice", "AdviceContext", "Suggestion", "advise", "last_advice", "remember"]
+
+# The share of usable memory a batch size computed from a fit or a proportion may fill: the
+# search's default margin stays free, so the advice and %find_batch agree.
+_USABLE: Final = 1 - DEFAULT_MARGIN
+_USABLE_PCT: Final = format_percent(_USABLE)
 
 # ---------------------------------------------------------------------------------------------
 # Advice
@@ -269,17 +274,17 @@ def _exact_fit(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> tuple[int |
     if f.usable is None:
         unknown.append("the capacity to fit the batch into (no figure in the error; pass capacity_bytes)")
         return None, "", None
-    room = f.usable * _MARGIN
+    room = f.usable * _USABLE
     if room - intercept < slope:
         return None, "", Suggestion(
             "Even batch 1 does not fit",
             f"the fit's fixed part, {fb(round(intercept))}, plus {fb(round(slope))} per sample exceeds "
-            f"{fb(round(room))} (95% of {f.usable_how}): free memory first",
+            f"{fb(round(room))} ({_USABLE_PCT} of {f.usable_how}): free memory first",
             "batch_size",
         )
     exact = int((room - intercept) // slope)
     how = f"peak ≈ {fb(round(intercept))} + {fb(round(slope))} per sample, so up to {exact} samples fit in " \
-          f"{fb(round(room))} (95% of {f.usable_how})"
+          f"{fb(round(room))} ({_USABLE_PCT} of {f.usable_how})"
     return exact, how, None
 
 
@@ -297,11 +302,11 @@ def _upper_bound(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> tuple[int
     if f.needed is None or f.usable is None:
         return None, "", None
     fixed = f.fixed if f.fixed is not None else 0.0
-    room = f.usable * _MARGIN
+    room = f.usable * _USABLE
     if room <= fixed:
         return None, "", Suggestion(
             "Free memory first: no batch size fits",
-            f"{f.fixed_how} ({fb(round(fixed))}) already fills 95% of {f.usable_how} ({fb(round(room))})",
+            f"{f.fixed_how} ({fb(round(fixed))}) already fills {_USABLE_PCT} of {f.usable_how} ({fb(round(room))})",
             "batch_size",
         )
     if f.needed <= room:
@@ -315,7 +320,7 @@ def _upper_bound(ctx: AdviceContext, f: _Facts, unknown: list[str]) -> tuple[int
         assume = f", keeping {f.fixed_how} ({fb(round(fixed))}) fixed"
     how = (
         f"batch {b} needed {more}{fb(f.needed)} ({f.needed_how}) of {fb(f.usable)} usable ({f.usable_how}); "
-        f"scaled to 95% of that: {exact} samples{assume}"
+        f"scaled to {_USABLE_PCT} of that: {exact} samples{assume}"
     )
     return exact, how, None
 
@@ -620,7 +625,7 @@ def _holders_rule(x: _In) -> _Made:
     if helps and ctx.batch_dependent and f.needed is not None and f.usable is not None:
         # the failed allocation is only part of what a step that grows with the batch needs: freeing
         # ranks first only when the step's known need fits the memory freed plus what was usable
-        helps = f.needed <= (f.usable + total) * _MARGIN
+        helps = f.needed <= (f.usable + total) * _USABLE
     if helps and shortfall is not None:
         detail += f"; the allocation was short by {fb(shortfall)}"
     return Suggestion(title, detail, "holders", code="\n".join(lines)), helps
@@ -750,7 +755,7 @@ def _generic_batch_rule(x: _In) -> _Made:
     ctx, f = x.ctx, x.facts
     if x.batch is not None or ctx.batch_dependent is False:
         return None
-    if f.needed is not None and f.usable is not None and f.needed <= f.usable * _MARGIN:
+    if f.needed is not None and f.usable is not None and f.needed <= f.usable * _USABLE:
         return None  # the figures say the need fits: the cause is elsewhere
     now = f" (now {ctx.batch_size})" if ctx.batch_size is not None else ""
     if ctx.measure_code:
@@ -772,7 +777,7 @@ def _allocation_rule(x: _In) -> _Made:
     tried = info.tried_to_allocate if info is not None else None
     if tried is None or _is_host(info):
         return None
-    alone = f.usable is not None and tried > f.usable * _MARGIN
+    alone = f.usable is not None and tried > f.usable * _USABLE
     if ctx.batch_dependent or (ctx.batch_dependent is None and not alone):
         return None  # the batch may drive this allocation: batch advice covers it
     fb = format_bytes

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpumagic.oom.advice import AdviceContext
+from gpumagic.units import IEC_UNITS
 
 __all__ = [
     "Earlier",
@@ -209,7 +210,7 @@ def prebuilt_batches(ns: Mapping[str, Any], used: set[str]) -> tuple[str, int] |
 
 def size_arg(n: int) -> str:
     """A size as a --budget argument: 96MiB, 2GiB, or bytes."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, size in reversed(IEC_UNITS):
         if n % size == 0:
             return f"{n // size}{unit}"
     return str(n)

@@ -4,7 +4,7 @@ A message is found by its anchor and read by its reader: ``_FORMATS`` lists one 
 (name, anchor pattern, reader) per wording, and supporting a new wording is one entry there (plus
 its reader when none fits). Every anchor does bounded work wherever it is tried, so parsing time
 is linear in the length of the text (``bench/parse_time.py``). Only the standard library and
-gpumagic's private modules are imported: no torch needed.
+:mod:`gpumagic.units` are imported: no torch needed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ MiB: Final = 2**20
 # A limit printed this large means "no limit": PyTorch prints SIZE_MAX (2**64) as
 # "17179869184.00 GiB" or "16.00 EiB" when no memory fraction is set. No device holds 8 EiB.
 _UNKNOWN_FROM: Final = 2**63
-# The margin kept free when a batch size is computed from a fit or a proportion.
-_MARGIN: Final = 0.95
 
 # ---------------------------------------------------------------------------------------------
 # OOMInfo

@@ -12,13 +12,12 @@ Row(label='device', value='cpu (cpu)', in_headline=True)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpumagic.report import trial_counts
-from gpumagic.units import format_bytes, format_count, format_percent, format_seconds
+from gpumagic.units import format_bytes, format_count, format_number, format_percent, format_seconds
 
 if TYPE_CHECKING:
     from gpumagic.report import BatchSearchResult, DeviceStatus, MemoryReport
@@ -297,25 +296,19 @@ def device_status_view(s: DeviceStatus) -> View:
 # %%batch_sweep
 
 
-def _num(v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return str(v)
-    return f"{v:.4g}"
-
-
 def run_line(result: SweepResult, r: SweepRun) -> str:
     """One run in words: loss reached, samples and time, learning rate, validation, memory."""
     if r.oom is not None:
         return f"out of memory after {r.steps} steps ({r.oom})"
     loss = r.final_loss()
-    parts = [f"loss {_num(loss)}" if loss is not None else "no loss recorded",
+    parts = [f"loss {format_number(loss)}" if loss is not None else "no loss recorded",
              f"{r.total_samples:,} samples in {r.steps:,} steps, {format_seconds(r.total_seconds)}"]
     if r.samples_per_second:
         parts.append(f"{r.samples_per_second:,.0f} samples/s")
     if r.lrs:
         parts.append("lr " + ", ".join(f"{v:.3g}" for v in dict.fromkeys(r.lrs)))
     if r.val is not None:
-        parts.append(f"{result.val_name or 'val'} {_num(r.val)}")
+        parts.append(f"{result.val_name or 'val'} {format_number(r.val)}")
     if r.peak_bytes is not None:
         parts.append(f"peak {format_bytes(r.peak_bytes)}")
     return "; ".join(parts)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic.batchmath import interpolate, lr_note
 from gpumagic.report import BatchSearchResult, MemoryReport, Trial
-from gpumagic.units import format_bytes, format_percent
+from gpumagic.units import IEC_UNITS, format_bytes, format_percent
 from gpumagic.views import register as register_renderer
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ MAX_DRAWN_POINTS = 2000
 """Longer per-step series are drawn through :func:`envelope` (min and max per bucket)."""
 
 _BLUE, _RED, _ORANGE, _GREEN, _PURPLE, _GREY = "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"
-_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +112,7 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def _unit_for(span: float) -> tuple[str, int]:
-    for name, scale in _UNITS:
+    for name, scale in reversed(IEC_UNITS):
         if span >= scale:
             return name, scale
     return "B", 1

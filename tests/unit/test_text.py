@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpumagic
+from gpumagic import views
 from gpumagic.render.progress import BarProgress, LineProgress, text_progress
 from gpumagic.render.text import bold, memory_report_text, search_text, use_color, wrap_block
-from gpumagic.report import BatchSearchResult, Trial
+from gpumagic.report import BatchSearchResult, DeviceStatus, Trial
 
 ESC = "\x1b"
 
@@ -136,6 +137,17 @@ def test_the_repr_stays_one_line_and_pretty_is_the_table(report: gpumagic.Memory
     assert "\n" not in repr(report)
     assert pretty(report).startswith("gpumem: peak ")
     assert len(pretty(report).splitlines()) > 3
+
+
+@pytest.mark.parametrize("result", [
+    _search(32),
+    DeviceStatus("cpu", "cpu", 10, None, 100, 90),
+], ids=["search", "device-status"])
+def test_ipython_shows_every_result_through_its_pretty_view(result: object) -> None:
+    # _repr_pretty_ must sit in the class's own __dict__: IPython prefers a class's __repr__ to an inherited one
+    from IPython.lib.pretty import pretty
+
+    assert pretty(result) == views.view(result, "pretty") != repr(result)
 
 
 # --- progress ---------------------------------------------------------------------------------------
