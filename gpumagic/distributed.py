@@ -212,16 +212,18 @@ class TrialAgreement:
 
     def agree_trial(self, trial: Trial) -> Trial:
         """The trial as every rank will record it: OOM if any rank was, the largest peak, the
-        slowest throughput and time, the fewest steps. One all-reduce."""
+        slowest throughput and time, the fewest steps, the largest share of time waiting for data
+        (every field a rank measured is agreed: the ranks' results must be equal). One all-reduce."""
         import torch.distributed as dist
 
-        t = torch.zeros(self.world_size, 5, dtype=torch.float64)
+        t = torch.zeros(self.world_size, 6, dtype=torch.float64)
         t[self.rank] = torch.tensor([
             float(trial.oom),
             -1.0 if trial.peak_bytes is None else float(trial.peak_bytes),
             -1.0 if trial.samples_per_second is None else trial.samples_per_second,
             trial.seconds,
             float(trial.steps),
+            -1.0 if trial.data_wait_fraction is None else trial.data_wait_fraction,
         ], dtype=torch.float64)
         dist.all_reduce(t, group=self._group)
         rows = t.tolist()
@@ -236,6 +238,7 @@ class TrialAgreement:
             seconds=max(r[3] for r in rows),
             steps=int(min(r[4] for r in rows)),
             rank_peak_bytes=peaks,
+            data_wait_fraction=None if any(r[5] < 0 for r in rows) else max(r[5] for r in rows),
         )
 
     def result(self, result: BatchSearchResult, objects: list[Any]) -> BatchSearchResult:
