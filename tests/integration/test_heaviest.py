@@ -295,7 +295,7 @@ def test_evaluation_steps_are_outermost_forwards_of_the_model_not_the_loss():
 def test_readme_size_fn_lambdas_work_as_written(texts):
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     options = re.findall(r'`(--size-fn "lambda i: [^"`]+")`', readme)
     assert options, "the README's --size-fn lambda examples are gone"
     # the README's names: the raw sequences, and a length column, one per index
