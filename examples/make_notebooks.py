@@ -175,19 +175,21 @@ effective batch of 4096; "Unknown" lists what could not be derived.
 """),
     (CODE, "%%gpumem -d cpu --budget 24MiB" + EPOCH, RAISES),
     (MD, """
-## The memory came back
+## The memory came back, and nothing was lost
 
 After an OOM, the traceback's frames keep the failed step's activations alive, which is why
-`torch.cuda.empty_cache()` alone often frees nothing; and the names the failed cell bound (`x`,
-`y`, `loss`) keep the batch and, after a failure in `backward()`, the whole autograd graph.
-gpumagic clears those frames (the traceback itself stays usable) and releases those names: put
-back to their values from before the cell, or deleted when the cell created them. `%gpumem --free`
-shows the device now and which names still hold memory: the data `X` and the model, which the
-cell only used and which are left alone.
+`torch.cuda.empty_cache()` alone often frees nothing; and a name the failed cell bound to a tensor
+with an autograd graph (`loss`, after a failure in `backward()`) keeps the whole graph.
+gpumagic clears those frames (the traceback itself stays usable) and frees the graphs: such a
+tensor keeps its value, detached. It never deletes a value: `x` and `y`, the batch the failed
+loop drew, are still there, and `%gpumem --free` says they hold memory, next to the data `X` and
+the model, which the cell only used. The advice's measuring command deletes the batch first,
+since running the cell again draws a new one; here we delete it by hand.
 """),
     (CODE, "%gpumem -d cpu --free"),
     (CODE, """
-print("x" in globals(), "y" in globals())   # released with the failed cell
+print("x" in globals(), "y" in globals())   # kept: gpumagic never deletes a value
+del x, y   # the failed loop's batch: running the cell again draws a new one
 after = gpumagic.device_status("cpu")
 print(f"tensor memory before the failing cell {format_bytes(before.allocated_bytes)}, "
       f"now {format_bytes(after.allocated_bytes)}: "
