@@ -175,6 +175,10 @@ class OOMPresenter:
         info = oom.parse(exc)
         if info is None:
             return False
+        # the full traceback is formatted now, while its frames still hold their arguments: the
+        # work below (planning remedies) runs code whose errors chain to this one and clear frames
+        with contextlib.suppress(Exception):  # a nicety: the advice and the release happen regardless
+            exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
         try:
             from_history = cell is None
             if cell is None:  # the global handler: the cell that just ran
@@ -220,8 +224,6 @@ class OOMPresenter:
             from gpumagic.devices import release_memory
 
             exc._gpumagic_handled = True  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):  # a nicety: the memory is freed regardless
-                exc._render_traceback_ = TracebackView(self.shell, exc)  # type: ignore[attr-defined]
             release_memory(exc)
         return True
 

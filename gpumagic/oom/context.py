@@ -369,7 +369,7 @@ def _reachable_storages(roots: list[Any], device: Any, ns: Mapping[str, Any]) ->
                 if o.device.type == device.type and (device.index is None or o.device.index in (None, device.index)):
                     for key, st in storages(o) or ():
                         out[key] = int(st.nbytes())
-                if o.grad is not None:
+                if o.is_leaf and o.grad is not None:  # a non-leaf's .grad warns, and is never set
                     todo.append(o.grad)
             continue
         todo.extend(gc.get_referents(o))
