@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpumagic.devices import DeviceLike
 from gpumagic.gpus import GPU
-from gpumagic.tracking import MAX_RECORDS, Tracker
+from gpumagic.tracking import MAX_RECORDS, StopTrial, Tracker
 
 if TYPE_CHECKING:
     from gpumagic.report import MemoryReport
@@ -28,6 +28,7 @@ def track(
     gpu: str | GPU | None = None,
     steps: int = 3,
     namespace: MutableMapping[str, Any] | None = None,
+    what_if: bool = False,
 ) -> Tracker:
     """Measure a block: peak memory of the block and of each training step, per-step loss and time.
 
@@ -49,7 +50,19 @@ def track(
     >>> t.report.peak_delta_bytes                     # doctest: +SKIP
     >>> with track(dry_run=True, gpu="T4") as t:     # doctest: +SKIP
     ...     train()
+
+    ``what_if=True`` (``%%gpumem --what-if`` for a block) plans the block as ``dry_run=True`` does,
+    then plans the block's code again once per memory remedy that applies: ``t.report.what_if``.
+    The code is the ``with`` statement's own body, read from its source (a notebook cell or a
+    file), and runs in the caller's global namespace (a block inside a function: pass the
+    function to :func:`what_if` instead).
+
+    >>> with track(what_if=True, device="cpu", budget="1GiB") as t:   # doctest: +SKIP
+    ...     train()
+    >>> [(r.name, r.saved_bytes) for r in t.report.what_if]          # doctest: +SKIP
     """
+    if what_if:
+        return _what_if_block(sys._getframe(1), device, budget, gpu, steps, namespace)
     if not dry_run:
         if gpu is not None:
             from gpumagic.gpus import lookup
@@ -110,3 +123,56 @@ def what_if(
         stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
     return plan_what_if(fn, ns, device=device, gpu=gpu, budget=bud, steps=steps,
                         source=" ".join(sorted(names)) if code is not None else None)
+
+
+def _what_if_block(frame: Any, device: DeviceLike, budget: str | int | None, gpu: str | GPU | None, steps: int,
+                   namespace: MutableMapping[str, Any] | None) -> Tracker:
+    """A dry-run tracker for the ``with`` block at ``frame``'s current line whose report, at the end
+    of the block, is the what-if plan of the block's own code."""
+    import ast
+    import linecache
+
+    from gpumagic.devices import resolve_budget
+    from gpumagic.dryrun import DryTracker, plan_target
+    from gpumagic.remedies import plan_what_if
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if device is not None and not isinstance(device, str):
+        raise ValueError(f"what_if needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+    if frame.f_code.co_name != "<module>" and namespace is None:
+        raise ValueError("track(what_if=True) plans a block of a notebook cell or a module: inside a function, "
+                         "pass the function to gpumagic.what_if(fn, ...) instead")
+    bud = resolve_budget(budget)
+    plan_target(device, gpu, bud)  # the options' errors before any plan
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    source = "".join(linecache.getlines(filename, frame.f_globals))
+    block = None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        tree = None
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.With) and node.lineno <= line < node.body[0].lineno:
+            block = node
+            break
+    if block is None:
+        raise ValueError(f"track(what_if=True) could not read the with block's code at {filename}:{line}: "
+                         "use gpumagic.what_if(fn, ...) with the block as a function")
+    body = ast.Module(body=block.body, type_ignores=[])
+    code = compile(body, filename, "exec")
+    text = ast.get_source_segment(source, block) or ""
+    ns: MutableMapping[str, Any] = namespace if namespace is not None else frame.f_globals
+    globs: dict[str, Any] = ns if isinstance(ns, dict) else dict(ns)
+    planned_on: str | None = device if isinstance(device, str) else None
+
+    class WhatIfBlock(DryTracker):
+        def __exit__(self, et: Any, ev: Any, tb: Any) -> Any:
+            done = super().__exit__(et, ev, tb)
+            # a plan stops quietly after ``steps`` optimizer steps (StopTrial): the block was planned
+            if (ev is None or isinstance(ev, StopTrial)) and self._report is not None:
+                self._report = plan_what_if(lambda: exec(code, globs), ns, device=planned_on, gpu=gpu, budget=bud,
+                                            steps=steps, source=text)
+            return done
+
+    return WhatIfBlock(ns, device=device, gpu=gpu, budget=budget, steps=steps)

@@ -381,9 +381,10 @@ class Tracker:
             self._install()
             self._t0 = time.perf_counter()
             self._baseline = self._session.start()
-            host = HostPeak()
-            self._host = host
-            self._host_baseline = host.start()
+            if self._measures_time_and_host:  # a plan reads no host memory (and opens no file for it)
+                host = HostPeak()
+                self._host = host
+                self._host_baseline = host.start()
             # the baseline scan is the tracker's time, not the first step's
             self._t_last_step = self._t_last_backward = time.perf_counter()
         except BaseException:

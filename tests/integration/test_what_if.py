@@ -271,3 +271,38 @@ def test_the_api_names_a_bad_steps_value() -> None:
 
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         gpumagic.what_if(lambda: None, device="cpu", steps=0)
+
+
+@pytest.mark.slow  # a handful of plans
+def test_track_what_if_plans_the_with_blocks_own_code(ip: InteractiveShell, clean_ns: None) -> None:
+    r = ip.run_cell("""
+import gpumagic
+torch.manual_seed(0)
+wi_model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+wi_opt = torch.optim.Adam(wi_model.parameters(), 1e-3)
+wi_w0 = wi_model[0].weight.detach().clone()
+with gpumagic.track(what_if=True, device="cpu", budget="4MiB") as wi_t:
+    for _ in range(3):
+        wi_x = torch.randn(256, 64)
+        wi_loss = F.cross_entropy(wi_model(wi_x), torch.randint(0, 10, (256,)))
+        wi_opt.zero_grad(); wi_loss.backward(); wi_opt.step()
+""")
+    assert r.error_in_exec is None, r.error_in_exec
+    rep = ip.user_ns["wi_t"].report
+    assert rep.dry_run
+    names = [x.name for x in rep.what_if]
+    assert "autocast (bfloat16)" in names
+    assert all(x.saved_bytes is not None for x in rep.what_if)
+    assert torch.equal(ip.user_ns["wi_w0"], ip.user_ns["wi_model"][0].weight)  # a plan: nothing of yours changed
+    assert not any("clear_refs" in n for n in rep.notes)
+
+
+def test_track_what_if_inside_a_function_names_the_callable_form() -> None:
+    import gpumagic
+
+    def inner() -> None:
+        with gpumagic.track(what_if=True, device="cpu"):
+            pass
+
+    with pytest.raises(ValueError, match=r"gpumagic\.what_if\(fn"):
+        inner()
