@@ -372,8 +372,23 @@ def _reachable_storages(roots: list[Any], device: Any, ns: Mapping[str, Any]) ->
                 if o.is_leaf and o.grad is not None:  # a non-leaf's .grad warns, and is never set
                     todo.append(o.grad)
             continue
+        if issubclass(kind, types.FunctionType):
+            # what a function holds is its closure and defaults: its __globals__ is a whole module
+            # (a DataLoader's collate_fn reaches torch's), which would use up the walk's limit
+            todo.extend(c.cell_contents for c in o.__closure__ or () if _filled(c))
+            todo.extend(o.__defaults__ or ())
+            todo.extend((o.__kwdefaults__ or {}).values())
+            continue
         todo.extend(gc.get_referents(o))
     return out
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 def freed_by_deleting(ns: Mapping[str, Any], names: list[str], device: Any) -> list[tuple[str, int]]:
