@@ -12,18 +12,22 @@ import inspect
 import os
 import sys
 import types
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from IPython.core.interactiveshell import InteractiveShell
+from IPython.display import display
+
+from gpumagic.views import register_progress
 
 if TYPE_CHECKING:
     from gpumagic.monitor import Monitor
-    from gpumagic.report import BatchSearchResult
+    from gpumagic.render.progress import TrialProgress
+    from gpumagic.report import BatchSearchResult, Trial
     from gpumagic.sweep_results import SweepResult
 
-__all__ = ["find_batch_in_shell", "hints", "last_gpumem_cell", "previous_cell", "run_cell_source", "show_monitor",
-           "sweep_in_shell"]
+__all__ = ["ShownProgress", "find_batch_in_shell", "hints", "last_gpumem_cell", "previous_cell", "run_cell_source",
+           "show_monitor", "sweep_in_shell", "widget_progress"]
 
 
 def _cell_number(shell: InteractiveShell, cell: str) -> int:
@@ -83,15 +87,24 @@ def _finish(shell: InteractiveShell, value: Any, code: types.CodeType) -> Any:
         asyncio.events._set_running_loop(running)
 
 
-def hints(ns: Mapping[str, Any]) -> list[Any]:
-    """Models and tensors in the namespace, for choosing the default device."""
-    import torch
+class _Hints:
+    """The namespace's models and tensors, read afresh at each iteration: it holds the namespace,
+    never a list of its tensors (a search's frames, kept by an error's traceback, hold this)."""
 
-    out = []
-    for name, v in list(ns.items()):
-        if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
-            out.append(v)
-    return out
+    def __init__(self, ns: Mapping[str, Any]) -> None:
+        self.ns = ns
+
+    def __iter__(self) -> Iterator[Any]:
+        import torch
+
+        for name, v in list(self.ns.items()):
+            if not name.startswith("_") and isinstance(v, (torch.nn.Module, torch.Tensor)):
+                yield v
+
+
+def hints(ns: Mapping[str, Any]) -> Iterable[Any]:
+    """Models and tensors in the namespace, for choosing the default device (read when iterated)."""
+    return _Hints(ns)
 
 
 def last_gpumem_cell(shell: InteractiveShell) -> str | None:
@@ -173,3 +186,37 @@ def show_monitor(monitor: Monitor, sidebar: bool = False, *,
         print(f"gpumagic: --sidebar {problem}; showing the monitor here instead")
     display(panel)
     return panel
+
+
+class ShownProgress:
+    """A notebook progress widget and the output it is displayed in (emptied when the search ends,
+    so a saved notebook keeps no frame of the bar)."""
+
+    def __init__(self, inner: TrialProgress, handle: Any) -> None:
+        self.inner = inner
+        self.handle = handle
+
+    def __call__(self, trial: Trial, index: int) -> None:
+        self.inner(trial, index)
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            self.handle.update({"text/plain": ""}, raw=True)
+
+
+def widget_progress(stream: TextIO | None = None, label: str = "find_batch") -> TrialProgress:
+    """A widget bar displayed in the running cell; one line per trial on ``stream`` without ipywidgets."""
+    try:
+        from gpumagic.render.widgets import WidgetProgress
+
+        bar = WidgetProgress()
+    except ImportError:  # no ipywidgets: lines in the cell's stderr
+        from gpumagic.render.progress import LineProgress
+
+        return LineProgress(stream if stream is not None else sys.stderr, label)
+    return ShownProgress(bar, display(bar.widget, display_id=True))
+
+
+register_progress("widget", widget_progress)

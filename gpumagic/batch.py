@@ -26,7 +26,8 @@ from gpumagic._gcscan import instances_of
 from gpumagic.backends import Backend
 from gpumagic.batchmath import DEFAULT_MARGIN, Pick
 from gpumagic.dataloading import data_wait_fraction
-from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
+from gpumagic.devices import DeviceLike, device_label, release_memory, resolve
+from gpumagic.options import BadOptions, SearchOptions, parse_budget
 from gpumagic.report import BatchSearchResult, Trial
 from gpumagic.state import Snapshot
 from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
@@ -34,11 +35,18 @@ from gpumagic.units import format_bytes, format_percent
 
 if TYPE_CHECKING:
     from gpumagic.distributed import TrialAgreement
+    from gpumagic.gpus import GPU
 
-__all__ = ["BadOptions", "StateSnapshot", "TrialRunner", "find_batch", "find_batch_in_namespace"]
+__all__ = [
+    "BadOptions", "DryRunSettings", "Observed", "Progress", "SearchOptions", "SearchTarget", "StateSnapshot",
+    "TrialRunner", "check_var_is_read", "discover_stateful", "find_batch", "find_batch_in_namespace", "is_oom",
+    "open_progress", "rebuild_loader", "search_target", "stateful_objects",
+]
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: torch's, ``MemoryError``, or a ``RuntimeError``
+    whose message :func:`gpumagic.oom.parse` reads as one."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     if isinstance(exc, RuntimeError):
@@ -63,7 +71,7 @@ def _stateful_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _reachable_stateful(roots: Iterable[Any]) -> list[Any]:
+def stateful_objects(roots: Iterable[Any]) -> list[Any]:
     """Models, optimizers, schedulers and scalers among ``roots`` and what they reference."""
     kinds = _stateful_types()
     found: dict[int, Any] = {}
@@ -88,7 +96,7 @@ def _reachable_stateful(roots: Iterable[Any]) -> list[Any]:
     return [o for o in found.values() if id(o) not in children]
 
 
-def _discover_stateful() -> list[Any]:
+def discover_stateful() -> list[Any]:
     """For the Python API: optimizers, schedulers and scalers alive in the process, and the
     top-level models that own the optimizers' parameters."""
     kinds = _stateful_types()
@@ -100,7 +108,7 @@ def _discover_stateful() -> list[Any]:
         modules = instances_of((torch.nn.Module,))
         owners = {id(m) for m in modules if any(id(p) in params for p in m.parameters(recurse=False))}
         models = [m for m in modules if any(id(c) in owners for c in m.modules())]
-    return _reachable_stateful([*opt_like, *models])
+    return stateful_objects([*opt_like, *models])
 
 
 StateSnapshot = Snapshot
@@ -111,8 +119,31 @@ StateSnapshot = Snapshot
 # trials
 
 
+@dataclass(frozen=True)
+class DryRunSettings:
+    """Where planned trials run: on fake tensors for ``device`` (a device kind, or "cuda:N"), with
+    ``capacity`` (a ``budget``, or the usable memory of ``gpu``, a catalog GPU).
+
+    ``namespace``: the mapping the code reads its objects from (fake copies are bound there for a
+    trial); ``objects``: models, optimizers, ... the code reaches otherwise (a closure), whose
+    tensors are swapped for fake ones in place for a trial.
+    """
+
+    namespace: MutableMapping[str, Any] | None
+    device: str
+    gpu: GPU | None
+    budget: int | None
+    capacity: int | None
+    objects: tuple[Any, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """'T4 (cuda)': the device the trials are planned for."""
+        return f"{self.gpu.name} ({self.device})" if self.gpu is not None else str(self.device)
+
+
 @dataclass
-class _Observed:
+class Observed:
     """What the trials taught about the loop."""
 
     dataset_size: int | None = None
@@ -137,13 +168,13 @@ class TrialRunner:
         steps: int,
         snapshot: StateSnapshot,
         has_optimizer: bool,
-        observed: _Observed,
+        observed: Observed,
         evaluation: bool = False,
-        plan: dict[str, Any] | None = None,
+        dry_run: DryRunSettings | None = None,
         agreement: TrialAgreement | None = None,
     ) -> None:
-        self.plan = plan
-        """Dry-run settings (namespace, device, gpu, budget) when every trial is planned on fake tensors."""
+        self.dry_run = dry_run
+        """Where the trials are planned on fake tensors, when they are (a dry run, a plan first)."""
         self.agreement = agreement
         """Under torch.distributed: makes every rank's trial end the same way."""
         self.body = body
@@ -165,12 +196,12 @@ class TrialRunner:
             records.append(r)
 
         tracker: Tracker
-        if self.plan is not None:
+        if self.dry_run is not None:
             from gpumagic.dryrun import DryTracker
 
-            tracker = DryTracker(self.plan["namespace"], device=self.plan["device"], gpu=self.plan["gpu"],
-                                 budget=self.plan["budget"], steps=self.steps,
-                                 exclude_storages=self.snapshot.storage_keys, objects=self.plan.get("objects", ()))
+            dry = self.dry_run
+            tracker = DryTracker(dry.namespace, device=dry.device, gpu=dry.gpu, budget=dry.budget, steps=self.steps,
+                                 exclude_storages=self.snapshot.storage_keys, objects=dry.objects)
         else:
             tracker = Tracker(
                 self.device,
@@ -200,7 +231,7 @@ class TrialRunner:
         except StopTrial:
             pass
         except Exception as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             oom = True
             release_memory(e)  # the trial's frames hold its tensors
@@ -222,11 +253,11 @@ class TrialRunner:
             self.observed.notes.append(note)
         timed = step_secs[1:] if len(step_secs) > 1 else step_secs
         sps = b * len(timed) / sum(timed) if timed and sum(timed) > 0 and not oom else None
-        if self.plan is not None:  # planned: over the capacity is this trial's out-of-memory
+        if self.dry_run is not None:  # planned: over the capacity is this trial's out-of-memory
             for skipped in (n for n in rep.notes if n.startswith("not written: ")):  # a plan never writes
                 if skipped not in self.observed.notes:
                     self.observed.notes.append(skipped)
-            cap = self.plan["capacity"]
+            cap = self.dry_run.capacity
             oom = cap is not None and rep.peak_bytes > cap
             return Trial(b, None if oom else rep.peak_bytes, oom, None, seconds, n, planned=True)
         trial = Trial(b, None if oom else rep.peak_bytes, oom, sps, seconds, n,
@@ -240,7 +271,7 @@ class TrialRunner:
         tracker.on_batch = lambda it, size: _note_loader(obs, it, size)
 
 
-def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
+def _note_loader(obs: Observed, it: Any, size: int | None) -> None:
     ds = getattr(it, "_dataset", None)
     try:
         n = len(ds) if ds is not None else None
@@ -257,7 +288,7 @@ def _note_loader(obs: _Observed, it: Any, size: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the search, both forms
+# the search: one pipeline, two adapters (the Python API and the magics' namespace form)
 
 
 def _capacity(backend: Backend, device: torch.device, budget: int | None) -> tuple[int, int | None, str | None]:
@@ -266,27 +297,37 @@ def _capacity(backend: Backend, device: torch.device, budget: int | None) -> tup
         return budget, budget, None
     cap = backend.capacity(device)
     if cap is None:
-        raise ValueError(f"on {backend.name}, give --budget (the simulated device capacity), e.g. --budget 4GiB")
+        raise BadOptions(f"on {backend.name}, give a `budget` (the simulated device capacity), e.g. 4GiB")
     if not backend.session_enforces_capacity:
         return cap, None, None
-    return cap, cap, f"no --budget on {backend.name}: the capacity is the memory free now ({cap} bytes)"
+    return cap, cap, f"no budget was given on {backend.name}: the capacity is the memory free now ({cap} bytes)"
+
+
+def _dry_run_settings(opts: SearchOptions, namespace: MutableMapping[str, Any] | None,
+                      objects: Iterable[Any]) -> DryRunSettings:
+    """Where a dry run plans, and its capacity; BadOptions when no capacity is known."""
+    from gpumagic.dryrun import plan_target
+
+    try:
+        kind, g, capacity = plan_target(opts.device, opts.gpu, opts.budget)
+    except ValueError as e:
+        raise BadOptions(str(e)) from None
+    if capacity is None:
+        raise BadOptions("a planned search needs a capacity: a `gpu` (e.g. T4) or a `budget` (e.g. 16GiB)")
+    return DryRunSettings(namespace, opts.device if opts.device is not None else kind, g, opts.budget, capacity,
+                          tuple(objects))
 
 
 def _run_search(
     runner: TrialRunner,
     *,
+    opts: SearchOptions,
     capacity: int,
-    start: int | None,
-    min_size: int,
-    max_size: int | None,
     dataset_size: int | None,
     drop_last: bool,
-    margin: float,
-    pick: Pick,
-    effective: int | None,
     objects: list[Any],
     current: int | None,
-    progress: bool | Callable[[Trial, int], None],
+    progress: Progress,
     notes: list[str],
 ) -> BatchSearchResult:
     """Run the search over ``runner``; the result carries ``notes`` and what the trials noticed."""
@@ -306,24 +347,24 @@ def _run_search(
         _check_loader_follows(runner.observed, b)
         return trial
 
-    with _progress(progress) as on_trial:
+    with open_progress(progress) as on_trial:
         try:
             result: BatchSearchResult = search_mod.search(
                 run_trial,
                 capacity_bytes=capacity,
-                start=start,
-                min_size=min_size,
-                max_size=max_size,
+                start=opts.start,
+                min_size=opts.min_size,
+                max_size=opts.max_size,
                 dataset_size=dataset_size,
                 drop_last=drop_last,
-                margin=margin,
-                pick=pick,
-                effective=effective,
+                margin=opts.margin,
+                pick=opts.pick,
+                effective=opts.effective,
                 optimizer=next((type(o).__name__ for o in objects if isinstance(o, torch.optim.Optimizer)), None),
                 current_batch_size=current,
                 progress=on_trial,
-                device=_plan_label(runner.plan) if runner.plan is not None else device_label(runner.backend,
-                                                                                             runner.device),
+                device=runner.dry_run.label if runner.dry_run is not None else device_label(runner.backend,
+                                                                                           runner.device),
                 learn_dataset_size=lambda: runner.observed.dataset_size,
             )
         except ValueError as e:
@@ -338,23 +379,38 @@ def _run_search(
     return _with_notes(result, notes) if notes else result
 
 
+Progress = bool | str | Callable[[Trial, int], None] | None
+"""What a search reports its trials to: ``True`` or ``"text"`` (a bar on a terminal's stderr, a
+line per trial in a log), ``"widget"`` (a bar in the running notebook cell), a callable
+``progress(trial, index)`` (its owner closes it), or nothing (``False``, ``None``)."""
+
+
 @contextlib.contextmanager
-def _progress(
-    progress: bool | Callable[[Trial, int], None],
-) -> Iterator[Callable[[Trial, int], None] | None]:
-    """The per-trial callback: the caller's, or with ``True`` a bar on a terminal's stderr and one
-    line per trial in a log (closed before the result is shown)."""
-    if not isinstance(progress, bool):
-        yield progress
+def open_progress(progress: Progress) -> Iterator[Callable[[Trial, int], None] | None]:
+    """The per-trial callback, chosen here for every caller: the caller's own callable, or a
+    reporter of the kind named (``True`` is "text"), opened through :func:`gpumagic.views.progress`
+    and closed before the result is shown."""
+    kind = _progress_kind(progress)
+    if kind is None:
+        yield progress if callable(progress) else None
         return
-    if not progress:
-        yield None
-        return
-    bar = views.progress("text", sys.stderr)
+    bar = views.progress(kind, sys.stderr)
     try:
         yield bar
     finally:
         bar.close()
+
+
+def _progress_kind(progress: Progress) -> str | None:
+    """The registered kind ``progress`` names (None for a callable or no progress); BadOptions otherwise."""
+    if callable(progress) or progress is None or progress is False:
+        return None
+    kind = "text" if progress is True else progress
+    if not isinstance(kind, str):
+        raise BadOptions(f"`progress` must be True, False, a kind such as 'text', or a callable, got {progress!r}")
+    if kind not in views.progress_kinds():
+        views.progress(kind)  # raises BadOptions naming the kinds there are
+    return kind
 
 
 def _compiled(objects: Iterable[Any]) -> bool:
@@ -363,9 +419,9 @@ def _compiled(objects: Iterable[Any]) -> bool:
     return any(type(o).__name__ == "OptimizedModule" for o in objects)
 
 
-def _report_trial(progress: bool | Callable[[Trial, int], None], trial: Trial, index: int) -> None:
+def _report_trial(progress: Progress, trial: Trial, index: int) -> None:
     """Progress for a real trial run outside the search (the plan's verification)."""
-    with _progress(progress) as on_trial:
+    with open_progress(progress) as on_trial:
         if on_trial is not None:
             on_trial(trial, index)
 
@@ -374,7 +430,7 @@ _PLAN_AGREES = 0.03
 """A real trial within this share of the plan verifies it; further off, real trials decide."""
 
 
-def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, **kw: Any) -> BatchSearchResult:
+def _search_planned_first(runner: TrialRunner, fake_runner: TrialRunner | None, **kw: Any) -> BatchSearchResult:
     """Plan the memory curve on fake tensors, then spend real trials only to verify it.
 
     The plan is a whole search on fake tensors (seconds, no device memory). Its recommendation is
@@ -385,11 +441,12 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     """
     from gpumagic.report import Fit
 
-    if plan_runner is None or kw["pick"] != "max" or kw["effective"] is not None:
+    opts: SearchOptions = kw["opts"]
+    if fake_runner is None or opts.pick != "max" or opts.effective is not None:
         return _run_search(runner, **kw)
     failed: str | None = None
     try:
-        plan = _run_search(plan_runner, **{**kw, "progress": False})
+        plan = _run_search(fake_runner, **{**kw, "progress": False})
     except (KeyboardInterrupt, BadOptions):
         raise
     except Exception as e:  # the code cannot run on fake tensors: search as before
@@ -417,7 +474,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
     corrected = Fit(fit.intercept_bytes * ratio, fit.bytes_per_sample * ratio, fit.r2, fit.points)
     # as far under the capacity as the plan was off at b1: an exact plan goes to the planned maximum
     top = corrected.largest_under(capacity * (1 - abs(ratio - 1))) or b1
-    for bound in (plan.max_batch_size, kw["max_size"], kw["dataset_size"]):
+    for bound in (plan.max_batch_size, opts.max_size, kw["dataset_size"]):
         if bound is not None:
             top = min(top, bound)
     largest = b1
@@ -437,7 +494,7 @@ def _search_planned_first(runner: TrialRunner, plan_runner: TrialRunner | None, 
 
     verified = [dataclasses.replace(t, planned=False) for t in real]
     reason = (f"planned on fake tensors ({len(plan.trials)} planned trials), verified by {len(real)} real "
-              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {format_percent(kw['margin'])} margin")
+              f"trial{'s' if len(real) > 1 else ''}: {how}; {b1} keeps the {format_percent(opts.margin)} margin")
     return dataclasses.replace(
         plan, trials=(*plan.trials, *verified), max_batch_size=largest, recommended_batch_size=b1, fit=corrected,
         predicted_peak_bytes=first_trial.peak_bytes, reason=reason,
@@ -450,15 +507,11 @@ def _with_notes(result: BatchSearchResult, notes: Iterable[str]) -> BatchSearchR
     return dataclasses.replace(result, notes=tuple(result.notes) + tuple(notes))
 
 
-class BadOptions(ValueError):
-    """The search's options are wrong (not the user's code): the magics show a UsageError."""
-
-
 class LoaderMismatch(BadOptions):
-    pass
+    """The loop's DataLoader did not follow the trial's batch size."""
 
 
-def _check_loader_follows(obs: _Observed, b: int) -> None:
+def _check_loader_follows(obs: Observed, b: int) -> None:
     """The batches the loop drew must have the trial's size; else the variable is not used."""
     sizes = obs.loader_batches
     if not sizes:
@@ -468,9 +521,131 @@ def _check_loader_follows(obs: _Observed, b: int) -> None:
     if all(s != b for s in full) and (obs.dataset_size is None or b < obs.dataset_size):
         raise LoaderMismatch(
             f"the loop's DataLoader gave batches of {full[0]} samples when the batch size was {b}: the "
-            "batch-size variable does not reach the loader (it was probably built in an earlier cell). "
-            "Use --loader NAME to let gpumagic rebuild that DataLoader per trial."
+            "batch size does not reach the loader (it was probably built in an earlier cell). "
+            "Give that DataLoader as `loader` to let gpumagic rebuild it per trial."
         )
+
+
+@dataclass
+class SearchTarget:
+    """How the trials reach the user's code: all that the two forms of the search differ in.
+
+    ``run(b, loader_for)`` runs one trial at batch size ``b``; ``loader_for(b)`` is the copy of
+    ``loader`` the trial draws from (None without a loader). ``objects``: the models, optimizers,
+    schedulers and scalers restored after the search (with what ``roots`` and ``namespace``
+    reach). ``fake_namespace``/``fake_objects``: where a plan on fake tensors finds the objects.
+    """
+
+    run: Callable[[int, Callable[[int], Any] | None], Any]
+    objects: list[Any]
+    has_optimizer: bool
+    roots: list[Any] = field(default_factory=list)
+    namespace: MutableMapping[str, Any] | None = None
+    fake_namespace: MutableMapping[str, Any] | None = None
+    fake_objects: tuple[Any, ...] = ()
+    loader: Any = None
+    loader_name: str = "train_loader"
+    size_fn: Any = None
+    size_fn_source: str | None = None
+    """How the user wrote ``size_fn`` (the magics' expression), for messages."""
+    current: int | None = None
+    hints: Iterable[Any] = ()
+    notes: list[str] = field(default_factory=list)
+    agree_across_ranks: bool = False
+
+
+def search_target(opts: SearchOptions, target: SearchTarget, progress: Progress = True) -> BatchSearchResult:
+    """The one search pipeline: capacity, snapshot, trials (planned first where it can), the sample
+    sizes' advice, and everything put back. Both :func:`find_batch` and
+    :func:`find_batch_in_namespace` are adapters that build ``target``."""
+    _progress_kind(progress)  # a wrong kind is refused before anything runs
+    loader = target.loader
+    if opts.dry_run:
+        dry = _dry_run_settings(opts, target.fake_namespace, target.fake_objects)
+        backend, dev = resolve("cpu")
+        assert dry.capacity is not None
+        capacity, tracker_budget, note = dry.capacity, None, None
+    else:
+        dry = None
+        try:
+            backend, dev = resolve(opts.device, target.hints if opts.device is None else ())
+        except ValueError as e:
+            raise BadOptions(str(e)) from None
+        budget = opts.budget
+        if opts.gpu is not None:
+            from gpumagic.gpus import lookup
+
+            try:
+                budget = lookup(opts.gpu).capacity_bytes
+            except ValueError as e:
+                raise BadOptions(str(e)) from None
+        capacity, tracker_budget, note = _capacity(backend, dev, budget)
+    notes = [*target.notes, *([note] if note else [])]
+    dataset_size, drop_last = opts.dataset_size, False
+    if loader is not None:
+        n, drop_last = _loader_facts(loader)
+        dataset_size = dataset_size if dataset_size is not None else n
+        if n is not None and opts.min_size > n:
+            raise BadOptions(f"`min_size` ({opts.min_size}) is larger than the data set of `loader` ({n} samples)")
+    objects = target.objects
+    has_opt = not opts.evaluation and target.has_optimizer
+    agreement = None
+    if target.agree_across_ranks and dry is None:
+        from gpumagic import _ranks
+
+        if _ranks.initialized():
+            from gpumagic.distributed import TrialAgreement
+
+            agreement = TrialAgreement(objects, is_oom, timeout_s=opts.timeout_s)
+            capacity = agreement.agree_min(capacity)
+            if agreement.rank != 0:
+                progress = False  # one progress bar for the job
+    snapshot = StateSnapshot.take(objects, target.namespace, roots=target.roots)
+    try:
+        heavy: _Heaviest | None = None
+        if loader is not None:
+            try:
+                heavy = _Heaviest(loader, target.size_fn, opts.steps, target.loader_name)
+            except Exception as e:  # a size_fn of the wrong length or kind, a sample that fails to load
+                what = (f"`size_fn` {target.size_fn_source!r}" if target.size_fn_source else "`size_fn`"
+                        if target.size_fn is not None else f"measuring the samples of `loader` {target.loader_name!r}")
+                raise BadOptions(f"{what}: {type(e).__name__}: {e}") from None
+        loader_for = heavy.loader_for if heavy is not None else None
+
+        def body(b: int) -> Any:
+            return target.run(b, loader_for)
+
+        runner = TrialRunner(
+            body, backend=backend, device=dev, budget=tracker_budget, steps=opts.steps, snapshot=snapshot,
+            has_optimizer=has_opt, observed=Observed(), evaluation=opts.evaluation, dry_run=dry,
+            agreement=agreement,
+        )
+        fake_runner = None
+        # ranks would plan apart; heaviest batches and forward-only trials are not planned
+        if (opts.plan_first and dry is None and agreement is None and heavy is None and not opts.evaluation
+                and backend.plans_on_fake_tensors and not _compiled(objects)):
+            fake_runner = TrialRunner(
+                body, device=dev, budget=None, steps=opts.steps, snapshot=snapshot, has_optimizer=has_opt,
+                observed=Observed(), dry_run=DryRunSettings(target.fake_namespace, dev.type, None, capacity,
+                                                             capacity, target.fake_objects),
+            )
+        result = _search_planned_first(
+            runner, fake_runner, opts=opts, capacity=capacity, dataset_size=dataset_size, drop_last=drop_last,
+            objects=objects, current=target.current, progress=progress, notes=notes,
+        )
+        result = _after_search(result, runner, capacity=capacity, margin=opts.margin, heavy=heavy)
+        if dry is not None:
+            result = _as_dry_run(result, dry)
+        if agreement is not None:
+            result = agreement.result(result, objects)
+    finally:
+        try:
+            problems = snapshot.restore()
+        finally:
+            snapshot.close()  # an error's traceback holds this frame: it must not hold the copies too
+            if agreement is not None:
+                agreement.close()
+    return _with_notes(result, [p for p in problems if p not in result.notes])
 
 
 def find_batch(
@@ -487,7 +662,7 @@ def find_batch(
     min_size: int = 1,
     dataset_size: int | None = None,
     restore: Iterable[Any] | None = None,
-    progress: bool | Callable[[Trial, int], None] = True,
+    progress: Progress = True,
     loader: Any = None,
     size_fn: Any = None,
     eval: bool = False,
@@ -526,127 +701,50 @@ def find_batch(
     real search first plans on fake tensors and spends real trials only to verify the plan (two
     when it agrees within 3%; otherwise real trials decide, and the result says so). The magic
     ``%find_batch`` plans first by default; here it is opt-in, since ``trial_fn`` is called for
-    the planned trials too (it must not count or log its calls as real work).
+    the planned trials too (it must not count or log its calls as real work). ``progress``: see
+    :data:`Progress`. Wrong options raise :class:`BadOptions` (a ``ValueError``) naming the parameter.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    opts = SearchOptions(
+        device=device, budget=parse_budget(budget), gpu=gpu, start=start, min_size=min_size, max_size=max_size,
+        steps=steps, margin=margin, pick=pick, effective=effective, dataset_size=dataset_size, evaluation=eval,
+        dry_run=dry_run, plan_first=plan_first, timeout_s=timeout_s,
+    )
     if loader is not None:
         from torch.utils.data import DataLoader
 
         if not isinstance(loader, DataLoader):
-            raise ValueError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+            raise BadOptions(f"`loader` must be a torch DataLoader, got {type(loader).__name__}")
     elif size_fn is not None:
-        raise ValueError("size_fn needs loader: it measures the samples of the loader's data set")
-    if dry_run:
-        if device is not None and not isinstance(device, str):
-            raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+        raise BadOptions("`size_fn` needs a `loader`: it measures the samples of the loader's data set")
+    objects = stateful_objects(restore) if restore is not None else discover_stateful()
+    if dry_run:  # a dry run reads what the code uses from a namespace; a plan first swaps the objects in place
         ns = namespace if namespace is not None else sys._getframe(1).f_globals
-        plan, capacity = _plan(device, gpu, budget, ns)
-        snapshot = StateSnapshot.take([], roots=[trial_fn])
-        runner = TrialRunner(trial_fn, device=torch.device("cpu"), budget=None, steps=steps, snapshot=snapshot,
-                             has_optimizer=True, observed=_Observed(), plan=plan)
-        try:
-            return _planned(_run_search(
-                runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
-                dataset_size=dataset_size, drop_last=False, margin=margin, pick=pick, effective=effective,
-                objects=[], current=None, progress=progress, notes=[],
-            ), plan)
-        finally:
-            snapshot.restore()
-    if gpu is not None:
-        budget = _gpu_budget(gpu, budget)
-    backend, dev = resolve(device)
-    bud = resolve_budget(budget)
-    capacity, tracker_budget, note = _capacity(backend, dev, bud)
-    objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
-    has_opt = not eval and (any(isinstance(o, torch.optim.Optimizer) for o in objects) or restore is None)
-    agreement = None
-    from gpumagic import _ranks
+        fake: tuple[MutableMapping[str, Any] | None, tuple[Any, ...]] = (ns, ())
+    else:
+        fake = (None, tuple(objects))
 
-    if _ranks.initialized():
-        from gpumagic.distributed import TrialAgreement
+    def run(b: int, loader_for: Callable[[int], Any] | None) -> Any:
+        return trial_fn(b if loader_for is None else loader_for(b))
 
-        agreement = TrialAgreement(objects, _is_oom, timeout_s=timeout_s)
-        capacity = agreement.agree_min(capacity)
-        if agreement.rank != 0:
-            progress = False  # one progress bar for the job
-    snapshot = StateSnapshot.take(objects, roots=[trial_fn, loader])
-    observed = _Observed()
-    try:
-        heavy = _Heaviest(loader, size_fn, steps) if loader is not None else None
-        body = trial_fn if heavy is None else (lambda b: trial_fn(heavy.loader_for(b)))
-        if loader is not None and dataset_size is None:
-            with contextlib.suppress(TypeError):
-                dataset_size = len(loader.dataset)
-        runner = TrialRunner(
-            body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-            has_optimizer=has_opt, observed=observed, evaluation=eval, agreement=agreement,
-        )
-        plan_runner = None
-        # ranks would plan apart; heaviest batches and forward-only trials are not planned
-        plannable = backend.plans_on_fake_tensors and not _compiled(objects)
-        if plan_first and plannable and agreement is None and heavy is None and not eval:
-            # the trial function reaches its objects through a closure: their tensors are swapped in place
-            plan_runner = TrialRunner(
-                trial_fn, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
-                observed=_Observed(), plan={"namespace": None, "device": dev.type, "gpu": None, "budget": capacity,
-                                            "capacity": capacity, "objects": objects},
-            )
-        result = _search_planned_first(
-            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
-            dataset_size=dataset_size, drop_last=bool(getattr(loader, "drop_last", False)), margin=margin,
-            pick=pick, effective=effective, objects=objects, current=None, progress=progress,
-            notes=[note] if note else [],
-        )
-        result = _after_search(result, runner, capacity=capacity, margin=margin, plan=heavy)
-        result = result if agreement is None else agreement.result(result, objects)
-    finally:
-        try:
-            problems = snapshot.restore()
-        finally:
-            if agreement is not None:
-                agreement.close()
-    return _with_notes(result, [p for p in problems if p not in result.notes])
+    target = SearchTarget(
+        run, objects, has_optimizer=restore is None or any(isinstance(o, torch.optim.Optimizer) for o in objects),
+        roots=[trial_fn, loader], fake_namespace=fake[0], fake_objects=fake[1], loader=loader, size_fn=size_fn,
+        agree_across_ranks=True,
+    )
+    return search_target(opts, target, progress)
 
 
-def _gpu_budget(gpu: str, budget: str | int | None) -> int:
-    from gpumagic.gpus import lookup
-
-    if budget is not None:
-        raise ValueError("give either a GPU (--gpu) or a budget (--budget), not both")
-    return lookup(gpu).capacity_bytes
-
-
-def _plan(device: str | None, gpu: str | None, budget: str | int | None,
-          namespace: MutableMapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """Settings of a planned search and its capacity; ValueError when no capacity is known."""
-    from gpumagic.dryrun import plan_target
-
-    kind, g, capacity = plan_target(device, gpu, resolve_budget(budget))
-    if capacity is None:
-        raise ValueError("a planned search needs a capacity: --gpu NAME (e.g. --gpu T4) or --budget SIZE")
-    plan = {"namespace": namespace, "device": device if device is not None else kind, "gpu": g,
-            "budget": resolve_budget(budget), "capacity": capacity}
-    return plan, capacity
-
-
-def _plan_label(plan: dict[str, Any]) -> str:
-    """'T4 (cuda)': the device a planned search plans for."""
-    g = plan["gpu"]
-    return f"{g.name} ({plan['device']})" if g is not None else str(plan["device"])
-
-
-def _planned(result: BatchSearchResult, plan: dict[str, Any]) -> BatchSearchResult:
+def _as_dry_run(result: BatchSearchResult, dry: DryRunSettings) -> BatchSearchResult:
+    """A search whose every trial was planned, worded as such."""
     import dataclasses
 
-    target = _plan_label(plan)
-    note = (f"planned on fake tensors for {target}: no trial ran on a device; each trial's peak is a prediction "
+    note = (f"planned on fake tensors for {dry.label}: no trial ran on a device; each trial's peak is a prediction "
             "and 'OOM' means the plan exceeds the capacity")
     reason = result.reason.replace(" ran out of memory", " would not fit").replace(" ran (", " planned (")
-    return dataclasses.replace(result, dry_run=True, device=target, reason=reason, notes=(note, *result.notes))
+    return dataclasses.replace(result, dry_run=True, device=dry.label, reason=reason, notes=(note, *result.notes))
 
 
-def _rebuild_loader(loader: Any, b: int, sampler: Any = None) -> Any:
+def rebuild_loader(loader: Any, b: int, sampler: Any = None) -> Any:
     """A copy of ``loader`` with batch size ``b``: same dataset, sampler (or ``sampler``), collate_fn
     and workers."""
     from torch.utils.data import BatchSampler, DataLoader, IterableDataset
@@ -692,11 +790,11 @@ class _Heaviest:
 
     def loader_for(self, b: int) -> Any:
         if self.table is None:
-            return _rebuild_loader(self.loader, b)
+            return rebuild_loader(self.loader, b)
         idx = self.table.sampler(b, 1, self.at_most)
         if 0 < len(idx) < b:  # fewer samples than the batch (a restricted sampler): repeat them
             idx = (idx * (b // len(idx) + 1))[:b]
-        return _rebuild_loader(self.loader, b, sampler=idx * (self.repeats + 1))
+        return rebuild_loader(self.loader, b, sampler=idx * (self.repeats + 1))
 
     def run_below(self, runner: TrialRunner) -> Callable[[int, float], Trial]:
         def run(b: int, at_most: float) -> Trial:
@@ -710,7 +808,7 @@ class _Heaviest:
 
 
 def _after_search(
-    result: BatchSearchResult, runner: TrialRunner, *, capacity: int, margin: float, plan: _Heaviest | None,
+    result: BatchSearchResult, runner: TrialRunner, *, capacity: int, margin: float, heavy: _Heaviest | None,
 ) -> BatchSearchResult:
     """Add what the sizes of the samples mean: the tail advice after heaviest trials, or the fit
     against the per-step input size when the trials could not choose their samples."""
@@ -720,30 +818,30 @@ def _after_search(
     changes: dict[str, Any] = {}
     rec = result.recommended_batch_size
     fit = result.fit
-    if plan is not None and plan.table is not None:
-        table = plan.table
+    if heavy is not None and heavy.table is not None:
+        table = heavy.table
         notes.append(f"every trial step drew the heaviest samples of the data set (sizes: {table.measure}; "
                      f"{table.measured:,} samples measured in {table.seconds:.2f} s)")
         try:
             changes["sample_sizes"] = heaviest.tail_advice(
                 table, heaviest_batch=rec or 0, intercept=fit.intercept_bytes if fit else 0.0,
                 per_sample=fit.bytes_per_sample if fit and rec else 0.0, capacity=capacity, margin=margin,
-                run_below=plan.run_below(runner), loader_name=plan.name,
+                run_below=heavy.run_below(runner), loader_name=heavy.name,
             )
         except Exception as e:  # the search's answer stands; only the tail figures are missing
             notes.append(f"the trial on the lightest 99% failed ({type(e).__name__}: {e}); tail advice omitted")
             changes["sample_sizes"] = heaviest.tail_advice(
                 table, heaviest_batch=rec or 0, intercept=0.0, per_sample=0.0, capacity=capacity, margin=margin,
-                run_below=plan.run_below(runner))
+                run_below=heavy.run_below(runner))
     else:
         obs = runner.observed
-        if plan is not None and plan.why_not:
-            notes.append(f"no heaviest-batch search: {plan.why_not}; the trials drew batches as an epoch would, "
+        if heavy is not None and heavy.why_not:
+            notes.append(f"no heaviest-batch search: {heavy.why_not}; the trials drew batches as an epoch would, "
                          "and the answer allows for inputs 25% larger than the largest seen")
         try:
             vi = heaviest.variable_inputs(
                 obs.step_inputs, capacity=capacity, margin=margin,
-                dataset=None if plan is not None else obs.dataset, collate=obs.collate, recommended=rec)
+                dataset=None if heavy is not None else obs.dataset, collate=obs.collate, recommended=rec)
         except Exception as e:
             vi = None
             notes.append(f"could not relate peak memory to input size ({type(e).__name__}: {e})")
@@ -765,8 +863,9 @@ def _after_search(
                     f"batches alone gave {rec}")
                 notes.append(f"before allowing for the largest input: {result.reason}")
                 msg += (f"; recommended {vi.surviving_batch_size} instead of {rec}, the largest that survives it"
-                        + ("" if plan is not None else "; --loader NAME with a loader built in an earlier cell "
-                           "lets the trials draw the heaviest batches"))
+                        + ("" if heavy is not None else "; the DataLoader, built in an earlier cell and given to the "
+                           "search (%find_batch --loader NAME, find_batch(loader=...)), lets the trials draw the "
+                           "heaviest batches"))
             elif vi.surviving_batch_size is not None:
                 msg += f"; {vi.surviving_batch_size} survives it"
             notes.append(msg)
@@ -774,23 +873,6 @@ def _after_search(
         return result
     changes["notes"] = tuple(result.notes) + tuple(notes)
     return dataclasses.replace(result, **changes)
-
-
-def _check_bounds(start: int | None, min_size: int, max_size: int | None, margin: float, effective: int | None) -> None:
-    """The search's options, in the flags' names (the search itself names its parameters)."""
-    for flag, value in (("--min", min_size), ("--max", max_size), ("--start", start), ("--effective", effective)):
-        if value is not None and value < 1:
-            raise BadOptions(f"{flag} must be >= 1, got {value}")
-        if value is not None and value > sys.maxsize:  # sizes index sequences: Python's limit for them
-            raise BadOptions(f"{flag} must be <= {sys.maxsize} (sys.maxsize), got {value}")
-    if max_size is not None and min_size > max_size:
-        raise BadOptions(f"--min ({min_size}) is larger than --max ({max_size})")
-    if start is not None and start < min_size:
-        raise BadOptions(f"--start ({start}) is below --min ({min_size})")
-    if start is not None and max_size is not None and start > max_size:
-        raise BadOptions(f"--start ({start}) is above --max ({max_size})")
-    if not 0 <= margin < 0.5:
-        raise BadOptions(f"--margin must be in [0, 0.5), got {margin}")
 
 
 def _globals_read(fn: Any, ns: Any) -> set[str]:
@@ -807,8 +889,8 @@ def _globals_read(fn: Any, ns: Any) -> set[str]:
     return out
 
 
-def _check_var_is_read(code: str, var: str, ns: Any) -> None:
-    """Refuse a --var that neither the code nor any function of the notebook reads: a trial would
+def check_var_is_read(code: str, var: str, ns: Any) -> None:
+    """Refuse a ``var`` that neither the code nor any function of the notebook reads: a trial would
     change nothing (a typo, or the loader was built in an earlier cell). ``code`` is Python (the
     IPython layer passes the cell after its transformations)."""
     import ast
@@ -832,8 +914,8 @@ def _check_var_is_read(code: str, var: str, ns: Any) -> None:
     ints = sorted(n for n in in_code if isinstance(ns.get(n), int) and not isinstance(ns.get(n), bool))
     hint = f" (integers it reads: {', '.join(ints)})" if ints else ""
     raise BadOptions(
-        f"--var {var!r}: the code never reads a variable of that name{missing}; give the name of the "
-        f"batch-size variable the code uses{hint}, or --loader NAME for a DataLoader built earlier"
+        f"`var` {var!r}: the code never reads a variable of that name{missing}; give the name of the "
+        f"batch-size variable the code uses{hint}, or `loader` NAME for a DataLoader built earlier"
     )
 
 
@@ -842,128 +924,66 @@ def find_batch_in_namespace(
     run: Callable[[], Any],
     code: str,
     *,
-    hints: Iterable[Any] = (),
+    opts: SearchOptions,
     var: str | None,
-    loader: str | None,
-    device: str | None,
-    budget: str | None,
-    start: int | None,
-    min_size: int,
-    max_size: int | None,
-    steps: int,
-    margin: float,
-    pick: Pick,
-    effective: int | None,
-    progress: bool | Callable[[Trial, int], None] = True,
-    evaluation: bool = False,
+    loader: str | None = None,
     size_fn: str | None = None,
-    dry_run: bool = False,
-    gpu: str | None = None,
+    hints: Iterable[Any] = (),
+    progress: Progress = True,
 ) -> BatchSearchResult:
     """The magics' form: ``run()`` runs ``code`` (its text) in namespace ``ns`` per trial, with
-    ``var``/``loader`` rebound to the trial's batch size. ``hints``: models and tensors for the
-    default device. ``evaluation``: trials of forward calls (``--eval``); ``size_fn``: an
-    expression (in ``ns``) for the sizes of the loader's samples (``--size-fn``). ``dry_run``: every
-    trial planned on fake tensors; ``gpu``: a catalog GPU."""
-    _check_namespace_options(ns, var, loader, steps)
-    plan: dict[str, Any] | None = None
+    ``var``/``loader`` (names in ``ns``) rebound to the trial's batch size. ``hints``: models and
+    tensors for the default device. ``size_fn``: an expression (in ``ns``) for the sizes of the
+    loader's samples. The options' errors name fields (``BadOptions``); the magics spell them as flags."""
+    _check_namespace_options(ns, var, loader)
     if var is not None:
-        _check_var_is_read(code, var, ns)
-    _check_bounds(start, min_size, max_size, margin, effective)
-    if loader is not None:
-        n = _loader_facts(ns[loader])[0]
-        if n is not None and min_size > n:
-            raise BadOptions(f"--min ({min_size}) is larger than the data set of --loader {loader!r} ({n} samples)")
+        check_var_is_read(code, var, ns)
     sizes_given: Any = None
     if size_fn is not None:
         if loader is None:
-            raise BadOptions("--size-fn measures the samples of --loader's data set: give --loader NAME too")
+            raise BadOptions("`size_fn` measures the samples of the data set of `loader`: give `loader` NAME too")
         try:
             sizes_given = eval(size_fn, ns if isinstance(ns, dict) else dict(ns))
         except Exception as e:
-            raise BadOptions(f"--size-fn {size_fn!r} could not be evaluated: {type(e).__name__}: {e}") from None
-    try:
-        if dry_run:
-            plan, capacity = _plan(device, gpu, budget, ns)
-            backend, dev = resolve("cpu")
-            tracker_budget, note = None, None
-        else:
-            if gpu is not None:
-                budget = str(_gpu_budget(gpu, budget))
-            backend, dev = resolve(device, hints if device is None else ())
-            bud = resolve_budget(budget, name="--budget")
-            capacity, tracker_budget, note = _capacity(backend, dev, bud)
-    except ValueError as e:
-        raise BadOptions(str(e)) from None
-    notes = [note] if note else []
+            raise BadOptions(f"`size_fn` {size_fn!r} could not be evaluated: {type(e).__name__}: {e}") from None
+    notes = []
     if any(w in code for w in ("torch.save(", ".to_csv(", "open(", ".write(", "savefig(")):
         notes.append("the code writes files: files written by the trials are not rolled back")
-
-    roots = [v for k, v in list(ns.items()) if not k.startswith("_")]
-    objects = _reachable_stateful(roots)
+    objects = stateful_objects([v for k, v in list(ns.items()) if not k.startswith("_")])
     # an optimizer in the namespace, or one made by the code itself
-    has_opt = not evaluation and (
-        any(isinstance(o, torch.optim.Optimizer) for o in objects) or "optim" in code or ".step(" in code)
-    snapshot = StateSnapshot.take(objects, namespace=ns)
+    has_opt = any(isinstance(o, torch.optim.Optimizer) for o in objects) or "optim" in code or ".step(" in code
     original_loader = ns.get(loader) if loader is not None else None
     current = ns.get(var) if var is not None else getattr(original_loader, "batch_size", None)
-    current_b = current if isinstance(current, int) and not isinstance(current, bool) else None
 
-    heavy: _Heaviest | None = None
-
-    def body(b: int) -> None:
+    def run_trial(b: int, loader_for: Callable[[int], Any] | None) -> Any:
         if var is not None:
             ns[var] = b
         if loader is not None:
-            ns[loader] = heavy.loader_for(b) if heavy is not None else _rebuild_loader(original_loader, b)
-        run()
+            ns[loader] = loader_for(b) if loader_for is not None else rebuild_loader(original_loader, b)
+        return run()
 
-    dataset_size, drop_last = _loader_facts(original_loader)
-    runner = TrialRunner(body, backend=backend, device=dev, budget=tracker_budget, steps=steps, snapshot=snapshot,
-                         has_optimizer=has_opt, observed=_Observed(), evaluation=evaluation, plan=plan)
-    plan_runner = None
-    # forward-only trials and heaviest batches (--loader) are not planned
-    if (plan is None and loader is None and not evaluation and backend.plans_on_fake_tensors
-            and not _compiled(objects)):
-        plan_runner = TrialRunner(
-            body, device=dev, budget=None, steps=steps, snapshot=snapshot, has_optimizer=has_opt,
-            observed=_Observed(), plan={"namespace": ns, "device": dev.type, "gpu": None, "budget": capacity,
-                                        "capacity": capacity},
-        )
-    try:
-        if original_loader is not None:
-            try:
-                heavy = _Heaviest(original_loader, sizes_given, steps, loader or "train_loader")
-            except Exception as e:  # a --size-fn of the wrong length or kind, a sample that fails to load
-                what = f"--size-fn {size_fn!r}" if size_fn else f"measuring the samples of --loader {loader!r}"
-                raise BadOptions(f"{what}: {type(e).__name__}: {e}") from None
-        result = _search_planned_first(
-            runner, plan_runner, capacity=capacity, start=start, min_size=min_size, max_size=max_size,
-            dataset_size=dataset_size, drop_last=drop_last, margin=margin, pick=pick, effective=effective,
-            objects=objects, current=current_b, progress=progress, notes=notes,
-        )
-        result = _after_search(result, runner, capacity=capacity, margin=margin, plan=heavy)
-        result = _planned(result, plan) if plan is not None else result
-    finally:
-        problems = snapshot.restore()
-    return _with_notes(result, [p for p in problems if p not in result.notes])
+    target = SearchTarget(
+        run_trial, objects, has_optimizer=has_opt, namespace=ns, fake_namespace=ns, loader=original_loader,
+        loader_name=loader or "train_loader", size_fn=sizes_given, size_fn_source=size_fn,
+        current=current if isinstance(current, int) and not isinstance(current, bool) else None,
+        hints=hints, notes=notes,
+    )
+    return search_target(opts, target, progress)
 
 
-def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None, steps: int) -> None:
+def _check_namespace_options(ns: Mapping[str, Any], var: str | None, loader: str | None) -> None:
     """How the batch size reaches the code, checked against the namespace: BadOptions names the fault."""
     if var is None and loader is None:
-        raise BadOptions("say how the batch size reaches the code: --var NAME (a variable it reads) or --loader NAME")
+        raise BadOptions("say how the batch size reaches the code: `var` NAME (a variable it reads) or `loader` NAME")
     if var is not None and not var.isidentifier():
-        raise BadOptions(f"--var must be a Python name, got {var!r}")
+        raise BadOptions(f"`var` must be a Python name, got {var!r}")
     if loader is not None:
         if loader not in ns:
-            raise BadOptions(f"--loader {loader!r} is not defined in the namespace")
+            raise BadOptions(f"`loader` {loader!r} is not defined in the namespace")
         from torch.utils.data import DataLoader
 
         if not isinstance(ns[loader], DataLoader):
-            raise BadOptions(f"--loader {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
-    if steps < 1:
-        raise BadOptions(f"--steps must be >= 1, got {steps}")
+            raise BadOptions(f"`loader` {loader!r} must name a torch DataLoader, got {type(ns[loader]).__name__}")
 
 
 def _loader_facts(loader: Any) -> tuple[int | None, bool]:

@@ -16,8 +16,7 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +38,7 @@ from gpumagic._shell import (
     sweep_in_shell,
 )
 from gpumagic.batchmath import DEFAULT_MARGIN, PICKS, THROUGHPUT_WITHIN
+from gpumagic.options import BadOptions, SearchOptions, parse_budget
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -396,49 +396,23 @@ def _text_only(shell: InteractiveShell) -> bool:
     return formatter is not None and "text/html" not in formatter.active_types
 
 
-class _ShownProgress:
-    """A notebook progress widget, and the display it sits in (emptied when the search ends)."""
-
-    def __init__(self, inner: Any, handle: Any) -> None:
-        self.inner = inner
-        self.handle = handle
-
-    def __call__(self, trial: Any, index: int) -> None:
-        self.inner(trial, index)
-
-    def close(self) -> None:
-        try:
-            self.inner.close()
-        finally:
-            # a saved notebook keeps no frame of the bar
-            self.handle.update({"text/plain": ""}, raw=True)
-
-
-@contextmanager
-def search_progress(shell: InteractiveShell, quiet: bool) -> Iterator[Any]:
-    """What a search reports its trials to: nothing with -q; in a kernel a widget bar; in a
-    terminal a tqdm bar on stderr; in a log or CI one line per trial. Closed before the result shows."""
-    from gpumagic.render.progress import LineProgress, text_progress
-
-    progress: Any = None
+def search_progress(shell: InteractiveShell, quiet: bool) -> str | None:
+    """Which progress a search shows (opened and closed by the search, before the result shows):
+    none with -q; in a kernel a widget bar; elsewhere "text", a tqdm bar on a terminal's stderr and
+    one line per trial in a log or CI."""
     if quiet:
-        pass
-    elif _kernel_frontend(shell):
-        try:
-            from gpumagic.render.widgets import WidgetProgress
+        return None
+    return "widget" if _kernel_frontend(shell) else "text"
 
-            bar = WidgetProgress()
-        except ImportError:  # no ipywidgets: lines in the cell's stderr
-            progress = LineProgress(sys.stderr)
-        else:
-            progress = _ShownProgress(bar, display(bar.widget, display_id=True))
-    else:
-        progress = text_progress(sys.stderr)
-    try:
-        yield progress
-    finally:
-        if progress is not None:
-            progress.close()
+
+FLAGS: dict[str, str] = {
+    "device": "--device", "budget": "--budget", "gpu": "--gpu", "start": "--start", "min_size": "--min",
+    "max_size": "--max", "steps": "--steps", "margin": "--margin", "pick": "--pick", "effective": "--effective",
+    "evaluation": "--eval", "dry_run": "--dry-run", "var": "--var", "loader": "--loader", "size_fn": "--size-fn",
+    "sizes": "--sizes", "samples": "--samples", "seconds": "--seconds", "lr_rule": "--lr-rule", "by": "--by",
+    "val": "--val", "noise_batches": "--noise-batches",
+}
+"""How the magics spell the core's option fields in error messages (see :class:`gpumagic.options.BadOptions`)."""
 
 
 def _sweep_progress(message: str) -> None:
@@ -894,7 +868,6 @@ class GPUMagics(Magics):
             return None
         args = _parse(self.find_batch, line)
         _refuse_nesting("%%find_batch" if cell is not None else "%find_batch")
-        from gpumagic import batch
 
         statement = " ".join(args.statement).strip() if args.statement else ""
         if cell is not None and statement:
@@ -909,17 +882,20 @@ class GPUMagics(Magics):
                 )
         # -q: the trials' own prints and displays are not shown either (they run many times)
         silenced = capture_output(stdout=True, stderr=False, display=True) if args.quiet else contextlib.nullcontext()
+        bad: str | None = None
         try:
-            with orphans_dropped(), silenced, search_progress(self.shell, args.quiet) as progress:
-                result = find_batch_in_shell(
-                    self.shell, code, var=args.var, loader=args.loader, device=args.device, budget=args.budget,
-                    start=args.start, min_size=args.min_size, max_size=args.max_size, steps=args.steps,
-                    margin=args.margin, pick=args.pick, effective=args.effective,
-                    progress=progress, dry_run=args.dry_run, gpu=args.gpu,
-                    evaluation=args.evaluation, size_fn=args.size_fn,
-                )
-        except batch.BadOptions as e:
-            raise UsageError(str(e)) from None
+            opts = SearchOptions(
+                device=args.device, budget=parse_budget(args.budget), gpu=args.gpu, start=args.start,
+                min_size=args.min_size, max_size=args.max_size, steps=args.steps, margin=args.margin, pick=args.pick,
+                effective=args.effective, evaluation=args.evaluation, dry_run=args.dry_run, plan_first=True,
+            )
+            with orphans_dropped(), silenced:
+                result = find_batch_in_shell(self.shell, code, opts=opts, var=args.var, loader=args.loader,
+                                             size_fn=args.size_fn, progress=search_progress(self.shell, args.quiet))
+        except BadOptions as e:
+            bad = e.spelled(FLAGS)
+        if bad is not None:  # raised here, not in the except block: no context whose frames hold the search
+            raise UsageError(bad)
         self.presenter.last_search = result
         self.presenter.last_search_code = code
         self.presenter.last_search_key = self.presenter.key(code)
@@ -1001,7 +977,6 @@ class GPUMagics(Magics):
             self.shell.run_line_magic("pinfo", "%%batch_sweep" if cell is not None else "%batch_sweep")
             return None
         args = _parse(self.batch_sweep, line)
-        from gpumagic import batch, sweep
 
         statement = " ".join(args.statement).strip() if args.statement else ""
         if cell is not None and statement:
@@ -1024,6 +999,7 @@ class GPUMagics(Magics):
         val = args.val
         if val is not None and len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
             val = val[1:-1]  # IPython's option parser keeps the quotes around an expression with spaces
+        bad: str | None = None
         try:
             result = sweep_in_shell(
                 self.shell, code, var=args.var, sizes=sizes, samples=args.samples, seconds=args.seconds,
@@ -1031,8 +1007,10 @@ class GPUMagics(Magics):
                 budget=args.budget, noise_batches=args.noise_batches,
                 progress=None if args.quiet else _sweep_progress,
             )
-        except batch.BadOptions as e:
-            raise UsageError(sweep.flag_names(str(e))) from None
+        except BadOptions as e:
+            bad = e.spelled(FLAGS)
+        if bad is not None:  # raised here, not in the except block: no context whose frames hold the sweep
+            raise UsageError(bad)
         if not args.quiet and not self._shown_as_value(args):
             display(result)
         return result if args.output else None

@@ -91,9 +91,9 @@ class _Knob:
 
     def set(self, ns: MutableMapping[str, Any], b: int) -> None:
         if self.loader:
-            from gpumagic.batch import _rebuild_loader
+            from gpumagic.batch import rebuild_loader
 
-            ns[self.name] = _rebuild_loader(ns[self.name], b)
+            ns[self.name] = rebuild_loader(ns[self.name], b)
         else:
             ns[self.name] = b
 

@@ -31,7 +31,6 @@ above it.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +47,7 @@ from gpumagic.batchmath import (
     pow2_floor,
 )
 from gpumagic.dataloading import DATA_WAIT_THRESHOLD
+from gpumagic.options import BadOptions, check_bounds, check_size
 from gpumagic.report import BatchSearchResult, Fit, Trial
 from gpumagic.units import format_bytes, format_percent
 
@@ -105,16 +105,6 @@ _FULL_BATCH_BELOW = 2000
 
 _Next = tuple[int, float | None] | None
 """A size to try next and the line's prediction for it (None when the step is a probe), or None to stop."""
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if value > sys.maxsize:  # sizes index sequences and ranges: Python's limit for them
-        raise ValueError(f"{name} must be <= {sys.maxsize} (sys.maxsize), got {value}")
-    return value
 
 
 def _weighted_fit(points: Iterable[tuple[int, int]]) -> Fit | None:
@@ -569,33 +559,15 @@ def search(
     (700, 660, 5, 0)
     """
     if not callable(run_trial):
-        raise ValueError(f"run_trial must be a callable taking a batch size, got {run_trial!r}")
-    _check_int("capacity_bytes", capacity_bytes, 1)
-    _check_int("min_size", min_size, 1)
-    if max_size is not None:
-        _check_int("max_size", max_size, 1)
-        if max_size < min_size:
-            raise ValueError(f"min_size ({min_size}) is larger than max_size ({max_size})")
+        raise BadOptions(f"`run_trial` must be a callable taking a batch size, got {run_trial!r}")
+    check_size("capacity_bytes", capacity_bytes)
+    check_bounds(min_size=min_size, max_size=max_size, start=start, dataset_size=dataset_size, margin=margin,
+                 pick=pick, effective=effective)
     if start is None:  # 2, moved inside the bounds
         start = max(min_size, DEFAULT_START if max_size is None else min(DEFAULT_START, max_size))
-    _check_int("start", start, 1)
-    if start < min_size:
-        raise ValueError(f"start must be >= min_size ({min_size}), got {start}")
-    if max_size is not None and start > max_size:
-        raise ValueError(f"start must be <= max_size ({max_size}), got {start}")
-    if dataset_size is not None:
-        _check_int("dataset_size", dataset_size, 1)
-        if dataset_size < min_size:
-            raise ValueError(f"min_size must be <= dataset_size ({dataset_size}), got {min_size}")
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 0.5:
-        raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
-    if pick not in PICKS:
-        raise ValueError(f"pick must be one of {', '.join(repr(p) for p in PICKS)}, got {pick!r}")
-    if effective is not None:
-        _check_int("effective", effective, 1)
     if current_batch_size is not None:
-        _check_int("current_batch_size", current_batch_size, 1)
-    _check_int("max_trials", max_trials, 1)
+        check_size("current_batch_size", current_batch_size)
+    check_size("max_trials", max_trials)
 
     bounds = [v for v in (max_size, dataset_size) if v is not None]
     upper = min(bounds) if bounds else None

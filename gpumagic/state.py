@@ -791,6 +791,17 @@ class Snapshot:
             problems = self.restore()
         return value, problems
 
+    def close(self) -> None:
+        """Drop the copies, after the last :meth:`restore`: a traceback that still reaches this
+        snapshot (the frames of a search that raised) then keeps nothing of the user's alive."""
+        self.log = None
+        self.walk = _Walk(self.walk.copy_grads)
+        self.rng = {}
+        self.settings = []
+        self.namespace = None
+        self.bindings = {}
+        self.storage_keys = set()
+
     def restore(self) -> list[str]:
         """Put everything back; returns what could not be restored (empty when all was). Never raises
         for a single item: each is put back on its own."""

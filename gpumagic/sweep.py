@@ -28,15 +28,16 @@ from typing import Any, Literal, cast
 import torch
 
 from gpumagic._safe import describe
-from gpumagic.batch import BadOptions, StateSnapshot, _discover_stateful, _is_oom, _reachable_stateful
-from gpumagic.batchmath import DEFAULT_MARGIN, lr_rule_for, pow2_floor
-from gpumagic.devices import DeviceLike, device_label, release_memory, resolve, resolve_budget
+from gpumagic.batch import StateSnapshot, discover_stateful, is_oom, stateful_objects
+from gpumagic.batchmath import lr_rule_for, pow2_floor
+from gpumagic.devices import DeviceLike, device_label, release_memory, resolve
 from gpumagic.noise import GradientNorms, NoiseScale, estimate
+from gpumagic.options import BadOptions, SearchOptions, parse_budget
 from gpumagic.sweep_results import By, SweepResult, SweepRule, SweepRun
 from gpumagic.tracking import StopTrial, Tracker
 
 __all__ = ["LR_RULES", "NOISE_BATCHES", "NOISE_MAX_BATCHES", "NOISE_PRECISION", "batch_sweep", "default_sizes",
-           "flag_names", "save_state", "sweep", "sweep_in_namespace"]
+           "save_state", "sweep", "sweep_in_namespace"]
 
 LR_RULES = ("auto", "linear", "sqrt", "none")
 NOISE_BATCHES = 20
@@ -267,7 +268,7 @@ def _measure_noise(body: Callable[[int], Any], sizes: Sequence[int], *, device: 
         except StopTrial:
             pass
         except Exception as e:
-            if _is_oom(e):
+            if is_oom(e):
                 oom = True
                 release_memory(e)
             else:  # the runs show whether the loop fails without the gradients being read, too
@@ -324,7 +325,7 @@ def _run(body: Callable[[int], Any], b: int, *, device: torch.device, backend: A
         except StopTrial:
             pass
         except Exception as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             oom = describe(e)
             release_memory(e)
@@ -434,11 +435,11 @@ def sweep(
     """The sweep over ``body(b)``; ``objects``: the models, optimizers, schedulers and scalers it
     changes; ``find_sizes()``: a batch-size search (a ``BatchSearchResult``) when ``sizes`` is None;
     ``progress(message)`` hears of each stage as it ends. Errors in the options raise
-    :class:`~gpumagic.batch.BadOptions` naming the parameter."""
+    :class:`~gpumagic.options.BadOptions` naming the parameter."""
     _check(sizes, samples, seconds, lr_rule, by, noise_batches, base_batch_size)
+    bud = parse_budget(budget)
     try:
         backend, dev = resolve(device, hints if device is None else ())
-        bud = resolve_budget(budget)
     except ValueError as e:
         raise BadOptions(str(e)) from None
     notes: list[str] = []
@@ -446,11 +447,11 @@ def sweep(
     dataset_size: int | None = None
     if sizes is None:
         if find_sizes is None:
-            raise BadOptions("give sizes, or a way to find what fits")
+            raise BadOptions("give `sizes`, or a way to find what fits")
         found = find_sizes()
         top = found.recommended_batch_size or found.max_batch_size
         if top is None:
-            raise BadOptions(f"no batch size fits ({found.reason}); give sizes explicitly")
+            raise BadOptions(f"no batch size fits ({found.reason}); give `sizes` explicitly")
         dataset_size = found.dataset_size
         chosen, full = default_sizes(top, dataset_size)
         notes.append(f"sizes chosen from what fits: {top} is the largest the search recommends"
@@ -537,34 +538,21 @@ def _check(sizes: Sequence[int] | None, samples: int | None, seconds: float | No
     if sizes is not None:
         bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
         if bad or not sizes:
-            raise BadOptions(f"sizes must be integers >= 1, got {list(sizes)}")
+            raise BadOptions(f"`sizes` must be integers >= 1, got {list(sizes)}")
     if samples is not None and seconds is not None:
-        raise BadOptions("give either samples or seconds, not both")
+        raise BadOptions("give either `samples` or `seconds`, not both")
     if samples is not None and samples < 1:
-        raise BadOptions(f"samples must be >= 1, got {samples}")
+        raise BadOptions(f"`samples` must be >= 1, got {samples}")
     if seconds is not None and not seconds > 0:
-        raise BadOptions(f"seconds must be > 0, got {seconds}")
+        raise BadOptions(f"`seconds` must be > 0, got {seconds}")
     if lr_rule not in LR_RULES:
-        raise BadOptions(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+        raise BadOptions(f"`lr_rule` must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
     if by not in ("samples", "time"):
-        raise BadOptions(f"by must be 'samples' or 'time', got {by!r}")
+        raise BadOptions(f"`by` must be 'samples' or 'time', got {by!r}")
     if noise_batches < 2:
-        raise BadOptions(f"noise_batches must be >= 2, got {noise_batches}")
+        raise BadOptions(f"`noise_batches` must be >= 2, got {noise_batches}")
     if base is not None and base < 1:
-        raise BadOptions(f"base_batch_size must be >= 1, got {base}")
-
-
-_FLAGS = (("sizes must", "--sizes must"), ("samples must", "--samples must"), ("seconds must", "--seconds must"),
-          ("samples or seconds", "--samples or --seconds"), ("noise_batches must", "--noise-batches must"),
-          ("lr_rule must", "--lr-rule must"), ("by must", "--by must"), ("give sizes", "give --sizes"))
-
-
-def flag_names(message: str) -> str:
-    """A core error message in the magic's option names (``sizes must ...`` -> ``--sizes must ...``)."""
-    for core, flag in _FLAGS:
-        if message.startswith(core) or f" {core}" in message:
-            return message.replace(core, flag, 1)
-    return message
+        raise BadOptions(f"`base_batch_size` must be >= 1, got {base}")
 
 
 def batch_sweep(
@@ -598,19 +586,17 @@ def batch_sweep(
     >>> res = batch_sweep(lambda b: train(make_loader(b)), sizes=[16, 64, 256], base_batch_size=64)  # doctest: +SKIP
     >>> res.recommended                                                                                # doctest: +SKIP
     """
-    objects = _reachable_stateful(restore) if restore is not None else _discover_stateful()
+    objects = stateful_objects(restore) if restore is not None else discover_stateful()
 
     def find() -> Any:
         from gpumagic.batch import find_batch
 
         return find_batch(train_fn, device=device, budget=budget, restore=objects, progress=False)
 
-    try:
-        return sweep(train_fn, objects=objects, sizes=sizes, find_sizes=find, samples=samples, seconds=seconds,
-                     lr_rule=lr_rule, base_batch_size=base_batch_size, val=val, val_name=val_name, by=by,
-                     device=device, budget=budget, noise_batches=noise_batches)
-    except BadOptions as e:
-        raise ValueError(str(e)) from None
+    # wrong options raise BadOptions, a ValueError naming the parameter
+    return sweep(train_fn, objects=objects, sizes=sizes, find_sizes=find, samples=samples, seconds=seconds,
+                 lr_rule=lr_rule, base_batch_size=base_batch_size, val=val, val_name=val_name, by=by,
+                 device=device, budget=budget, noise_batches=noise_batches)
 
 
 def sweep_in_namespace(
@@ -625,20 +611,20 @@ def sweep_in_namespace(
 ) -> SweepResult:
     """The magics' form: ``run()`` runs ``code`` in ``ns`` with ``var`` bound to each size;
     ``val`` an expression evaluated in ``ns`` after each run. ``options`` as for :func:`sweep`."""
-    from gpumagic.batch import _check_var_is_read, find_batch_in_namespace
+    from gpumagic.batch import check_var_is_read, find_batch_in_namespace
 
     if not var.isidentifier():
-        raise BadOptions(f"--var must be a Python name, got {var!r}")
-    _check_var_is_read(code, var, ns)
+        raise BadOptions(f"`var` must be a Python name, got {var!r}")
+    check_var_is_read(code, var, ns)
     current = ns.get(var)
     base = current if isinstance(current, int) and not isinstance(current, bool) and current > 0 else None
     if val is not None:
         try:
             compiled = compile(val, "<--val>", "eval")
         except SyntaxError as e:
-            raise BadOptions(f"--val {val!r} is not a Python expression: {e.msg}") from None
+            raise BadOptions(f"`val` {val!r} is not a Python expression: {e.msg}") from None
     roots = [v for k, v in list(ns.items()) if not k.startswith("_")]
-    objects = _reachable_stateful(roots)
+    objects = stateful_objects(roots)
 
     def body(b: int) -> None:
         ns[var] = b
@@ -649,9 +635,9 @@ def sweep_in_namespace(
 
     def find() -> Any:
         return find_batch_in_namespace(
-            ns, run, code, hints=hints, var=var, loader=None, device=options.get("device"),
-            budget=options.get("budget"), start=None, min_size=1, max_size=None, steps=3, margin=DEFAULT_MARGIN,
-            pick="max", effective=None, progress=False)
+            ns, run, code, hints=hints, var=var, progress=False,
+            opts=SearchOptions(device=options.get("device"), budget=parse_budget(options.get("budget")),
+                               plan_first=True))
 
     return sweep(body, objects=objects, namespace=ns, find_sizes=find, base_batch_size=base,
                  val=evaluate if val is not None else None, hints=hints, **options)

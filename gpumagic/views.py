@@ -104,11 +104,24 @@ def register_progress(kind: str, factory: Callable[..., Any]) -> None:
     _PROGRESS[kind] = factory
 
 
+def progress_kinds() -> list[str]:
+    """The progress kinds registered now ("text"; "widget" once the IPython layer is imported)."""
+    _load_views()
+    return sorted(_PROGRESS)
+
+
 def progress(kind: str, *args: Any, **kwargs: Any) -> Any:
     """A new progress reporter of ``kind`` (``progress(trial, index)``, then ``close()``): the core
     asks here, so it never imports the renderers that draw progress."""
     _load_views()
-    return _PROGRESS[kind](*args, **kwargs)
+    factory = _PROGRESS.get(kind)
+    if factory is None:
+        from gpumagic.options import BadOptions
+
+        known = ", ".join(repr(k) for k in sorted(_PROGRESS))
+        extra = " ('widget' is registered by gpumagic's IPython layer: %load_ext gpumagic)" if kind == "widget" else ""
+        raise BadOptions(f"`progress` {kind!r} is no progress kind; the kinds are {known}{extra}")
+    return factory(*args, **kwargs)
 
 
 def register(cls: type, renderer: Renderer) -> None:

@@ -1,12 +1,15 @@
 """Progress of a batch-size search, as objects the search calls: ``progress(trial, index)`` after
 each trial, ``progress.close()`` once at the end (also on errors), before the result is shown.
 
-Pure and shell-free: which reporter a frontend gets is decided by the caller (the magics pick a
-notebook widget, a terminal bar, lines for logs, or none with ``-q``). Here are the text ones:
-a tqdm line rewritten in place for a terminal, and one line per trial for a log or CI.
+Kinds are registered with :func:`gpumagic.views.register_progress` and opened by the search in
+one place (``find_batch(progress=...)``: ``True`` or ``"text"``, ``"widget"``, or a callable).
+"text", here, is a tqdm line rewritten in place on a terminal and one line per trial in a log or
+CI. "widget", a bar displayed in the running notebook cell, is registered by the IPython layer
+(``gpumagic._shell``: displaying is its job) from :class:`gpumagic.render.widgets.WidgetProgress`.
+The magics only say which kind their frontend gets (none with ``-q``).
 
->>> progress = text_progress(sys.stderr)   # a bar on a terminal, lines in a log   # doctest: +SKIP
->>> find_batch(train, budget="8GiB", progress=progress)                           # doctest: +SKIP
+>>> find_batch(train, budget="8GiB", progress="widget")                          # doctest: +SKIP
+>>> find_batch(train, budget="8GiB", progress=text_progress(log_file))           # doctest: +SKIP
 """
 
 from __future__ import annotations

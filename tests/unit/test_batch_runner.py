@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from gpumagic import _shell, batch
-from gpumagic.batch import StateSnapshot, TrialRunner, _Observed, _rebuild_loader
+from gpumagic.batch import Observed, StateSnapshot, TrialRunner, rebuild_loader
 
 MiB = 2**20
 
@@ -42,7 +42,7 @@ def test_snapshot_restores_models_optimizers_schedulers_and_grads():
     grads = [p.grad.clone() for p in model.parameters()]
     exp_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
     lr = opt.param_groups[0]["lr"]
-    snap = StateSnapshot.take(batch._reachable_stateful([model, sched]))
+    snap = StateSnapshot.take(batch.stateful_objects([model, sched]))
     with snap.recording():  # tensor values come back through the undo log of what ran under it
         _step(model, opt, sched)
     snap.restore()
@@ -56,7 +56,7 @@ def test_snapshot_restores_models_optimizers_schedulers_and_grads():
 def test_snapshot_restores_train_and_eval_mode_of_every_module():
     model, _opt, sched = _trained()
     model[1].eval()  # a user's mixed state: one submodule frozen in eval mode
-    snap = StateSnapshot.take(batch._reachable_stateful([model, sched]))
+    snap = StateSnapshot.take(batch.stateful_objects([model, sched]))
     model.eval()  # what an evaluation trial's cell does
     snap.restore()
     assert [m.training for m in model.modules()] == [True, True, False, True]
@@ -89,17 +89,17 @@ def test_snapshot_restores_namespace_bindings_and_plain_values():
 
 def test_snapshot_tensors_are_excluded_from_the_device_baseline():
     model, opt, _sched = _trained()
-    snap = StateSnapshot.take(batch._reachable_stateful([model, opt]))
+    snap = StateSnapshot.take(batch.stateful_objects([model, opt]))
     assert snap.storage_keys  # host copies, which the cpu tracker must not count
     runner = TrialRunner(lambda b: None, device=torch.device("cpu"), budget=None, steps=1, snapshot=snap,
-                         has_optimizer=True, observed=_Observed())
+                         has_optimizer=True, observed=Observed())
     with_excl = runner(1)
     assert with_excl.peak_bytes is not None
 
 
 def test_discovery_finds_optimizers_and_the_models_that_own_their_parameters():
     model, opt, sched = _trained()
-    found = batch._discover_stateful()
+    found = batch.discover_stateful()
     assert any(o is opt for o in found)
     assert any(o is model for o in found)
     assert any(o is sched for o in found)
@@ -109,7 +109,7 @@ def test_discovery_finds_optimizers_and_the_models_that_own_their_parameters():
 def _runner(body, steps=3, budget=None, has_optimizer=True, objects=()):
     snap = StateSnapshot.take(objects)
     return TrialRunner(body, device=torch.device("cpu"), budget=budget, steps=steps, snapshot=snap,
-                       has_optimizer=has_optimizer, observed=_Observed())
+                       has_optimizer=has_optimizer, observed=Observed())
 
 
 def test_a_trial_stops_after_k_optimizer_steps_even_inside_except_exception():
@@ -178,7 +178,7 @@ def test_a_non_oom_error_stops_with_that_error_and_state_is_restored():
         raise ValueError("user bug")
 
     with pytest.raises(ValueError, match="user bug"):
-        _runner(body, objects=batch._reachable_stateful([model, opt, sched]))(4)
+        _runner(body, objects=batch.stateful_objects([model, opt, sched]))(4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -191,7 +191,7 @@ def test_keyboard_interrupt_mid_trial_restores_state_and_propagates():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _runner(body, objects=batch._reachable_stateful([model, opt, sched]))(4)
+        _runner(body, objects=batch.stateful_objects([model, opt, sched]))(4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.autograd.backward.__module__ == "torch.autograd"
 
@@ -199,12 +199,12 @@ def test_keyboard_interrupt_mid_trial_restores_state_and_propagates():
 def test_rebuilt_loader_keeps_dataset_sampler_kind_and_options():
     ds = TensorDataset(torch.arange(100).float())
     shuffled = DataLoader(ds, batch_size=8, shuffle=True, drop_last=True)
-    copy = _rebuild_loader(shuffled, 32)
+    copy = rebuild_loader(shuffled, 32)
     assert copy.batch_size == 32
     assert copy.dataset is ds
     assert copy.drop_last
     assert isinstance(copy.sampler, RandomSampler)
-    plain = _rebuild_loader(DataLoader(ds, batch_size=8), 50)
+    plain = rebuild_loader(DataLoader(ds, batch_size=8), 50)
     assert isinstance(plain.sampler, SequentialSampler)
     assert [len(b[0]) for b in plain] == [50, 50]
 
@@ -212,7 +212,7 @@ def test_rebuilt_loader_keeps_dataset_sampler_kind_and_options():
 def test_rebuilding_a_loader_without_batch_size_is_refused():
     ds = TensorDataset(torch.arange(10).float())
     with pytest.raises(ValueError, match="batch_size=None"):
-        _rebuild_loader(DataLoader(ds, batch_size=None), 4)
+        rebuild_loader(DataLoader(ds, batch_size=None), 4)
 
 
 def test_last_gpumem_cell_is_found_in_history():

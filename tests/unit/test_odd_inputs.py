@@ -72,8 +72,8 @@ def test_max_alone_below_the_default_start_runs_at_max(ip, loop_ns):
     ("options", "message"),
     [
         ("--min 8 --max 4", "--min (8) is larger than --max (4)"),
-        ("--start 2 --min 4", "--start (2) is below --min (4)"),
-        ("--start 16 --max 8", "--start (16) is above --max (8)"),
+        ("--start 2 --min 4", "--start must be >= --min (4), got 2"),
+        ("--start 16 --max 8", "--start must be <= --max (8), got 16"),
         ("--min 0", "--min must be >= 1, got 0"),
         ("--margin 0.7", "--margin must be in [0, 0.5), got 0.7"),
     ],
