@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gpumagic.noise import NoiseScale
     from gpumagic.oom import Advice, AdviceContext, OOMInfo, advise
     from gpumagic.oom import parse as parse_oom
+    from gpumagic.options import BadOptions, SearchOptions
     from gpumagic.report import (
         BatchSearchResult,
         DeviceStatus,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Advice",
     "AdviceContext",
+    "BadOptions",
     "BatchSearchResult",
     "DeviceStatus",
     "Fit",
@@ -55,6 +57,7 @@ __all__ = [
     "NoiseScale",
     "OOMInfo",
     "RankRecord",
+    "SearchOptions",
     "StepRecord",
     "SweepResult",
     "SweepRun",
@@ -88,6 +91,7 @@ _LAZY = {
     "what_if": "gpumagic.measure",
     "Tracker": "gpumagic.tracking",
     "find_batch": "gpumagic.batch",
+    **dict.fromkeys(("BadOptions", "SearchOptions"), "gpumagic.options"),
     "batch_sweep": "gpumagic.sweep",
     **dict.fromkeys(("SweepResult", "SweepRun"), "gpumagic.sweep_results"),
     "NoiseScale": "gpumagic.noise",
@@ -102,9 +106,8 @@ _LAZY = {
 
 
 _SUBMODULES = (
-    "report", "oom", "tracking", "batch", "search", "sweep", "noise", "devices", "distributed", "render", "views",
-    "widgets",
-    "monitor", "magics", "autoload",
+    "report", "oom", "options", "tracking", "batch", "search", "sweep", "noise", "devices", "distributed", "render",
+    "views", "widgets", "monitor", "magics", "autoload",
 )
 
 

@@ -38,7 +38,6 @@ from gpumagic._shell import (
     sweep_in_shell,
 )
 from gpumagic.batchmath import DEFAULT_MARGIN, PICKS, THROUGHPUT_WITHIN
-from gpumagic.options import BadOptions, SearchOptions, parse_budget
 
 __all__ = ["GPUMagics", "load", "unload"]
 
@@ -869,6 +868,8 @@ class GPUMagics(Magics):
         args = _parse(self.find_batch, line)
         _refuse_nesting("%%find_batch" if cell is not None else "%find_batch")
 
+        from gpumagic.options import BadOptions, SearchOptions, parse_budget
+
         statement = " ".join(args.statement).strip() if args.statement else ""
         if cell is not None and statement:
             raise UsageError("give the code either as the cell body or after `--` on the line, not both")
@@ -999,6 +1000,8 @@ class GPUMagics(Magics):
         val = args.val
         if val is not None and len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
             val = val[1:-1]  # IPython's option parser keeps the quotes around an expression with spaces
+        from gpumagic.options import BadOptions
+
         bad: str | None = None
         try:
             result = sweep_in_shell(

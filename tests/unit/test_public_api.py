@@ -9,7 +9,8 @@ EXPECTED = {
     "Advice", "AdviceContext", "BatchSearchResult", "DeviceStatus", "Fit", "MemoryBreakdown", "MemoryReport",
     "OOMInfo", "RankRecord", "StepRecord", "Tracker", "Trial", "__version__", "advise", "device_status", "find_batch",
     "format_bytes", "free_memory", "load_ipython_extension", "parse_oom", "parse_size", "track",
-    "unload_ipython_extension", "batch_sweep", "SweepResult", "SweepRun", "NoiseScale", "what_if",
+    "unload_ipython_extension", "batch_sweep", "SweepResult", "SweepRun", "NoiseScale", "what_if", "BadOptions",
+    "SearchOptions",
 }
 
 

@@ -32,7 +32,8 @@ def test_the_budget_is_parsed_once_into_bytes():
 @pytest.mark.parametrize(
     ("fields", "python", "flags"),
     [
-        ({"min_size": 8, "max_size": 4}, "min_size (8) is larger than max_size (4)", "--min (8) is larger than --max (4)"),
+        ({"min_size": 8, "max_size": 4}, "min_size (8) is larger than max_size (4)",
+         "--min (8) is larger than --max (4)"),
         ({"steps": 0}, "steps must be >= 1, got 0", "--steps must be >= 1, got 0"),
         ({"margin": 0.7}, "margin must be in [0, 0.5), got 0.7", "--margin must be in [0, 0.5), got 0.7"),
         ({"gpu": "T4", "budget": MiB}, "give either a GPU (gpu) or a budget (budget), not both",
@@ -42,7 +43,8 @@ def test_the_budget_is_parsed_once_into_bytes():
 )
 def test_a_fault_names_the_field_and_each_edge_spells_it(fields, python, flags):
     e = SearchOptions.checked(**fields)
-    assert isinstance(e, BadOptions) and isinstance(e, ValueError)
+    assert isinstance(e, BadOptions)
+    assert isinstance(e, ValueError)
     assert str(e) == python
     assert e.spelled(magics.FLAGS) == flags
 
@@ -86,7 +88,7 @@ def test_the_api_refuses_bad_bounds_before_any_trial():
 
 
 def test_the_magic_refuses_the_same_bounds_in_its_flags(ip, clean_ns):
-    model, opt, train = _tiny()
+    _model, _opt, train = _tiny()
     ip.push({"train": train, "bs": 4})
     with capture_output():
         r = ip.run_cell("%find_batch --var bs -d cpu --budget 8MiB --min 8 --max 4 -- train(bs)")
@@ -102,14 +104,14 @@ def test_an_unknown_progress_kind_is_refused_naming_the_kinds_before_any_trial()
 
 
 def test_progress_text_reports_every_trial_on_stderr(capfd):
-    model, opt, train = _tiny()
+    _model, _opt, train = _tiny()
     res = gpumagic.find_batch(train, device="cpu", budget="2MiB", max_size=64, progress="text")
     err = capfd.readouterr().err
     assert err.count("find_batch: trial") == len(res.trials), err
 
 
 def test_a_callable_progress_hears_every_trial():
-    model, opt, train = _tiny()
+    _model, _opt, train = _tiny()
     heard = []
     res = gpumagic.find_batch(train, device="cpu", budget="2MiB", max_size=64,
                               progress=lambda t, i: heard.append((t.batch_size, i)))
@@ -135,7 +137,9 @@ def test_an_api_dry_run_with_a_loader_gives_the_trial_loader_copies():
 
     res = gpumagic.find_batch(train, loader=loader, dry_run=True, device="cpu", budget="64MiB", progress=False,
                               namespace={})
-    assert res.dry_run and SEEN and set(SEEN) == {"DataLoader"}
+    assert res.dry_run
+    assert SEEN
+    assert set(SEEN) == {"DataLoader"}
     assert loader.batch_size == 4
 
 
@@ -158,7 +162,8 @@ def test_the_namespace_form_takes_its_options_as_one_object(ip, clean_ns):
         exec("train(bs)", ns)
 
     res = batch.find_batch_in_namespace(ns, run, "train(bs)", opts=opts, var="bs", progress=False)
-    assert res.max_batch_size is not None and ns["bs"] == 4
+    assert res.max_batch_size is not None
+    assert ns["bs"] == 4
 
 
 SETUP_BIG = """
