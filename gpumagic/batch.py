@@ -308,10 +308,7 @@ def _dry_run_settings(opts: SearchOptions, namespace: MutableMapping[str, Any] |
     """Where a dry run plans, and its capacity; BadOptions when no capacity is known."""
     from gpumagic.dryrun import plan_target
 
-    try:
-        kind, g, capacity = plan_target(opts.device, opts.gpu, opts.budget)
-    except ValueError as e:
-        raise BadOptions(str(e)) from None
+    kind, g, capacity = plan_target(opts.device, opts.gpu, opts.budget)
     if capacity is None:
         raise BadOptions("a planned search needs a capacity: a `gpu` (e.g. T4) or a `budget` (e.g. 16GiB)")
     return DryRunSettings(namespace, opts.device if opts.device is not None else kind, g, opts.budget, capacity,

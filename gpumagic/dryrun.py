@@ -68,6 +68,7 @@ from gpumagic._plain import PLAIN
 from gpumagic._quiet import ignored_warnings
 from gpumagic.backends import DryRunTarget, PeakWindows
 from gpumagic.gpus import GPU, lookup
+from gpumagic.options import BadOptions
 from gpumagic.tracking import BACKWARDS_PER_STEP_CAP, StopTrial, Tracker
 from gpumagic.units import format_bytes
 
@@ -126,30 +127,33 @@ def _target_of(kind: str) -> DryRunTarget:
 
 
 def plan_target(device: str | None, gpu: str | GPU | None, budget: int | None) -> tuple[str, GPU | None, int | None]:
-    """(device kind, GPU, capacity) of a dry run; ValueError naming what is wrong.
+    """(device kind, GPU, capacity) of a dry run; BadOptions (a ValueError) naming what is wrong.
 
     ``device``: a device a backend can plan for, "cpu", "cuda", "cuda:N" or "mps" (default: the
     first that takes a catalog GPU when one is named, else the first available in the registry's
     order: cuda, mps, cpu).
     """
     if gpu is not None and budget is not None:
-        raise ValueError("give either a GPU (--gpu) or a budget (--budget) for a dry run, not both")
-    g = lookup(gpu) if isinstance(gpu, str) else gpu
+        raise BadOptions("give either a GPU (`gpu`) or a budget (`budget`) for a dry run, not both")
+    try:
+        g = lookup(gpu) if isinstance(gpu, str) else gpu
+    except ValueError as e:  # an unknown GPU: the catalog's message names the known ones
+        raise BadOptions(str(e)) from None
     plannable = _plannable()
     if device is None:
         chosen = next((name for name, t, b in plannable if (t.named_gpu if g is not None else b.available())), None)
         if chosen is None:
-            raise ValueError("no registered device can be planned for" + (f" on --gpu {g.name}" if g else ""))
+            raise BadOptions("no registered device can be planned for" + (f" on `gpu` {g.name}" if g else ""))
         device = chosen
     kind = str(device).split(":")[0]
     names = [name for name, _, _ in plannable]
     if kind not in names or (":" in str(device) and not str(device).split(":")[1].isdigit()):
         allowed = [f"'{n}', '{n}:N'" if b.indexed else f"'{n}'" for n, _, b in plannable]
-        raise ValueError(f"device must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {device!r}"
-                         if len(allowed) > 1 else f"device must be {allowed[0]}, got {device!r}")
+        raise BadOptions(f"`device` must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {device!r}"
+                         if len(allowed) > 1 else f"`device` must be {allowed[0]}, got {device!r}")
     if g is not None and not _target_of(kind).named_gpu:
         gpu_kinds = " or ".join(n for n, t, _ in plannable if t.named_gpu)
-        raise ValueError(f"--gpu {g.name} plans for {gpu_kinds}; the device given is {device!r}")
+        raise BadOptions(f"`gpu` {g.name} plans for {gpu_kinds}; the `device` given is {device!r}")
     capacity = budget if budget is not None else (g.capacity_bytes if g is not None else None)
     return kind, g, capacity
 

@@ -404,12 +404,19 @@ def search_progress(shell: InteractiveShell, quiet: bool) -> str | None:
     return "widget" if _kernel_frontend(shell) else "text"
 
 
+def _usage_message(e: ValueError) -> str:
+    """A core error as a UsageError's message: option fields spelled as the magics' flags."""
+    from gpumagic.options import BadOptions
+
+    return e.spelled(FLAGS) if isinstance(e, BadOptions) else str(e)
+
+
 FLAGS: dict[str, str] = {
     "device": "--device", "budget": "--budget", "gpu": "--gpu", "start": "--start", "min_size": "--min",
     "max_size": "--max", "steps": "--steps", "margin": "--margin", "pick": "--pick", "effective": "--effective",
     "evaluation": "--eval", "dry_run": "--dry-run", "var": "--var", "loader": "--loader", "size_fn": "--size-fn",
     "sizes": "--sizes", "samples": "--samples", "seconds": "--seconds", "lr_rule": "--lr-rule", "by": "--by",
-    "val": "--val", "noise_batches": "--noise-batches",
+    "val": "--val", "noise_batches": "--noise-batches", "interval": "--interval",
 }
 """How the magics spell the core's option fields in error messages (see :class:`gpumagic.options.BadOptions`)."""
 
@@ -626,7 +633,7 @@ class GPUMagics(Magics):
                 backend, device = resolve(args.device, hints(ns) if args.device is None else ())
             budget = resolve_budget(args.budget, name="--budget")
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(_usage_message(e)) from None
         if cell is None:
             if args.budget is not None:
                 raise UsageError("--budget applies to the cell magic %%gpumem, not to %gpumem")
@@ -720,7 +727,7 @@ class GPUMagics(Magics):
                 device = resolve_device(args.device, hints(self.shell.user_ns) if args.device is None else ())
                 tracker = track(device, gpu=args.gpu)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(_usage_message(e)) from None
         try:
             with tracker:
                 value = run_cell_source(self.shell, cell)
@@ -755,7 +762,7 @@ class GPUMagics(Magics):
             budget = resolve_budget(args.budget, name="--budget")
             plan_target(args.device, args.gpu, budget)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(_usage_message(e)) from None
         # the cell's own errors (and DryRunError) are the user's to see, as under --dry-run
         report = plan_what_if(lambda: run_cell_source(self.shell, cell), self.shell.user_ns, device=args.device,
                               gpu=args.gpu, budget=budget, steps=args.steps, source=cell)
@@ -1050,7 +1057,7 @@ class GPUMagics(Magics):
         try:
             mon = monitor.Monitor(interval=args.interval)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(_usage_message(e)) from None
         if _text_only(self.shell):  # no widget to redraw: one text panel of the devices now
             from gpumagic.render.text import monitor_text
 

@@ -73,12 +73,24 @@ def track(
         return Tracker(device, budget, max_records=max_records)
     from gpumagic.dryrun import DryTracker
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if device is not None and not isinstance(device, str):
-        raise ValueError(f"a dry run needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+    kind, bud = _plan_options(device, budget, gpu, steps)
     ns = namespace if namespace is not None else sys._getframe(1).f_globals
-    return DryTracker(ns, device=device, gpu=gpu, budget=budget, steps=steps)
+    return DryTracker(ns, device=kind, gpu=gpu, budget=bud, steps=steps)
+
+
+def _plan_options(device: Any, budget: str | int | None, gpu: str | GPU | None,
+                  steps: int) -> tuple[str | None, int | None]:
+    """The options of a plan (a dry run, a what-if), checked before anything runs: (the device as
+    given, a string; the budget in bytes); BadOptions (a ValueError) naming the field otherwise."""
+    from gpumagic.dryrun import plan_target
+    from gpumagic.options import BadOptions, check_size, parse_budget
+
+    check_size("steps", steps)
+    if device is not None and not isinstance(device, str):
+        raise BadOptions(f"a plan needs `device` as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+    bud = parse_budget(budget)
+    plan_target(device, gpu, bud)
+    return device, bud
 
 
 def what_if(
@@ -101,16 +113,11 @@ def what_if(
     >>> rep = gpumagic.what_if(train, device="cpu", budget="1GiB")   # doctest: +SKIP
     >>> [(r.name, r.batch_size_that_fits) for r in rep.what_if]     # doctest: +SKIP
     """
-    from gpumagic.devices import resolve_budget
-    from gpumagic.dryrun import plan_target
     from gpumagic.remedies import plan_what_if
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if not callable(fn):
         raise TypeError(f"what_if needs a callable taking no arguments, got {type(fn).__name__}")
-    bud = resolve_budget(budget)
-    plan_target(device, gpu, bud)  # the options' errors before any plan
+    device, bud = _plan_options(device, budget, gpu, steps)
     ns = namespace if namespace is not None else getattr(fn, "__globals__", None)
     if ns is None:
         raise ValueError("what_if needs namespace= for a callable without module globals")
@@ -132,19 +139,13 @@ def _what_if_block(frame: Any, device: DeviceLike, budget: str | int | None, gpu
     import ast
     import linecache
 
-    from gpumagic.devices import resolve_budget
-    from gpumagic.dryrun import DryTracker, plan_target
+    from gpumagic.dryrun import DryTracker
     from gpumagic.remedies import plan_what_if
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if device is not None and not isinstance(device, str):
-        raise ValueError(f"what_if needs device as a string ('cpu', 'cuda', 'mps'), got {type(device).__name__}")
+    kind, bud = _plan_options(device, budget, gpu, steps)
     if frame.f_code.co_name != "<module>" and namespace is None:
         raise ValueError("track(what_if=True) plans a block of a notebook cell or a module: inside a function, "
                          "pass the function to gpumagic.what_if(fn, ...) instead")
-    bud = resolve_budget(budget)
-    plan_target(device, gpu, bud)  # the options' errors before any plan
     filename, line = frame.f_code.co_filename, frame.f_lineno
     source = "".join(linecache.getlines(filename, frame.f_globals))
     block = None
@@ -164,7 +165,7 @@ def _what_if_block(frame: Any, device: DeviceLike, budget: str | int | None, gpu
     text = ast.get_source_segment(source, block) or ""
     ns: MutableMapping[str, Any] = namespace if namespace is not None else frame.f_globals
     globs: dict[str, Any] = ns if isinstance(ns, dict) else dict(ns)
-    planned_on: str | None = device if isinstance(device, str) else None
+    planned_on = kind
 
     class WhatIfBlock(DryTracker):
         def __exit__(self, et: Any, ev: Any, tb: Any) -> Any:
@@ -175,4 +176,4 @@ def _what_if_block(frame: Any, device: DeviceLike, budget: str | int | None, gpu
                                             steps=steps, source=text)
             return done
 
-    return WhatIfBlock(ns, device=device, gpu=gpu, budget=budget, steps=steps)
+    return WhatIfBlock(ns, device=kind, gpu=gpu, budget=bud, steps=steps)

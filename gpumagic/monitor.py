@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from gpumagic import backends
 from gpumagic.backends import SampleSource
 from gpumagic.backends.cpu import CPUSource
+from gpumagic.options import BadOptions
 from gpumagic.report import DeviceSample
 
 __all__ = [
@@ -106,7 +107,7 @@ class Monitor:
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
             MIN_INTERVAL <= interval <= MAX_INTERVAL
         ):
-            raise ValueError(f"--interval must be between {MIN_INTERVAL:g} and {MAX_INTERVAL:g} seconds, "
+            raise BadOptions(f"`interval` must be between {MIN_INTERVAL:g} and {MAX_INTERVAL:g} seconds, "
                              f"got {interval!r}")
         if isinstance(history_seconds, bool) or not isinstance(history_seconds, (int, float)) or not (
             history_seconds >= interval

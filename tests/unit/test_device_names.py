@@ -94,7 +94,7 @@ def test_a_plan_takes_a_catalog_gpu_only_where_a_backend_accepts_one() -> None:
     from gpumagic.dryrun import plan_target
 
     assert plan_target(None, "T4", None)[0] == "cuda"
-    with pytest.raises(ValueError, match="--gpu T4 plans for cuda; the device given is 'mps'"):
+    with pytest.raises(ValueError, match="gpu T4 plans for cuda; the device given is 'mps'"):
         plan_target("mps", "T4", None)
     with pytest.raises(ValueError, match=r"device must be .*'cuda:N'.*, got 'tpu'"):
         plan_target("tpu", None, None)

@@ -108,3 +108,8 @@ def test_gpumon_rejects_a_bad_interval(ip):
     with pytest.raises(UsageError, match=r"between 0\.1 and 60 seconds, got 0\.01"):
         ip.run_line_magic("gpumon", "--interval 0.01")
     assert not _monitor_threads()
+
+
+def test_gpumon_names_the_flag_in_the_error(ip):
+    with pytest.raises(UsageError, match=r"^--interval must be between"):
+        ip.run_line_magic("gpumon", "--interval 0.01")

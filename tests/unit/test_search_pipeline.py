@@ -204,3 +204,27 @@ def test_a_failed_search_keeps_nothing_of_the_user_alive(ip, clean_ns, line, err
     del ip.user_ns["big"]
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "steps must be >= 1, got 0"),
+        ({"budget": "3 parsecs"}, "budget must be a number with a unit"),
+        ({"device": torch.device("cpu")}, "a plan needs device as a string"),
+        ({"gpu": "T4", "budget": "1GiB"}, "give either a GPU (gpu) or a budget (budget) for a dry run"),
+    ],
+)
+def test_every_way_to_plan_checks_its_options_alike(options, message):
+    def train():
+        pass
+
+    entry_points = [
+        lambda: gpumagic.track(dry_run=True, namespace={}, **options),
+        lambda: gpumagic.track(what_if=True, namespace={}, **options),
+        lambda: gpumagic.what_if(train, namespace={}, **options),
+    ]
+    for enter in entry_points:
+        with pytest.raises(BadOptions) as e:
+            enter()
+        assert str(e.value).startswith(message)
