@@ -30,6 +30,15 @@ CASES: dict[str, tuple[int, set[str]]] = {
 }
 
 
+# Each model costs 25-40 s per test here. The suite keeps the models that cover each kind of
+# remedy row (the optimizer remedies on the MLP, both autocasts on the CNN with BatchNorm) and
+# each batch knob (an int, a DataLoader); bench/what_if.py plans and measures all four, the
+# transformer encoder and the GPT-style decoder (activation checkpointing) included.
+EXACT_MODELS = ["cnn_bn", "mlp"]
+FITS_MODELS = ["cnn_bn", "mlp"]
+assert set(EXACT_MODELS) | set(FITS_MODELS) <= set(MODELS)
+
+
 def _run(ip: InteractiveShell, src: str) -> Any:
     res = ip.run_cell(src)
     if res.error_in_exec is not None:
@@ -88,7 +97,7 @@ def _exact(ip: InteractiveShell, before: str, cell: str, budget: int | None = No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", EXACT_MODELS)
 def test_each_remedy_is_within_5_percent_of_the_exact_peak_with_it_applied_by_hand(
     ip: InteractiveShell, clean_ns: None, name: str
 ) -> None:
@@ -103,7 +112,7 @@ def test_each_remedy_is_within_5_percent_of_the_exact_peak_with_it_applied_by_ha
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", FITS_MODELS)
 def test_the_batch_that_then_fits_runs_under_the_same_budget(ip: InteractiveShell, clean_ns: None, name: str) -> None:
     budget, _ = CASES[name]
     rep = _what_if(ip, name, budget)
