@@ -148,7 +148,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if os.environ.get("CI") == "true" and _EXIT_STATUS:
+    # an xdist worker reports to the controller first; the controller leaves this way for all
+    if os.environ.get("CI") == "true" and _EXIT_STATUS and "PYTEST_XDIST_WORKER" not in os.environ:
         import sys
 
         sys.stdout.flush()
