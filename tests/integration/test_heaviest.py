@@ -242,8 +242,6 @@ def test_eval_leaves_the_model_and_optimizer_unchanged(texts):
                                                    strict=True))
 
 
-@pytest.mark.xfail(strict=False, reason="order-dependent in a full run: a batch_size left by earlier tests is "
-                   "guessed as the batch instead of ebs; passes alone")
 def test_oom_in_an_evaluation_cell_points_to_find_batch_eval(texts):
     run(texts, "ebs = 400\ncrit = nn.CrossEntropyLoss()")
     with capture_output() as out:
