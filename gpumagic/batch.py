@@ -441,9 +441,12 @@ def _search_planned_first(runner: TrialRunner, fake_runner: TrialRunner | None, 
     opts: SearchOptions = kw["opts"]
     if fake_runner is None or opts.pick != "max" or opts.effective is not None:
         return _run_search(runner, **kw)
+    from gpumagic.dryrun import one_collection
+
     failed: str | None = None
     try:
-        plan = _run_search(fake_runner, **{**kw, "progress": False})
+        with one_collection():  # the planned trials: one full garbage collection, at the end
+            plan = _run_search(fake_runner, **{**kw, "progress": False})
     except (KeyboardInterrupt, BadOptions):
         raise
     except Exception as e:  # the code cannot run on fake tensors: search as before
@@ -626,10 +629,14 @@ def search_target(opts: SearchOptions, target: SearchTarget, progress: Progress 
                 observed=Observed(), dry_run=DryRunSettings(target.fake_namespace, dev.type, None, capacity,
                                                              capacity, target.fake_objects),
             )
-        result = _search_planned_first(
-            runner, fake_runner, opts=opts, capacity=capacity, dataset_size=dataset_size, drop_last=drop_last,
-            objects=objects, current=target.current, progress=progress, notes=notes,
-        )
+        from gpumagic.dryrun import one_collection
+
+        # a dry run's trials are all plans: one full garbage collection, at the end
+        with one_collection() if dry is not None else contextlib.nullcontext():
+            result = _search_planned_first(
+                runner, fake_runner, opts=opts, capacity=capacity, dataset_size=dataset_size, drop_last=drop_last,
+                objects=objects, current=target.current, progress=progress, notes=notes,
+            )
         result = _after_search(result, runner, capacity=capacity, margin=opts.margin, heavy=heavy)
         if dry is not None:
             result = _as_dry_run(result, dry)

@@ -638,6 +638,16 @@ def plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *,
     """
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be >= 0 and < 1, got {margin}")
+    from gpumagic.dryrun import one_collection
+
+    with one_collection():  # one full garbage collection for the row of plans, not one per plan
+        return _plan_what_if(run, namespace, device=device, gpu=gpu, budget=budget, steps=steps, margin=margin,
+                             source=source, fit_all=fit_all, time_limit=time_limit)
+
+
+def _plan_what_if(run: Callable[[], Any], namespace: MutableMapping[str, Any], *, device: str | None,
+                  gpu: Any, budget: int | None, steps: int, margin: float, source: str | None, fit_all: bool,
+                  time_limit: float | None) -> MemoryReport:
     import time
 
     start = time.perf_counter()
