@@ -405,8 +405,7 @@ def _progress_kind(progress: Progress) -> str | None:
     kind = "text" if progress is True else progress
     if not isinstance(kind, str):
         raise BadOptions(f"`progress` must be True, False, a kind such as 'text', or a callable, got {progress!r}")
-    if kind not in views.progress_kinds():
-        views.progress(kind)  # raises BadOptions naming the kinds there are
+    views.progress_factory(kind)  # BadOptions naming the kinds there are, for one that is not
     return kind
 
 
@@ -575,10 +574,7 @@ def search_target(opts: SearchOptions, target: SearchTarget, progress: Progress 
         if opts.gpu is not None:
             from gpumagic.gpus import lookup
 
-            try:
-                budget = lookup(opts.gpu).capacity_bytes
-            except ValueError as e:
-                raise BadOptions(str(e)) from None
+            budget = lookup(opts.gpu).capacity_bytes
         capacity, tracker_budget, note = _capacity(backend, dev, budget)
     notes = [*target.notes, *([note] if note else [])]
     dataset_size, drop_last = opts.dataset_size, False
@@ -607,8 +603,12 @@ def search_target(opts: SearchOptions, target: SearchTarget, progress: Progress 
             try:
                 heavy = _Heaviest(loader, target.size_fn, opts.steps, target.loader_name)
             except Exception as e:  # a size_fn of the wrong length or kind, a sample that fails to load
-                what = (f"`size_fn` {target.size_fn_source!r}" if target.size_fn_source else "`size_fn`"
-                        if target.size_fn is not None else f"measuring the samples of `loader` {target.loader_name!r}")
+                if target.size_fn is None:
+                    what = f"measuring the samples of `loader` {target.loader_name!r}"
+                elif target.size_fn_source:
+                    what = f"`size_fn` {target.size_fn_source!r}"
+                else:
+                    what = "`size_fn`"
                 raise BadOptions(f"{what}: {type(e).__name__}: {e}") from None
         loader_for = heavy.loader_for if heavy is not None else None
 

@@ -155,10 +155,7 @@ def plan_target(device: str | None, gpu: str | GPU | None, budget: int | None) -
     """
     if gpu is not None and budget is not None:
         raise BadOptions("give either a GPU (`gpu`) or a budget (`budget`) for a dry run, not both")
-    try:
-        g = lookup(gpu) if isinstance(gpu, str) else gpu
-    except ValueError as e:  # an unknown GPU: the catalog's message names the known ones
-        raise BadOptions(str(e)) from None
+    g = lookup(gpu) if isinstance(gpu, str) else gpu
     plannable = _plannable()
     if device is None:
         chosen = next((name for name, t, b in plannable if (t.named_gpu if g is not None else b.available())), None)

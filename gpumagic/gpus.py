@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpumagic.options import BadOptions
+
 __all__ = ["GPU", "GPUS", "lookup"]
 
 _GiB = 2**30
@@ -77,10 +79,10 @@ GPUS: dict[str, GPU] = {
 
 def lookup(name: str) -> GPU:
     """The catalog entry for ``name``, case-insensitive ("rtx 4090", "RTX-4090" and "nvidia-t4" work);
-    a ValueError listing the known names otherwise."""
+    a BadOptions (a ValueError) listing the known names otherwise."""
     key = name.strip().lower().replace("_", "-").replace(" ", "-")
     gpu = GPUS.get(key) or GPUS.get(key.removeprefix("nvidia-"))
     if gpu is None:
         known = ", ".join(g.name for g in GPUS.values())
-        raise ValueError(f"unknown GPU {name!r}; known GPUs: {known}")
+        raise BadOptions(f"unknown GPU {name!r}; known GPUs: {known}")
     return gpu

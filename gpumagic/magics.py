@@ -901,7 +901,7 @@ class GPUMagics(Magics):
                 result = find_batch_in_shell(self.shell, code, opts=opts, var=args.var, loader=args.loader,
                                              size_fn=args.size_fn, progress=search_progress(self.shell, args.quiet))
         except BadOptions as e:
-            bad = e.spelled(FLAGS)
+            bad = _usage_message(e)
         if bad is not None:  # raised here, not in the except block: no context whose frames hold the search
             raise UsageError(bad)
         self.presenter.last_search = result
@@ -1018,7 +1018,7 @@ class GPUMagics(Magics):
                 progress=None if args.quiet else _sweep_progress,
             )
         except BadOptions as e:
-            bad = e.spelled(FLAGS)
+            bad = _usage_message(e)
         if bad is not None:  # raised here, not in the except block: no context whose frames hold the sweep
             raise UsageError(bad)
         if not args.quiet and not self._shown_as_value(args):

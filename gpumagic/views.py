@@ -24,6 +24,7 @@ __all__ = [
     "add_module",
     "mimebundle",
     "progress",
+    "progress_factory",
     "register",
     "register_progress",
     "register_view",
@@ -104,15 +105,9 @@ def register_progress(kind: str, factory: Callable[..., Any]) -> None:
     _PROGRESS[kind] = factory
 
 
-def progress_kinds() -> list[str]:
-    """The progress kinds registered now ("text"; "widget" once the IPython layer is imported)."""
-    _load_views()
-    return sorted(_PROGRESS)
-
-
-def progress(kind: str, *args: Any, **kwargs: Any) -> Any:
-    """A new progress reporter of ``kind`` (``progress(trial, index)``, then ``close()``): the core
-    asks here, so it never imports the renderers that draw progress."""
+def progress_factory(kind: str) -> Callable[..., Any]:
+    """The factory registered for ``kind`` ("text"; "widget" once the IPython layer is imported);
+    BadOptions naming the registered kinds for any other."""
     _load_views()
     factory = _PROGRESS.get(kind)
     if factory is None:
@@ -121,7 +116,13 @@ def progress(kind: str, *args: Any, **kwargs: Any) -> Any:
         known = ", ".join(repr(k) for k in sorted(_PROGRESS))
         extra = " ('widget' is registered by gpumagic's IPython layer: %load_ext gpumagic)" if kind == "widget" else ""
         raise BadOptions(f"`progress` {kind!r} is no progress kind; the kinds are {known}{extra}")
-    return factory(*args, **kwargs)
+    return factory
+
+
+def progress(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """A new progress reporter of ``kind`` (``progress(trial, index)``, then ``close()``): the core
+    asks here, so it never imports the renderers that draw progress."""
+    return progress_factory(kind)(*args, **kwargs)
 
 
 def register(cls: type, renderer: Renderer) -> None:

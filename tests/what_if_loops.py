@@ -16,6 +16,8 @@ listed: the tests run the plan's own ``code`` literally, then the cell as writte
 
 from __future__ import annotations
 
+from dryrun_loops import CNN_BN_NET
+
 _AUTOCAST = """
 for step in range(6):
 {batch}
@@ -62,17 +64,7 @@ MODELS["mlp"] = (_MLP_SETUP, _v[""], _v)
 _CNN_SETUP = """
 from torch.utils.data import DataLoader, TensorDataset
 torch.manual_seed(0)
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1); self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1); self.bn2 = nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32 * 8 * 8, 10)
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc(torch.flatten(x, 1))
-model = Net()
+""" + CNN_BN_NET + """model = Net()
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 data = TensorDataset(torch.randn(768, 3, 32, 32), torch.randint(0, 10, (768,)))
 loader = DataLoader(data, batch_size=32)

@@ -50,10 +50,15 @@ def _what_if(ip: InteractiveShell, name: str, budget: int | None) -> MemoryRepor
     setup, cell, _ = MODELS[name]
     _KEEP.clear()
     _KEEP.update(ip.user_ns)
-    _run(ip, setup)
+    return _gpumem(ip, setup, cell, budget, "--what-if ")
+
+
+def _gpumem(ip: InteractiveShell, before: str, cell: str, budget: int | None, flags: str = "") -> MemoryReport:
+    """Run ``before``, collect, then ``%%gpumem {flags}-d cpu`` on ``cell`` (under ``budget``): its report."""
+    _run(ip, before)
     gc.collect()
     opts = f" --budget {budget}" if budget is not None else ""
-    rep = _run(ip, f"%%gpumem --what-if -d cpu -q -o{opts}\n{cell}")
+    rep = _run(ip, f"%%gpumem {flags}-d cpu -q -o{opts}\n{cell}")
     assert isinstance(rep, MemoryReport)
     return rep
 
@@ -88,12 +93,7 @@ def _fresh(ip: InteractiveShell) -> None:
 
 def _exact(ip: InteractiveShell, before: str, cell: str, budget: int | None = None) -> MemoryReport:
     _fresh(ip)
-    _run(ip, before)
-    gc.collect()
-    opts = f" --budget {budget}" if budget is not None else ""
-    rep = _run(ip, f"%%gpumem -d cpu -q -o{opts}\n{cell}")
-    assert isinstance(rep, MemoryReport)
-    return rep
+    return _gpumem(ip, before, cell, budget)
 
 
 @pytest.mark.slow
